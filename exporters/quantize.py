@@ -1,0 +1,23 @@
+"""Dynamic int8 quantisation with onnxruntime.quantization."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def quantize_int8(model: Path, out: Path, op_types: tuple[str, ...]) -> dict[str, Any]:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(model),
+        str(out),
+        per_channel=True,
+        reduce_range=False,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=list(op_types),
+        # Fused contrib ops (Attention, SkipLayerNormalization) defeat shape inference; their outputs are float.
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+    return {"scheme": "dynamic", "weights": "int8 per-channel symmetric", "ops": list(op_types)}

@@ -1,0 +1,48 @@
+"""What each task's export must achieve before its artifact is trusted."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    min_cosine: float | None = None
+    mean_cosine: float | None = None
+    max_abs_diff: float | None = None
+    label_agreement: float | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    task: str
+    optimum_task: str
+    tolerances: dict[str, Tolerance] = field(default_factory=dict)
+    # Dynamic int8 on the MatMuls only: per-channel signed weights. Per-tensor weights lose too much
+    # (MiniLM min cosine 0.87) and quantising the embedding table too costs ~0.01 of min cosine.
+    int8_ops: tuple[str, ...] = ("MatMul",)
+    opset: int = 17
+
+
+RECIPES = {
+    "feature-extraction": Recipe(
+        task="feature-extraction",
+        optimum_task="feature-extraction",
+        tolerances={
+            "fp32": Tolerance(min_cosine=0.9999, max_abs_diff=1e-3),
+            "fp16": Tolerance(min_cosine=0.999, max_abs_diff=1e-2),
+            "int8": Tolerance(min_cosine=0.97, mean_cosine=0.985),
+        },
+    ),
+    "text-classification": Recipe(
+        task="text-classification",
+        optimum_task="text-classification",
+        tolerances={
+            "fp32": Tolerance(max_abs_diff=1e-3, label_agreement=1.0),
+            "fp16": Tolerance(max_abs_diff=1e-2, label_agreement=0.95),
+            "int8": Tolerance(max_abs_diff=0.05, label_agreement=0.9),
+        },
+    ),
+}

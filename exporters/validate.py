@@ -1,0 +1,129 @@
+"""Validate an exported artifact against the PyTorch model it came from.
+
+The candidate is the whole served pipeline (llmosd's tokenizer, the ONNX session, llmosd's numpy
+pooling); the reference is the PyTorch model fed the same token ids, pooled in torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exporters.recipes import Tolerance
+from llmosd.runtime.providers import ProviderSelector
+from llmosd.runtime.tasks import ClassifierModel, EmbeddingModel
+from llmosd.runtime.tokenizer import TextTokenizer
+
+INPUTS = (Path(__file__).parent / "validation.txt").read_text().splitlines()
+
+
+class ValidationFailed(Exception):
+    pass
+
+
+def _torch_pool(hidden: Any, mask: Any, mode: str) -> Any:
+    import torch
+
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "max":
+        return hidden.masked_fill(m == 0, -1e9).max(dim=1).values
+    summed = (hidden * m).sum(dim=1)
+    counts = m.sum(dim=1).clamp(min=1e-9)
+    return summed / (torch.sqrt(counts) if mode == "mean_sqrt_len" else counts)
+
+
+def _reference(src: Path, task: str, tokenizer: TextTokenizer, runtime: dict[str, Any]) -> np.ndarray:
+    import torch
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    batch = tokenizer.pad(tokenizer.encode(INPUTS))
+    feeds = {
+        "input_ids": torch.from_numpy(batch.input_ids),
+        "attention_mask": torch.from_numpy(batch.attention_mask),
+        "token_type_ids": torch.from_numpy(batch.token_type_ids),
+    }
+    cls = AutoModel if task == "feature-extraction" else AutoModelForSequenceClassification
+    model = cls.from_pretrained(str(src), local_files_only=True).eval()
+    accepted = set(model.forward.__code__.co_varnames)
+    with torch.no_grad():
+        out = model(**{k: v for k, v in feeds.items() if k in accepted})
+        if task == "feature-extraction":
+            v = _torch_pool(out.last_hidden_state, feeds["attention_mask"], runtime["pooling"])
+            if runtime["normalize"]:
+                v = torch.nn.functional.normalize(v, dim=1)
+            return v.numpy()
+        logits = out.logits.float()
+        multi = runtime.get("problem_type") == "multi_label_classification"
+        return (torch.sigmoid(logits) if multi else torch.softmax(logits, dim=1)).numpy()
+
+
+def _candidate(
+    model: Path, tokenizer: TextTokenizer, task: str, runtime: dict[str, Any], devices: tuple[str, ...]
+) -> tuple[np.ndarray, str]:
+    session, placement = ProviderSelector().create(model, devices)
+    backend: EmbeddingModel | ClassifierModel
+    if task == "feature-extraction":
+        backend = EmbeddingModel(session, tokenizer, runtime["pooling"], runtime["normalize"])
+    else:
+        multi = runtime.get("problem_type") == "multi_label_classification"
+        backend = ClassifierModel(session, tokenizer, runtime["labels"], multi)
+    outputs = backend.run(backend.prepare(INPUTS))
+    return np.stack([o.values for o in outputs]), placement.device
+
+
+def figures(task: str, ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
+    out = {"max_abs_diff": float(np.abs(ref - cand).max())}
+    if task == "feature-extraction":
+        cos = (ref * cand).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1))
+        out |= {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean())}
+    else:
+        top2 = np.sort(ref, axis=1)[:, -2:]
+        decisive = (top2[:, 1] - top2[:, 0]) >= 0.01  # near-ties flip on rounding alone
+        agree = ref.argmax(1) == cand.argmax(1)
+        out["label_agreement"] = float(agree[decisive].mean()) if decisive.any() else 1.0
+        out["label_agreement_all"] = float(agree.mean())
+    return out
+
+
+def check(figs: dict[str, float], tol: Tolerance) -> list[str]:
+    problems = []
+    if tol.min_cosine is not None and figs["min_cosine"] < tol.min_cosine:
+        problems.append(f"min cosine {figs['min_cosine']:.5f} < {tol.min_cosine}")
+    if tol.mean_cosine is not None and figs["mean_cosine"] < tol.mean_cosine:
+        problems.append(f"mean cosine {figs['mean_cosine']:.5f} < {tol.mean_cosine}")
+    if tol.max_abs_diff is not None and figs["max_abs_diff"] > tol.max_abs_diff:
+        problems.append(f"max abs diff {figs['max_abs_diff']:.2e} > {tol.max_abs_diff}")
+    if tol.label_agreement is not None and figs["label_agreement"] < tol.label_agreement:
+        problems.append(f"label agreement {figs['label_agreement']:.3f} < {tol.label_agreement}")
+    return problems
+
+
+def validate(
+    src: Path,
+    model: Path,
+    tokenizer_file: Path,
+    task: str,
+    runtime: dict[str, Any],
+    devices: tuple[str, ...],
+    tol: Tolerance,
+) -> dict[str, Any]:
+    tokenizer = TextTokenizer(tokenizer_file, int(runtime["max_seq_length"]))
+    ref = _reference(src, task, tokenizer, runtime)
+    cand, device = _candidate(model, tokenizer, task, runtime, devices)
+    figs = figures(task, ref, cand)
+    result: dict[str, Any] = {
+        "reference": "pytorch fp32",
+        "device": device,
+        "inputs": INPUTS,
+        "figures": figs,
+        "tolerance": {k: v for k, v in vars(tol).items() if v is not None},
+    }
+    problems = check(figs, tol)
+    if problems:
+        raise ValidationFailed("; ".join(problems))
+    result["passed"] = True
+    return result

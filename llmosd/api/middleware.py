@@ -1,0 +1,91 @@
+"""Request-wide concerns: error shape, access control, request ids."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from llmosd.api.errors import STATUS_TYPES, ApiError, error_response
+from llmosd.api.state import state
+from llmosd.scheduler import BatcherClosed, QueueFull
+from llmosd.store import InvalidName, NotFound
+
+log = logging.getLogger("llmosd.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})  # probes reveal nothing and need no token
+
+
+def is_local(request: web.Request) -> bool:
+    """Unix-socket and loopback clients are trusted; everyone else shows a token."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport else None
+    if sock is not None and sock.family == socket.AF_UNIX:
+        return True
+    try:
+        return ipaddress.ip_address(request.remote or "").is_loopback
+    except ValueError:
+        return False
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        response = error_response(exc.status, exc.message, exc.type, exc.param, exc.headers)
+    except NotFound as exc:
+        response = error_response(404, str(exc), "not_found_error", "model")
+    except InvalidName as exc:
+        response = error_response(400, str(exc), "invalid_request_error", "model")
+    except QueueFull as exc:
+        response = error_response(429, str(exc), "rate_limit_error", headers={"Retry-After": str(exc.retry_after)})
+    except BatcherClosed as exc:
+        response = error_response(503, str(exc), "unavailable_error", headers={"Retry-After": "1"})
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+        if exc.status == 413:
+            message = f"request body too large (limit {request.app[STATE_LIMIT]} bytes)"
+        response = error_response(exc.status, message or exc.reason, STATUS_TYPES.get(exc.status, "error"))
+    except Exception:
+        log.exception("internal error in %s %s (request %s)", request.method, request.path, request_id)
+        response = error_response(500, f"internal error (request id {request_id})", "server_error")
+    response.headers["X-Request-Id"] = request_id
+    return response
+
+
+STATE_LIMIT = web.AppKey("max_body_bytes", int)
+
+
+@web.middleware
+async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path in PUBLIC_PATHS or is_local(request):
+        return await handler(request)
+    header = request.headers.get("Authorization", "")
+    scheme, _, presented = header.partition(" ")
+    expected = state(request).token
+    if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), expected.encode()):
+        # Never log what was presented: a near-miss token is still a secret.
+        log.warning(
+            "refused %s %s from %s: %s bearer token",
+            request.method,
+            request.path,
+            request.remote,
+            "missing" if not presented else "wrong",
+        )
+        raise ApiError(
+            401,
+            "a valid bearer token is required from non-local clients",
+            type="authentication_error",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return await handler(request)

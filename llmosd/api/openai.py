@@ -1,0 +1,113 @@
+"""OpenAI-compatible routes (/v1/...) plus /v1/classify, which OpenAI has no route for."""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+
+from llmosd.api.errors import ApiError, bad_request
+from llmosd.api.requests import ClassifyRequest, EmbeddingsRequest, json_body
+from llmosd.api.state import state
+from llmosd.scheduler import ServedModel
+
+routes = web.RouteTableDef()
+
+
+def _created(iso: str) -> int:
+    try:
+        return int(datetime.fromisoformat(iso).timestamp())
+    except ValueError:
+        return 0
+
+
+def _model_card(served: ServedModel) -> dict[str, Any]:
+    m = served.loaded.manifest
+    return {
+        "id": m.name,
+        "object": "model",
+        "created": _created(m.created),
+        "owned_by": "llmosd",
+        "task": m.task,
+        "version": m.version,
+        "precision": m.precision,
+        "device": served.loaded.placement.device,
+    }
+
+
+def _served(request: web.Request, name: str, task: str) -> ServedModel:
+    served = state(request).pool.get(name)
+    if served.loaded.manifest.task != task:
+        raise ApiError(400, f"model {name!r} is a {served.loaded.manifest.task} model, not {task}", param="model")
+    return served
+
+
+@routes.get("/v1/models")
+async def list_models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [_model_card(s) for s in state(request).pool.served()]})
+
+
+@routes.get("/v1/models/{model}")
+async def get_model(request: web.Request) -> web.Response:
+    return web.json_response(_model_card(state(request).pool.get(request.match_info["model"])))
+
+
+@routes.post("/v1/embeddings")
+async def embeddings(request: web.Request) -> web.Response:
+    st = state(request)
+    req = EmbeddingsRequest.parse(await json_body(request), st.config)
+    served = _served(request, req.model, "feature-extraction")
+    dims = served.loaded.manifest.runtime.get("dimensions")
+    if req.dimensions is not None and req.dimensions != dims:
+        raise bad_request(
+            f"model {req.model!r} produces {dims} dimensions; 'dimensions' cannot change that", "dimensions"
+        )
+    outputs = await served.infer(req.texts)
+    data = []
+    for i, out in enumerate(outputs):
+        vec = out.values.astype("<f4", copy=False)
+        emb: Any = base64.b64encode(vec.tobytes()).decode() if req.encoding_format == "base64" else vec.tolist()
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    tokens = sum(o.tokens for o in outputs)
+    return web.json_response(
+        {
+            "object": "list",
+            "data": data,
+            "model": req.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )
+
+
+@routes.post("/v1/classify")
+async def classify(request: web.Request) -> web.Response:
+    st = state(request)
+    req = ClassifyRequest.parse(await json_body(request), st.config)
+    served = _served(request, req.model, "text-classification")
+    labels: list[str] = list(served.loaded.manifest.runtime["labels"])
+    outputs = await served.infer(req.texts)
+    data = []
+    for i, out in enumerate(outputs):
+        order = np.argsort(-out.values)[: req.top_k or len(labels)]
+        scores = [{"label": labels[j], "score": float(out.values[j])} for j in order]
+        data.append(
+            {
+                "object": "classification",
+                "index": i,
+                "label": scores[0]["label"],
+                "score": scores[0]["score"],
+                "scores": scores,
+            }
+        )
+    tokens = sum(o.tokens for o in outputs)
+    return web.json_response(
+        {
+            "object": "list",
+            "data": data,
+            "model": req.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )

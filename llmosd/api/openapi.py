@@ -1,0 +1,103 @@
+"""The OpenAPI 3.1 description of every route, kept beside the routes it describes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmosd import __version__
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_TEXTS = {
+    "oneOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+    ]
+}
+
+
+def _op(
+    summary: str, ok: dict[str, Any] | None = None, body: dict[str, Any] | None = None, errors: tuple[int, ...] = ()
+) -> dict[str, Any]:
+    responses: dict[str, Any] = {
+        "200": {"description": "OK", "content": {"application/json": {"schema": ok or {"type": "object"}}}}
+    }
+    for code in (400, 401, 413, 429, 503, *errors) if body else (401, *errors):
+        responses[str(code)] = {"description": "error", "content": {"application/json": {"schema": _ERROR}}}
+    op: dict[str, Any] = {"summary": summary, "responses": responses}
+    if body:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    return op
+
+
+PATHS: dict[str, dict[str, Any]] = {
+    "/v1/models": {"get": _op("List the served models (OpenAI shape)")},
+    "/v1/models/{model}": {"get": _op("One served model", errors=(404,))},
+    "/v1/embeddings": {
+        "post": _op(
+            "Embed text (OpenAI shape)",
+            ok={"type": "object", "required": ["object", "data", "model", "usage"]},
+            body={
+                "type": "object",
+                "required": ["model", "input"],
+                "properties": {
+                    "model": {"type": "string"},
+                    "input": _TEXTS,
+                    "encoding_format": {"enum": ["float", "base64"]},
+                    "dimensions": {"type": "integer"},
+                    "user": {"type": "string"},
+                },
+            },
+            errors=(404,),
+        )
+    },
+    "/v1/classify": {
+        "post": _op(
+            "Classify text: labels and scores",
+            body={
+                "type": "object",
+                "required": ["model", "input"],
+                "properties": {
+                    "model": {"type": "string"},
+                    "input": _TEXTS,
+                    "top_k": {"type": "integer", "minimum": 1},
+                },
+            },
+            errors=(404,),
+        )
+    },
+    "/healthz": {"get": _op("Liveness: the process answers")},
+    "/readyz": {"get": _op("Readiness: default models loaded and warm", errors=(503,))},
+    "/api/status": {"get": _op("Daemon status: models, batcher statistics, listeners, memory")},
+    "/api/models": {"get": _op("Models in the store, their versions and which is active")},
+    "/api/models/{name}": {"get": _op("A model version's manifest (active unless ?version=)", errors=(404,))},
+    "/openapi.json": {"get": _op("This document")},
+}
+
+
+def spec() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "llmosd", "version": __version__},
+        "paths": PATHS,
+        "components": {
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "required": ["type", "message"],
+                            "properties": {
+                                "type": {"type": "string"},
+                                "message": {"type": "string"},
+                                "param": {"type": "string"},
+                            },
+                        }
+                    },
+                }
+            },
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}, {}],
+    }

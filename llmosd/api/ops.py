@@ -1,0 +1,53 @@
+"""Operations routes: liveness, readiness, status, the OpenAPI description."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import psutil
+from aiohttp import web
+
+from llmosd import __version__
+from llmosd.api.errors import error_response
+from llmosd.api.openapi import spec
+from llmosd.api.state import state
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    st = state(request)
+    if not st.ready:
+        return error_response(503, f"not ready: {st.status_line}", "unavailable_error")
+    return web.json_response({"status": "ready"})
+
+
+@routes.get("/api/status")
+async def status(request: web.Request) -> web.Response:
+    st = state(request)
+    return web.json_response(
+        {
+            "version": __version__,
+            "ready": st.ready,
+            "status": st.status_line,
+            "uptime_s": round(time.time() - st.started, 1),
+            "pid": os.getpid(),
+            "rss_bytes": psutil.Process().memory_info().rss,
+            "listeners": st.listeners,
+            "state_dir": str(st.config.state_dir),
+            "default_models": list(st.default_models),
+            "models": st.pool.status(),
+        }
+    )
+
+
+@routes.get("/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(spec())

@@ -1,0 +1,182 @@
+"""``llmosd serve | status | models list|show|rm | export``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from llmosd import __version__
+from llmosd.config import Config, ConfigError, knobs, load_config
+
+_FLAG_KEYS = ("config", "state_dir", "socket", "host", "port", "log_level", "device")
+
+
+def _add_config_flags(p: argparse.ArgumentParser, keys: tuple[str, ...] = _FLAG_KEYS) -> None:
+    helps = {f.name: f.metadata["help"] for f in knobs()}
+    for key in keys:
+        p.add_argument(f"--{key.replace('_', '-')}", dest=key, default=None, help=helps[key])
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config({k: getattr(args, k, None) for k in _FLAG_KEYS})
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from llmosd.daemon import serve
+
+    return asyncio.run(serve(_config(args)))
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from llmosd.store import ModelStore
+
+    return ModelStore(_config(args).state_dir)
+
+
+def _split_ref(ref: str) -> tuple[str, str | None]:
+    name, _, version = ref.partition(":")
+    return name, version or None
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    store = _store(args)
+    rows = []
+    for name in store.names():
+        active = store.active_version(name)
+        for v in store.versions(name):
+            m = store.manifest(name, v)
+            size = sum(f.size for f in m.files)
+            rows.append((name, v, "*" if v == active else "", m.task, m.precision, f"{size / 1e6:.1f} MB"))
+    if args.json:
+        keys = ("name", "version", "active", "task", "precision", "size")
+        print(json.dumps([dict(zip(keys, r, strict=True)) for r in rows], indent=2))
+        return 0
+    print(f"{'NAME':24} {'VERSION':8} {'ACTIVE':6} {'TASK':20} {'PRECISION':9} SIZE")
+    for r in rows:
+        print(f"{r[0]:24} {r[1]:8} {r[2]:6} {r[3]:20} {r[4]:9} {r[5]}")
+    return 0
+
+
+def cmd_models_show(args: argparse.Namespace) -> int:
+    name, version = _split_ref(args.ref)
+    print(_store(args).manifest(name, version).to_json())
+    return 0
+
+
+def cmd_models_rm(args: argparse.Namespace) -> int:
+    name, version = _split_ref(args.ref)
+    removed = _store(args).remove(name, version)
+    print(f"removed {name} version(s) {', '.join(removed)}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from llmosd.export import export_model
+    from llmosd.logs import setup_logging
+    from llmosd.store import ModelStore
+
+    config = _config(args)
+    setup_logging(config.log_level)
+    manifest = asyncio.run(
+        export_model(
+            ModelStore(config.state_dir),
+            Path(args.src),
+            task=args.task,
+            precision=args.precision,
+            name=args.name,
+            version=args.version,
+            activate=not args.no_activate,
+        )
+    )
+    print(f"stored {manifest.ref}: {json.dumps(manifest.validation.get('figures', {}))}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import aiohttp
+
+    config = _config(args)
+
+    async def fetch() -> Any:
+        connector = aiohttp.UnixConnector(path=str(config.socket))
+        async with aiohttp.ClientSession(connector=connector) as s, s.get("http://llmosd/api/status") as r:
+            return await r.json()
+
+    try:
+        status = asyncio.run(fetch())
+    except (aiohttp.ClientError, OSError) as exc:
+        print(f"llmosd is not answering on {config.socket}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(
+        f"llmosd {status['version']}: {status['status']} (ready: {status['ready']}, pid {status['pid']}, "
+        f"rss {status['rss_bytes'] / 1e6:.0f} MB)"
+    )
+    print("listening on " + ", ".join(status["listeners"]))
+    for m in status["models"]:
+        b = m["batcher"]
+        print(
+            f"  {m['name']}:{m['version']} {m['task']} {m['precision']} on {m['device']}: "
+            f"{b['requests']} requests, {b['batches']} batches, queue {m['queued']}"
+        )
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmosd", description="Edge appliance daemon for language models")
+    p.add_argument("--version", action="version", version=f"llmosd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the daemon in the foreground")
+    _add_config_flags(s)
+    s.set_defaults(func=cmd_serve)
+    s = sub.add_parser("status", help="ask the running daemon over its Unix socket")
+    _add_config_flags(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+    s = sub.add_parser("export", help="export a Hugging Face model folder into the store")
+    _add_config_flags(s)
+    s.add_argument("src", help="Hugging Face model folder")
+    s.add_argument("--task", required=True, choices=("feature-extraction", "text-classification"))
+    s.add_argument("--precision", default="int8", choices=("fp32", "fp16", "int8"))
+    s.add_argument("--name", required=True)
+    s.add_argument("--version", default=None, help="positive integer (default: next)")
+    s.add_argument("--no-activate", action="store_true", help="store without making it the active version")
+    s.set_defaults(func=cmd_export)
+    models = sub.add_parser("models", help="inspect the model store").add_subparsers(dest="models", required=True)
+    s = models.add_parser("list")
+    _add_config_flags(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_models_list)
+    for name, func, help in (
+        ("show", cmd_models_show, "print a manifest"),
+        ("rm", cmd_models_rm, "remove a model or one version"),
+    ):
+        s = models.add_parser(name, help=help)
+        _add_config_flags(s)
+        s.add_argument("ref", help="NAME or NAME:VERSION")
+        s.set_defaults(func=func)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from llmosd.export import ExportError
+    from llmosd.listeners import ListenError
+    from llmosd.store import StoreError
+    from llmosd.store.manifest import ManifestError
+    from llmosd.store.names import InvalidName
+
+    try:
+        result: int = args.func(args)
+        return result
+    except (ConfigError, ExportError, StoreError, ManifestError, InvalidName, ListenError) as exc:
+        print(f"llmosd: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

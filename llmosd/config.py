@@ -1,0 +1,184 @@
+"""The one typed configuration: defaults < TOML file < LLMOSD_* environment < command-line flags.
+
+Every knob is declared once below with its type, default and a one-line description; the result is a
+frozen dataclass validated at start. Errors name the bad key and where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PORT = 11411
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _knob(default: Any, help: str, *, choices: tuple[str, ...] = (), secret: bool = False) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "secret": secret})
+
+
+def _is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def default_state_dir() -> Path:
+    if d := os.environ.get("STATE_DIRECTORY"):  # set by systemd's StateDirectory=
+        return Path(d.split(":")[0])
+    if _is_root():
+        return Path("/var/lib/llmosd")
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "llmosd"
+
+
+def default_socket(state_dir: Path) -> Path:
+    if d := os.environ.get("RUNTIME_DIRECTORY"):
+        return Path(d.split(":")[0]) / "llmosd.sock"
+    if _is_root():
+        return Path("/run/llmosd/llmosd.sock")
+    if d := os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(d) / "llmosd" / "llmosd.sock"
+    return state_dir / "llmosd.sock"
+
+
+@dataclass(frozen=True)
+class Config:
+    config: Path | None = _knob(None, "TOML file read at start (flags and environment override it)")
+    state_dir: Path = _knob(None, "model store, token and profiles (default: /var/lib/llmosd as root)")
+    socket: Path = _knob(None, "Unix socket path; 'none' disables it (default: /run/llmosd/llmosd.sock)")
+    host: str = _knob("127.0.0.1", "TCP address to bind; 'none' disables TCP")
+    port: int = _knob(DEFAULT_PORT, "TCP port (0 picks a free one)")
+    token_file: Path = _knob(None, "bearer token for non-local clients, created 0600 (default: STATE/token)")
+    log_level: str = _knob("info", "logging level", choices=("debug", "info", "warning", "error"))
+    device: str = _knob("auto", "execution device", choices=("auto", "cpu", "cuda"))
+    threads: int = _knob(0, "ONNX Runtime intra-op threads per model (0: physical cores)")
+    max_batch_size: int = _knob(32, "most inputs run in one batch")
+    max_batch_tokens: int = _knob(8192, "most padded tokens in one batch")
+    max_queue_delay_ms: float = _knob(0.0, "longest wait for a fuller batch when the model is idle")
+    max_queue: int = _knob(1024, "inputs waiting per model before requests get 429")
+    max_body_bytes: int = _knob(8 << 20, "largest request body")
+    max_inputs: int = _knob(2048, "most inputs in one request")
+    max_input_chars: int = _knob(65536, "longest single input string")
+    seed_defaults: bool = _knob(True, "export the embedded default models into an empty store on start")
+    default_precision: str = _knob("int8", "precision of seeded default models", choices=("fp32", "int8"))
+    shutdown_timeout_s: float = _knob(30.0, "how long SIGTERM waits for in-flight requests")
+
+    def __post_init__(self) -> None:
+        if self.state_dir is None:
+            object.__setattr__(self, "state_dir", default_state_dir())
+        if self.socket is None:
+            object.__setattr__(self, "socket", default_socket(self.state_dir))
+        if self.token_file is None:
+            object.__setattr__(self, "token_file", self.state_dir / "token")
+
+    @property
+    def socket_enabled(self) -> bool:
+        return str(self.socket).lower() != "none"
+
+    @property
+    def tcp_enabled(self) -> bool:
+        return self.host.lower() != "none"
+
+    def redacted(self) -> dict[str, str]:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = "<redacted>" if f.metadata.get("secret") else str(value)
+        return out
+
+
+def knobs() -> list[dataclasses.Field[Any]]:
+    return list(dataclasses.fields(Config))
+
+
+def env_name(key: str) -> str:
+    return f"LLMOSD_{key.upper()}"
+
+
+def _kind(f: dataclasses.Field[Any]) -> type:
+    t = str(f.type)
+    if "Path" in t:
+        return Path
+    return {"int": int, "float": float, "bool": bool}.get(t, str)
+
+
+def _coerce(key: str, value: Any, origin: str) -> Any:
+    f = {k.name: k for k in knobs()}[key]
+    kind = _kind(f)
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                out: Any = value
+            elif str(value).lower() in ("1", "true", "yes", "on"):
+                out = True
+            elif str(value).lower() in ("0", "false", "no", "off"):
+                out = False
+            else:
+                raise ValueError("expected true or false")
+        elif kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError("expected an integer")
+            out = int(value)
+        elif kind is float:
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            out = float(value)
+        elif kind is Path:
+            if not isinstance(value, str | Path) or not str(value):
+                raise ValueError("expected a path")
+            out = Path(value).expanduser()
+        else:
+            if not isinstance(value, str):
+                raise ValueError("expected a string")
+            out = value
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config key {key!r} from {origin}: {exc} (got {value!r})") from None
+    choices = f.metadata.get("choices")
+    if choices and out not in choices:
+        raise ConfigError(f"config key {key!r} from {origin}: must be one of {', '.join(choices)} (got {out!r})")
+    if kind in (int, float) and out < 0:
+        raise ConfigError(f"config key {key!r} from {origin}: must not be negative (got {out!r})")
+    if key == "port" and out > 65535:
+        raise ConfigError(f"config key 'port' from {origin}: must be at most 65535 (got {out!r})")
+    if key in ("max_batch_size", "max_batch_tokens", "max_queue", "max_inputs", "max_body_bytes") and out < 1:
+        raise ConfigError(f"config key {key!r} from {origin}: must be at least 1 (got {out!r})")
+    return out
+
+
+def load_config(flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Merge the sources; ``flags`` holds only what was given on the command line."""
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    environ = os.environ if environ is None else environ
+    keys = {f.name for f in knobs()}
+    values: dict[str, Any] = {}
+    path = flags.get("config") or environ.get(env_name("config"))
+    if path is None and (d := environ.get("CONFIGURATION_DIRECTORY")):
+        candidate = Path(d.split(":")[0]) / "config.toml"
+        path = candidate if candidate.is_file() else None
+    if path:
+        try:
+            data = tomllib.loads(Path(path).expanduser().read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        for key, value in data.items():
+            if key not in keys or key == "config":
+                raise ConfigError(f"unknown config key {key!r} in {path}")
+            values[key] = _coerce(key, value, str(path))
+        values["config"] = Path(path)
+    for key in keys:
+        if (raw := environ.get(env_name(key))) is not None:
+            values[key] = _coerce(key, raw, env_name(key))
+    for key, value in flags.items():
+        if key not in keys:
+            raise ConfigError(f"unknown config key {key!r}")
+        values[key] = _coerce(key, value, f"--{key.replace('_', '-')}")
+    return Config(**values)

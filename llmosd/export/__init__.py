@@ -1,0 +1,122 @@
+"""Run an export recipe in a child process and publish its artifact into the store.
+
+The child (``python -m exporters``) is the only process that imports torch/transformers/optimum; the
+daemon stays small and its event loop keeps running (and answering health checks) while it works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import logging
+import os
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from llmosd.store import Manifest, ModelStore, TensorSpec
+from llmosd.store.names import check_name, check_version
+
+log = logging.getLogger(__name__)
+
+TASKS = ("feature-extraction", "text-classification")
+PRECISIONS = ("fp32", "fp16", "int8")
+_EXTRA_MODULES = ("torch", "transformers", "optimum.exporters.onnx", "onnx")
+
+
+class ExportError(Exception):
+    pass
+
+
+def missing_export_extra() -> list[str]:
+    """The export extra's modules that are not installed (checked without importing them)."""
+    missing = []
+    for mod in _EXTRA_MODULES:
+        try:
+            found = importlib.util.find_spec(mod) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            missing.append(mod.split(".")[0])
+    return missing
+
+
+async def export_model(
+    store: ModelStore,
+    src: Path,
+    *,
+    task: str,
+    precision: str,
+    name: str,
+    version: str | None = None,
+    source_id: str | None = None,
+    activate: bool = True,
+) -> Manifest:
+    check_name(name)
+    if version is not None:
+        check_version(version)
+    if task not in TASKS:
+        raise ExportError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if not (src / "config.json").is_file():
+        raise ExportError(f"{src} is not a Hugging Face model folder (no config.json)")
+    if missing := missing_export_extra():
+        raise ExportError(
+            f"exporting needs {', '.join(missing)}: install the export extra, pip install 'llmosd[export]'"
+        )
+    with store.tmpdir("export-") as work:
+        out = work / "out"
+        cmd = [
+            sys.executable,
+            "-m",
+            "exporters",
+            "--src",
+            str(src.resolve()),
+            "--task",
+            task,
+            "--precision",
+            precision,
+            "--out",
+            str(out),
+        ]
+        if source_id:
+            cmd += ["--source-id", source_id]
+        log.info("exporting %s from %s (%s, %s) in a child process", name, src, task, precision)
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env
+        )
+        try:
+            _, err = await proc.communicate()
+        except asyncio.CancelledError:  # daemon stopping: the child must not outlive it
+            proc.kill()
+            await proc.wait()
+            raise
+        if proc.returncode != 0:
+            lines = [ln for ln in err.decode(errors="replace").splitlines() if ln.strip()]
+            errors = [ln for ln in lines if ln.startswith("error:")]
+            detail = errors[-1].removeprefix("error: ") if errors else "\n".join(lines[-15:])
+            raise ExportError(f"export of {name} failed: {detail}")
+        result = json.loads((out / "result.json").read_text())
+        draft = Manifest(
+            name=name,
+            version=version or "",
+            task=result["task"],
+            precision=result["precision"],
+            files=(),
+            inputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in result["inputs"]),
+            outputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in result["outputs"]),
+            devices=tuple(result["devices"]),
+            runtime=result["runtime"],
+            recipe=result["recipe"],
+            validation=result["validation"],
+            source=result["source"],
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        files = {title: (out / title, role) for title, role in result["files"].items()}
+        manifest = await asyncio.to_thread(store.publish, draft, files, activate=activate)
+    figs = manifest.validation.get("figures", {})
+    log.info("stored %s (%s); validation %s", manifest.ref, precision, figs)
+    return manifest

@@ -1,0 +1,97 @@
+"""Which ONNX Runtime execution provider a model really runs on.
+
+onnxruntime-gpu lists the CUDA provider even where its libraries or a GPU are missing, then falls back
+to CPU while printing errors to stderr. We ask for CUDA with ORT's logging silenced, look at what the
+session actually got, and log the fallback once per selector instead of once per session.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+_QUIET = 4  # ORT's FATAL: nothing below it reaches stderr while we probe
+_ORT_DEFAULT = 2  # WARNING, ORT's own default
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one session ended up, and why."""
+
+    device: str  # "cpu" or "cuda:<n>"
+    providers: tuple[str, ...]
+    note: str = ""
+
+
+def default_threads() -> int:
+    """Physical cores: ORT's intra-op pool gains nothing from hyper-threads on GEMM-bound work."""
+    try:
+        import psutil
+
+        return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+    except Exception:  # psutil cannot read the topology in some containers
+        return max(1, os.cpu_count() or 1)
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return so
+
+
+class ProviderSelector:
+    """Creates sessions on the best provider that really loads; remembers a CUDA failure."""
+
+    def __init__(
+        self,
+        device: str = "auto",
+        threads: int | None = None,
+        available: Callable[[], list[str]] = ort.get_available_providers,
+    ) -> None:
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
+        self.device = device
+        self.threads = threads or default_threads()
+        self._available = available
+        self._cuda_failed = False
+        self._lock = threading.Lock()
+
+    def _wants_cuda(self, devices: tuple[str, ...]) -> bool:
+        return self.device != "cpu" and "cuda" in devices and not self._cuda_failed and CUDA in self._available()
+
+    def create(self, model: Path | bytes, devices: tuple[str, ...] = ("cpu", "cuda")) -> tuple[Any, Placement]:
+        """Return ``(InferenceSession, Placement)`` for an ONNX file meant for ``devices``."""
+        so = session_options(self.threads)
+        src = str(model) if isinstance(model, Path) else model
+        with self._lock:
+            if self._wants_cuda(devices):
+                so.log_severity_level = _QUIET
+                ort.set_default_logger_severity(_QUIET)  # the provider bridge logs to the default logger
+                try:
+                    session = ort.InferenceSession(src, so, providers=[CUDA, CPU])
+                finally:
+                    ort.set_default_logger_severity(_ORT_DEFAULT)
+                if CUDA in session.get_providers():
+                    return session, Placement("cuda:0", tuple(session.get_providers()))
+                self._cuda_failed = True
+                log.warning("CUDA execution provider is listed but did not load; serving on CPU")
+                so = session_options(self.threads)
+            if "cpu" not in devices:
+                raise RuntimeError(f"this artifact runs only on {', '.join(devices)}, and no such device loads")
+            session = ort.InferenceSession(src, so, providers=[CPU])
+            note = "cuda unavailable" if self._cuda_failed else ""
+            return session, Placement("cpu", (CPU,), note)

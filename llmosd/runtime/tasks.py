@@ -1,0 +1,73 @@
+"""Task adapters: an ONNX session plus the pre/post-processing of one task."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from tokenizers import Encoding
+
+from llmosd.runtime.backend import Output
+from llmosd.runtime.pooling import normalize, pool, sigmoid, softmax
+from llmosd.runtime.tokenizer import TextTokenizer
+
+_WARMUP = ["warm up the session", "a second, somewhat longer sentence to warm up a batch of two"]
+
+
+class _EncoderModel:
+    """Shared by encoder tasks: tokenise, pad to the batch's longest, run the session."""
+
+    def __init__(self, session: Any, tokenizer: TextTokenizer) -> None:
+        self.session = session
+        self.tokenizer = tokenizer
+        self._inputs = {i.name for i in session.get_inputs()}
+
+    def prepare(self, inputs: Sequence[str]) -> list[Encoding]:
+        return self.tokenizer.encode(inputs)
+
+    def _forward(self, batch: Sequence[Encoding]) -> tuple[np.ndarray, np.ndarray]:
+        padded = self.tokenizer.pad(batch)
+        feeds = {
+            "input_ids": padded.input_ids,
+            "attention_mask": padded.attention_mask,
+            "token_type_ids": padded.token_type_ids,
+        }
+        out = self.session.run(None, {k: v for k, v in feeds.items() if k in self._inputs})
+        return out[0], padded.attention_mask
+
+    def run(self, batch: Sequence[Encoding]) -> list[Output]:
+        values = self._values(batch)
+        return [Output(values[i], len(e)) for i, e in enumerate(batch)]
+
+    def _values(self, batch: Sequence[Encoding]) -> np.ndarray:
+        raise NotImplementedError
+
+    def warmup(self) -> None:
+        for n in (1, 2):
+            self.run(self.prepare(_WARMUP[:n]))
+
+
+class EmbeddingModel(_EncoderModel):
+    def __init__(self, session: Any, tokenizer: TextTokenizer, pooling: str, normalized: bool) -> None:
+        super().__init__(session, tokenizer)
+        self.pooling = pooling
+        self.normalized = normalized
+        self.dimensions = int(session.get_outputs()[0].shape[-1])
+
+    def _values(self, batch: Sequence[Encoding]) -> np.ndarray:
+        hidden, mask = self._forward(batch)
+        vectors = pool(hidden, mask, self.pooling)
+        return normalize(vectors) if self.normalized else vectors
+
+
+class ClassifierModel(_EncoderModel):
+    def __init__(self, session: Any, tokenizer: TextTokenizer, labels: list[str], multi_label: bool) -> None:
+        super().__init__(session, tokenizer)
+        self.labels = labels
+        self.multi_label = multi_label
+
+    def _values(self, batch: Sequence[Encoding]) -> np.ndarray:
+        logits, _ = self._forward(batch)
+        logits = logits.astype(np.float32)
+        return sigmoid(logits) if self.multi_label else softmax(logits)

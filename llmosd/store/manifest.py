@@ -1,0 +1,111 @@
+"""The manifest of one model version: the typed form of ``models/<name>/<version>/manifest.json``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from llmosd.store.names import check_digest, check_name, check_title, check_version
+
+SCHEMA = 1
+TASKS = ("feature-extraction", "text-classification")
+PRECISIONS = ("fp32", "fp16", "int8")
+ROLES = ("model", "tokenizer", "config", "generation-config")
+
+
+class ManifestError(ValueError):
+    """A manifest that does not describe a loadable model version."""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    digest: str
+    size: int
+    role: str
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: str
+    task: str
+    precision: str
+    files: tuple[FileEntry, ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    # Execution providers this artifact is meant for; fp16 graphs are CUDA-only.
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    # Task settings the runtime needs: pooling, normalize, max_seq_length, labels.
+    runtime: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+    schema: int = SCHEMA
+
+    def file(self, role: str) -> FileEntry:
+        for entry in self.files:
+            if entry.role == role and (role != "config" or entry.path.endswith("config.json")):
+                return entry
+        raise ManifestError(f"{self.name}:{self.version} has no {role} file")
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        try:
+            if data.get("schema") != SCHEMA:
+                raise ManifestError(f"unsupported manifest schema {data.get('schema')!r}")
+            manifest = cls(
+                name=check_name(data["name"]),
+                version=check_version(data["version"]),
+                task=data["task"],
+                precision=data["precision"],
+                files=tuple(
+                    FileEntry(check_title(f["path"]), check_digest(f["digest"]), int(f["size"]), f["role"])
+                    for f in data["files"]
+                ),
+                inputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in data["inputs"]),
+                outputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in data["outputs"]),
+                devices=tuple(data.get("devices", ("cpu", "cuda"))),
+                runtime=dict(data.get("runtime", {})),
+                recipe=dict(data.get("recipe", {})),
+                validation=dict(data.get("validation", {})),
+                source=dict(data.get("source", {})),
+                created=str(data.get("created", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, ManifestError):
+                raise
+            raise ManifestError(f"malformed manifest: {exc}") from exc
+        if manifest.task not in TASKS:
+            raise ManifestError(f"unknown task {manifest.task!r}")
+        if manifest.precision not in PRECISIONS:
+            raise ManifestError(f"unknown precision {manifest.precision!r}")
+        if not any(f.role == "model" for f in manifest.files):
+            raise ManifestError("manifest lists no model file")
+        return manifest
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"manifest is not JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ManifestError("manifest is not a JSON object")
+        return cls.from_dict(data)

@@ -1,0 +1,223 @@
+"""The on-disk, content-addressed model store (see DESIGN.md, "The model store is a contract").
+
+Layout under ``root``::
+
+    blobs/sha256/<hex>                       immutable files named by their digest
+    models/<name>/<version>/manifest.json    numeric version folders; anything else is ignored
+    models/<name>/active -> <version>        symlink, replaced atomically with rename
+    tmp/                                     partial work; never read by the server
+
+Publishing writes blobs first, then the manifest into a temporary folder that is renamed into place,
+then swaps ``active``: a crash at any moment leaves the old or the new version active, never a mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
+from pathlib import Path
+
+from llmosd.store.digest import sha256_file
+from llmosd.store.manifest import FileEntry, Manifest, ManifestError
+from llmosd.store.names import check_digest, check_name, check_title, check_version
+
+
+class StoreError(Exception):
+    """A store operation that cannot be done (unknown model, bad state)."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+class IntegrityError(StoreError):
+    """A blob whose bytes do not match its manifest; the version must not load."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+
+
+class ModelStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = root / "blobs" / "sha256"
+        self.models = root / "models"
+        self.tmp = root / "tmp"
+        for d in (self.blobs, self.models, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # ---- paths (every untrusted part validated before it is joined) ----
+    def blob_path(self, digest: str) -> Path:
+        return self.blobs / check_digest(digest).removeprefix("sha256:")
+
+    def _version_dir(self, name: str, version: str) -> Path:
+        return self.models / check_name(name) / check_version(version)
+
+    @contextlib.contextmanager
+    def tmpdir(self, prefix: str = "work-") -> Iterator[Path]:
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=self.tmp))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    # ---- reading ----
+    def names(self) -> list[str]:
+        out = []
+        for p in sorted(self.models.iterdir()):
+            with contextlib.suppress(ValueError):
+                out.append(check_name(p.name))
+        return out
+
+    def versions(self, name: str) -> list[str]:
+        d = self.models / check_name(name)
+        if not d.is_dir():
+            return []
+        found = [p.name for p in d.iterdir() if p.name.isdigit() and (p / "manifest.json").is_file()]
+        return sorted((v for v in found if not v.startswith("0")), key=int)
+
+    def active_version(self, name: str) -> str | None:
+        link = self.models / check_name(name) / "active"
+        try:
+            version = os.readlink(link)
+        except OSError:
+            return None
+        try:
+            check_version(version)
+        except ValueError:
+            return None
+        return version if (link.parent / version / "manifest.json").is_file() else None
+
+    def manifest(self, name: str, version: str | None = None) -> Manifest:
+        version = version or self.active_version(name)
+        if version is None:
+            raise NotFound(f"model {name!r} not found (or has no active version)")
+        path = self._version_dir(name, version) / "manifest.json"
+        try:
+            manifest = Manifest.from_json(path.read_text())
+        except FileNotFoundError:
+            raise NotFound(f"model {name}:{version} not found") from None
+        if (manifest.name, manifest.version) != (name, version):
+            raise ManifestError(f"{path} describes {manifest.ref}, not {name}:{version}")
+        return manifest
+
+    def verify(self, manifest: Manifest) -> None:
+        """Hash every file of a version; raise IntegrityError naming the first file that differs."""
+        for entry in manifest.files:
+            path = self.blob_path(entry.digest)
+            try:
+                digest, size = sha256_file(path)
+            except FileNotFoundError:
+                raise IntegrityError(f"{manifest.ref}: file {entry.path} is missing from the store") from None
+            if digest != entry.digest or size != entry.size:
+                raise IntegrityError(
+                    f"{manifest.ref}: file {entry.path} is corrupt (sha256 {digest} != manifest {entry.digest})"
+                )
+
+    def file_path(self, manifest: Manifest, role: str) -> Path:
+        return self.blob_path(manifest.file(role).digest)
+
+    # ---- writing ----
+    def add_blob(self, src: Path) -> tuple[str, int]:
+        """Move ``src`` (a file under tmp/) into blobs/ under its digest; return (digest, size)."""
+        _fsync_file(src)
+        digest, size = sha256_file(src)
+        dst = self.blob_path(digest)
+        if dst.exists():
+            src.unlink()
+        else:
+            os.chmod(src, 0o444)
+            os.replace(src, dst)
+            _fsync_dir(dst.parent)
+        return digest, size
+
+    def next_version(self, name: str) -> str:
+        versions = self.versions(name)
+        return str(int(versions[-1]) + 1) if versions else "1"
+
+    def publish(self, draft: Manifest, files: Mapping[str, tuple[Path, str]], *, activate: bool = True) -> Manifest:
+        """Store ``files`` ({title: (path under tmp/, role)}) and the manifest; optionally activate.
+
+        ``draft.files`` is ignored: entries are computed here from the bytes actually stored.
+        """
+        name = check_name(draft.name)
+        version = check_version(draft.version) if draft.version else self.next_version(name)
+        if self._version_dir(name, version).exists():
+            raise StoreError(f"{name}:{version} already exists")
+        entries = []
+        for title, (path, role) in sorted(files.items()):
+            digest, size = self.add_blob(path)
+            entries.append(FileEntry(check_title(title), digest, size, role))
+        manifest = replace(draft, name=name, version=version, files=tuple(entries))
+        Manifest.from_json(manifest.to_json())  # refuse to write what could not be read back
+        model_dir = self.models / name
+        model_dir.mkdir(exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=model_dir))
+        (staging / "manifest.json").write_text(manifest.to_json())
+        _fsync_file(staging / "manifest.json")
+        os.chmod(staging, 0o755)
+        os.rename(staging, model_dir / version)
+        _fsync_dir(model_dir)
+        if activate:
+            self.activate(name, version)
+        return manifest
+
+    def activate(self, name: str, version: str) -> None:
+        """Point ``active`` at ``version`` with one atomic rename."""
+        model_dir = self._version_dir(name, version).parent
+        self.manifest(name, version)  # refuses unknown or malformed versions
+        tmp_link = model_dir / f".active-{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            tmp_link.unlink()
+        os.symlink(version, tmp_link)
+        os.replace(tmp_link, model_dir / "active")
+        _fsync_dir(model_dir)
+
+    def remove(self, name: str, version: str | None = None) -> list[str]:
+        """Remove one version (or every version) of a model, then unreferenced blobs."""
+        model_dir = self.models / check_name(name)
+        versions = self.versions(name)
+        if not versions:
+            raise NotFound(f"model {name!r} not found")
+        targets = [check_version(version)] if version else versions
+        if version and version not in versions:
+            raise NotFound(f"model {name}:{version} not found")
+        active = self.active_version(name)
+        if version and version == active and len(versions) > 1:
+            raise StoreError(f"{name}:{version} is active; activate another version first")
+        if active in targets:
+            (model_dir / "active").unlink()
+        for v in targets:
+            shutil.rmtree(model_dir / v)
+        if not self.versions(name):
+            shutil.rmtree(model_dir)
+        self.collect_garbage()
+        return targets
+
+    def collect_garbage(self) -> int:
+        """Delete blobs no manifest refers to; return how many."""
+        live = set()
+        for name in self.names():
+            for v in self.versions(name):
+                with contextlib.suppress(ManifestError, StoreError):
+                    live.update(f.digest for f in self.manifest(name, v).files)
+        removed = 0
+        for blob in self.blobs.iterdir():
+            if f"sha256:{blob.name}" not in live:
+                blob.unlink()
+                removed += 1
+        return removed
