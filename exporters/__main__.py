@@ -13,13 +13,14 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # an appliance exports from local folders only
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from exporters.recipes import PRECISIONS, RECIPES
+from exporters.recipes import PRECISIONS, RECIPES, Tolerance
 
 
 def _tensor_specs(model: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -41,7 +42,7 @@ def _tokenizer_json(src: Path, dst: Path) -> None:
         return
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True, use_fast=True)
+    tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True, use_fast=True)  # type: ignore[no-untyped-call]
     tok.backend_tokenizer.save(str(dst))
 
 
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.task,
         runtime,
         devices,
-        recipe.tolerances[args.precision],
+        _tolerance(recipe.tolerances[args.precision], args.tolerance),
     )
     steps["validate_s"] = round(time.monotonic() - t1, 2)
     return {
@@ -101,6 +102,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _tolerance(base: Tolerance, overrides: list[str]) -> Tolerance:
+    """Apply ``KEY=VALUE`` overrides (a stricter check than the recipe's, for instance)."""
+    values = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key not in vars(base):
+            raise ValueError(f"unknown tolerance {key!r}; choose from {', '.join(vars(base))}")
+        values[key] = float(value)
+    return replace(base, **values)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m exporters", description=__doc__)
     p.add_argument("--src", type=Path, required=True)
@@ -108,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=PRECISIONS, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--source-id", default=None)
+    p.add_argument("--tolerance", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="exporter: %(message)s")
     from exporters.validate import ValidationFailed

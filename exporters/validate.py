@@ -55,10 +55,12 @@ def _reference(src: Path, task: str, tokenizer: TextTokenizer, runtime: dict[str
             v = _torch_pool(out.last_hidden_state, feeds["attention_mask"], runtime["pooling"])
             if runtime["normalize"]:
                 v = torch.nn.functional.normalize(v, dim=1)
-            return v.numpy()
+            vectors: np.ndarray = v.numpy()
+            return vectors
         logits = out.logits.float()
         multi = runtime.get("problem_type") == "multi_label_classification"
-        return (torch.sigmoid(logits) if multi else torch.softmax(logits, dim=1)).numpy()
+        scores: np.ndarray = (torch.sigmoid(logits) if multi else torch.softmax(logits, dim=1)).numpy()
+        return scores
 
 
 def _candidate(

@@ -96,6 +96,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tolerance(item: str) -> tuple[str, float]:
+    key, sep, value = item.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return key, float(value)
+    except ValueError:
+        raise ConfigError(f"--tolerance takes KEY=NUMBER, e.g. min_cosine=0.999 (got {item!r})") from None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import aiohttp
 
@@ -147,6 +157,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--name", required=True)
     s.add_argument("--version", default=None, help="positive integer (default: next)")
     s.add_argument("--no-activate", action="store_true", help="store without making it the active version")
+    s.add_argument(
+        "--tolerance",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a validation tolerance (min_cosine, mean_cosine, max_abs_diff, label_agreement)",
+    )
     s.set_defaults(func=cmd_export)
     models = sub.add_parser("models", help="inspect the model store").add_subparsers(dest="models", required=True)
     s = models.add_parser("list")

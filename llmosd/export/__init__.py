@@ -52,6 +52,7 @@ async def export_model(
     version: str | None = None,
     source_id: str | None = None,
     activate: bool = True,
+    tolerances: dict[str, float] | None = None,
 ) -> Manifest:
     check_name(name)
     if version is not None:
@@ -83,6 +84,8 @@ async def export_model(
         ]
         if source_id:
             cmd += ["--source-id", source_id]
+        for key, value in (tolerances or {}).items():
+            cmd += ["--tolerance", f"{key}={value}"]
         log.info("exporting %s from %s (%s, %s) in a child process", name, src, task, precision)
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         proc = await asyncio.create_subprocess_exec(

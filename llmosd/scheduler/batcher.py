@@ -155,18 +155,19 @@ class DynamicBatcher(Generic[P]):
     def _run_window(self, loop: asyncio.AbstractEventLoop, window: list[_Request]) -> None:
         """Worker thread: prepare, plan, run; resolve each request when its last item is done."""
         started = time.perf_counter()
-        try:
-            owners: list[tuple[int, int]] = []  # flat item -> (request index, position)
-            prepared: list[Sized] = []
-            for r, req in enumerate(window):
-                items = self.backend.prepare(req.inputs)
-                prepared.extend(items)
-                owners.extend((r, k) for k in range(len(items)))
-        except Exception as exc:
-            self._fail(loop, window, exc)
-            return
-        results: list[list[Output | None]] = [[None] * len(req.inputs) for req in window]
+        owners: list[tuple[int, int]] = []  # flat item -> (request index, position)
+        prepared: list[Sized] = []
         missing = [len(req.inputs) for req in window]
+        for r, req in enumerate(window):
+            try:  # a request whose inputs cannot be prepared fails alone
+                items = self.backend.prepare(req.inputs)
+            except Exception as exc:
+                missing[r] = -1
+                self._fail(loop, [req], exc)
+                continue
+            prepared.extend(items)
+            owners.extend((r, k) for k in range(len(items)))
+        results: list[list[Output | None]] = [[None] * len(req.inputs) for req in window]
         p = self.policy
         for batch in plan_batches([len(x) for x in prepared], p.max_batch, p.max_tokens, p.max_waste):
             pending = [owners[i] for i in batch]
@@ -219,7 +220,9 @@ class DynamicBatcher(Generic[P]):
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
+        # Let a window already in the thread finish (it resolves its own requests), then let the thread go.
+        await asyncio.wrap_future(self._executor.submit(lambda: None))
+        self._executor.shutdown(wait=False)
 
 
 def _resolve(future: asyncio.Future[list[Output]], values: list[Output | None]) -> None:

@@ -210,7 +210,7 @@ class ModelStore:
 
     def collect_garbage(self) -> int:
         """Delete blobs no manifest refers to; return how many."""
-        live = set()
+        live: set[str] = set()
         for name in self.names():
             for v in self.versions(name):
                 with contextlib.suppress(ManifestError, StoreError):

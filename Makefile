@@ -1,0 +1,35 @@
+# One-command workflows. `make run` serves, `make test` is what CI runs (.ci/run).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# torch goes in first, pinned: an unpinned torch pulled in by the export extra would be a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+ARGS   ?=
+PYTEST_ARGS ?=
+
+.PHONY: venv run test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e '.[export,dev]'
+	touch $@
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/llmosd serve $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/ruff check llmosd exporters tests bench
+	$(BIN)/ruff format --check llmosd exporters tests bench
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python bench/embeddings.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

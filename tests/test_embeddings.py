@@ -1,0 +1,96 @@
+"""Embeddings served over TCP and the Unix socket match sentence-transformers on PyTorch."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import aiohttp
+import numpy as np
+import pytest
+
+from tests.conftest import DEFAULT, SENTENCES, Daemon
+
+THRESHOLDS = {"minilm-fp32": (0.9999, 0.9999), DEFAULT: (0.985, 0.97)}  # (mean, min) cosine
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    out: np.ndarray = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return out
+
+
+def session(daemon: Daemon, unix: bool) -> aiohttp.ClientSession:
+    if unix:
+        return aiohttp.ClientSession("http://llmosd", connector=aiohttp.UnixConnector(path=str(daemon.socket)))
+    return aiohttp.ClientSession(daemon.url)
+
+
+async def embed(s: aiohttp.ClientSession, model: str, texts: list[str] | str, **extra: object) -> dict:
+    async with s.post("/v1/embeddings", json={"model": model, "input": texts, **extra}) as r:
+        body = await r.json()
+        assert r.status == 200, body
+        return body
+
+
+@pytest.mark.parametrize("unix", [True, False], ids=["unix", "tcp"])
+@pytest.mark.parametrize("model", ["minilm-fp32", DEFAULT])
+async def test_embeddings_match_sentence_transformers(
+    daemon: Daemon, reference_embeddings: np.ndarray, model: str, unix: bool
+) -> None:
+    mean_min, min_min = THRESHOLDS[model]
+    async with session(daemon, unix) as s:
+        # One request per sentence, all at once: they go through the batcher together.
+        singles = await asyncio.gather(*(embed(s, model, t) for t in SENTENCES))
+        one_list = await embed(s, model, SENTENCES)
+    got = np.array([b["data"][0]["embedding"] for b in singles], dtype=np.float32)
+    listed = np.array([d["embedding"] for d in one_list["data"]], dtype=np.float32)
+    assert [d["index"] for d in one_list["data"]] == list(range(len(SENTENCES)))
+    for vectors in (got, listed):
+        c = cosines(vectors, reference_embeddings)
+        assert c.mean() >= mean_min and c.min() >= min_min, (c.mean(), c.min())
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-4)  # normalised, like the model's config
+    assert one_list["usage"]["prompt_tokens"] == sum(b["usage"]["prompt_tokens"] for b in singles) > 0
+    assert one_list["model"] == model and one_list["object"] == "list"
+
+
+async def test_base64_encoding_is_little_endian_float32(daemon: Daemon) -> None:
+    async with session(daemon, True) as s:
+        floats = await embed(s, DEFAULT, ["hello", "world"])
+        b64 = await embed(s, DEFAULT, ["hello", "world"], encoding_format="base64")
+    for f, b in zip(floats["data"], b64["data"], strict=True):
+        decoded = np.frombuffer(base64.b64decode(b["embedding"]), dtype="<f4")
+        np.testing.assert_allclose(decoded, np.array(f["embedding"], dtype=np.float32), rtol=0, atol=0)
+
+
+async def test_concurrent_requests_are_batched(daemon: Daemon) -> None:
+    async with session(daemon, True) as s:
+        async with s.get("/api/status") as r:
+            before = {m["name"]: m["batcher"] for m in (await r.json())["models"]}["minilm-fp32"]
+        await asyncio.gather(*(embed(s, "minilm-fp32", t) for t in SENTENCES[:48]))
+        async with s.get("/api/status") as r:
+            after = {m["name"]: m["batcher"] for m in (await r.json())["models"]}["minilm-fp32"]
+    assert after["requests"] - before["requests"] == 48
+    # Fewer model runs than requests, and at least one run carried several requests' inputs.
+    assert after["batches"] - before["batches"] < 48
+    assert after["largest_batch"] > 1
+
+
+def test_openai_client_over_tcp_and_unix_socket(daemon: Daemon, reference_embeddings: np.ndarray) -> None:
+    import httpx2
+    import openai
+
+    clients = [
+        openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="not-needed-on-loopback"),
+        openai.OpenAI(
+            base_url="http://llmosd/v1", api_key="not-needed-on-the-socket",
+            http_client=openai.DefaultHttpx2Client(transport=httpx2.HTTPTransport(uds=str(daemon.socket))),
+        ),
+    ]
+    for client in clients:
+        with client:
+            # The SDK asks for base64 by default and decodes it itself.
+            result = client.embeddings.create(model="minilm-fp32", input=SENTENCES[:10])
+            got = np.array([d.embedding for d in result.data], dtype=np.float32)
+            assert cosines(got, reference_embeddings[:10]).min() >= 0.9999
+            assert result.usage.prompt_tokens > 0
+            assert {m.id for m in client.models.list()} >= {DEFAULT, "minilm-fp32", "tiny-clf"}
