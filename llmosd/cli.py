@@ -90,6 +90,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             name=args.name,
             version=args.version,
             activate=not args.no_activate,
+            tolerances=dict(_tolerance(t) for t in args.tolerance),
         )
     )
     print(f"stored {manifest.ref}: {json.dumps(manifest.validation.get('figures', {}))}")

@@ -7,7 +7,7 @@ daemon stays small and its event loop keeps running (and answering health checks
 from __future__ import annotations
 
 import asyncio
-import importlib.util
+import importlib.metadata
 import json
 import logging
 import os
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 TASKS = ("feature-extraction", "text-classification")
 PRECISIONS = ("fp32", "fp16", "int8")
-_EXTRA_MODULES = ("torch", "transformers", "optimum.exporters.onnx", "onnx")
+_EXTRA_DISTRIBUTIONS = ("torch", "transformers", "optimum-onnx", "onnx")
 
 
 class ExportError(Exception):
@@ -30,15 +30,14 @@ class ExportError(Exception):
 
 
 def missing_export_extra() -> list[str]:
-    """The export extra's modules that are not installed (checked without importing them)."""
+    """The export extra's distributions that are not installed (asked of package metadata: importing
+    even a parent package such as ``optimum`` would drag it into the daemon)."""
     missing = []
-    for mod in _EXTRA_MODULES:
+    for dist in _EXTRA_DISTRIBUTIONS:
         try:
-            found = importlib.util.find_spec(mod) is not None
-        except ModuleNotFoundError:
-            found = False
-        if not found:
-            missing.append(mod.split(".")[0])
+            importlib.metadata.distribution(dist)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(dist)
     return missing
 
 
