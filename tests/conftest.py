@@ -30,7 +30,10 @@ def minilm_path() -> Path:
 
 def llmosd(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "llmosd", *args], capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "llmosd", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env=dict(os.environ, **(env or {})),
     )
 
@@ -51,8 +54,13 @@ def make_tiny_classifier(dst: Path) -> Path:
 
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=128, id2label={0: "negative", 1: "neutral", 2: "positive"},
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        id2label={0: "negative", 1: "neutral", 2: "positive"},
         label2id={"negative": 0, "neutral": 1, "positive": 2},
     )
     model = BertForSequenceClassification(config).eval()
@@ -129,9 +137,23 @@ def start_daemon(state_dir: Path, workdir: Path, *extra: str, env: dict[str, str
     port = free_port()
     log = workdir / "daemon.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llmosd", "serve", "--state-dir", str(state_dir), "--socket", str(sock),
-         "--port", str(port), *extra],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, text=True, env=dict(os.environ, **(env or {})),
+        [
+            sys.executable,
+            "-m",
+            "llmosd",
+            "serve",
+            "--state-dir",
+            str(state_dir),
+            "--socket",
+            str(sock),
+            "--port",
+            str(port),
+            *extra,
+        ],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, **(env or {})),
     )
     try:
         wait_ready(sock, proc)
@@ -170,7 +192,8 @@ def no_leaked_threads() -> Iterator[None]:
     deadline = time.monotonic() + 2
     while time.monotonic() < deadline:
         leaked = [
-            t for t in threading.enumerate()
+            t
+            for t in threading.enumerate()
             if t not in before and t.is_alive() and not t.daemon and not t.name.startswith("asyncio_")
         ]
         if not leaked:

@@ -52,8 +52,7 @@ def test_plan_sorts_and_bounds_padding() -> None:
     flat = [i for b in batches for i in b]
     assert sorted(flat) == list(range(len(lengths)))
     assert [[lengths[i] for i in b] for b in batches] == [[5, 5, 6], [29, 30, 31], [60]]
-    assert plan_batches([10] * 10, max_batch=4, max_tokens=1000, max_waste=0.25) == [
-        [0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert plan_batches([10] * 10, max_batch=4, max_tokens=1000, max_waste=0.25) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert all(len(b) * 10 <= 25 for b in plan_batches([10] * 10, max_batch=8, max_tokens=25, max_waste=1.0))
 
 

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from tests.conftest import DEFAULT, SENTENCES, Daemon, free_port, llmosd, start_daemon
 
@@ -50,8 +49,9 @@ SERVE_AND_REPORT = textwrap.dedent("""
 def test_first_start_seeds_the_default_model_and_never_imports_torch(tmp_path: Path) -> None:
     """`make run` on an empty store: export in a child process, then serve; torch stays out of the daemon."""
     state, sock = tmp_path / "state", tmp_path / "s.sock"
-    r = subprocess.run([sys.executable, "-c", SERVE_AND_REPORT, str(state), str(sock)],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", SERVE_AND_REPORT, str(state), str(sock)], capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
     assert lines[0]["heavy"] == [] and lines[0]["export_extra_installed"]  # installed, yet never imported
@@ -68,6 +68,7 @@ def test_sigterm_drains_in_flight_requests(store_dir: Path, tmp_path: Path) -> N
 
     async def burst() -> list[int]:
         async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(d.socket), limit=0)) as s:
+
             async def one(text: str) -> int:
                 async with s.post("http://x/v1/embeddings", json={"model": "minilm-fp32", "input": [text] * 16}) as r:
                     await r.read()
@@ -94,8 +95,9 @@ def test_socket_file_rules(store_dir: Path, tmp_path: Path) -> None:
     try:
         assert stat.S_IMODE(sock.stat().st_mode) == 0o660
         # A second daemon must not steal a live socket.
-        r = llmosd("serve", "--state-dir", str(store_dir), "--socket", str(sock), "--port", str(free_port()),
-                   timeout=60)
+        r = llmosd(
+            "serve", "--state-dir", str(store_dir), "--socket", str(sock), "--port", str(free_port()), timeout=60
+        )
         assert r.returncode == 2 and "another process is listening" in r.stderr
     finally:
         assert d.stop() == 0
@@ -120,9 +122,12 @@ def test_corrupt_blob_is_refused_and_named(store_dir: Path, tmp_path: Path) -> N
         f.seek(1000)
         f.write(bytes([byte[0] ^ 0xFF]))
     sock = tmp_path / "s.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "llmosd", "serve", "--state-dir", str(state), "--socket",
-                             str(sock), "--host", "none"], stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, LLMOSD_SEED_DEFAULTS="false"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmosd", "serve", "--state-dir", str(state), "--socket", str(sock), "--host", "none"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, LLMOSD_SEED_DEFAULTS="false"),
+    )
     try:
         deadline = time.monotonic() + 60
         status: dict[str, object] = {}
@@ -145,8 +150,20 @@ def test_export_refuses_an_artifact_outside_tolerance(store_dir: Path, tmp_path:
     from tests.conftest import minilm_path
 
     state = tmp_path / "state"
-    r = llmosd("export", str(minilm_path()), "--task", "feature-extraction", "--precision", "int8",
-               "--name", "strict", "--state-dir", str(state), "--tolerance", "min_cosine=0.9999")
+    r = llmosd(
+        "export",
+        str(minilm_path()),
+        "--task",
+        "feature-extraction",
+        "--precision",
+        "int8",
+        "--name",
+        "strict",
+        "--state-dir",
+        str(state),
+        "--tolerance",
+        "min_cosine=0.9999",
+    )
     assert r.returncode == 2
     assert "validation refused the int8 artifact: min cosine" in r.stderr
     assert not (state / "models" / "strict").exists()
@@ -159,8 +176,11 @@ def test_manifests_record_validation_figures(store_dir: Path) -> None:
     r = llmosd("models", "list", "--json", "--state-dir", str(store_dir))
     rows = {m["name"]: m for m in json.loads(r.stdout)}
     assert rows[DEFAULT]["precision"] == "int8" and rows["minilm-fp32"]["precision"] == "fp32"
-    for name, key, bound in (("minilm-fp32", "min_cosine", 0.9999), (DEFAULT, "mean_cosine", 0.985),
-                             ("tiny-clf", "label_agreement", 1.0)):
+    for name, key, bound in (
+        ("minilm-fp32", "min_cosine", 0.9999),
+        (DEFAULT, "mean_cosine", 0.985),
+        ("tiny-clf", "label_agreement", 1.0),
+    ):
         shown = json.loads(llmosd("models", "show", name, "--state-dir", str(store_dir)).stdout)
         assert shown["validation"]["passed"] and shown["validation"]["figures"][key] >= bound
         assert shown["recipe"]["steps"]["optimize"]["fusions"]  # attention etc. were fused

@@ -82,7 +82,8 @@ def test_openai_client_over_tcp_and_unix_socket(daemon: Daemon, reference_embedd
     clients = [
         openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="not-needed-on-loopback"),
         openai.OpenAI(
-            base_url="http://llmosd/v1", api_key="not-needed-on-the-socket",
+            base_url="http://llmosd/v1",
+            api_key="not-needed-on-the-socket",
             http_client=openai.DefaultHttpx2Client(transport=httpx2.HTTPTransport(uds=str(daemon.socket))),
         ),
     ]

@@ -12,7 +12,11 @@ from llmosd.store import IntegrityError, InvalidName, Manifest, ModelStore, NotF
 
 def draft(name: str = "demo", version: str = "") -> Manifest:
     return Manifest(
-        name=name, version=version, task="feature-extraction", precision="fp32", files=(),
+        name=name,
+        version=version,
+        task="feature-extraction",
+        precision="fp32",
+        files=(),
         inputs=(TensorSpec("input_ids", "tensor(int64)", ("batch", "seq")),),
         outputs=(TensorSpec("last_hidden_state", "tensor(float)", ("batch", "seq", 4)),),
         runtime={"max_seq_length": 8, "pooling": "mean", "normalize": True},
