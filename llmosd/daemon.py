@@ -29,6 +29,7 @@ def batch_policy(config: Config) -> BatchPolicy:
     return BatchPolicy(
         max_batch=config.max_batch_size,
         max_tokens=config.max_batch_tokens,
+        run_cost_tokens=config.batch_run_cost_tokens,
         max_delay_s=config.max_queue_delay_ms / 1000,
         max_queue=config.max_queue,
     )
@@ -82,7 +83,7 @@ async def serve(config: Config) -> int:
     setup_logging(config.log_level)
     log.info("llmosd %s starting; effective config: %s", __version__, config.redacted())
     store = ModelStore(config.state_dir)
-    selector = ProviderSelector(config.device, config.threads or None)
+    selector = ProviderSelector(config.device, config.threads or None, config.ort_spinning)
     pool = ModelPool(store, selector, batch_policy(config))
     defaults = tuple(d.name for d in DEFAULT_MODELS) if config.seed_defaults else ()
     st = AppState(config, store, pool, ensure_token(config.token_file), default_models=defaults)

@@ -22,7 +22,7 @@ HOST_ADDR, NS_ADDR = "10.203.71.1", "10.203.71.2"
 CLIENT = textwrap.dedent(
     """
     import json, sys, urllib.request, urllib.error
-    url, token = sys.argv[1], sys.argv[2]
+    url, token, model = sys.argv[1], sys.argv[2], sys.argv[3]
     def call(path, token=None, body=None):
         req = urllib.request.Request(url + path, data=body, headers={"Content-Type": "application/json"})
         if token:
@@ -32,7 +32,7 @@ CLIENT = textwrap.dedent(
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
-    body = json.dumps({"model": "%s", "input": "from the other namespace"}).encode()
+    body = json.dumps({"model": model, "input": "from the other namespace"}).encode()
     print(json.dumps({
         "none": call("/v1/embeddings", None, body),
         "wrong": call("/v1/embeddings", "wrong-token-value-123456", body),
@@ -41,7 +41,6 @@ CLIENT = textwrap.dedent(
         "models_without": call("/v1/models")[0],
     }))
 """
-    % DEFAULT
 )
 
 
@@ -76,7 +75,15 @@ def test_non_local_clients_need_the_token(netns: str, store_dir: Path, tmp_path:
     d = start_daemon(store_dir, tmp_path, "--host", HOST_ADDR)
     try:
         r = subprocess.run(
-            ["ip", "netns", "exec", netns, sys.executable, "-c", CLIENT, f"http://{HOST_ADDR}:{d.port}", d.token],
+            [
+                *("ip", "netns", "exec", netns),
+                sys.executable,
+                "-c",
+                CLIENT,
+                f"http://{HOST_ADDR}:{d.port}",
+                d.token,
+                DEFAULT,
+            ],
             capture_output=True,
             text=True,
             timeout=60,

@@ -11,7 +11,7 @@ import pytest
 
 from llmosd.runtime import Output
 from llmosd.scheduler import BatchPolicy, DynamicBatcher, QueueFull
-from llmosd.scheduler.planning import plan_batches, retry_after_s
+from llmosd.scheduler.planning import choose_batch, retry_after_s
 
 
 class Words:
@@ -46,14 +46,18 @@ class WordBackend:
         pass
 
 
-def test_plan_sorts_and_bounds_padding() -> None:
-    lengths = [30, 5, 6, 31, 5, 29, 60]
-    batches = plan_batches(lengths, max_batch=8, max_tokens=1000, max_waste=0.25)
-    flat = [i for b in batches for i in b]
-    assert sorted(flat) == list(range(len(lengths)))
-    assert [[lengths[i] for i in b] for b in batches] == [[5, 5, 6], [29, 30, 31], [60]]
-    assert plan_batches([10] * 10, max_batch=4, max_tokens=1000, max_waste=0.25) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    assert all(len(b) * 10 <= 25 for b in plan_batches([10] * 10, max_batch=8, max_tokens=25, max_waste=1.0))
+def test_choose_batch_keeps_the_oldest_and_groups_similar_lengths() -> None:
+    lengths = [5, 5, 6, 29, 30, 31, 60]  # sorted, as the pool keeps them
+    assert choose_batch(lengths, 4, max_batch=8, max_tokens=1000, run_cost_tokens=16) == (3, 6)
+    assert choose_batch(lengths, 0, max_batch=8, max_tokens=1000, run_cost_tokens=16) == (0, 3)
+    assert choose_batch(lengths, 6, max_batch=8, max_tokens=1000, run_cost_tokens=16) == (6, 7)
+    # A huge fixed cost per run favours one full batch; the batch and token limits still hold.
+    assert choose_batch([10] * 8, 0, max_batch=4, max_tokens=1000, run_cost_tokens=1000) == (0, 4)
+    i, j = choose_batch([10] * 10, 5, max_batch=8, max_tokens=25, run_cost_tokens=1000)
+    assert i <= 5 < j and (j - i) * 10 <= 25
+    assert choose_batch([500], 0, max_batch=8, max_tokens=25, run_cost_tokens=16) == (0, 1)  # a lone item fits
+    with pytest.raises(ValueError):
+        choose_batch([1, 2], 2, max_batch=8, max_tokens=25, run_cost_tokens=16)
 
 
 def test_retry_after_follows_service_rate() -> None:
@@ -86,7 +90,7 @@ async def test_concurrent_requests_are_merged_and_split_back() -> None:
 
 async def test_a_failing_batch_fails_only_its_own_requests() -> None:
     gate = threading.Event()
-    b = DynamicBatcher("t", WordBackend(gate), BatchPolicy(max_batch=64, max_waste=0.0))
+    b = DynamicBatcher("t", WordBackend(gate), BatchPolicy(max_batch=64, run_cost_tokens=0))
     b.start()
     try:
         hold = asyncio.create_task(b.submit(["hold"]))

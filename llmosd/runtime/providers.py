@@ -44,12 +44,15 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def session_options(threads: int) -> ort.SessionOptions:
+def session_options(threads: int, spinning: bool = True) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    # Spinning pool threads answer the next parallel section in microseconds instead of a futex wake-up,
+    # but burn the cores the event loop needs meanwhile: a knob, measured in bench/.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return so
 
 
@@ -60,12 +63,14 @@ class ProviderSelector:
         self,
         device: str = "auto",
         threads: int | None = None,
+        spinning: bool = True,
         available: Callable[[], list[str]] = ort.get_available_providers,
     ) -> None:
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
         self.device = device
         self.threads = threads or default_threads()
+        self.spinning = spinning
         self._available = available
         self._cuda_failed = False
         self._lock = threading.Lock()
@@ -75,7 +80,7 @@ class ProviderSelector:
 
     def create(self, model: Path | bytes, devices: tuple[str, ...] = ("cpu", "cuda")) -> tuple[Any, Placement]:
         """Return ``(InferenceSession, Placement)`` for an ONNX file meant for ``devices``."""
-        so = session_options(self.threads)
+        so = session_options(self.threads, self.spinning)
         src = str(model) if isinstance(model, Path) else model
         with self._lock:
             if self._wants_cuda(devices):
@@ -89,7 +94,7 @@ class ProviderSelector:
                     return session, Placement("cuda:0", tuple(session.get_providers()))
                 self._cuda_failed = True
                 log.warning("CUDA execution provider is listed but did not load; serving on CPU")
-                so = session_options(self.threads)
+                so = session_options(self.threads, self.spinning)
             if "cpu" not in devices:
                 raise RuntimeError(f"this artifact runs only on {', '.join(devices)}, and no such device loads")
             session = ort.InferenceSession(src, so, providers=[CPU])

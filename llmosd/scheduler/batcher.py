@@ -1,15 +1,17 @@
-"""Dynamic batching for one model (Triton's rule, Infinity's backend split).
+"""Dynamic batching for one model (Triton's rules, Infinity's backend split, continuous formation).
 
-Requests queue on the event loop. A single worker takes a window of them as soon as the model is free
-(or once the oldest has waited ``max_delay``), and a worker thread prepares the window, orders it by
-length, runs it as a few low-padding batches and resolves each request as soon as its own items are done.
-An exception fails exactly the requests of its window; a full queue is refused at once.
+Requests queue on the event loop. A worker thread keeps a pool of prepared (tokenised) items; at each
+step it admits what queued meanwhile, runs one batch (the oldest item plus the neighbours in length
+that make the run cheapest, see ``planning.choose_batch``) and resolves every request whose last item
+is done. New requests thus join between runs, and a long request never holds short ones behind it.
+An exception fails exactly the requests it touched; a full queue is refused at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections import Counter, deque
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Generic
 
 from llmosd.runtime.backend import Backend, Output, P
-from llmosd.scheduler.planning import plan_batches, retry_after_s
+from llmosd.scheduler.planning import choose_batch, retry_after_s
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +40,9 @@ class BatcherClosed(Exception):
 class BatchPolicy:
     max_batch: int = 32
     max_tokens: int = 8192
-    max_waste: float = 0.25
+    run_cost_tokens: int = 16  # fixed cost of one session run, in tokens of work (see planning)
     max_delay_s: float = 0.0  # 0: batch whatever queued while the model was busy, add no latency
-    max_queue: int = 1024  # items waiting, not yet taken by the worker
+    max_queue: int = 1024  # items waiting (queued or prepared, not yet run)
 
 
 @dataclass
@@ -48,7 +50,6 @@ class BatchStats:
     requests: int = 0
     items: int = 0
     batches: int = 0
-    windows: int = 0
     failed_batches: int = 0
     rejected: int = 0
     largest_batch: int = 0
@@ -60,7 +61,6 @@ class BatchStats:
             "requests": self.requests,
             "items": self.items,
             "batches": self.batches,
-            "windows": self.windows,
             "failed_batches": self.failed_batches,
             "rejected": self.rejected,
             "largest_batch": self.largest_batch,
@@ -74,6 +74,17 @@ class _Request:
     inputs: Sequence[str]
     future: asyncio.Future[list[Output]]
     enqueued: float
+    results: list[Output | None] = field(default_factory=list)
+    missing: int = 0  # items not yet run; -1 once failed (worker thread only)
+
+
+@dataclass
+class _Item:
+    request: _Request
+    position: int
+    prepared: Sized
+    length: int
+    order: int  # admission order: the oldest item has the lowest
 
 
 class DynamicBatcher(Generic[P]):
@@ -84,6 +95,9 @@ class DynamicBatcher(Generic[P]):
         self.stats = BatchStats()
         self._queue: deque[_Request] = deque()
         self._queued_items = 0
+        self._pool: list[_Item] = []  # worker thread only
+        self._pooled_items = 0  # written by the worker thread, read by the loop
+        self._order = itertools.count()
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
         self._worker: asyncio.Task[None] | None = None
@@ -91,7 +105,7 @@ class DynamicBatcher(Generic[P]):
 
     @property
     def queued(self) -> int:
-        return self._queued_items
+        return self._queued_items + self._pooled_items
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._async_work(), name=f"batcher-{self.name}")
@@ -108,9 +122,9 @@ class DynamicBatcher(Generic[P]):
     async def submit(self, inputs: Sequence[str]) -> list[Output]:
         if self._closed:
             raise BatcherClosed(f"model {self.name!r} is unloading")
-        if self._queued_items + len(inputs) > self.policy.max_queue and self._queue:
+        if self.queued + len(inputs) > self.policy.max_queue and self.queued:
             self.stats.rejected += 1
-            raise QueueFull(self.name, retry_after_s(self._queued_items, self.stats.items_per_s))
+            raise QueueFull(self.name, retry_after_s(self.queued, self.stats.items_per_s))
         future: asyncio.Future[list[Output]] = asyncio.get_running_loop().create_future()
         self._queue.append(_Request(inputs, future, time.monotonic()))
         self._queued_items += len(inputs)
@@ -121,18 +135,17 @@ class DynamicBatcher(Generic[P]):
     async def _async_work(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._queue:
-                await self._async_wait_for_window()
-                window = self._take_window()
-                if window:
-                    self.stats.windows += 1
-                    await loop.run_in_executor(self._executor, self._run_window, loop, window)
+            if not self._queue and not self._pooled_items:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            await self._async_wait_for_batch()
+            admitted = self._take_queued()
+            await loop.run_in_executor(self._executor, self._step, loop, admitted)
 
-    async def _async_wait_for_window(self) -> None:
+    async def _async_wait_for_batch(self) -> None:
+        """With ``max_delay_s`` > 0 and an idle model, wait that long for a fuller first batch."""
         delay = self.policy.max_delay_s
-        while delay > 0 and self._queued_items < self.policy.max_batch:
+        while delay > 0 and self._queue and self._pooled_items == 0 and self._queued_items < self.policy.max_batch:
             remaining = self._queue[0].enqueued + delay - time.monotonic()
             if remaining <= 0:
                 return
@@ -140,71 +153,81 @@ class DynamicBatcher(Generic[P]):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
 
-    def _take_window(self) -> list[_Request]:
-        window: list[_Request] = []
-        taken = 0
-        while self._queue and (not window or taken + len(self._queue[0].inputs) <= self.policy.max_batch):
+    def _take_queued(self) -> list[_Request]:
+        """Hand queued requests to the worker, keeping its pool to a few batches' worth of items."""
+        room = 4 * self.policy.max_batch - self._pooled_items
+        taken: list[_Request] = []
+        while self._queue and (not taken or len(self._queue[0].inputs) <= room):
             req = self._queue.popleft()
             self._queued_items -= len(req.inputs)
             if req.future.done():  # cancelled while queued: skip the work
                 continue
-            window.append(req)
-            taken += len(req.inputs)
-        return window
+            taken.append(req)
+            room -= len(req.inputs)
+        return taken
 
-    def _run_window(self, loop: asyncio.AbstractEventLoop, window: list[_Request]) -> None:
-        """Worker thread: prepare, plan, run; resolve each request when its last item is done."""
-        started = time.perf_counter()
-        owners: list[tuple[int, int]] = []  # flat item -> (request index, position)
-        prepared: list[Sized] = []
-        missing = [len(req.inputs) for req in window]
-        for r, req in enumerate(window):
+    # ---- worker thread ----
+    def _admit(self, loop: asyncio.AbstractEventLoop, requests: list[_Request]) -> None:
+        for req in requests:
             try:  # a request whose inputs cannot be prepared fails alone
                 items = self.backend.prepare(req.inputs)
             except Exception as exc:
-                missing[r] = -1
+                req.missing = -1
                 self._fail(loop, [req], exc)
                 continue
-            prepared.extend(items)
-            owners.extend((r, k) for k in range(len(items)))
-        results: list[list[Output | None]] = [[None] * len(req.inputs) for req in window]
-        p = self.policy
-        for batch in plan_batches([len(x) for x in prepared], p.max_batch, p.max_tokens, p.max_waste):
-            pending = [owners[i] for i in batch]
-            if all(missing[r] < 0 for r, _ in pending):
-                continue  # every owner already failed
-            try:
-                outputs = self.backend.run([prepared[i] for i in batch])  # type: ignore[misc]
-            except Exception as exc:
-                self.stats.failed_batches += 1
-                failed = {r for r, _ in pending if missing[r] >= 0}
-                for r in failed:
-                    missing[r] = -1
-                self._fail(loop, [window[r] for r in failed], exc)
-                continue
-            self.stats.batches += 1
-            self.stats.items += len(batch)
-            self.stats.batch_sizes[len(batch)] += 1
-            self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
-            for (r, k), out in zip(pending, outputs, strict=True):
-                if missing[r] < 0:
-                    continue
-                results[r][k] = out
-                missing[r] -= 1
-                if missing[r] == 0:
-                    loop.call_soon_threadsafe(_resolve, window[r].future, results[r])
-        elapsed = time.perf_counter() - started
-        if elapsed > 0:
-            rate = len(prepared) / elapsed
-            s = self.stats
-            s.items_per_s = rate if s.items_per_s == 0 else 0.8 * s.items_per_s + 0.2 * rate
+            req.results = [None] * len(items)
+            req.missing = len(items)
+            order = next(self._order)
+            self._pool.extend(_Item(req, k, x, len(x), order) for k, x in enumerate(items))
+
+    def _step(self, loop: asyncio.AbstractEventLoop, admitted: list[_Request]) -> None:
+        self._admit(loop, admitted)
+        # Drop items whose request is already answered (failed, or cancelled by a departed client).
+        self._pool = [it for it in self._pool if it.request.missing >= 0 and not it.request.future.done()]
+        if self._pool:
+            self._pool.sort(key=lambda it: it.length)
+            oldest = min(range(len(self._pool)), key=lambda k: self._pool[k].order)
+            p = self.policy
+            i, j = choose_batch([it.length for it in self._pool], oldest, p.max_batch, p.max_tokens, p.run_cost_tokens)
+            batch = self._pool[i:j]
+            del self._pool[i:j]
+            self._run(loop, batch)
+        self._pooled_items = len(self._pool)
+
+    def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
+        started = time.perf_counter()
+        try:
+            outputs = self.backend.run([it.prepared for it in batch])  # type: ignore[misc]
+        except Exception as exc:
+            self.stats.failed_batches += 1
+            failed = list({id(it.request): it.request for it in batch if it.request.missing >= 0}.values())
+            for req in failed:
+                req.missing = -1
+            self._fail(loop, failed, exc)
+            return
+        done: list[_Request] = []
+        for it, out in zip(batch, outputs, strict=True):
+            req = it.request
+            req.results[it.position] = out
+            req.missing -= 1
+            if req.missing == 0:
+                done.append(req)
+        if done:  # one wake-up of the loop per batch, not per request
+            loop.call_soon_threadsafe(_resolve_all, done)
+        s = self.stats
+        s.batches += 1
+        s.items += len(batch)
+        s.batch_sizes[len(batch)] += 1
+        s.largest_batch = max(s.largest_batch, len(batch))
+        rate = len(batch) / max(time.perf_counter() - started, 1e-6)
+        s.items_per_s = rate if s.items_per_s == 0 else 0.9 * s.items_per_s + 0.1 * rate
 
     @staticmethod
     def _fail(loop: asyncio.AbstractEventLoop, requests: Sequence[_Request], exc: BaseException) -> None:
         log.warning("batch failed for %d request(s): %r", len(requests), exc)
-        for req in requests:
-            loop.call_soon_threadsafe(_reject, req.future, exc)
+        loop.call_soon_threadsafe(_reject_all, list(requests), exc)
 
+    # ---- shutdown ----
     def _fail_queued(self, exc: BaseException) -> None:
         while self._queue:
             req = self._queue.popleft()
@@ -220,16 +243,23 @@ class DynamicBatcher(Generic[P]):
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-        # Let a window already in the thread finish (it resolves its own requests), then let the thread go.
+        # Let a step already in the thread finish, then fail whatever its pool still holds.
         await asyncio.wrap_future(self._executor.submit(lambda: None))
+        closed = BatcherClosed(f"model {self.name!r} is unloading")
+        for it in self._pool:
+            if not it.request.future.done():
+                it.request.future.set_exception(closed)
+        self._pool.clear()
         self._executor.shutdown(wait=False)
 
 
-def _resolve(future: asyncio.Future[list[Output]], values: list[Output | None]) -> None:
-    if not future.done():
-        future.set_result([v for v in values if v is not None])
+def _resolve_all(requests: list[_Request]) -> None:
+    for req in requests:
+        if not req.future.done():
+            req.future.set_result([r for r in req.results if r is not None])
 
 
-def _reject(future: asyncio.Future[list[Output]], exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)
+def _reject_all(requests: list[_Request], exc: BaseException) -> None:
+    for req in requests:
+        if not req.future.done():
+            req.future.set_exception(exc)

