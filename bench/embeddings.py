@@ -224,8 +224,12 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.array(values) * 1000, q))
 
 
-async def lone_overhead_ms(daemon: Daemon, model: str, raw: Any) -> float:
-    """Median over the corpus of (lone request latency over the socket - session.run time, same sentence)."""
+async def lone_overhead_ms(daemon: Daemon, model: str, run_ms: dict[str, float]) -> float:
+    """Median over sentences of (lone request p50 latency over the socket - session.run p50, same sentence).
+
+    ``run_ms`` is measured before the daemon starts: two processes' ORT pools spinning on two cores
+    would slow each other and bias the difference.
+    """
     diffs = []
     reader, writer = await connect(daemon, unix=True)
     for text in CORPUS[:24]:
@@ -235,13 +239,14 @@ async def lone_overhead_ms(daemon: Daemon, model: str, raw: Any) -> float:
             t0 = time.perf_counter()
             await roundtrip(reader, writer, request)
             lat.append(time.perf_counter() - t0)
-        diffs.append(statistics.median(lat) * 1000 - raw_single_run_ms(raw, text))
+        diffs.append(statistics.median(lat) * 1000 - run_ms[text])
     writer.close()
     return statistics.median(diffs)
 
 
 def bench_precision(state: Path, precision: str, runs: int, n: int, work: Path) -> list[str]:
     name = f"bench-minilm-{precision}"
+    state = state / precision  # one model per store: the daemon loads every active model, RSS is per model
     ensure_model(state, name, precision)
     texts = corpus(n)
     raw = raw_session(state, name)
@@ -250,6 +255,7 @@ def bench_precision(state: Path, precision: str, runs: int, n: int, work: Path) 
     best_b = max(in_order, key=lambda b: in_order[b])
     sorted_tp = max(statistics.median(raw_throughput(raw, texts, b, True) for _ in range(runs)) for b in (16, 32))
     base = in_order[best_b]
+    run_ms = {text: raw_single_run_ms(raw, text) for text in CORPUS[:24]}
     lines = [
         f"### MiniLM-L6 {precision}, {n} sentences, median of {runs} runs",
         "",
@@ -278,7 +284,7 @@ def bench_precision(state: Path, precision: str, runs: int, n: int, work: Path) 
                         f"| {'unix' if unix else 'tcp'} | {conc} | {per} | {tp:.0f} | {pct(lat, 50):.1f} | "
                         f"{pct(lat, 99):.1f} | {tp / base:.2f} | {tp / sorted_tp:.2f} |"
                     )
-        overhead = asyncio.run(lone_overhead_ms(daemon, name, raw))
+        overhead = asyncio.run(lone_overhead_ms(daemon, name, run_ms))
         rss = daemon.peak_rss_mb()
     finally:
         daemon.stop()

@@ -66,7 +66,9 @@ def _reference(src: Path, task: str, tokenizer: TextTokenizer, runtime: dict[str
 def _candidate(
     model: Path, tokenizer: TextTokenizer, task: str, runtime: dict[str, Any], devices: tuple[str, ...]
 ) -> tuple[np.ndarray, str]:
-    session, placement = ProviderSelector().create(model, devices)
+    # A CUDA-only artifact (fp16) is still checked where no GPU loads: ORT's CPU provider runs fp16
+    # graphs, more slowly; the manifest records which device produced the figures.
+    session, placement = ProviderSelector().create(model, (*devices, "cpu"))
     backend: EmbeddingModel | ClassifierModel
     if task == "feature-extraction":
         backend = EmbeddingModel(session, tokenizer, runtime["pooling"], runtime["normalize"])

@@ -40,7 +40,7 @@ class BatcherClosed(Exception):
 class BatchPolicy:
     max_batch: int = 32
     max_tokens: int = 8192
-    run_cost_tokens: int = 16  # fixed cost of one session run, in tokens of work (see planning)
+    run_cost_tokens: int = 48  # fixed cost of one session run, in tokens of work (see planning)
     max_delay_s: float = 0.0  # 0: batch whatever queued while the model was busy, add no latency
     max_queue: int = 1024  # items waiting (queued or prepared, not yet run)
 
