@@ -19,7 +19,7 @@ from llmosd.logs import setup_logging
 from llmosd.runtime import ProviderSelector
 from llmosd.scheduler import BatchPolicy, ModelPool
 from llmosd.seed import DEFAULT_MODELS
-from llmosd.store import ModelStore
+from llmosd.store import ManifestError, ModelStore, StoreError
 from llmosd.token import ensure_token
 
 log = logging.getLogger("llmosd")
@@ -57,26 +57,41 @@ async def _async_seed(st: AppState) -> None:
 
 
 async def async_prepare_models(st: AppState) -> None:
-    """Seed the defaults into an empty store, load every active model, then declare readiness."""
+    """Seed the defaults into an empty store, load every active model, then declare readiness.
+
+    A model that fails to load (a corrupt blob, a CUDA-only artifact on a CPU box) is reported and
+    skipped: the others still serve, and readiness waits only on the default models (without seeding:
+    on every model active at start).
+    """
     try:
         if st.config.seed_defaults:
             await _async_seed(st)
-        names = [n for n in st.store.names() if st.store.active_version(n)]
-        for name in names:
-            st.status_line = f"loading {name}"
-            await st.pool.load(name)
-        missing = [n for n in st.default_models if n not in names]
-        if missing:
-            st.status_line = f"default model(s) missing from the store: {', '.join(missing)}"
-            log.error("%s", st.status_line)
-            return
-        devices = sorted({s.loaded.placement.device for s in st.pool.served()}) or ["-"]
-        st.status_line = f"serving {len(names)} model(s) on {', '.join(devices)}"
-        st.ready = True
-        log.info("ready: %s", st.status_line)
     except Exception as exc:  # the daemon keeps answering health/status with the reason
-        st.status_line = f"failed to prepare models: {exc}"
+        st.status_line = f"failed to seed default models: {exc}"
         log.error("%s", st.status_line, exc_info=not isinstance(exc, ExportError))
+    failures = []
+    names = [n for n in st.store.names() if st.store.active_version(n)]
+    # Without seeded defaults, every model active at start is one the box is expected to serve.
+    expected = st.default_models or tuple(names)
+    for name in names:
+        if not st.status_line.startswith("failed"):
+            st.status_line = f"loading {name}"
+        try:
+            await st.pool.load(name)
+        except Exception as exc:
+            failures.append(f"{name}: {exc}")
+            log.error("cannot load %s: %s", name, exc, exc_info=not isinstance(exc, StoreError | ManifestError))
+    loaded = {s.loaded.name for s in st.pool.served()}
+    missing = [n for n in expected if n not in loaded]
+    devices = sorted({s.loaded.placement.device for s in st.pool.served()}) or ["-"]
+    problems = ([f"default model(s) not loaded: {', '.join(missing)}"] if missing else []) + failures
+    if st.status_line.startswith("failed"):
+        problems.insert(0, st.status_line)
+    st.status_line = f"serving {len(loaded)} model(s) on {', '.join(devices)}"
+    if problems:
+        st.status_line += "; " + "; ".join(problems)
+    st.ready = not missing
+    log.log(logging.INFO if st.ready else logging.ERROR, "%s: %s", "ready" if st.ready else "not ready", st.status_line)
 
 
 async def serve(config: Config) -> int:

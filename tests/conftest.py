@@ -38,6 +38,15 @@ def llmosd(*args: str, env: dict[str, str] | None = None, timeout: float = 300) 
     )
 
 
+def export(
+    src: Path, task: str, precision: str, name: str, state: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """``llmosd export`` as a person runs it."""
+    return llmosd(
+        "export", str(src), "--task", task, "--precision", precision, "--name", name, "--state-dir", str(state), *extra
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -76,12 +85,12 @@ def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     state = tmp_path_factory.mktemp("state")
     clf = make_tiny_classifier(tmp_path_factory.mktemp("tiny-clf"))
     jobs = [
-        (str(minilm_path()), "feature-extraction", "int8", DEFAULT),
-        (str(minilm_path()), "feature-extraction", "fp32", "minilm-fp32"),
-        (str(clf), "text-classification", "fp32", "tiny-clf"),
+        (minilm_path(), "feature-extraction", "int8", DEFAULT),
+        (minilm_path(), "feature-extraction", "fp32", "minilm-fp32"),
+        (clf, "text-classification", "fp32", "tiny-clf"),
     ]
     for src, task, precision, name in jobs:
-        r = llmosd("export", src, "--task", task, "--precision", precision, "--name", name, "--state-dir", str(state))
+        r = export(src, task, precision, name, state)
         assert r.returncode == 0, r.stderr[-3000:]
     return state
 

@@ -12,6 +12,7 @@ from aiohttp import web
 from llmosd.api.errors import ApiError, bad_request
 from llmosd.api.requests import ClassifyRequest, EmbeddingsRequest, json_body
 from llmosd.api.state import state
+from llmosd.runtime import Output
 from llmosd.scheduler import ServedModel
 
 routes = web.RouteTableDef()
@@ -45,6 +46,12 @@ def _served(request: web.Request, name: str, task: str) -> ServedModel:
     return served
 
 
+def _list_response(model: str, data: list[dict[str, Any]], outputs: list[Output]) -> web.Response:
+    tokens = sum(o.tokens for o in outputs)
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return web.json_response({"object": "list", "data": data, "model": model, "usage": usage})
+
+
 @routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [_model_card(s) for s in state(request).pool.served()]})
@@ -71,15 +78,7 @@ async def embeddings(request: web.Request) -> web.Response:
         vec = out.values.astype("<f4", copy=False)
         emb: Any = base64.b64encode(vec.tobytes()).decode() if req.encoding_format == "base64" else vec.tolist()
         data.append({"object": "embedding", "index": i, "embedding": emb})
-    tokens = sum(o.tokens for o in outputs)
-    return web.json_response(
-        {
-            "object": "list",
-            "data": data,
-            "model": req.model,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }
-    )
+    return _list_response(req.model, data, outputs)
 
 
 @routes.post("/v1/classify")
@@ -102,12 +101,4 @@ async def classify(request: web.Request) -> web.Response:
                 "scores": scores,
             }
         )
-    tokens = sum(o.tokens for o in outputs)
-    return web.json_response(
-        {
-            "object": "list",
-            "data": data,
-            "model": req.model,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }
-    )
+    return _list_response(req.model, data, outputs)

@@ -7,6 +7,7 @@ session actually got, and log the fallback once per selector instead of once per
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import threading
@@ -21,6 +22,11 @@ log = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+# A one-node ONNX model (y = Relu(x), opset 13), 65 bytes: enough to learn whether a provider loads
+# without touching the real model (a failed CUDA attempt on a real model costs ~70 MB of peak RSS).
+PROBE_MODEL = base64.b64decode(
+    "CAg6NwoMCgF4EgF5IgRSZWx1EgVwcm9iZVoPCgF4EgoKCAgBEgQKAggBYg8KAXkSCgoICAESBAoCCAFCBAoAEA0="
+)
 _QUIET = 4  # ORT's FATAL: nothing below it reaches stderr while we probe
 _ORT_DEFAULT = 2  # WARNING, ORT's own default
 
@@ -72,31 +78,43 @@ class ProviderSelector:
         self.threads = threads or default_threads()
         self.spinning = spinning
         self._available = available
-        self._cuda_failed = False
+        self._cuda_ok: bool | None = None
         self._lock = threading.Lock()
 
-    def _wants_cuda(self, devices: tuple[str, ...]) -> bool:
-        return self.device != "cpu" and "cuda" in devices and not self._cuda_failed and CUDA in self._available()
-
-    def create(self, model: Path | bytes, devices: tuple[str, ...] = ("cpu", "cuda")) -> tuple[Any, Placement]:
-        """Return ``(InferenceSession, Placement)`` for an ONNX file meant for ``devices``."""
-        so = session_options(self.threads, self.spinning)
-        src = str(model) if isinstance(model, Path) else model
-        with self._lock:
-            if self._wants_cuda(devices):
+    def cuda_loads(self) -> bool:
+        """Whether the CUDA provider really creates a session here (asked once, on the probe model)."""
+        if self._cuda_ok is None:
+            if CUDA not in self._available():
+                self._cuda_ok = False
+            else:
+                so = session_options(1)
                 so.log_severity_level = _QUIET
                 ort.set_default_logger_severity(_QUIET)  # the provider bridge logs to the default logger
                 try:
-                    session = ort.InferenceSession(src, so, providers=[CUDA, CPU])
+                    probe = ort.InferenceSession(PROBE_MODEL, so, providers=[CUDA, CPU])
+                    self._cuda_ok = CUDA in probe.get_providers()
+                except Exception:  # a broken CUDA install may raise instead of falling back
+                    self._cuda_ok = False
                 finally:
                     ort.set_default_logger_severity(_ORT_DEFAULT)
+                if not self._cuda_ok:
+                    log.warning("CUDA execution provider is listed but does not load; serving on CPU")
+        return self._cuda_ok
+
+    def create(self, model: Path | bytes, devices: tuple[str, ...] = ("cpu", "cuda")) -> tuple[Any, Placement]:
+        """Return ``(InferenceSession, Placement)`` for an ONNX file meant for ``devices``."""
+        src = str(model) if isinstance(model, Path) else model
+        with self._lock:
+            if self.device != "cpu" and "cuda" in devices and self.cuda_loads():
+                session = ort.InferenceSession(src, session_options(self.threads, self.spinning), providers=[CUDA, CPU])
                 if CUDA in session.get_providers():
                     return session, Placement("cuda:0", tuple(session.get_providers()))
-                self._cuda_failed = True
-                log.warning("CUDA execution provider is listed but did not load; serving on CPU")
-                so = session_options(self.threads, self.spinning)
+                log.warning("CUDA loaded for the probe but not for this model; it runs on CPU")
+            if self.device == "cuda":
+                raise RuntimeError("device = cuda, but the CUDA execution provider does not load here")
             if "cpu" not in devices:
                 raise RuntimeError(f"this artifact runs only on {', '.join(devices)}, and no such device loads")
-            session = ort.InferenceSession(src, so, providers=[CPU])
-            note = "cuda unavailable" if self._cuda_failed else ""
+            session = ort.InferenceSession(src, session_options(self.threads, self.spinning), providers=[CPU])
+            broken = self.device != "cpu" and self._cuda_ok is False and CUDA in self._available()
+            note = "cuda listed but does not load" if broken else ""
             return session, Placement("cpu", (CPU,), note)
