@@ -205,6 +205,14 @@ class DynamicBatcher(Generic[P]):
                 req.missing = -1
             self._fail(loop, failed, exc)
             return
+        # Statistics first: a client that sees its answer must also see the batch that produced it.
+        s = self.stats
+        s.batches += 1
+        s.items += len(batch)
+        s.batch_sizes[len(batch)] += 1
+        s.largest_batch = max(s.largest_batch, len(batch))
+        rate = len(batch) / max(time.perf_counter() - started, 1e-6)
+        s.items_per_s = rate if s.items_per_s == 0 else 0.9 * s.items_per_s + 0.1 * rate
         done: list[_Request] = []
         for it, out in zip(batch, outputs, strict=True):
             req = it.request
@@ -214,13 +222,6 @@ class DynamicBatcher(Generic[P]):
                 done.append(req)
         if done:  # one wake-up of the loop per batch, not per request
             loop.call_soon_threadsafe(_resolve_all, done)
-        s = self.stats
-        s.batches += 1
-        s.items += len(batch)
-        s.batch_sizes[len(batch)] += 1
-        s.largest_batch = max(s.largest_batch, len(batch))
-        rate = len(batch) / max(time.perf_counter() - started, 1e-6)
-        s.items_per_s = rate if s.items_per_s == 0 else 0.9 * s.items_per_s + 0.1 * rate
 
     @staticmethod
     def _fail(loop: asyncio.AbstractEventLoop, requests: Sequence[_Request], exc: BaseException) -> None:
