@@ -273,6 +273,7 @@ def bench_precision(state: Path, precision: str, runs: int, n: int, work: Path) 
         colds.append(daemon.start())
         daemon.stop()
     daemon.start()
+    c32: dict[str, float] = {}
     try:
         for unix in (True, False):
             for conc in (1, 8, 32):
@@ -280,6 +281,8 @@ def bench_precision(state: Path, precision: str, runs: int, n: int, work: Path) 
                     results = [asyncio.run(load(daemon, unix, name, texts, per, conc)) for _ in range(runs)]
                     tp = statistics.median(r[0] for r in results)
                     lat = [x for r in results for x in r[1]]
+                    if conc == 32 and per == 1:
+                        c32["unix" if unix else "tcp"] = tp / base
                     lines.append(
                         f"| {'unix' if unix else 'tcp'} | {conc} | {per} | {tp:.0f} | {pct(lat, 50):.1f} | "
                         f"{pct(lat, 99):.1f} | {tp / base:.2f} | {tp / sorted_tp:.2f} |"
@@ -295,8 +298,22 @@ def bench_precision(state: Path, precision: str, runs: int, n: int, work: Path) 
         f"lone request over the Unix socket, p50 latency - session.run time: **{overhead:.2f} ms**",
         f"daemon peak RSS (VmHWM) after all of the above: **{rss:.0f} MB**",
         "",
+        "| target (issue 2) | wanted | measured | |",
+        "|---|---:|---:|---|",
+        target("c32, 1 sentence/request, unix: daemon / raw", 1.0, c32["unix"], higher=True),
+        target("c32, 1 sentence/request, tcp: daemon / raw", 1.0, c32["tcp"], higher=True),
+        target("lone request overhead over unix, ms", 1.0, overhead, higher=False),
+        target("cold start, s", 1.5, statistics.median(colds), higher=False),
+        target("peak RSS, MB (int8 target)", 250, rss, higher=False),
+        "",
     ]
     return lines
+
+
+def target(what: str, wanted: float, got: float, higher: bool) -> str:
+    met = got >= wanted if higher else got <= wanted
+    verdict = "met" if met else f"missed by {abs(got - wanted) / wanted:.0%}"
+    return f"| {what} | {'≥' if higher else '≤'} {wanted:g} | {got:.2f} | {verdict} |"
 
 
 def main() -> int:
