@@ -63,33 +63,29 @@ async def async_prepare_models(st: AppState) -> None:
     skipped: the others still serve, and readiness waits only on the default models (without seeding:
     on every model active at start).
     """
-    try:
-        if st.config.seed_defaults:
+    problems: list[str] = []
+    if st.config.seed_defaults:
+        try:
             await _async_seed(st)
-    except Exception as exc:  # the daemon keeps answering health/status with the reason
-        st.status_line = f"failed to seed default models: {exc}"
-        log.error("%s", st.status_line, exc_info=not isinstance(exc, ExportError))
-    failures = []
+        except Exception as exc:  # the daemon keeps answering health/status with the reason
+            problems.append(f"failed to seed default models: {exc}")
+            log.error("%s", problems[-1], exc_info=not isinstance(exc, ExportError))
     names = [n for n in st.store.names() if st.store.active_version(n)]
     # Without seeded defaults, every model active at start is one the box is expected to serve.
     expected = st.default_models or tuple(names)
     for name in names:
-        if not st.status_line.startswith("failed"):
-            st.status_line = f"loading {name}"
+        st.status_line = f"loading {name}"
         try:
             await st.pool.load(name)
         except Exception as exc:
-            failures.append(f"{name}: {exc}")
+            problems.append(f"{name}: {exc}")
             log.error("cannot load %s: %s", name, exc, exc_info=not isinstance(exc, StoreError | ManifestError))
     loaded = {s.loaded.name for s in st.pool.served()}
     missing = [n for n in expected if n not in loaded]
+    if missing:
+        problems.insert(0, f"default model(s) not loaded: {', '.join(missing)}")
     devices = sorted({s.loaded.placement.device for s in st.pool.served()}) or ["-"]
-    problems = ([f"default model(s) not loaded: {', '.join(missing)}"] if missing else []) + failures
-    if st.status_line.startswith("failed"):
-        problems.insert(0, st.status_line)
-    st.status_line = f"serving {len(loaded)} model(s) on {', '.join(devices)}"
-    if problems:
-        st.status_line += "; " + "; ".join(problems)
+    st.status_line = "; ".join([f"serving {len(loaded)} model(s) on {', '.join(devices)}", *problems])
     st.ready = not missing
     log.log(logging.INFO if st.ready else logging.ERROR, "%s: %s", "ready" if st.ready else "not ready", st.status_line)
 
