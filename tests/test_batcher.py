@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from llmosd.runtime import Output
-from llmosd.scheduler import BatchPolicy, DynamicBatcher, QueueFull
+from llmosd.scheduler import BatcherClosed, BatchPolicy, DynamicBatcher, QueueFull
 from llmosd.scheduler.planning import choose_batch, retry_after_s
 
 
@@ -145,3 +145,23 @@ async def test_cancelled_requests_are_skipped() -> None:
         assert all("client went away" not in batch for batch in backend.batches)
     finally:
         await b.close()
+
+
+async def test_close_fails_waiting_requests_and_stops_the_thread() -> None:
+    gate = threading.Event()
+    b = DynamicBatcher("t", WordBackend(gate), BatchPolicy())
+    b.start()
+    hold = asyncio.create_task(b.submit(["hold"]))
+    await asyncio.sleep(0.05)
+    waiting = asyncio.create_task(b.submit(["waiting"]))
+    await asyncio.sleep(0)
+    closing = asyncio.create_task(b.close())
+    await asyncio.sleep(0.05)
+    gate.set()
+    await closing
+    assert (await hold)[0].tokens == 1  # the running batch finishes
+    with pytest.raises(BatcherClosed):
+        await waiting
+    with pytest.raises(BatcherClosed):
+        await b.submit(["too late"])
+    assert not any(t.name == "batch-t" for t in threading.enumerate())

@@ -1,22 +1,23 @@
 """Dynamic batching for one model (Triton's rules, Infinity's backend split, continuous formation).
 
-Requests queue on the event loop. A worker thread keeps a pool of prepared (tokenised) items; at each
-step it admits what queued meanwhile, runs one batch (the oldest item plus the neighbours in length
-that make the run cheapest, see ``planning.choose_batch``) and resolves every request whose last item
-is done. New requests thus join between runs, and a long request never holds short ones behind it.
-An exception fails exactly the requests it touched; a full queue is refused at once.
+Requests go from the event loop to one worker thread per model through a thread-safe inbox. The thread
+keeps a pool of prepared (tokenised) items; at each step it admits what arrived meanwhile, runs one batch
+(the oldest item plus the neighbours in length that make the run cheapest, see ``planning.choose_batch``)
+and resolves every request whose last item is done, with one loop wake-up per batch. New requests thus
+join between runs, and a long request never holds short ones behind it. An exception fails exactly the
+requests it touched; a full queue is refused at once, on the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
+import queue
+import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Sequence, Sized
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic
 
@@ -93,86 +94,109 @@ class DynamicBatcher(Generic[P]):
         self.backend = backend
         self.policy = policy or BatchPolicy()
         self.stats = BatchStats()
-        self._queue: deque[_Request] = deque()
-        self._queued_items = 0
+        self._inbox: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        # Two counters, each written by one thread only, so neither needs a lock.
+        self._submitted_items = 0  # event loop
+        self._finished_items = 0  # worker thread: items taken to run, failed or dropped
         self._pool: list[_Item] = []  # worker thread only
-        self._pooled_items = 0  # written by the worker thread, read by the loop
         self._order = itertools.count()
-        self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
-        self._worker: asyncio.Task[None] | None = None
+        self._thread = threading.Thread(target=self._work, name=f"batch-{name}", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
     @property
     def queued(self) -> int:
-        return self._queued_items + self._pooled_items
+        """Items accepted and still waiting (queued or prepared, not yet running)."""
+        return self._submitted_items - self._finished_items
 
     def start(self) -> None:
-        self._worker = asyncio.get_running_loop().create_task(self._async_work(), name=f"batcher-{self.name}")
-        self._worker.add_done_callback(self._on_worker_done)
-
-    def _on_worker_done(self, task: asyncio.Task[None]) -> None:
-        # Supervisor: a worker that died (a bug, not a model error) must not strand queued requests.
-        if task.cancelled() or self._closed:
-            return
-        log.error("batch worker for %s died: %r; restarting", self.name, task.exception())
-        self._fail_queued(RuntimeError("the batch worker restarted; retry the request"))
-        self.start()
+        self._loop = asyncio.get_running_loop()
+        self._thread.start()
 
     async def submit(self, inputs: Sequence[str]) -> list[Output]:
-        if self._closed:
+        if self._closed or self._loop is None:
             raise BatcherClosed(f"model {self.name!r} is unloading")
-        if self.queued + len(inputs) > self.policy.max_queue and self.queued:
+        queued = self.queued
+        if queued and queued + len(inputs) > self.policy.max_queue:
             self.stats.rejected += 1
-            raise QueueFull(self.name, retry_after_s(self.queued, self.stats.items_per_s))
-        future: asyncio.Future[list[Output]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Request(inputs, future, time.monotonic()))
-        self._queued_items += len(inputs)
+            raise QueueFull(self.name, retry_after_s(queued, self.stats.items_per_s))
+        future: asyncio.Future[list[Output]] = self._loop.create_future()
+        self._submitted_items += len(inputs)
         self.stats.requests += 1
-        self._wakeup.set()
+        self._inbox.put(_Request(inputs, future, time.monotonic()))
         return await future
 
-    async def _async_work(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._queue and not self._pooled_items:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            await self._async_wait_for_batch()
-            admitted = self._take_queued()
-            await loop.run_in_executor(self._executor, self._step, loop, admitted)
-
-    async def _async_wait_for_batch(self) -> None:
-        """With ``max_delay_s`` > 0 and an idle model, wait that long for a fuller first batch."""
-        delay = self.policy.max_delay_s
-        while delay > 0 and self._queue and self._pooled_items == 0 and self._queued_items < self.policy.max_batch:
-            remaining = self._queue[0].enqueued + delay - time.monotonic()
-            if remaining <= 0:
-                return
-            self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-
-    def _take_queued(self) -> list[_Request]:
-        """Hand queued requests to the worker, keeping its pool to a few batches' worth of items."""
-        room = 4 * self.policy.max_batch - self._pooled_items
-        taken: list[_Request] = []
-        while self._queue and (not taken or len(self._queue[0].inputs) <= room):
-            req = self._queue.popleft()
-            self._queued_items -= len(req.inputs)
-            if req.future.done():  # cancelled while queued: skip the work
-                continue
-            taken.append(req)
-            room -= len(req.inputs)
-        return taken
+    async def close(self) -> None:
+        """Refuse new work; the thread finishes its step, fails what is left, and exits."""
+        self._closed = True
+        if self._thread.is_alive():
+            self._inbox.put(None)
+            await asyncio.to_thread(self._thread.join)
 
     # ---- worker thread ----
+    def _work(self) -> None:
+        assert self._loop is not None
+        loop = self._loop
+        while True:
+            arrived, running = self._collect()
+            if not running:
+                break
+            try:
+                self._step(loop, arrived)
+            except Exception as exc:  # a bug, not a model error: fail what the pool holds, keep serving
+                log.exception("batch worker for %s failed a step", self.name)
+                self._fail(loop, _owners(self._pool), exc)
+                self._finished_items += len(self._pool)
+                self._pool.clear()
+        # Closing: whatever is not running yet is failed at once (the caller is unloading the model).
+        left = _owners(self._pool) + arrived
+        while not self._inbox.empty():
+            req = self._inbox.get_nowait()
+            if req is not None:
+                left.append(req)
+        if left:
+            self._fail(loop, left, BatcherClosed(f"model {self.name!r} is unloading"))
+
+    def _collect(self) -> tuple[list[_Request], bool]:
+        """Requests that arrived since the last step (blocking while there is nothing to do), and
+        whether to go on (False once ``close`` has asked the thread to stop)."""
+        arrived: list[_Request] = []
+        if not self._pool:
+            first = self._inbox.get()
+            if first is None:
+                return arrived, False
+            arrived.append(first)
+            deadline = first.enqueued + self.policy.max_delay_s
+            while (wait := deadline - time.monotonic()) > 0 and len(arrived) < self.policy.max_batch:
+                try:
+                    nxt = self._inbox.get(timeout=wait)
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    return arrived, False
+                arrived.append(nxt)
+        room = 4 * self.policy.max_batch - len(self._pool) - sum(len(r.inputs) for r in arrived)
+        while room > 0:
+            try:
+                nxt = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is None:
+                return arrived, False
+            arrived.append(nxt)
+            room -= len(nxt.inputs)
+        return arrived, True
+
     def _admit(self, loop: asyncio.AbstractEventLoop, requests: list[_Request]) -> None:
         for req in requests:
+            if req.future.done():  # cancelled while queued: skip the work
+                self._finished_items += len(req.inputs)
+                continue
             try:  # a request whose inputs cannot be prepared fails alone
                 items = self.backend.prepare(req.inputs)
             except Exception as exc:
                 req.missing = -1
+                self._finished_items += len(req.inputs)
                 self._fail(loop, [req], exc)
                 continue
             req.results = [None] * len(items)
@@ -180,19 +204,22 @@ class DynamicBatcher(Generic[P]):
             order = next(self._order)
             self._pool.extend(_Item(req, k, x, len(x), order) for k, x in enumerate(items))
 
-    def _step(self, loop: asyncio.AbstractEventLoop, admitted: list[_Request]) -> None:
-        self._admit(loop, admitted)
+    def _step(self, loop: asyncio.AbstractEventLoop, arrived: list[_Request]) -> None:
+        self._admit(loop, arrived)
         # Drop items whose request is already answered (failed, or cancelled by a departed client).
-        self._pool = [it for it in self._pool if it.request.missing >= 0 and not it.request.future.done()]
-        if self._pool:
-            self._pool.sort(key=lambda it: it.length)
-            oldest = min(range(len(self._pool)), key=lambda k: self._pool[k].order)
-            p = self.policy
-            i, j = choose_batch([it.length for it in self._pool], oldest, p.max_batch, p.max_tokens, p.run_cost_tokens)
-            batch = self._pool[i:j]
-            del self._pool[i:j]
-            self._run(loop, batch)
-        self._pooled_items = len(self._pool)
+        kept = [it for it in self._pool if it.request.missing >= 0 and not it.request.future.done()]
+        self._finished_items += len(self._pool) - len(kept)
+        self._pool = kept
+        if not kept:
+            return
+        kept.sort(key=lambda it: it.length)
+        oldest = min(range(len(kept)), key=lambda k: kept[k].order)
+        p = self.policy
+        i, j = choose_batch([it.length for it in kept], oldest, p.max_batch, p.max_tokens, p.run_cost_tokens)
+        batch = kept[i:j]
+        del kept[i:j]
+        self._finished_items += len(batch)  # no longer waiting: the queue bound counts what waits
+        self._run(loop, batch)
 
     def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
         started = time.perf_counter()
@@ -225,33 +252,9 @@ class DynamicBatcher(Generic[P]):
 
     @staticmethod
     def _fail(loop: asyncio.AbstractEventLoop, requests: Sequence[_Request], exc: BaseException) -> None:
-        log.warning("batch failed for %d request(s): %r", len(requests), exc)
+        if not isinstance(exc, BatcherClosed):
+            log.warning("batch failed for %d request(s): %r", len(requests), exc)
         loop.call_soon_threadsafe(_reject_all, list(requests), exc)
-
-    # ---- shutdown ----
-    def _fail_queued(self, exc: BaseException) -> None:
-        while self._queue:
-            req = self._queue.popleft()
-            if not req.future.done():
-                req.future.set_exception(exc)
-        self._queued_items = 0
-
-    async def close(self) -> None:
-        """Refuse new work, fail what is still queued, stop the worker and its thread."""
-        self._closed = True
-        self._fail_queued(BatcherClosed(f"model {self.name!r} is unloading"))
-        if self._worker:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-        # Let a step already in the thread finish, then fail whatever its pool still holds.
-        await asyncio.wrap_future(self._executor.submit(lambda: None))
-        closed = BatcherClosed(f"model {self.name!r} is unloading")
-        for it in self._pool:
-            if not it.request.future.done():
-                it.request.future.set_exception(closed)
-        self._pool.clear()
-        self._executor.shutdown(wait=False)
 
 
 def _resolve_all(requests: list[_Request]) -> None:
@@ -264,3 +267,7 @@ def _reject_all(requests: list[_Request], exc: BaseException) -> None:
     for req in requests:
         if not req.future.done():
             req.future.set_exception(exc)
+
+
+def _owners(items: list[_Item]) -> list[_Request]:
+    return list({id(it.request): it.request for it in items}.values())
