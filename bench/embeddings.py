@@ -224,22 +224,25 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.array(values) * 1000, q))
 
 
-async def lone_overhead_ms(daemon: Daemon, model: str, run_ms: dict[str, float]) -> float:
+async def lone_overhead_ms(daemon: Daemon, model: str, raw: Any) -> float:
     """Median over sentences of (lone request p50 latency over the socket - session.run p50, same sentence).
 
-    ``run_ms`` is measured before the daemon starts: two processes' ORT pools spinning on two cores
-    would slow each other and bias the difference.
+    Paired per sentence, raw first: the machine's speed drifts, and a pause after the raw runs lets their
+    spinning pool threads go idle before the daemon is timed (two pools spinning on two cores would slow
+    each other).
     """
     diffs = []
     reader, writer = await connect(daemon, unix=True)
     for text in CORPUS[:24]:
+        run_ms = raw_single_run_ms(raw, text)
+        await asyncio.sleep(0.05)
         request = http_request(model, [text])
         lat = []
         for _ in range(7):
             t0 = time.perf_counter()
             await roundtrip(reader, writer, request)
             lat.append(time.perf_counter() - t0)
-        diffs.append(statistics.median(lat) * 1000 - run_ms[text])
+        diffs.append(statistics.median(lat) * 1000 - run_ms)
     writer.close()
     return statistics.median(diffs)
 
@@ -257,7 +260,6 @@ def bench_precision(state: Path, precision: str, runs: int, n: int, work: Path) 
     sorted_b = max(by_sorted, key=lambda b: by_sorted[b])
     sorted_tp = by_sorted[sorted_b]
     base = in_order[best_b]
-    run_ms = {text: raw_single_run_ms(raw, text) for text in CORPUS[:24]}
     lines = [
         f"### MiniLM-L6 {precision}, {n} sentences, median of {runs} runs",
         "",
@@ -300,7 +302,7 @@ def bench_precision(state: Path, precision: str, runs: int, n: int, work: Path) 
                         f"| {'unix' if unix else 'tcp'} | {conc} | {per} | {tp:.0f} | {pct(lat, 50):.1f} | "
                         f"{pct(lat, 99):.1f} | {ratio:.2f} | {ratio_sorted:.2f} |"
                     )
-        overhead = asyncio.run(lone_overhead_ms(daemon, name, run_ms))
+        overhead = asyncio.run(lone_overhead_ms(daemon, name, raw))
         rss = daemon.peak_rss_mb()
     finally:
         daemon.stop()
