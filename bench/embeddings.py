@@ -327,7 +327,7 @@ def bench_precision(state: Path, precision: str, runs: int, n: int, work: Path) 
 
 def target(what: str, wanted: float, got: float, higher: bool) -> str:
     met = got >= wanted if higher else got <= wanted
-    verdict = "met" if met else f"missed by {abs(got - wanted) / wanted:.0%}"
+    verdict = "met" if met else f"missed by {abs(got - wanted) / wanted:.1%}"
     return f"| {what} | {'≥' if higher else '≤'} {wanted:g} | {got:.2f} | {verdict} |"
 
 

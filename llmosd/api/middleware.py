@@ -54,16 +54,13 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise
         message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
         if exc.status == 413:
-            message = f"request body too large (limit {request.app[STATE_LIMIT]} bytes)"
+            message = f"request body too large (limit {state(request).config.max_body_bytes} bytes)"
         response = error_response(exc.status, message or exc.reason, STATUS_TYPES.get(exc.status, "error"))
     except Exception:
         log.exception("internal error in %s %s (request %s)", request.method, request.path, request_id)
         response = error_response(500, f"internal error (request id {request_id})", "server_error")
     response.headers["X-Request-Id"] = request_id
     return response
-
-
-STATE_LIMIT = web.AppKey("max_body_bytes", int)
 
 
 @web.middleware
