@@ -29,6 +29,12 @@ def _op(
     return op
 
 
+def _text_request(**extra: dict[str, Any]) -> dict[str, Any]:
+    """A body with ``model`` and ``input`` (one text or a list), plus route-specific fields."""
+    properties = {"model": {"type": "string"}, "input": _TEXTS, **extra}
+    return {"type": "object", "required": ["model", "input"], "properties": properties}
+
+
 PATHS: dict[str, dict[str, Any]] = {
     "/v1/models": {"get": _op("List the served models (OpenAI shape)")},
     "/v1/models/{model}": {"get": _op("One served model", errors=(404,))},
@@ -36,32 +42,18 @@ PATHS: dict[str, dict[str, Any]] = {
         "post": _op(
             "Embed text (OpenAI shape)",
             ok={"type": "object", "required": ["object", "data", "model", "usage"]},
-            body={
-                "type": "object",
-                "required": ["model", "input"],
-                "properties": {
-                    "model": {"type": "string"},
-                    "input": _TEXTS,
-                    "encoding_format": {"enum": ["float", "base64"]},
-                    "dimensions": {"type": "integer"},
-                    "user": {"type": "string"},
-                },
-            },
+            body=_text_request(
+                encoding_format={"enum": ["float", "base64"]},
+                dimensions={"type": "integer"},
+                user={"type": "string"},
+            ),
             errors=(404,),
         )
     },
     "/v1/classify": {
         "post": _op(
             "Classify text: labels and scores",
-            body={
-                "type": "object",
-                "required": ["model", "input"],
-                "properties": {
-                    "model": {"type": "string"},
-                    "input": _TEXTS,
-                    "top_k": {"type": "integer", "minimum": 1},
-                },
-            },
+            body=_text_request(top_k={"type": "integer", "minimum": 1}),
             errors=(404,),
         )
     },
