@@ -11,6 +11,7 @@ from typing import Any
 
 from llmosd import __version__
 from llmosd.config import Config, ConfigError, knobs, load_config
+from llmosd.store.manifest import PRECISIONS, TASKS
 
 _FLAG_KEYS = ("config", "state_dir", "socket", "host", "port", "log_level", "device")
 
@@ -153,8 +154,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", help="export a Hugging Face model folder into the store")
     _add_config_flags(s)
     s.add_argument("src", help="Hugging Face model folder")
-    s.add_argument("--task", required=True, choices=("feature-extraction", "text-classification"))
-    s.add_argument("--precision", default="int8", choices=("fp32", "fp16", "int8"))
+    s.add_argument("--task", required=True, choices=TASKS)
+    s.add_argument("--precision", default="int8", choices=PRECISIONS)
     s.add_argument("--name", required=True)
     s.add_argument("--version", default=None, help="positive integer (default: next)")
     s.add_argument("--no-activate", action="store_true", help="store without making it the active version")

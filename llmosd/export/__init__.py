@@ -16,12 +16,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from llmosd.store import Manifest, ModelStore, TensorSpec
+from llmosd.store.manifest import PRECISIONS, TASKS
 from llmosd.store.names import check_name, check_version
 
 log = logging.getLogger(__name__)
 
-TASKS = ("feature-extraction", "text-classification")
-PRECISIONS = ("fp32", "fp16", "int8")
 _EXTRA_DISTRIBUTIONS = ("torch", "transformers", "optimum-onnx", "onnx")
 
 

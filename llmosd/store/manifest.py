@@ -54,7 +54,7 @@ class Manifest:
 
     def file(self, role: str) -> FileEntry:
         for entry in self.files:
-            if entry.role == role and (role != "config" or entry.path.endswith("config.json")):
+            if entry.role == role:
                 return entry
         raise ManifestError(f"{self.name}:{self.version} has no {role} file")
 
@@ -96,6 +96,8 @@ class Manifest:
             raise ManifestError(f"unknown task {manifest.task!r}")
         if manifest.precision not in PRECISIONS:
             raise ManifestError(f"unknown precision {manifest.precision!r}")
+        if bad := sorted({f.role for f in manifest.files} - set(ROLES)):
+            raise ManifestError(f"unknown file role(s) {', '.join(bad)}")
         if not any(f.role == "model" for f in manifest.files):
             raise ManifestError("manifest lists no model file")
         return manifest
