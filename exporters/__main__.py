@@ -49,7 +49,7 @@ def _tokenizer_json(src: Path, dst: Path) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from exporters import source
     from exporters.onnx_export import export_onnx, optimize
-    from exporters.quantize import quantize_int8
+    from exporters.quantize import quantize_int8, quantize_weight_only
     from exporters.validate import validate
 
     recipe = RECIPES[args.task]
@@ -59,8 +59,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runtime: dict[str, Any] = {"max_seq_length": source.max_seq_length(src, config)}
     if args.task == "feature-extraction":
         runtime |= source.embedding_settings(src)
+    elif args.task == "text-generation":
+        runtime |= source.generation_settings(src, config)
     else:
         runtime |= source.classification_settings(config)
+    if args.precision not in recipe.tolerances:
+        raise ValueError(f"{args.task} has no {args.precision} recipe; choose from {', '.join(recipe.tolerances)}")
     t0 = time.monotonic()
     raw = export_onnx(src, out / "raw", recipe.optimum_task, recipe.opset)
     steps: dict[str, Any] = {"export_s": round(time.monotonic() - t0, 2)}
@@ -68,10 +72,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     optimized = out / ("model.onnx" if args.precision != "int8" else "optimized.onnx")
     steps["optimize"] = optimize(raw, optimized, config, fp16)
     if args.precision == "int8":
-        steps["quantize"] = quantize_int8(optimized, out / "model.onnx", recipe.int8_ops)
+        if recipe.int8_scheme == "weight-only":
+            steps["quantize"] = quantize_weight_only(optimized, out / "model.onnx", bits=8)
+        else:
+            steps["quantize"] = quantize_int8(optimized, out / "model.onnx", recipe.int8_ops)
         optimized.unlink()
     _tokenizer_json(src, out / "tokenizer.json")
     shutil.copyfile(src / "config.json", out / "config.json")
+    files = {"model.onnx": "model", "tokenizer.json": "tokenizer", "config.json": "config"}
+    if args.task == "text-generation" and (src / "generation_config.json").is_file():
+        shutil.copyfile(src / "generation_config.json", out / "generation_config.json")
+        files["generation_config.json"] = "generation-config"
     shutil.rmtree(out / "raw")
     devices = ("cuda",) if fp16 else ("cpu", "cuda")
     inputs, outputs = _tensor_specs(out / "model.onnx")
@@ -98,7 +109,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "recipe": {"opset": recipe.opset, "exporter": "optimum-onnx", "steps": steps},
         "validation": validation,
         "source": source.source_info(src, config, args.source_id),
-        "files": {"model.onnx": "model", "tokenizer.json": "tokenizer", "config.json": "config"},
+        "files": files,
     }
 
 

@@ -65,3 +65,18 @@ def source_info(src: Path, config: dict[str, Any], source_id: str | None) -> dic
         "architectures": config.get("architectures", []),
         "model_type": config.get("model_type"),
     }
+
+
+def generation_settings(src: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """End-of-sequence ids and the chat template a causal LM ships with."""
+    gen = _read(src / "generation_config.json") or {}
+    tok = _read(src / "tokenizer_config.json") or {}
+    eos = gen.get("eos_token_id", config.get("eos_token_id"))
+    template = tok.get("chat_template")
+    if template is None and (src / "chat_template.jinja").is_file():
+        template = (src / "chat_template.jinja").read_text()
+    return {
+        "eos_token_ids": eos if isinstance(eos, list) else ([] if eos is None else [eos]),
+        "bos_token_id": gen.get("bos_token_id", config.get("bos_token_id")),
+        "chat_template": template if isinstance(template, str) else None,
+    }

@@ -93,7 +93,7 @@ def figures(task: str, ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
     return out
 
 
-def check(figs: dict[str, float], tol: Tolerance) -> list[str]:
+def check(figs: dict[str, Any], tol: Tolerance) -> list[str]:
     problems = []
     if tol.min_cosine is not None and figs["min_cosine"] < tol.min_cosine:
         problems.append(f"min cosine {figs['min_cosine']:.5f} < {tol.min_cosine}")
@@ -103,6 +103,10 @@ def check(figs: dict[str, float], tol: Tolerance) -> list[str]:
         problems.append(f"max abs diff {figs['max_abs_diff']:.2e} > {tol.max_abs_diff}")
     if tol.label_agreement is not None and figs["label_agreement"] < tol.label_agreement:
         problems.append(f"label agreement {figs['label_agreement']:.3f} < {tol.label_agreement}")
+    if tol.top1_agreement is not None and figs["top1_agreement"] < tol.top1_agreement:
+        problems.append(f"top-1 agreement {figs['top1_agreement']:.3f} < {tol.top1_agreement}")
+    if tol.perplexity_ratio is not None and figs["perplexity_ratio"] > tol.perplexity_ratio:
+        problems.append(f"perplexity ratio {figs['perplexity_ratio']:.4f} > {tol.perplexity_ratio}")
     return problems
 
 
@@ -116,9 +120,17 @@ def validate(
     tol: Tolerance,
 ) -> dict[str, Any]:
     tokenizer = TextTokenizer(tokenizer_file, int(runtime["max_seq_length"]))
-    ref = _reference(src, task, tokenizer, runtime)
-    cand, device = _candidate(model, tokenizer, task, runtime, devices)
-    figs = figures(task, ref, cand)
+    if task == "text-generation":
+        from exporters.validate_generation import OnnxCausalLM
+        from exporters.validate_generation import figures as generation_figures
+
+        session, placement = ProviderSelector().create(model, (*devices, "cpu"))
+        figs = generation_figures(src, OnnxCausalLM(session), tokenizer.raw)
+        device = placement.device
+    else:
+        ref = _reference(src, task, tokenizer, runtime)
+        cand, device = _candidate(model, tokenizer, task, runtime, devices)
+        figs = figures(task, ref, cand)
     result: dict[str, Any] = {
         "reference": "pytorch fp32",
         "device": device,

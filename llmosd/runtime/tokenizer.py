@@ -28,6 +28,11 @@ class TextTokenizer:
         self._tok.enable_truncation(max_length)
         self.max_length = max_length
 
+    @property
+    def raw(self) -> Tokenizer:
+        """The underlying ``tokenizers.Tokenizer`` (no padding, truncation at ``max_length``)."""
+        return self._tok
+
     def encode(self, texts: Sequence[str]) -> list[Encoding]:
         return list(self._tok.encode_batch(list(texts)))
 

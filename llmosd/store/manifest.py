@@ -9,7 +9,7 @@ from typing import Any
 from llmosd.store.names import check_digest, check_name, check_title, check_version
 
 SCHEMA = 1
-TASKS = ("feature-extraction", "text-classification")
+TASKS = ("feature-extraction", "text-classification", "text-generation")
 PRECISIONS = ("fp32", "fp16", "int8")
 ROLES = ("model", "tokenizer", "config", "generation-config")
 

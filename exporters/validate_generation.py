@@ -1,0 +1,99 @@
+"""Validation of a causal LM export against PyTorch: teacher-forced top-1 agreement, perplexity, and
+free-running greedy agreement (informational: on small models the first token is often a near-tie)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exporters.validate import INPUTS
+
+TEXT = " ".join(INPUTS[:6])
+PROMPT = INPUTS[0]
+GREEDY_TOKENS = 16
+DECISIVE_LOGIT_MARGIN = 0.1  # positions whose top-2 logits are closer than this are near-ties
+
+
+class OnnxCausalLM:
+    """Just enough of a KV-cached forward pass over an optimum text-generation-with-past export."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.inputs = {i.name: i for i in session.get_inputs()}
+        self.past = [name for name in self.inputs if name.startswith("past_key_values.")]
+
+    def empty_past(self) -> dict[str, np.ndarray]:
+        feeds = {}
+        for name in self.past:
+            _, heads, _, dim = self.inputs[name].shape
+            feeds[name] = np.zeros((1, int(heads), 0, int(dim)), dtype=np.float32)
+        return feeds
+
+    def forward(
+        self, ids: list[int], past: dict[str, np.ndarray], past_len: int
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        n = len(ids)
+        feeds: dict[str, np.ndarray] = {"input_ids": np.array([ids], dtype=np.int64), **past}
+        if "attention_mask" in self.inputs:
+            feeds["attention_mask"] = np.ones((1, past_len + n), dtype=np.int64)
+        if "position_ids" in self.inputs:
+            feeds["position_ids"] = np.arange(past_len, past_len + n, dtype=np.int64)[None, :]
+        outputs = self.session.run(None, feeds)
+        names = [o.name for o in self.session.get_outputs()]
+        present = {
+            n.replace("present", "past_key_values"): v
+            for n, v in zip(names, outputs, strict=True)
+            if n.startswith("present")
+        }
+        return outputs[names.index("logits")][0], present
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    z = x - x.max(axis=-1, keepdims=True)
+    out: np.ndarray = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return out
+
+
+def _perplexity(logits: np.ndarray, ids: list[int]) -> float:
+    logp = _log_softmax(logits[:-1].astype(np.float64))
+    nll = -logp[np.arange(len(ids) - 1), ids[1:]]
+    return float(np.exp(nll.mean()))
+
+
+def figures(src: Path, model: OnnxCausalLM, tokenizer: Any) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ref_model = AutoModelForCausalLM.from_pretrained(str(src), local_files_only=True).eval()  # type: ignore[no-untyped-call]
+    ids = tokenizer.encode(TEXT).ids
+    with torch.no_grad():
+        ref = ref_model(torch.tensor([ids])).logits[0].float().numpy()
+    cand, _ = model.forward(ids, model.empty_past(), 0)
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    decisive = (top2[:, 1] - top2[:, 0]) >= DECISIVE_LOGIT_MARGIN
+    agree = ref.argmax(-1) == cand.argmax(-1)
+    out: dict[str, Any] = {
+        "positions": len(ids),
+        "top1_agreement": float(agree[decisive].mean()) if decisive.any() else 1.0,
+        "top1_agreement_all": float(agree.mean()),
+        "perplexity_reference": _perplexity(ref, ids),
+        "perplexity": _perplexity(cand, ids),
+        "max_abs_logit_diff": float(np.abs(ref - cand).max()),
+    }
+    out["perplexity_ratio"] = out["perplexity"] / out["perplexity_reference"]
+    # Free-running greedy, the export with its KV cache against PyTorch recomputing the whole prefix.
+    prompt = tokenizer.encode(PROMPT).ids
+    ref_ids, cand_ids = list(prompt), list(prompt)
+    logits, past = model.forward(prompt, model.empty_past(), 0)
+    for _ in range(GREEDY_TOKENS):
+        with torch.no_grad():
+            ref_ids.append(int(ref_model(torch.tensor([ref_ids])).logits[0, -1].argmax()))
+        cand_ids.append(int(logits[-1].argmax()))
+        logits, past = model.forward([cand_ids[-1]], past, len(cand_ids) - 1)
+    generated = list(zip(ref_ids[len(prompt) :], cand_ids[len(prompt) :], strict=True))
+    diverged = next((i for i, (a, b) in enumerate(generated) if a != b), None)
+    out["greedy_tokens"] = GREEDY_TOKENS
+    out["greedy_first_divergence"] = diverged  # None: identical for all GREEDY_TOKENS
+    return out

@@ -1,0 +1,77 @@
+"""text-generation export: tiny random Llama and GPT-2 from configs, validated against PyTorch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import export, minilm_path
+
+
+def tiny_causal_lm(kind: str, dst: Path) -> Path:
+    """A tiny random causal LM of the given architecture, with MiniLM's tokenizer (no hub needed)."""
+    import torch
+    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model: LlamaForCausalLM | GPT2LMHeadModel
+    if kind == "llama":
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=30522,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=256,
+                bos_token_id=101,
+                eos_token_id=102,
+            )
+        )
+    else:
+        model = GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=30522,
+                n_embd=64,
+                n_layer=2,
+                n_head=4,
+                n_positions=256,
+                bos_token_id=101,
+                eos_token_id=102,
+            )
+        )
+    model.eval().save_pretrained(dst)
+    GenerationConfig(bos_token_id=101, eos_token_id=102).save_pretrained(dst)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copyfile(minilm_path() / name, dst / name)
+    return dst
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_causal_lm_export_is_validated(kind: str, precision: str, tmp_path: Path) -> None:
+    src = tiny_causal_lm(kind, tmp_path / "src")
+    state = tmp_path / "state"
+    r = export(src, "text-generation", precision, f"tiny-{kind}", state)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((state / "models" / f"tiny-{kind}" / "1" / "manifest.json").read_text())
+    figures = m["validation"]["figures"]
+    assert m["task"] == "text-generation" and m["validation"]["passed"]
+    assert figures["top1_agreement"] >= (0.99 if precision == "fp32" else 0.85)
+    assert abs(figures["perplexity_ratio"] - 1) <= (0.01 if precision == "fp32" else 0.15)
+    if precision == "fp32":  # the KV-cached export reproduces PyTorch's greedy continuation exactly
+        assert figures["greedy_first_divergence"] is None and figures["max_abs_logit_diff"] < 1e-4
+    names = {t["name"] for t in m["inputs"]}
+    assert {"input_ids", "attention_mask", "past_key_values.0.key", "past_key_values.1.value"} <= names
+    assert m["runtime"]["eos_token_ids"] == [102]
+    assert {f["role"] for f in m["files"]} == {"model", "tokenizer", "config", "generation-config"}
+
+
+def test_fp16_text_generation_is_refused_clearly(tmp_path: Path) -> None:
+    src = tiny_causal_lm("llama", tmp_path / "src")
+    r = export(src, "text-generation", "fp16", "tiny", tmp_path / "state")
+    assert r.returncode == 2 and "text-generation has no fp16 recipe" in r.stderr
