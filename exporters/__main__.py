@@ -53,8 +53,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from exporters.validate import validate
 
     recipe = RECIPES[args.task]
-    src: Path = args.src
     out: Path = args.out
+    src: Path = source.from_gguf(args.src, out / "hf") if args.src.suffix == ".gguf" else args.src
     config = source.model_config(src)
     runtime: dict[str, Any] = {"max_seq_length": source.max_seq_length(src, config)}
     if args.task == "feature-extraction":
@@ -99,6 +99,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _tolerance(recipe.tolerances[args.precision], args.tolerance),
     )
     steps["validate_s"] = round(time.monotonic() - t1, 2)
+    if src != args.src:
+        shutil.rmtree(src)  # the dequantised folder made from the GGUF file
     return {
         "task": args.task,
         "precision": args.precision,
@@ -108,7 +110,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "runtime": runtime,
         "recipe": {"opset": recipe.opset, "exporter": "optimum-onnx", "steps": steps},
         "validation": validation,
-        "source": source.source_info(src, config, args.source_id),
+        "source": source.source_info(args.src, config, args.source_id),
         "files": files,
     }
 
@@ -137,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     from exporters.validate import ValidationFailed
 
     try:
-        if not (args.src / "config.json").is_file():
-            raise ValueError(f"{args.src} is not a Hugging Face model folder (no config.json)")
+        gguf = args.src.is_file() and args.src.suffix == ".gguf"
+        if not gguf and not (args.src / "config.json").is_file():
+            raise ValueError(f"{args.src} is not a Hugging Face model folder (no config.json) nor a .gguf file")
         args.out.mkdir(parents=True, exist_ok=True)
         result = run(args)
     except ValidationFailed as exc:

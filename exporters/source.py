@@ -80,3 +80,14 @@ def generation_settings(src: Path, config: dict[str, Any]) -> dict[str, Any]:
         "bos_token_id": gen.get("bos_token_id", config.get("bos_token_id")),
         "chat_template": template if isinstance(template, str) else None,
     }
+
+
+def from_gguf(gguf: Path, dst: Path) -> Path:
+    """Dequantise a GGUF file into a Hugging Face folder (transformers reads GGUF; needs gguf and accelerate)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)  # type: ignore[no-untyped-call]
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model.save_pretrained(dst)
+    tokenizer.save_pretrained(dst)
+    return dst

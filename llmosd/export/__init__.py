@@ -59,8 +59,9 @@ async def export_model(
         raise ExportError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
-    if not (src / "config.json").is_file():
-        raise ExportError(f"{src} is not a Hugging Face model folder (no config.json)")
+    gguf = src.is_file() and src.suffix == ".gguf"
+    if not gguf and not (src / "config.json").is_file():
+        raise ExportError(f"{src} is not a Hugging Face model folder (no config.json) nor a .gguf file")
     if missing := missing_export_extra():
         raise ExportError(
             f"exporting needs {', '.join(missing)}: install the export extra, pip install 'llmosd[export]'"
