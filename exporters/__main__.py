@@ -69,13 +69,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     raw = export_onnx(src, out / "raw", recipe.optimum_task, recipe.opset)
     steps: dict[str, Any] = {"export_s": round(time.monotonic() - t0, 2)}
     fp16 = args.precision == "fp16"
-    optimized = out / ("model.onnx" if args.precision != "int8" else "optimized.onnx")
+    quantized = args.precision in ("int8", "int4")
+    optimized = out / ("optimized.onnx" if quantized else "model.onnx")
     steps["optimize"] = optimize(raw, optimized, config, fp16)
-    if args.precision == "int8":
-        if recipe.int8_scheme == "weight-only":
-            steps["quantize"] = quantize_weight_only(optimized, out / "model.onnx", bits=8)
-        else:
-            steps["quantize"] = quantize_int8(optimized, out / "model.onnx", recipe.int8_ops)
+    if args.precision == "int4":
+        steps["quantize"] = quantize_weight_only(optimized, out / "model.onnx", bits=4, symmetric=False)
+    elif args.precision == "int8" and recipe.int8_scheme == "weight-only":
+        steps["quantize"] = quantize_weight_only(optimized, out / "model.onnx", bits=8)
+    elif args.precision == "int8":
+        steps["quantize"] = quantize_int8(optimized, out / "model.onnx", recipe.int8_ops)
+    if quantized:
         optimized.unlink()
     _tokenizer_json(src, out / "tokenizer.json")
     shutil.copyfile(src / "config.json", out / "config.json")

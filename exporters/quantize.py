@@ -23,12 +23,15 @@ def quantize_int8(model: Path, out: Path, op_types: tuple[str, ...]) -> dict[str
     return {"scheme": "dynamic", "weights": "int8 per-channel symmetric", "ops": list(op_types)}
 
 
-def quantize_weight_only(model: Path, out: Path, bits: int = 8, block_size: int = 32) -> dict[str, Any]:
+def quantize_weight_only(
+    model: Path, out: Path, bits: int = 8, block_size: int = 32, symmetric: bool = True
+) -> dict[str, Any]:
     """Weight-only blockwise quantisation of every MatMul (ORT's MatMulNBits); activations stay float."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(model)), block_size=block_size, is_symmetric=True, bits=bits)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(model)), block_size=block_size, is_symmetric=symmetric, bits=bits)
     quantizer.process()
     quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
-    return {"scheme": "weight-only", "weights": f"int{bits} symmetric, blocks of {block_size}", "ops": ["MatMul"]}
+    kind = "symmetric" if symmetric else "asymmetric"
+    return {"scheme": "weight-only", "weights": f"int{bits} {kind}, blocks of {block_size}", "ops": ["MatMul"]}

@@ -10,7 +10,7 @@ from llmosd.store.names import check_digest, check_name, check_title, check_vers
 
 SCHEMA = 1
 TASKS = ("feature-extraction", "text-classification", "text-generation")
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
 ROLES = ("model", "tokenizer", "config", "generation-config")
 
 
