@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from exporters.recipes import Tolerance
-from llmosd.runtime.providers import ProviderSelector
+from llmosd.runtime.providers import Placement, ProviderSelector
 from llmosd.runtime.tasks import ClassifierModel, EmbeddingModel
 from llmosd.runtime.tokenizer import TextTokenizer
 
@@ -63,12 +63,16 @@ def _reference(src: Path, task: str, tokenizer: TextTokenizer, runtime: dict[str
         return scores
 
 
+def _session(model: Path, devices: tuple[str, ...]) -> tuple[Any, Placement]:
+    # A CUDA-only artifact (fp16) is still checked where no GPU loads: ORT's CPU provider runs fp16
+    # graphs, more slowly; the manifest records which device produced the figures.
+    return ProviderSelector().create(model, (*devices, "cpu"))
+
+
 def _candidate(
     model: Path, tokenizer: TextTokenizer, task: str, runtime: dict[str, Any], devices: tuple[str, ...]
 ) -> tuple[np.ndarray, str]:
-    # A CUDA-only artifact (fp16) is still checked where no GPU loads: ORT's CPU provider runs fp16
-    # graphs, more slowly; the manifest records which device produced the figures.
-    session, placement = ProviderSelector().create(model, (*devices, "cpu"))
+    session, placement = _session(model, devices)
     backend: EmbeddingModel | ClassifierModel
     if task == "feature-extraction":
         backend = EmbeddingModel(session, tokenizer, runtime["pooling"], runtime["normalize"])
@@ -124,7 +128,7 @@ def validate(
         from exporters.validate_generation import OnnxCausalLM
         from exporters.validate_generation import figures as generation_figures
 
-        session, placement = ProviderSelector().create(model, (*devices, "cpu"))
+        session, placement = _session(model, devices)
         figs = generation_figures(src, OnnxCausalLM(session), tokenizer.raw)
         device = placement.device
     else:

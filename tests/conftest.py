@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -54,10 +55,14 @@ def free_port() -> int:
         return port
 
 
+def copy_minilm_tokenizer(dst: Path) -> None:
+    """Give a tiny random model a real tokenizer (MiniLM's; its vocabulary has 30522 entries)."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copyfile(minilm_path() / name, dst / name)
+
+
 def make_tiny_classifier(dst: Path) -> Path:
     """A tiny random BertForSequenceClassification with MiniLM's tokenizer (no hub needed)."""
-    import shutil
-
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -74,8 +79,7 @@ def make_tiny_classifier(dst: Path) -> Path:
     )
     model = BertForSequenceClassification(config).eval()
     model.save_pretrained(dst)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copyfile(minilm_path() / name, dst / name)
+    copy_minilm_tokenizer(dst)
     return dst
 
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import export, minilm_path
+from tests.conftest import copy_minilm_tokenizer, export, minilm_path
 
 
 def tiny_causal_lm(kind: str, dst: Path) -> Path:
@@ -46,8 +45,7 @@ def tiny_causal_lm(kind: str, dst: Path) -> Path:
         )
     model.eval().save_pretrained(dst)
     GenerationConfig(bos_token_id=101, eos_token_id=102).save_pretrained(dst)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copyfile(minilm_path() / name, dst / name)
+    copy_minilm_tokenizer(dst)
     return dst
 
 
