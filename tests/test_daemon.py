@@ -31,14 +31,22 @@ SERVE_AND_REPORT = textwrap.dedent("""
             await asyncio.sleep(0.2)
             try:
                 async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=sys.argv[2])) as s:
-                    async with s.post("http://x/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "hi"}) as r:
+                    async with s.get("http://x/readyz") as r:
                         if r.status == 200:
                             break
             except OSError:
                 pass
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=sys.argv[2])) as s:
+            async with s.post("http://x/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "hi"}) as r:
+                embedded = r.status
+            chat = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}],
+                    "max_tokens": 4, "ignore_eos": True}
+            async with s.post("http://x/v1/chat/completions", json=chat) as r:
+                answered = (await r.json())["usage"]["completion_tokens"] if r.status == 200 else r.status
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "optimum"))
         installed = importlib.util.find_spec("torch") is not None  # top-level lookup: imports nothing
-        print(json.dumps({"heavy": heavy, "export_extra_installed": installed}))
+        print(json.dumps({"heavy": heavy, "export_extra_installed": installed, "embedded": embedded,
+                          "answered": answered}))
         os.kill(os.getpid(), signal.SIGTERM)
         print(json.dumps({"exit": await task}))
 
@@ -46,8 +54,9 @@ SERVE_AND_REPORT = textwrap.dedent("""
 """)
 
 
-def test_first_start_seeds_the_default_model_and_never_imports_torch(tmp_path: Path) -> None:
-    """`make run` on an empty store: export in a child process, then serve; torch stays out of the daemon."""
+def test_first_start_seeds_the_default_models_and_never_imports_torch(tmp_path: Path) -> None:
+    """`make run` on an empty store: MiniLM and SmolLM2 exported in child processes, then served; torch
+    stays out of the daemon."""
     state, sock = tmp_path / "state", tmp_path / "s.sock"
     r = subprocess.run(
         [sys.executable, "-c", SERVE_AND_REPORT, str(state), str(sock)], capture_output=True, text=True, timeout=600
@@ -55,10 +64,13 @@ def test_first_start_seeds_the_default_model_and_never_imports_torch(tmp_path: P
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
     assert lines[0]["heavy"] == [] and lines[0]["export_extra_installed"]  # installed, yet never imported
+    assert lines[0]["embedded"] == 200 and lines[0]["answered"] == 4
     assert lines[1]["exit"] == 0
     manifest = json.loads((state / "models" / DEFAULT / "1" / "manifest.json").read_text())
     assert manifest["precision"] == "int8" and manifest["validation"]["passed"]
     assert manifest["validation"]["figures"]["min_cosine"] >= 0.97
+    smol = json.loads((state / "models" / "smollm2-135m-instruct" / "1" / "manifest.json").read_text())
+    assert smol["task"] == "text-generation" and smol["validation"]["passed"]
     assert not sock.exists()  # removed on shutdown
     assert stat.S_IMODE((state / "token").stat().st_mode) == 0o600
 

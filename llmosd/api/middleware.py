@@ -59,7 +59,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Exception:
         log.exception("internal error in %s %s (request %s)", request.method, request.path, request_id)
         response = error_response(500, f"internal error (request id {request_id})", "server_error")
-    response.headers["X-Request-Id"] = request_id
+    if not response.prepared:  # a stream sent its headers already
+        response.headers["X-Request-Id"] = request_id
     return response
 
 

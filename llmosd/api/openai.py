@@ -27,7 +27,7 @@ def _created(iso: str) -> int:
 
 def _model_card(served: ServedModel) -> dict[str, Any]:
     m = served.loaded.manifest
-    return {
+    card: dict[str, Any] = {
         "id": m.name,
         "object": "model",
         "created": _created(m.created),
@@ -37,6 +37,10 @@ def _model_card(served: ServedModel) -> dict[str, Any]:
         "precision": m.precision,
         "device": served.loaded.placement.device,
     }
+    if served.engine is not None:
+        card["context_length"] = served.engine.model.context_length
+        card["chat_template"] = served.engine.model.chat is not None
+    return card
 
 
 def _served(request: web.Request, name: str, task: str) -> ServedModel:

@@ -35,7 +35,62 @@ def _text_request(**extra: dict[str, Any]) -> dict[str, Any]:
     return {"type": "object", "required": ["model", "input"], "properties": properties}
 
 
+_SAMPLING: dict[str, Any] = {
+    "model": {"type": "string"},
+    "max_tokens": {"type": ["integer", "null"], "minimum": 1},
+    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+    "top_k": {"type": "integer", "minimum": -1},
+    "n": {"type": "integer", "minimum": 1, "maximum": 16},
+    "stream": {"type": "boolean"},
+    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+    "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 16}]},
+    "stop_token_ids": {"type": "array", "items": {"type": "integer"}},
+    "seed": {"type": "integer"},
+    "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+    "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+    "repetition_penalty": {"type": "number", "exclusiveMinimum": 0},
+    "ignore_eos": {"type": "boolean"},
+}
+_MESSAGE = {
+    "type": "object",
+    "required": ["role", "content"],
+    "properties": {
+        "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
+        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
+    },
+}
+_STREAM_NOTE = " With stream: true, text/event-stream of OpenAI chunks ending with data: [DONE]."
+
 PATHS: dict[str, dict[str, Any]] = {
+    "/v1/completions": {
+        "post": _op(
+            "Complete a prompt (OpenAI shape)." + _STREAM_NOTE,
+            ok={"type": "object", "required": ["id", "object", "choices", "usage"]},
+            body={
+                "type": "object",
+                "required": ["model", "prompt"],
+                "properties": {**_SAMPLING, "prompt": {}, "echo": {"type": "boolean"}},
+            },
+            errors=(404,),
+        )
+    },
+    "/v1/chat/completions": {
+        "post": _op(
+            "Answer a chat with the model's own template (OpenAI shape)." + _STREAM_NOTE,
+            ok={"type": "object", "required": ["id", "object", "choices", "usage"]},
+            body={
+                "type": "object",
+                "required": ["model", "messages"],
+                "properties": {
+                    **_SAMPLING,
+                    "messages": {"type": "array", "items": _MESSAGE, "minItems": 1},
+                    "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1},
+                },
+            },
+            errors=(404,),
+        )
+    },
     "/v1/models": {"get": _op("List the served models (OpenAI shape)")},
     "/v1/models/{model}": {"get": _op("One served model", errors=(404,))},
     "/v1/embeddings": {

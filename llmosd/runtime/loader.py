@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from llmosd.runtime.generator import TextGenerator
 from llmosd.runtime.pooling import POOLINGS
 from llmosd.runtime.providers import Placement, ProviderSelector
 from llmosd.runtime.tasks import ClassifierModel, EmbeddingModel
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 class LoadedModel:
     manifest: Manifest
     placement: Placement
-    backend: EmbeddingModel | ClassifierModel
+    backend: EmbeddingModel | ClassifierModel | TextGenerator
 
     @property
     def name(self) -> str:
@@ -33,24 +34,32 @@ def _runtime_setting(manifest: Manifest, key: str) -> Any:
         raise ManifestError(f"{manifest.ref}: manifest runtime settings lack {key!r}") from None
 
 
-def load(store: ModelStore, manifest: Manifest, selector: ProviderSelector) -> LoadedModel:
-    """Verify every file's digest, create the session and the task adapter, warm it up. Blocking."""
+def load(store: ModelStore, manifest: Manifest, selector: ProviderSelector, max_context: int = 0) -> LoadedModel:
+    """Verify every file's digest, create the session and the task adapter, warm it up. Blocking.
+
+    ``max_context`` caps a causal LM's context (0: the model's own)."""
+    if manifest.task not in ("feature-extraction", "text-classification", "text-generation"):
+        raise ManifestError(f"{manifest.ref}: task {manifest.task!r} cannot be served")
     store.verify(manifest)
-    max_len = int(_runtime_setting(manifest, "max_seq_length"))
-    tokenizer = TextTokenizer(store.file_path(manifest, "tokenizer"), max_len)
     session, placement = selector.create(store.file_path(manifest, "model"), manifest.devices)
-    backend: EmbeddingModel | ClassifierModel
+    backend = _adapter(store, manifest, session, max_context)
+    backend.warmup()
+    log.info("loaded %s (%s, %s) on %s", manifest.ref, manifest.task, manifest.precision, placement.device)
+    return LoadedModel(manifest, placement, backend)
+
+
+def _adapter(
+    store: ModelStore, manifest: Manifest, session: Any, max_context: int
+) -> EmbeddingModel | ClassifierModel | TextGenerator:
+    tokenizer_path = store.file_path(manifest, "tokenizer")
+    if manifest.task == "text-generation":
+        return TextGenerator(session, tokenizer_path, manifest.runtime, max_context)
+    tokenizer = TextTokenizer(tokenizer_path, int(_runtime_setting(manifest, "max_seq_length")))
     if manifest.task == "feature-extraction":
         pooling = _runtime_setting(manifest, "pooling")
         if pooling not in POOLINGS:
             raise ManifestError(f"{manifest.ref}: unknown pooling {pooling!r}")
-        backend = EmbeddingModel(session, tokenizer, pooling, bool(_runtime_setting(manifest, "normalize")))
-    elif manifest.task == "text-classification":
-        labels = [str(x) for x in _runtime_setting(manifest, "labels")]
-        multi = manifest.runtime.get("problem_type") == "multi_label_classification"
-        backend = ClassifierModel(session, tokenizer, labels, multi)
-    else:
-        raise ManifestError(f"{manifest.ref}: task {manifest.task!r} cannot be served yet")
-    backend.warmup()
-    log.info("loaded %s (%s, %s) on %s", manifest.ref, manifest.task, manifest.precision, placement.device)
-    return LoadedModel(manifest, placement, backend)
+        return EmbeddingModel(session, tokenizer, pooling, bool(_runtime_setting(manifest, "normalize")))
+    labels = [str(x) for x in _runtime_setting(manifest, "labels")]
+    multi = manifest.runtime.get("problem_type") == "multi_label_classification"
+    return ClassifierModel(session, tokenizer, labels, multi)

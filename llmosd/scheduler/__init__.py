@@ -1,4 +1,26 @@
-from llmosd.scheduler.batcher import BatcherClosed, BatchPolicy, DynamicBatcher, QueueFull
+from llmosd.scheduler.batcher import BatchPolicy, DynamicBatcher
+from llmosd.scheduler.errors import BatcherClosed, QueueFull
+from llmosd.scheduler.generation import (
+    Chunk,
+    GenerationEngine,
+    GenerationLimits,
+    GenerationRequest,
+    GenerationStream,
+    RequestTooLarge,
+)
 from llmosd.scheduler.pool import ModelPool, ServedModel
 
-__all__ = ["BatchPolicy", "BatcherClosed", "DynamicBatcher", "ModelPool", "QueueFull", "ServedModel"]
+__all__ = [
+    "BatchPolicy",
+    "BatcherClosed",
+    "Chunk",
+    "DynamicBatcher",
+    "GenerationEngine",
+    "GenerationLimits",
+    "GenerationRequest",
+    "GenerationStream",
+    "ModelPool",
+    "QueueFull",
+    "RequestTooLarge",
+    "ServedModel",
+]

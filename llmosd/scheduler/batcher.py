@@ -22,19 +22,10 @@ from dataclasses import dataclass, field
 from typing import Generic
 
 from llmosd.runtime.backend import Backend, Output, P
+from llmosd.scheduler.errors import BatcherClosed, QueueFull
 from llmosd.scheduler.planning import choose_batch, retry_after_s
 
 log = logging.getLogger(__name__)
-
-
-class QueueFull(Exception):
-    def __init__(self, model: str, retry_after: int) -> None:
-        super().__init__(f"model {model!r} is busy: its queue is full")
-        self.retry_after = retry_after
-
-
-class BatcherClosed(Exception):
-    pass
 
 
 @dataclass(frozen=True)

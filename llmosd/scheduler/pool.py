@@ -1,4 +1,5 @@
-"""The models being served: one loaded runtime and one batcher per model name."""
+"""The models being served: one loaded runtime per model name, behind a batcher (encoders) or a
+continuous-batching generation engine (causal LMs)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmosd.runtime import LoadedModel, Output, ProviderSelector, load
+from llmosd.runtime.generator import TextGenerator
 from llmosd.scheduler.batcher import BatchPolicy, DynamicBatcher
+from llmosd.scheduler.generation import GenerationEngine, GenerationLimits
 from llmosd.store import ModelStore, NotFound
 
 log = logging.getLogger(__name__)
@@ -18,17 +21,64 @@ log = logging.getLogger(__name__)
 @dataclass
 class ServedModel:
     loaded: LoadedModel
-    batcher: DynamicBatcher[Any]
+    batcher: DynamicBatcher[Any] | None = None
+    engine: GenerationEngine | None = None
 
     async def infer(self, inputs: Sequence[str]) -> list[Output]:
+        if self.batcher is None:
+            raise TypeError(f"model {self.loaded.name!r} generates text; it has no batch inference")
         return await self.batcher.submit(inputs)
+
+    @property
+    def generator(self) -> GenerationEngine:
+        if self.engine is None:
+            raise TypeError(f"model {self.loaded.name!r} does not generate text")
+        return self.engine
+
+    async def close(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.close()
+        if self.engine is not None:
+            await self.engine.close()
+
+    def status(self) -> dict[str, object]:
+        m = self.loaded.manifest
+        out: dict[str, object] = {
+            "name": m.name,
+            "version": m.version,
+            "task": m.task,
+            "precision": m.precision,
+            "device": self.loaded.placement.device,
+            "providers": list(self.loaded.placement.providers),
+            "note": self.loaded.placement.note,
+        }
+        if self.batcher is not None:
+            out |= {"queued": self.batcher.queued, "batcher": self.batcher.stats.as_dict()}
+        if self.engine is not None:
+            backend = self.engine.model
+            out |= {
+                "queued": self.engine.stats.waiting,
+                "context_length": backend.context_length,
+                "kv_bytes_per_token": backend.lm.layout.bytes_per_token,
+                "generation": self.engine.stats.as_dict(),
+            }
+        return out
 
 
 class ModelPool:
-    def __init__(self, store: ModelStore, selector: ProviderSelector, policy: BatchPolicy) -> None:
+    def __init__(
+        self,
+        store: ModelStore,
+        selector: ProviderSelector,
+        policy: BatchPolicy,
+        limits: GenerationLimits | None = None,
+        max_context: int = 0,
+    ) -> None:
         self.store = store
         self.selector = selector
         self.policy = policy
+        self.limits = limits or GenerationLimits()
+        self.max_context = max_context
         self._models: dict[str, ServedModel] = {}
         self._lock = asyncio.Lock()
 
@@ -48,37 +98,31 @@ class ModelPool:
             current = self._models.get(name)
             if current and current.loaded.manifest.version == manifest.version:
                 return current
-            loaded = await asyncio.to_thread(load, self.store, manifest, self.selector)
-            batcher: DynamicBatcher[Any] = DynamicBatcher(name, loaded.backend, self.policy)
-            batcher.start()
-            self._models[name] = ServedModel(loaded, batcher)
+            loaded = await asyncio.to_thread(load, self.store, manifest, self.selector, self.max_context)
+            self._models[name] = self._serve(loaded)
         if current:
-            await current.batcher.close()
+            await current.close()
         return self._models[name]
+
+    def _serve(self, loaded: LoadedModel) -> ServedModel:
+        if isinstance(loaded.backend, TextGenerator):
+            engine = GenerationEngine(loaded.name, loaded.backend, self.limits)
+            engine.start()
+            return ServedModel(loaded, engine=engine)
+        batcher: DynamicBatcher[Any] = DynamicBatcher(loaded.name, loaded.backend, self.policy)
+        batcher.start()
+        return ServedModel(loaded, batcher=batcher)
 
     async def unload(self, name: str) -> None:
         async with self._lock:
             served = self._models.pop(name, None)
         if served is None:
             raise NotFound(f"model {name!r} is not loaded")
-        await served.batcher.close()
+        await served.close()
 
     async def close(self) -> None:
         for name in list(self._models):
             await self.unload(name)
 
     def status(self) -> list[dict[str, object]]:
-        return [
-            {
-                "name": s.loaded.name,
-                "version": s.loaded.manifest.version,
-                "task": s.loaded.manifest.task,
-                "precision": s.loaded.manifest.precision,
-                "device": s.loaded.placement.device,
-                "providers": list(s.loaded.placement.providers),
-                "note": s.loaded.placement.note,
-                "queued": s.batcher.queued,
-                "batcher": s.batcher.stats.as_dict(),
-            }
-            for s in self.served()
-        ]
+        return [s.status() for s in self.served()]

@@ -1,0 +1,184 @@
+"""A synchronous client over ``http.client``: Unix socket first, then TCP; 429/503 retried per Retry-After."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from llmosd.client.errors import ApiError, ConnectionFailed
+from llmosd.config import default_socket, default_state_dir
+
+_RETRIES = 3
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+class Client:
+    """``Client()``: the local socket, else ``LLMOSD_URL``; or name one with ``socket=`` / ``url=``."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        socket: str | Path | None = None,
+        token: str | None = None,
+        timeout: float = 600.0,
+    ) -> None:
+        self.timeout = timeout
+        self.token = token if token is not None else os.environ.get("LLMOSD_TOKEN")
+        self._socket: str | None = None
+        self._url = None
+        if socket is not None:
+            self._socket = str(socket)
+        elif url is None:
+            local = Path(os.environ.get("LLMOSD_SOCKET") or default_socket(default_state_dir()))
+            if local.is_socket():
+                self._socket = str(local)
+            else:
+                url = os.environ.get("LLMOSD_URL")
+                if not url:
+                    raise ConnectionFailed(f"no daemon socket at {local} and LLMOSD_URL is not set")
+        if self._socket is None:
+            self._url = urlsplit(url if url and "://" in url else f"http://{url}")
+
+    @property
+    def where(self) -> str:
+        return f"unix:{self._socket}" if self._socket else f"{self._url.geturl() if self._url else '?'}"
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._socket:
+            return _UnixConnection(self._socket, self.timeout)
+        assert self._url is not None
+        cls = http.client.HTTPSConnection if self._url.scheme == "https" else http.client.HTTPConnection
+        return cls(self._url.hostname or "localhost", self._url.port, timeout=self.timeout)
+
+    def _open(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[Any, http.client.HTTPResponse]:
+        headers = {"Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        if self.token and not self._socket:
+            headers["Authorization"] = f"Bearer {self.token}"
+        for attempt in range(_RETRIES + 1):
+            conn = self._connection()
+            try:
+                conn.request(method, path, body=data, headers=headers)
+                response = conn.getresponse()
+            except OSError as exc:
+                conn.close()
+                raise ConnectionFailed(f"cannot reach llmosd at {self.where}: {exc}") from exc
+            if response.status in (429, 503) and attempt < _RETRIES:
+                wait = float(response.getheader("Retry-After") or 1)
+                response.read()
+                conn.close()
+                time.sleep(min(wait, 30.0))
+                continue
+            if response.status >= 400:
+                raw = response.read()
+                conn.close()
+                raise _error(response.status, raw)
+            return conn, response
+        raise AssertionError("unreachable")
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        conn, response = self._open(method, path, body)
+        try:
+            return json.loads(response.read())
+        finally:
+            conn.close()
+
+    def events(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """The JSON events of a server-sent-events answer, until ``[DONE]``."""
+        conn, response = self._open("POST", path, body)
+        try:
+            for raw in response:
+                line = raw.decode().strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    return
+                event = json.loads(data)
+                if "error" in event:
+                    err = event["error"]
+                    raise ApiError(500, err.get("type", "server_error"), err.get("message", ""))
+                yield event
+        finally:
+            conn.close()
+
+    # --- the API -------------------------------------------------------------------------------
+
+    def models(self) -> list[dict[str, Any]]:
+        return list(self.request("GET", "/v1/models")["data"])
+
+    def status(self) -> dict[str, Any]:
+        return dict(self.request("GET", "/api/status"))
+
+    def load_model(self, name: str) -> Model:
+        """A handle on a served model (raises ApiError 404 if it is not served)."""
+        return Model(self, self.request("GET", f"/v1/models/{name}"))
+
+
+class Model:
+    def __init__(self, client: Client, card: dict[str, Any]) -> None:
+        self.client = client
+        self.card = card
+        self.name: str = card["id"]
+        self.task: str = card.get("task", "")
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, task={self.task!r})"
+
+    def embed(self, texts: str | list[str]) -> list[list[float]]:
+        body = {"model": self.name, "input": texts}
+        return [d["embedding"] for d in self.client.request("POST", "/v1/embeddings", body)["data"]]
+
+    def classify(self, texts: str | list[str]) -> list[dict[str, Any]]:
+        return list(self.client.request("POST", "/v1/classify", {"model": self.name, "input": texts})["data"])
+
+    def generate_text(self, prompt: str, *, stream: bool = False, raw: bool = False, **options: Any) -> Any:
+        """The model's answer to ``prompt``: through its chat template (as Ollama's generate does), or
+        the bare continuation with ``raw=True``. ``stream=True`` returns an iterator of text pieces.
+        ``options`` are OpenAI sampling fields (max_tokens, temperature, top_p, seed, stop, …)."""
+        if raw or not self.card.get("chat_template", False):
+            body = {"model": self.name, "prompt": prompt, **options}
+            if stream:
+                return (
+                    e["choices"][0]["text"] for e in self.client.events("/v1/completions", {**body, "stream": True})
+                )
+            return self.client.request("POST", "/v1/completions", body)["choices"][0]["text"]
+        return self.chat([{"role": "user", "content": prompt}], stream=stream, **options)
+
+    def chat(self, messages: list[dict[str, Any]], *, stream: bool = False, **options: Any) -> Any:
+        """The assistant's reply to ``messages``; ``stream=True`` returns an iterator of text pieces."""
+        body = {"model": self.name, "messages": messages, **options}
+        if stream:
+            events = self.client.events("/v1/chat/completions", {**body, "stream": True})
+            return (e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+        return self.client.request("POST", "/v1/chat/completions", body)["choices"][0]["message"]["content"]
+
+
+def _error(status: int, raw: bytes) -> ApiError:
+    try:
+        err = json.loads(raw)["error"]
+        return ApiError(status, err.get("type", "error"), err.get("message", ""), err.get("param"))
+    except (ValueError, KeyError, TypeError):
+        return ApiError(status, "error", raw[:200].decode(errors="replace"))

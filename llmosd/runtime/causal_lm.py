@@ -1,0 +1,144 @@
+"""A causal LM over an optimum text-generation-with-past export: prefill, and batched one-token decode
+steps over a key/value cache that rows join and leave between steps.
+
+The cache of a running batch is one array per past input, ``[rows, kv_heads, width, head_dim]``, each
+row right-aligned: row ``i`` holds its ``lengths[i]`` real positions in the last columns and padding
+(masked out by ``attention_mask``) before them. The graph appends the new position itself (its
+``present`` outputs are the past plus one column), so a decode step hands the outputs straight back
+as the next step's inputs; copies happen only when rows join or leave.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float32]
+_DTYPES: dict[str, type[np.floating[Any]]] = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    past_names: tuple[str, ...]  # past_key_values.{layer}.{key|value}, in the graph's order
+    present_names: tuple[str, ...]
+    kv_heads: int
+    head_dim: int
+    dtype: type[np.floating[Any]]
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Cache bytes one position of one sequence takes, all layers, keys and values."""
+        return len(self.past_names) * self.kv_heads * self.head_dim * np.dtype(self.dtype).itemsize
+
+
+@dataclass
+class KVCache:
+    """The cache of the running rows (see the module docstring for the layout)."""
+
+    arrays: list[npt.NDArray[Any]]
+    lengths: list[int]
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def width(self) -> int:
+        return int(self.arrays[0].shape[2]) if self.arrays else 0
+
+
+class CausalLM:
+    def __init__(self, session: Any, vocab_size: int | None = None) -> None:
+        self.session = session
+        inputs = {i.name: i for i in session.get_inputs()}
+        outputs = [o.name for o in session.get_outputs()]
+        past = tuple(n for n in inputs if n.startswith("past_key_values."))
+        if not past or "logits" not in outputs:
+            raise ValueError("not a text-generation-with-past export: no past_key_values inputs or logits output")
+        _, heads, _, dim = inputs[past[0]].shape
+        self.layout = CacheLayout(
+            past_names=past,
+            present_names=tuple(n.replace("past_key_values.", "present.") for n in past),
+            kv_heads=int(heads),
+            head_dim=int(dim),
+            dtype=_DTYPES.get(inputs[past[0]].type, np.float32),
+        )
+        missing = set(self.layout.present_names) - set(outputs)
+        if missing:
+            raise ValueError(f"export lacks outputs {sorted(missing)}")
+        self._has_mask = "attention_mask" in inputs
+        self._has_positions = "position_ids" in inputs
+        self._outputs = ["logits", *self.layout.present_names]
+        vocab = session.get_outputs()[outputs.index("logits")].shape[-1]
+        self.vocab_size = int(vocab) if isinstance(vocab, int) else int(vocab_size or 0)
+
+    def empty_cache(self) -> KVCache:
+        return KVCache([], [])
+
+    def prefill(self, ids: Sequence[int]) -> tuple[FloatArray, KVCache]:
+        """Run a whole prompt as a one-row batch; return the last position's logits and its cache."""
+        n = len(ids)
+        shape = (1, self.layout.kv_heads, 0, self.layout.head_dim)
+        past = [np.zeros(shape, dtype=self.layout.dtype) for _ in self.layout.past_names]
+        feeds = self._feeds(np.array([ids], dtype=np.int64), past, np.ones((1, n), np.int64), np.arange(n)[None, :])
+        logits, present = self._run(feeds)
+        return logits[0, -1].astype(np.float32, copy=False), KVCache(present, [n])
+
+    def decode(self, cache: KVCache, tokens: Sequence[int]) -> tuple[FloatArray, KVCache]:
+        """One step for every row: feed each row's last token, return ``[rows, vocab]`` logits and the cache."""
+        width = cache.width
+        lengths = np.array(cache.lengths, dtype=np.int64)
+        mask = (np.arange(width + 1)[None, :] >= (width - lengths)[:, None]).astype(np.int64)
+        ids = np.array(tokens, dtype=np.int64)[:, None]
+        logits, present = self._run(self._feeds(ids, cache.arrays, mask, lengths[:, None]))
+        return logits[:, -1].astype(np.float32, copy=False), KVCache(present, [n + 1 for n in cache.lengths])
+
+    def _feeds(
+        self, ids: npt.NDArray[np.int64], past: list[npt.NDArray[Any]], mask: npt.NDArray[np.int64], positions: Any
+    ) -> dict[str, Any]:
+        feeds: dict[str, Any] = {"input_ids": ids, **dict(zip(self.layout.past_names, past, strict=True))}
+        if self._has_mask:
+            feeds["attention_mask"] = mask
+        if self._has_positions:
+            feeds["position_ids"] = np.ascontiguousarray(positions, dtype=np.int64)
+        return feeds
+
+    def _run(self, feeds: dict[str, Any]) -> tuple[FloatArray, list[npt.NDArray[Any]]]:
+        out = self.session.run(self._outputs, feeds)
+        return out[0], list(out[1:])
+
+
+def merge(cache: KVCache, joining: Sequence[KVCache]) -> KVCache:
+    """The running rows followed by the joining ones, all right-aligned in one cache."""
+    parts = [c for c in (cache, *joining) if c.rows]
+    if len(parts) == 1:
+        return parts[0]
+    width = max(c.width for c in parts)
+    rows = sum(c.rows for c in parts)
+    arrays = []
+    for i, first in enumerate(parts[0].arrays):
+        _, heads, _, dim = first.shape
+        out = np.zeros((rows, heads, width, dim), dtype=first.dtype)
+        r = 0
+        for c in parts:
+            out[r : r + c.rows, :, width - c.width :] = c.arrays[i]
+            r += c.rows
+        arrays.append(out)
+    return KVCache(arrays, [n for c in parts for n in c.lengths])
+
+
+def keep_rows(cache: KVCache, keep: Sequence[int]) -> KVCache:
+    """Only the given rows, with the columns no remaining row uses cut off the left."""
+    if not keep:
+        return KVCache([], [])
+    if len(keep) == cache.rows:
+        return cache
+    lengths = [cache.lengths[i] for i in keep]
+    start = cache.width - max(lengths)
+    index = np.array(keep, dtype=np.int64)
+    arrays = [np.ascontiguousarray(a[index, :, start:]) for a in cache.arrays]
+    return KVCache(arrays, lengths)

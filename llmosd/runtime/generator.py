@@ -1,0 +1,47 @@
+"""The text-generation task adapter: a causal LM with its tokenizer, stop ids, context and chat template."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer
+
+from llmosd.runtime.causal_lm import CausalLM, merge
+from llmosd.runtime.chat import ChatTemplate, Message
+
+
+class TextGenerator:
+    def __init__(self, session: Any, tokenizer_path: Path, runtime: dict[str, Any], max_context: int = 0) -> None:
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()  # a prompt longer than the context is refused, never cut silently
+        self.lm = CausalLM(session, self.tokenizer.get_vocab_size())
+        model_context = int(runtime.get("max_seq_length") or 2048)
+        self.context_length = min(model_context, max_context) if max_context > 0 else model_context
+        self.eos_token_ids = frozenset(int(i) for i in runtime.get("eos_token_ids") or [])
+        template = runtime.get("chat_template")
+        self.chat = ChatTemplate(template, self._token(runtime.get("bos_token_id")), self._eos()) if template else None
+
+    def _token(self, token_id: object) -> str:
+        return (self.tokenizer.id_to_token(token_id) or "") if isinstance(token_id, int) else ""
+
+    def _eos(self) -> str:
+        return self._token(min(self.eos_token_ids)) if self.eos_token_ids else ""
+
+    def encode(self, text: str, special: bool) -> list[int]:
+        """Token ids of a prompt; ``special`` adds the tokenizer's BOS/EOS decoration (raw completions)."""
+        return list(self.tokenizer.encode(text, add_special_tokens=special).ids)
+
+    def render_chat(self, messages: list[Message]) -> list[int]:
+        """Token ids of a chat rendered with the model's template (it writes the special tokens itself)."""
+        if self.chat is None:
+            raise ValueError("this model has no chat template: use /v1/completions with a raw prompt")
+        return self.encode(self.chat.render(messages), special=False)
+
+    def warmup(self) -> None:
+        """One prefill and a decode step at one and two rows, so the first request pays no set-up."""
+        logits, one = self.lm.prefill(self.encode("warm up", special=False) or [0])
+        _, two = self.lm.prefill(self.encode("warm up a second row", special=False) or [0])
+        self.lm.decode(one, [int(logits.argmax())])
+        self.lm.decode(merge(one, [two]), [0, 0])

@@ -1,0 +1,100 @@
+"""Choosing the next token from a row of logits: penalties, temperature, top-k, top-p, a seeded RNG.
+
+One ``Sampler`` per sequence holds that sequence's random generator and token counts, so a seed
+reproduces a sequence whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float32]
+_NUCLEUS_SHORTLIST = 512  # top-p first looks among the best 512 tokens; a full sort only if they fall short
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    repetition_penalty: float = 1.0  # HF/CTRL style, over prompt and output
+    frequency_penalty: float = 0.0  # OpenAI style, over the output only
+    presence_penalty: float = 0.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: list[int]) -> None:
+        self.params = params
+        self._rng = np.random.default_rng(params.seed)
+        self._penalised = params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
+        self._counts = np.zeros(vocab_size, dtype=np.float32) if self._penalised else None
+        self._seen: set[int] | None = set(prompt_ids) if params.repetition_penalty != 1.0 else None
+
+    def observe(self, token: int) -> None:
+        """Record an emitted token for the penalties."""
+        if self._counts is not None:
+            self._counts[token] += 1.0
+        if self._seen is not None:
+            self._seen.add(token)
+
+    def pick(self, logits: FloatArray) -> int:
+        p = self.params
+        x = self._penalise(logits)
+        if p.greedy:
+            return int(np.argmax(x))
+        x = x / np.float32(p.temperature)
+        ids, probs = _top_k(x, p.top_k)
+        if p.top_p < 1.0:
+            ids, probs = _top_p(ids, probs, p.top_p)
+        cdf = np.cumsum(probs, dtype=np.float64)
+        j = int(np.searchsorted(cdf, self._rng.random() * cdf[-1], side="right"))
+        return int(ids[min(j, len(ids) - 1)])
+
+    def _penalise(self, logits: FloatArray) -> FloatArray:
+        p = self.params
+        if self._seen is None and self._counts is None:
+            return logits
+        x = logits.astype(np.float32, copy=True)
+        if self._seen:
+            seen = np.fromiter(self._seen, dtype=np.int64, count=len(self._seen))
+            v = x[seen]
+            x[seen] = np.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+        if self._counts is not None:
+            x -= p.frequency_penalty * self._counts + p.presence_penalty * (self._counts > 0)
+        return x
+
+
+def _softmax(x: FloatArray) -> FloatArray:
+    e = np.exp(x - x.max())
+    out: FloatArray = e / e.sum()
+    return out
+
+
+def _top_k(x: FloatArray, k: int) -> tuple[npt.NDArray[np.int64], FloatArray]:
+    """Token ids and their renormalised probabilities after the top-k cut (all tokens when k is 0)."""
+    if 0 < k < x.size:
+        ids = np.argpartition(x, x.size - k)[x.size - k :].astype(np.int64)
+        return ids, _softmax(x[ids])
+    return np.arange(x.size, dtype=np.int64), _softmax(x)
+
+
+def _top_p(ids: npt.NDArray[np.int64], probs: FloatArray, top_p: float) -> tuple[npt.NDArray[np.int64], FloatArray]:
+    """The smallest set of most likely tokens whose probability reaches ``top_p`` (at least one)."""
+    if probs.size > _NUCLEUS_SHORTLIST:
+        short = np.argpartition(probs, probs.size - _NUCLEUS_SHORTLIST)[probs.size - _NUCLEUS_SHORTLIST :]
+        if probs[short].sum() < top_p:  # the nucleus is wider than the shortlist: sort everything
+            short = np.arange(probs.size)
+    else:
+        short = np.arange(probs.size)
+    order = short[np.argsort(-probs[short], kind="stable")]
+    keep = int(np.searchsorted(np.cumsum(probs[order], dtype=np.float64), top_p)) + 1
+    chosen = order[: min(keep, order.size)]
+    return ids[chosen], probs[chosen]

@@ -1,0 +1,356 @@
+"""Continuous batching for one causal LM: sequences join the running batch between decode steps and
+leave as soon as they finish, so a long generation never holds a short one behind it.
+
+One worker thread per model owns the cache and every sequence's state. Each step it admits waiting
+sequences while the KV budget allows (each prompt is prefilled alone, then its cache is merged into the
+batch), runs one decode step for every running row, samples, detokenises, checks stops, and hands all
+the new text to the event loop in one wake-up. A request the client abandoned is dropped at the next
+step. Admission reserves each sequence's worst case (prompt + max_tokens positions) against the budget,
+so a batch can never outgrow it; what does not fit waits, and a full wait queue answers 429 at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from llmosd.runtime.causal_lm import KVCache, keep_rows, merge
+from llmosd.runtime.generator import TextGenerator
+from llmosd.runtime.sampling import Sampler, SamplingParams
+from llmosd.runtime.textstream import TextStream
+from llmosd.scheduler.errors import BatcherClosed, QueueFull
+from llmosd.scheduler.planning import retry_after_s
+
+log = logging.getLogger(__name__)
+
+
+class RequestTooLarge(ValueError):
+    """The request can never run: it does not fit the context or the KV budget on its own."""
+
+
+@dataclass(frozen=True)
+class GenerationLimits:
+    max_sequences: int = 16  # rows decoded together
+    kv_cache_bytes: int = 1 << 30  # bound on the cache of the running rows (worst case reserved)
+    max_queue: int = 256  # sequences waiting for a row
+    prefill_tokens_per_step: int = 2048  # prompt tokens admitted between two decode steps (at least one prompt)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams
+    max_tokens: int
+    stop: tuple[str, ...] = ()
+    stop_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """New text of one sequence; the last chunk carries why it ended (``stop`` or ``length``)."""
+
+    text: str
+    completion_tokens: int
+    finish_reason: str | None = None
+    token_ids: tuple[int, ...] = ()  # sampled since the previous chunk (those of the text, and a stop id)
+
+
+class GenerationStream:
+    """The event-loop side of one sequence: an async iterator of chunks; ``cancel`` frees its row."""
+
+    def __init__(self, prompt_tokens: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.token_ids: list[int] = []
+        self.cancelled = False  # read by the worker thread at its next step
+        self._queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
+
+    def _deliver(self, item: Chunk | BaseException) -> None:
+        self._queue.put_nowait(item)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
+        while self.finish_reason is None:
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            self.completion_tokens = item.completion_tokens
+            self.finish_reason = item.finish_reason
+            self.token_ids.extend(item.token_ids)
+            yield item
+
+    async def text(self) -> str:
+        """The whole completion (cancels the sequence if the caller is cancelled meanwhile)."""
+        parts = []
+        try:
+            async for chunk in self:
+                parts.append(chunk.text)
+        finally:
+            if self.finish_reason is None:
+                self.cancel()
+        return "".join(parts)
+
+
+@dataclass
+class _Sequence:
+    request: GenerationRequest
+    stream: GenerationStream
+    sampler: Sampler
+    text: TextStream
+    reserve: int  # positions reserved: prompt + max_tokens (within the context)
+    enqueued: float
+    tokens: list[int] = field(default_factory=list)
+    sent: int = 0  # tokens already handed out in chunks
+    done: bool = False
+
+    def advance(self, token: int, eos: frozenset[int]) -> Chunk | None:
+        """Take one sampled token; return the chunk to deliver, None while there is nothing to say."""
+        chunk = self._advance(token, eos)
+        if not chunk.text and chunk.finish_reason is None:
+            return None
+        ids, self.sent = tuple(self.tokens[self.sent :]), len(self.tokens)
+        return Chunk(chunk.text, chunk.completion_tokens, chunk.finish_reason, ids)
+
+    def _advance(self, token: int, eos: frozenset[int]) -> Chunk:
+        req = self.request
+        self.tokens.append(token)
+        n = len(self.tokens)
+        if (token in eos and not req.ignore_eos) or token in req.stop_token_ids:
+            self.done = True
+            return Chunk(self.text.finish(), n, "stop")
+        self.sampler.observe(token)
+        text = self.text.push(token)
+        if self.text.stopped:
+            self.done = True
+            return Chunk(text, n, "stop")
+        if n >= req.max_tokens or len(req.prompt_ids) + n >= self.reserve:
+            self.done = True
+            return Chunk(text + self.text.finish(), n, "length")
+        return Chunk(text, n)
+
+
+@dataclass
+class GenerationStats:
+    requests: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    rejected: int = 0
+    steps: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    running: int = 0
+    waiting: int = 0
+    largest_batch: int = 0
+    kv_reserved_bytes: int = 0
+    tokens_per_s: float = 0.0  # exponentially weighted decode rate, for Retry-After
+
+    def as_dict(self) -> dict[str, object]:
+        return {k: round(v, 1) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+
+
+class GenerationEngine:
+    def __init__(self, name: str, model: TextGenerator, limits: GenerationLimits) -> None:
+        self.name = name
+        self.model = model
+        self.limits = limits
+        self.stats = GenerationStats()
+        self._inbox: queue.SimpleQueue[_Sequence | None] = queue.SimpleQueue()
+        self._waiting_count = 0  # loop-side count of sequences not yet running, for admission
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._work, name=f"generate-{self.name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: GenerationRequest) -> GenerationStream:
+        """Queue one sequence (on the loop). Raises RequestTooLarge, QueueFull or BatcherClosed at once."""
+        if self._closed or self._loop is None:
+            raise BatcherClosed(f"model {self.name!r} is unloading")
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise RequestTooLarge("the prompt is empty after tokenisation")
+        if n >= self.model.context_length:
+            raise RequestTooLarge(
+                f"the prompt has {n} tokens; model {self.name!r} has a context of {self.model.context_length}"
+            )
+        if n + request.max_tokens > self.model.context_length:
+            raise RequestTooLarge(
+                f"the prompt has {n} tokens and max_tokens is {request.max_tokens}: together more than the "
+                f"context of {self.model.context_length} tokens of model {self.name!r}"
+            )
+        reserve = n + request.max_tokens
+        need = reserve * self.model.lm.layout.bytes_per_token
+        if need > self.limits.kv_cache_bytes:
+            raise RequestTooLarge(
+                f"the request needs {need >> 20} MiB of KV cache ({reserve} positions); the limit is "
+                f"{self.limits.kv_cache_bytes >> 20} MiB: shorten the prompt or max_tokens"
+            )
+        if self._waiting_count >= self.limits.max_queue:
+            self.stats.rejected += 1
+            raise QueueFull(self.name, retry_after_s(self._waiting_count, self._sequences_per_s()))
+        stream = GenerationStream(n)
+        sampler = Sampler(request.sampling, self.model.lm.vocab_size, list(request.prompt_ids))
+        seq = _Sequence(request, stream, sampler, TextStream(self.model.tokenizer, request.stop), reserve, time.time())
+        self._waiting_count += 1
+        self.stats.requests += 1
+        self._inbox.put(seq)
+        return stream
+
+    def _sequences_per_s(self) -> float:
+        st = self.stats
+        mean_tokens = st.decode_tokens / st.completed if st.completed else 0.0
+        return st.tokens_per_s / mean_tokens if mean_tokens else 0.0
+
+    async def close(self) -> None:
+        """Stop admitting, fail what is still waiting or running, join the worker."""
+        self._closed = True
+        self._inbox.put(None)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    # --- worker thread ---------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        waiting: deque[_Sequence] = deque()
+        rows: list[_Sequence] = []
+        cache: KVCache = self.model.lm.empty_cache()
+        while True:
+            if not self._take(waiting, block=not rows and not waiting):
+                self._fail([*waiting, *rows], BatcherClosed(f"model {self.name!r} is unloading"))
+                return
+            try:
+                joining = self._admit(waiting, rows)
+                if joining:
+                    cache = merge(cache, [c for _, c in joining])
+                    rows.extend(s for s, _ in joining)
+                if rows:
+                    cache = self._step(rows, cache)
+                keep = [i for i, s in enumerate(rows) if not (s.done or s.stream.cancelled)]
+                self._count_leavers([s for s in rows if s.done or s.stream.cancelled])
+                cache = keep_rows(cache, keep)
+                rows = [rows[i] for i in keep]
+            except Exception as exc:  # a bug or a runtime fault: fail the batch, keep serving the rest
+                log.exception("generation step failed for %s", self.name)
+                self.stats.failed += len(rows)
+                self._fail(rows, RuntimeError(f"generation failed: {exc}"))
+                rows, cache = [], self.model.lm.empty_cache()
+            self._publish_counts(waiting, rows)
+
+    def _take(self, waiting: deque[_Sequence], block: bool) -> bool:
+        """Move arrivals into ``waiting``; False once close() was called."""
+        try:
+            item = self._inbox.get(block=block)
+            while True:
+                if item is None:
+                    return False
+                waiting.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+
+    def _admit(self, waiting: deque[_Sequence], rows: list[_Sequence]) -> list[tuple[_Sequence, KVCache]]:
+        joining: list[tuple[_Sequence, KVCache]] = []
+        budget = self.limits.prefill_tokens_per_step
+        while waiting:
+            seq = waiting[0]
+            if seq.stream.cancelled:
+                waiting.popleft()
+                self._left_queue(1)
+                self.stats.cancelled += 1
+                continue
+            running = [*rows, *(s for s, _ in joining)]
+            if not self._fits(seq, running) or (joining and budget < len(seq.request.prompt_ids)):
+                break
+            waiting.popleft()
+            self._left_queue(1)
+            budget -= len(seq.request.prompt_ids)
+            try:
+                logits, cache = self.model.lm.prefill(seq.request.prompt_ids)
+                chunk = seq.advance(seq.sampler.pick(logits), self.model.eos_token_ids)
+            except Exception as exc:
+                log.exception("prefill failed for %s", self.name)
+                self.stats.failed += 1
+                self._fail([seq], RuntimeError(f"generation failed: {exc}"))
+                continue
+            self.stats.prefill_tokens += len(seq.request.prompt_ids)
+            if chunk is not None:
+                self._deliver([(seq, chunk)])  # the first token goes out before the next decode step
+            if seq.done:
+                self._count_leavers([seq])
+            else:
+                joining.append((seq, cache))
+        return joining
+
+    def _fits(self, seq: _Sequence, running: list[_Sequence]) -> bool:
+        if len(running) >= self.limits.max_sequences:
+            return False
+        width = max([seq.reserve, *(s.reserve for s in running)])
+        return (len(running) + 1) * width * self.model.lm.layout.bytes_per_token <= self.limits.kv_cache_bytes
+
+    def _step(self, rows: list[_Sequence], cache: KVCache) -> KVCache:
+        started = time.perf_counter()
+        logits, cache = self.model.lm.decode(cache, [s.tokens[-1] for s in rows])
+        chunks = [(s, s.advance(s.sampler.pick(logits[i]), self.model.eos_token_ids)) for i, s in enumerate(rows)]
+        self._deliver([(s, c) for s, c in chunks if c is not None])
+        elapsed = time.perf_counter() - started
+        st = self.stats
+        st.steps += 1
+        st.decode_tokens += len(rows)
+        st.largest_batch = max(st.largest_batch, len(rows))
+        rate = len(rows) / max(elapsed, 1e-6)
+        st.tokens_per_s = rate if st.tokens_per_s == 0 else 0.9 * st.tokens_per_s + 0.1 * rate
+        return cache
+
+    def _count_leavers(self, leaving: list[_Sequence]) -> None:
+        for s in leaving:
+            if s.done:
+                self.stats.completed += 1
+            else:
+                self.stats.cancelled += 1
+
+    def _publish_counts(self, waiting: deque[_Sequence], rows: list[_Sequence]) -> None:
+        self.stats.running = len(rows)
+        self.stats.waiting = len(waiting)
+        width = max((s.reserve for s in rows), default=0)
+        self.stats.kv_reserved_bytes = len(rows) * width * self.model.lm.layout.bytes_per_token
+
+    def _left_queue(self, n: int) -> None:
+        self._call(lambda: setattr(self, "_waiting_count", self._waiting_count - n))
+
+    def _deliver(self, items: list[tuple[_Sequence, Chunk]]) -> None:
+        if items:
+
+            def deliver() -> None:
+                for s, c in items:
+                    s.stream._deliver(c)
+
+            self._call(deliver)
+
+    def _fail(self, seqs: list[_Sequence], exc: BaseException) -> None:
+        if seqs:
+
+            def fail() -> None:
+                for s in seqs:
+                    s.stream._deliver(exc)
+
+            self._call(fail)
+
+    def _call(self, fn: Callable[[], object]) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
+            self._loop.call_soon_threadsafe(fn)

@@ -1,0 +1,225 @@
+"""/v1/completions and /v1/chat/completions on the real daemon process serving SmolLM2 int8: the
+official openai client (sync, async, streaming, TCP and Unix socket), the exact SSE format, errors,
+disconnects, and the llmosd Python client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import DEFAULT, SMOLLM2, Daemon
+
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+
+
+def openai_clients(daemon: Daemon) -> list[Any]:
+    import httpx2
+    import openai
+
+    return [
+        openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="not-needed-on-loopback"),
+        openai.OpenAI(
+            base_url="http://llmosd/v1",
+            api_key="not-needed-on-the-socket",
+            http_client=openai.DefaultHttpx2Client(transport=httpx2.HTTPTransport(uds=str(daemon.socket))),
+        ),
+    ]
+
+
+def test_openai_client_chat_and_completions_sync_over_tcp_and_unix_socket(daemon: Daemon) -> None:
+    answers = []
+    for client in openai_clients(daemon):
+        with client:
+            r = client.chat.completions.create(model=SMOLLM2, messages=QUESTION, max_tokens=24, temperature=0)
+            answer = r.choices[0].message.content
+            assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason in ("stop", "length")
+            assert "Paris" in answer and r.usage.completion_tokens <= 24 and r.usage.prompt_tokens > 10
+            assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+            pieces = []
+            finish = None
+            for chunk in client.chat.completions.create(
+                model=SMOLLM2, messages=QUESTION, max_tokens=24, temperature=0, stream=True
+            ):
+                if chunk.choices:
+                    pieces.append(chunk.choices[0].delta.content or "")
+                    finish = chunk.choices[0].finish_reason or finish
+            assert "".join(pieces) == answer and finish == r.choices[0].finish_reason
+            c = client.completions.create(model=SMOLLM2, prompt="The capital of France is", max_tokens=5, temperature=0)
+            assert c.choices[0].finish_reason == "length" and c.usage.completion_tokens == 5
+            streamed = "".join(
+                ch.choices[0].text
+                for ch in client.completions.create(
+                    model=SMOLLM2, prompt="The capital of France is", max_tokens=5, temperature=0, stream=True
+                )
+            )
+            assert streamed == c.choices[0].text
+            answers.append(answer)
+    assert answers[0] == answers[1]
+
+
+async def test_openai_async_client_streams_concurrently(daemon: Daemon) -> None:
+    import openai
+
+    async with openai.AsyncOpenAI(base_url=f"{daemon.url}/v1", api_key="x") as client:
+
+        async def one(i: int) -> str:
+            stream = await client.chat.completions.create(
+                model=SMOLLM2,
+                messages=[{"role": "user", "content": f"Write the number {i} in words."}],
+                max_tokens=12,
+                temperature=0,
+                stream=True,
+            )
+            return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+        texts = await asyncio.gather(*(one(i) for i in range(6)))
+    assert all(texts) and len(set(texts)) > 1
+
+
+async def sse_events(daemon: Daemon, path: str, body: dict[str, Any]) -> tuple[str, list[Any]]:
+    async with aiohttp.ClientSession() as s, s.post(daemon.url + path, json=body) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+        raw = (await r.read()).decode()
+    events = [e.removeprefix("data: ") for e in raw.split("\n\n") if e]
+    return raw, [e if e == "[DONE]" else json.loads(e) for e in events]
+
+
+async def test_chat_stream_is_exactly_openais_chunk_format(daemon: Daemon) -> None:
+    body = {"model": SMOLLM2, "messages": QUESTION, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    body["stream"] = True
+    raw, events = await sse_events(daemon, "/v1/chat/completions", body | {"stream_options": {"include_usage": True}})
+    assert raw.endswith("data: [DONE]\n\n") and events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert len({c["id"] for c in chunks}) == 1 and all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-2]["choices"] == [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 8
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-2])
+    # without stream_options there is no usage chunk
+    _, plain = await sse_events(daemon, "/v1/chat/completions", body)
+    assert all("usage" not in c for c in plain[:-1]) and plain[-1] == "[DONE]"
+
+
+async def test_n_choices_multiple_prompts_stops_and_echo(daemon: Daemon) -> None:
+    async with aiohttp.ClientSession() as s:
+        body = {"model": SMOLLM2, "messages": QUESTION, "max_tokens": 12, "n": 3, "seed": 7, "temperature": 1.0}
+        async with s.post(daemon.url + "/v1/chat/completions", json=body) as r:
+            out = await r.json()
+        assert [c["index"] for c in out["choices"]] == [0, 1, 2]
+        assert len({c["message"]["content"] for c in out["choices"]}) > 1  # n seeds differ
+        async with s.post(daemon.url + "/v1/chat/completions", json=body) as r:
+            again = await r.json()
+        assert [c["message"] for c in again["choices"]] == [c["message"] for c in out["choices"]]  # seeded
+        body = {"model": SMOLLM2, "prompt": ["1, 2, 3,", "a, b, c,"], "max_tokens": 20, "temperature": 0}
+        async with s.post(daemon.url + "/v1/completions", json=body | {"stop": [" 6", " f"], "echo": True}) as r:
+            out = await r.json()
+        texts = [c["text"] for c in out["choices"]]
+        assert texts == ["1, 2, 3, 4, 5,", "a, b, c, d, e,"] and {c["finish_reason"] for c in out["choices"]} == {
+            "stop"
+        }
+
+
+BAD = [
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "text"),
+    ({"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool calling"),
+    ({"messages": QUESTION, "temperature": 3}, "'temperature'"),
+    ({"messages": QUESTION, "top_p": 0}, "'top_p'"),
+    ({"messages": QUESTION, "max_tokens": 0}, "'max_tokens'"),
+    ({"messages": QUESTION, "n": 100}, "'n'"),
+    ({"messages": QUESTION, "stop": [1]}, "'stop'"),
+    ({"messages": QUESTION, "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"messages": QUESTION, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": QUESTION, "max_tokens": 8190}, "together more than the context of 8192"),
+    ({"messages": [{"role": "user", "content": "word " * 9000}]}, "context"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), BAD, ids=[m for _, m in BAD])
+async def test_bad_chat_requests_get_a_400_and_change_nothing(
+    daemon: Daemon, extra: dict[str, Any], message: str
+) -> None:
+    async with aiohttp.ClientSession() as s:
+        before = await status(s, daemon)
+        async with s.post(daemon.url + "/v1/chat/completions", json={"model": SMOLLM2, **extra}) as r:
+            body = await r.json()
+        assert r.status == 400 and message in body["error"]["message"] + str(body["error"].get("param")), body
+        after = await status(s, daemon)
+        assert after["requests"] == before["requests"] and after["running"] == 0
+
+
+async def test_wrong_task_and_unknown_model(daemon: Daemon) -> None:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(daemon.url + "/v1/chat/completions", json={"model": DEFAULT, "messages": QUESTION}) as r:
+            assert r.status == 400 and "does not generate text" in (await r.json())["error"]["message"]
+        async with s.post(daemon.url + "/v1/completions", json={"model": "nope", "prompt": "x"}) as r:
+            assert r.status == 404
+        async with s.post(daemon.url + "/v1/embeddings", json={"model": SMOLLM2, "input": "x"}) as r:
+            assert r.status == 400 and "text-generation model" in (await r.json())["error"]["message"]
+        async with s.post(daemon.url + "/v1/completions", json={"model": SMOLLM2, "prompt": [999_999_999]}) as r:
+            assert r.status == 400 and "vocabulary" in (await r.json())["error"]["message"]
+        async with s.get(daemon.url + f"/v1/models/{SMOLLM2}") as r:
+            card = await r.json()
+        assert card["task"] == "text-generation" and card["chat_template"] and card["context_length"] == 8192
+
+
+async def status(s: aiohttp.ClientSession, daemon: Daemon) -> dict[str, Any]:
+    async with s.get(daemon.url + "/api/status") as r:
+        models = {m["name"]: m for m in (await r.json())["models"]}
+    generation: dict[str, Any] = models[SMOLLM2]["generation"]
+    return generation
+
+
+async def test_a_client_that_hangs_up_frees_its_row(daemon: Daemon) -> None:
+    body = json.dumps(
+        {"model": SMOLLM2, "messages": QUESTION, "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    ).encode()
+    async with aiohttp.ClientSession() as s:
+        before = await status(s, daemon)
+        for streaming in (True, False):
+            payload = body if streaming else body.replace(b'"stream": true', b'"stream": false')
+            with socket.create_connection(("127.0.0.1", daemon.port)) as sock:
+                head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                sock.sendall(f"{head}Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+                if streaming:
+                    seen = b""
+                    while b"data: " not in seen:  # the headers, then the first token: generating
+                        seen += sock.recv(4096)
+                else:
+                    await asyncio.sleep(1.0)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                now = await status(s, daemon)
+                if now["running"] == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert now["running"] == 0
+        after = await status(s, daemon)
+        assert after["cancelled"] == before["cancelled"] + 2
+        assert after["decode_tokens"] - before["decode_tokens"] < 1000  # far from 2 x 2000
+
+
+def test_llmosd_client_generates_over_the_socket_and_tcp(daemon: Daemon) -> None:
+    from llmosd import Client
+    from llmosd.client import ApiError
+
+    for client in (Client(socket=daemon.socket), Client(daemon.url, token=daemon.token)):
+        model = client.load_model(SMOLLM2)
+        question = QUESTION[0]["content"]
+        text = model.generate_text(question, max_tokens=24, temperature=0)
+        assert "Paris" in text
+        pieces = list(model.generate_text(question, stream=True, max_tokens=24, temperature=0))
+        assert "".join(pieces) == text and len(pieces) > 3
+        raw = model.generate_text("The capital of France is", raw=True, max_tokens=5, temperature=0)
+        assert isinstance(raw, str) and raw
+        assert len(client.load_model(DEFAULT).embed(["a", "b"])) == 2
+        with pytest.raises(ApiError) as err:
+            client.load_model("nope")
+        assert err.value.status == 404 and "not loaded" in err.value.message

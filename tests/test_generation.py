@@ -1,0 +1,211 @@
+"""The generation engine in process, on real ONNX Runtime sessions: SmolLM2 int8 from the session store,
+and tiny random Llama / GPT-2 exports held to PyTorch's own greedy generate."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from llmosd.runtime import LoadedModel, ProviderSelector, load
+from llmosd.runtime.chat import Message
+from llmosd.runtime.generator import TextGenerator
+from llmosd.runtime.sampling import SamplingParams
+from llmosd.scheduler import GenerationEngine, GenerationLimits, GenerationRequest, QueueFull, RequestTooLarge
+from llmosd.store import ModelStore
+from tests.conftest import SMOLLM2, export
+from tests.test_export_generation import tiny_causal_lm
+
+GREEDY = SamplingParams(temperature=0)
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Count from 1 to 10."]
+
+
+@pytest.fixture(scope="module")
+def smol(store_dir: Path) -> Iterator[TextGenerator]:
+    store = ModelStore(store_dir)
+    loaded = load(store, store.manifest(SMOLLM2), ProviderSelector("cpu", 2, False))
+    assert isinstance(loaded.backend, TextGenerator)
+    yield loaded.backend
+
+
+def chat(model: TextGenerator, text: str, max_tokens: int = 24, **kw: object) -> GenerationRequest:
+    ids = tuple(model.render_chat([Message("user", text)]))
+    return GenerationRequest(ids, kw.pop("sampling", GREEDY), max_tokens, **kw)  # type: ignore[arg-type]
+
+
+async def started(model: TextGenerator, limits: GenerationLimits | None = None) -> GenerationEngine:
+    engine = GenerationEngine("m", model, limits or GenerationLimits())
+    engine.start()
+    return engine
+
+
+async def test_rows_joining_a_running_batch_generate_what_they_generate_alone(smol: TextGenerator) -> None:
+    engine = await started(smol)
+    try:
+        alone = [await engine.submit(chat(smol, p)).text() for p in PROMPTS]
+        first = engine.submit(chat(smol, PROMPTS[0]))
+        pieces = []
+        async for chunk in first:  # the others join only once the first is decoding
+            pieces.append(chunk.text)
+            if len(pieces) == 3:
+                break
+        late = [engine.submit(chat(smol, p)) for p in PROMPTS[1:]]
+        rest = await asyncio.gather(first.text(), *(s.text() for s in late))
+        assert ["".join(pieces) + rest[0], *rest[1:]] == alone
+        assert engine.stats.largest_batch == 3
+        assert all(s.finish_reason in ("stop", "length") for s in (first, *late))
+    finally:
+        await engine.close()
+
+
+async def test_a_short_request_overtakes_a_long_one(smol: TextGenerator) -> None:
+    engine = await started(smol)
+    try:
+        long = engine.submit(chat(smol, "Tell me a long story.", 300, ignore_eos=True))
+        await anext(aiter(long))
+        short = engine.submit(chat(smol, "Hi", 3))
+        await short.text()
+        assert short.finish_reason == "length" and short.completion_tokens == 3
+        assert long.finish_reason is None  # still generating: no head-of-line blocking
+        long.cancel()
+    finally:
+        await engine.close()
+
+
+async def test_cancelling_frees_the_row_at_the_next_step(smol: TextGenerator) -> None:
+    engine = await started(smol)
+    try:
+        stream = engine.submit(chat(smol, "Tell me a long story.", 500, ignore_eos=True))
+        n = 0
+        async for _ in stream:
+            n += 1
+            if n == 3:
+                break
+        stream.cancel()
+        for _ in range(100):
+            if engine.stats.cancelled == 1 and engine.stats.running == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert engine.stats.cancelled == 1 and engine.stats.running == 0
+        assert engine.stats.decode_tokens < 100
+    finally:
+        await engine.close()
+
+
+async def test_the_kv_budget_bounds_running_rows_and_the_queue_answers_429(smol: TextGenerator) -> None:
+    probe = chat(smol, "Say something.", 16)
+    reserve = len(probe.prompt_ids) + 16
+    per_row = reserve * smol.lm.layout.bytes_per_token
+    engine = await started(smol, GenerationLimits(kv_cache_bytes=2 * per_row, max_queue=3))
+    try:
+        streams = [engine.submit(probe) for _ in range(3)]  # 2 run, 1 waits
+        with pytest.raises(QueueFull):
+            [engine.submit(probe) for _ in range(3)]
+        texts = await asyncio.gather(*(s.text() for s in streams))
+        assert len(set(texts)) == 1  # greedy: the rows that waited generate the same
+        assert engine.stats.largest_batch == 2
+        with pytest.raises(RequestTooLarge, match="KV cache"):
+            engine.submit(chat(smol, "Say something.", 2 * reserve))
+        with pytest.raises(RequestTooLarge, match="context"):
+            engine.submit(chat(smol, "Say something.", smol.context_length))
+        with pytest.raises(RequestTooLarge, match="context"):
+            engine.submit(GenerationRequest(tuple([1] * smol.context_length), GREEDY, 1))
+    finally:
+        await engine.close()
+
+
+async def test_eos_stop_ids_and_max_tokens_end_a_sequence(smol: TextGenerator) -> None:
+    engine = await started(smol)
+    try:
+        s = engine.submit(chat(smol, "Reply with just the word yes.", 40))
+        text = await s.text()
+        assert s.finish_reason == "stop" and s.completion_tokens < 40 and "<|im_end|>" not in text
+        free = engine.submit(chat(smol, "Reply with just the word yes.", 40, ignore_eos=True))
+        await free.text()
+        assert free.finish_reason == "length" and free.completion_tokens == 40
+        # stop at the greedy continuation's third token: two tokens of text, the stop id not included
+        ids = smol.encode(text, special=False)
+        stopped = engine.submit(chat(smol, "Reply with just the word yes.", 40, stop_token_ids=frozenset([ids[2]])))
+        out = await stopped.text()
+        assert stopped.finish_reason == "stop" and stopped.completion_tokens == 3
+        assert out == smol.tokenizer.decode(ids[:2])
+    finally:
+        await engine.close()
+
+
+async def test_a_seed_reproduces_a_sampled_sequence_whatever_runs_beside_it(smol: TextGenerator) -> None:
+    engine = await started(smol)
+    sampled = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234)
+    try:
+        alone = await engine.submit(chat(smol, "Invent a name for a cat.", 20, sampling=sampled)).text()
+        other = engine.submit(chat(smol, "Count to twenty.", 40))
+        again = await engine.submit(chat(smol, "Invent a name for a cat.", 20, sampling=sampled)).text()
+        await other.text()
+        reseeded = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=99)
+        different = await engine.submit(chat(smol, "Invent a name for a cat.", 20, sampling=reseeded)).text()
+        assert alone == again and alone != different
+    finally:
+        await engine.close()
+
+
+async def test_close_fails_what_is_waiting_or_running(smol: TextGenerator) -> None:
+    from llmosd.scheduler import BatcherClosed
+
+    engine = await started(smol)
+    stream = engine.submit(chat(smol, "Tell me a long story.", 500, ignore_eos=True))
+    await anext(aiter(stream))
+    await engine.close()
+    with pytest.raises(BatcherClosed):
+        await stream.text()
+    with pytest.raises(BatcherClosed):
+        engine.submit(chat(smol, "Hi"))
+
+
+@pytest.fixture(scope="module")
+def tiny_lms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, LoadedModel]]:
+    out = {}
+    for kind in ("llama", "gpt2"):
+        src = tiny_causal_lm(kind, tmp_path_factory.mktemp(f"src-{kind}"))
+        state = tmp_path_factory.mktemp(f"state-{kind}")
+        r = export(src, "text-generation", "fp32", f"tiny-{kind}", state)
+        assert r.returncode == 0, r.stderr[-3000:]
+        store = ModelStore(state)
+        out[kind] = (src, load(store, store.manifest(f"tiny-{kind}"), ProviderSelector("cpu", 2, False)))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+async def test_continuous_batching_reproduces_pytorch_greedy_generate(
+    kind: str, tiny_lms: dict[str, tuple[Path, LoadedModel]]
+) -> None:
+    """Prompts of different lengths joining at different steps (left-padded cache, per-row positions)
+    produce exactly what transformers' generate produces for each prompt alone."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    src, loaded = tiny_lms[kind]
+    model = loaded.backend
+    assert isinstance(model, TextGenerator)
+    prompts = ["hello world", "a much longer prompt about the weather in the mountains today", "one"]
+    ids = [model.encode(p, special=False) for p in prompts]
+    reference = AutoModelForCausalLM.from_pretrained(src).eval()
+    expected = []
+    with torch.no_grad():
+        for p in ids:
+            out = reference.generate(
+                torch.tensor([p]), max_new_tokens=12, do_sample=False, min_new_tokens=12, pad_token_id=0
+            )
+            expected.append(out[0, len(p) :].tolist())
+    engine = await started(model)
+    try:
+        streams = []
+        for p in ids:  # each joins once the previous one is decoding
+            streams.append(engine.submit(GenerationRequest(tuple(p), GREEDY, 12, ignore_eos=True)))
+            await anext(aiter(streams[-1]))
+        await asyncio.gather(*(s.text() for s in streams))
+        assert engine.stats.largest_batch == 3
+    finally:
+        await engine.close()
+    assert [s.token_ids for s in streams] == expected
