@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from exporters.validate import validate
 
     recipe = RECIPES[args.task]
+    if args.precision not in recipe.tolerances:
+        raise ValueError(f"{args.task} has no {args.precision} recipe; choose from {', '.join(recipe.tolerances)}")
     out: Path = args.out
     src: Path = source.from_gguf(args.src, out / "hf") if args.src.suffix == ".gguf" else args.src
     config = source.model_config(src)
@@ -63,8 +65,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         runtime |= source.generation_settings(src, config)
     else:
         runtime |= source.classification_settings(config)
-    if args.precision not in recipe.tolerances:
-        raise ValueError(f"{args.task} has no {args.precision} recipe; choose from {', '.join(recipe.tolerances)}")
     t0 = time.monotonic()
     raw = export_onnx(src, out / "raw", recipe.optimum_task, recipe.opset)
     steps: dict[str, Any] = {"export_s": round(time.monotonic() - t0, 2)}

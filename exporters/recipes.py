@@ -48,6 +48,7 @@ RECIPES = {
         int8_scheme="weight-only",
         tolerances={
             "fp32": Tolerance(top1_agreement=0.99, perplexity_ratio=1.01),
+            "fp16": Tolerance(top1_agreement=0.95, perplexity_ratio=1.02),  # CUDA's precision; CPU validates it
             "int8": Tolerance(top1_agreement=0.85, perplexity_ratio=1.15),
             # Weight-only, asymmetric blocks of 32 (the grid of GGUF's Q4_1). SmolLM2: top-1 0.73 against
             # the dequantised fp32, perplexity x1.004; symmetric blocks give 0.63 and x0.98.

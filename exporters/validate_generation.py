@@ -28,7 +28,8 @@ class OnnxCausalLM:
         feeds = {}
         for name in self.past:
             _, heads, _, dim = self.inputs[name].shape
-            feeds[name] = np.zeros((1, int(heads), 0, int(dim)), dtype=np.float32)
+            dtype = np.float16 if self.inputs[name].type == "tensor(float16)" else np.float32
+            feeds[name] = np.zeros((1, int(heads), 0, int(dim)), dtype=dtype)
         return feeds
 
     def forward(
@@ -47,7 +48,7 @@ class OnnxCausalLM:
             for n, v in zip(names, outputs, strict=True)
             if n.startswith("present")
         }
-        return outputs[names.index("logits")][0], present
+        return outputs[names.index("logits")][0].astype(np.float32), present
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

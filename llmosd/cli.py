@@ -132,11 +132,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     print("listening on " + ", ".join(status["listeners"]))
     for m in status["models"]:
-        b = m["batcher"]
-        print(
-            f"  {m['name']}:{m['version']} {m['task']} {m['precision']} on {m['device']}: "
-            f"{b['requests']} requests, {b['batches']} batches, queue {m['queued']}"
-        )
+        head = f"  {m['name']}:{m['version']} {m['task']} {m['precision']} on {m['device']}: "
+        if "generation" in m:
+            g = m["generation"]
+            print(
+                f"{head}{g['requests']} requests, {g['running']} running, {g['waiting']} waiting, "
+                f"{g['decode_tokens']} tokens decoded"
+            )
+        else:
+            b = m["batcher"]
+            print(f"{head}{b['requests']} requests, {b['batches']} batches, queue {m['queued']}")
     return 0
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import DEFAULT, SENTENCES, Daemon, free_port, llmosd, start_daemon
+from tests.conftest import DEFAULT, SENTENCES, SMOLLM2, Daemon, free_port, llmosd, start_daemon
 
 SERVE_AND_REPORT = textwrap.dedent("""
     import asyncio, importlib.util, json, os, signal, sys
@@ -122,7 +122,7 @@ def test_socket_file_rules(store_dir: Path, tmp_path: Path) -> None:
 def test_corrupt_blob_is_refused_and_named(store_dir: Path, tmp_path: Path) -> None:
     state = tmp_path / "state"
     shutil.copytree(store_dir, state, symlinks=True)
-    for name in ("minilm-fp32", DEFAULT):
+    for name in ("minilm-fp32", DEFAULT, SMOLLM2):
         shutil.rmtree(state / "models" / name)
     manifest = json.loads((state / "models" / "tiny-clf" / "1" / "manifest.json").read_text())
     digest = next(f["digest"] for f in manifest["files"] if f["role"] == "model")
