@@ -176,7 +176,8 @@ def test_manifests_record_validation_figures(store_dir: Path) -> None:
 
 def test_cli_status_and_rm(daemon: Daemon, store_dir: Path, tmp_path: Path) -> None:
     r = llmosd("status", "--socket", str(daemon.socket))
-    assert r.returncode == 0 and "serving 3 model(s) on cpu" in r.stdout and "minilm-fp32:1" in r.stdout
+    assert r.returncode == 0 and "serving 4 model(s) on cpu" in r.stdout and "minilm-fp32:1" in r.stdout
+    assert f"{SMOLLM2}:1 text-generation int8 on cpu" in r.stdout and "tokens decoded" in r.stdout
     state = tmp_path / "state"
     shutil.copytree(store_dir, state, symlinks=True)
     before = len(list((state / "blobs" / "sha256").iterdir()))

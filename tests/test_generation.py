@@ -214,34 +214,33 @@ async def test_continuous_batching_reproduces_pytorch_greedy_generate(
 
 async def test_an_fp16_export_runs_with_an_fp16_kv_cache(tmp_path: Path) -> None:
     """fp16 is marked CUDA-only for serving, but its graph (fp16 past/present) runs on ORT's CPU provider
-    too: the engine must carry an fp16 cache through joins and leaves and match the fp32 export."""
+    too: the engine must carry an fp16 cache through joins and leaves, each row generating what it
+    generates alone."""
     import onnxruntime as ort
 
     src = tiny_causal_lm("llama", tmp_path / "src")
-    models = {}
-    for precision in ("fp32", "fp16"):
-        r = export(src, "text-generation", precision, f"tiny-{precision}", tmp_path / precision)
-        assert r.returncode == 0, r.stderr[-3000:]
-        store = ModelStore(tmp_path / precision)
-        m = store.manifest(f"tiny-{precision}")
-        session = ort.InferenceSession(str(store.file_path(m, "model")), providers=["CPUExecutionProvider"])
-        models[precision] = TextGenerator(session, store.file_path(m, "tokenizer"), m.runtime)
-    assert models["fp16"].lm.layout.dtype == np.float16
-    assert models["fp16"].lm.layout.bytes_per_token * 2 == models["fp32"].lm.layout.bytes_per_token
-    prompts = [models["fp32"].encode(p, special=False) for p in ("hello world", "one two three four five", "x")]
-    tokens = {}
-    for precision, model in models.items():
-        engine = await started(model)
-        try:
-            streams = []
-            for p in prompts:
-                streams.append(engine.submit(GenerationRequest(tuple(p), GREEDY, 10, ignore_eos=True)))
-                await anext(aiter(streams[-1]))
-            await asyncio.gather(*(s.text() for s in streams))
-        finally:
-            await engine.close()
-        tokens[precision] = [s.token_ids for s in streams]
-    agree = np.mean(
-        [a == b for x, y in zip(tokens["fp16"], tokens["fp32"], strict=True) for a, b in zip(x, y, strict=True)]
-    )
-    assert agree >= 0.9  # a random tiny model has near-ties; fp16 may flip one late in a sequence
+    r = export(src, "text-generation", "fp16", "tiny", tmp_path / "state")
+    assert r.returncode == 0, r.stderr[-3000:]
+    store = ModelStore(tmp_path / "state")
+    m = store.manifest("tiny")
+    session = ort.InferenceSession(str(store.file_path(m, "model")), providers=["CPUExecutionProvider"])
+    model = TextGenerator(session, store.file_path(m, "tokenizer"), m.runtime)
+    assert model.lm.layout.dtype == np.float16 and model.lm.layout.bytes_per_token == 2 * 2 * 2 * 16 * 2
+    prompts = [model.encode(p, special=False) for p in ("hello world", "one two three four five six", "x")]
+    requests = [GenerationRequest(tuple(p), GREEDY, 10, ignore_eos=True) for p in prompts]
+    engine = await started(model)
+    try:
+        alone = []
+        for request in requests:
+            stream = engine.submit(request)
+            await stream.text()
+            alone.append(stream.token_ids)
+        streams = []
+        for request in requests:  # each joins once the previous one is decoding
+            streams.append(engine.submit(request))
+            await anext(aiter(streams[-1]))
+        await asyncio.gather(*(s.text() for s in streams))
+        assert engine.stats.largest_batch == 3
+    finally:
+        await engine.close()
+    assert [s.token_ids for s in streams] == alone

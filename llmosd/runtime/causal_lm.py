@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import onnxruntime as ort
 
 FloatArray = npt.NDArray[np.float32]
 _DTYPES: dict[str, type[np.floating[Any]]] = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -39,7 +40,7 @@ class CacheLayout:
 class KVCache:
     """The cache of the running rows (see the module docstring for the layout)."""
 
-    arrays: list[npt.NDArray[Any]]
+    arrays: list[Any]  # numpy arrays, or ORT values where IO binding left them on the device
     lengths: list[int]
 
     @property
@@ -48,11 +49,15 @@ class KVCache:
 
     @property
     def width(self) -> int:
-        return int(self.arrays[0].shape[2]) if self.arrays else 0
+        return (
+            int(self.arrays[0].shape()[2] if isinstance(self.arrays[0], ort.OrtValue) else self.arrays[0].shape[2])
+            if self.arrays
+            else 0
+        )
 
 
 class CausalLM:
-    def __init__(self, session: Any, vocab_size: int | None = None) -> None:
+    def __init__(self, session: Any, vocab_size: int | None = None, io_binding: bool | None = None) -> None:
         self.session = session
         inputs = {i.name: i for i in session.get_inputs()}
         outputs = [o.name for o in session.get_outputs()]
@@ -73,6 +78,8 @@ class CausalLM:
         self._has_mask = "attention_mask" in inputs
         self._has_positions = "position_ids" in inputs
         self._outputs = ["logits", *self.layout.present_names]
+        self._device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self._bind = io_binding if io_binding is not None else self._device == "cuda"
         vocab = session.get_outputs()[outputs.index("logits")].shape[-1]
         self.vocab_size = int(vocab) if isinstance(vocab, int) else int(vocab_size or 0)
 
@@ -107,9 +114,31 @@ class CausalLM:
             feeds["position_ids"] = np.ascontiguousarray(positions, dtype=np.int64)
         return feeds
 
-    def _run(self, feeds: dict[str, Any]) -> tuple[FloatArray, list[npt.NDArray[Any]]]:
-        out = self.session.run(self._outputs, feeds)
-        return out[0], list(out[1:])
+    def _run(self, feeds: dict[str, Any]) -> tuple[FloatArray, list[Any]]:
+        """One session run. With IO binding the present key/values stay where the provider wrote them
+        (ORT values, on the GPU under CUDA) and go back in as the next step's past; only the logits
+        come to the host."""
+        if not self._bind:
+            out = self.session.run(self._outputs, feeds)
+            return out[0], list(out[1:])
+        io = self.session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, ort.OrtValue):
+                io.bind_ortvalue_input(name, value)
+            else:
+                io.bind_cpu_input(name, np.ascontiguousarray(value))
+        io.bind_output("logits", "cpu")
+        for name in self.layout.present_names:
+            io.bind_output(name, self._device, 0)
+        self.session.run_with_iobinding(io)
+        out = io.get_outputs()
+        return out[0].numpy(), list(out[1:])
+
+
+def _host(value: Any) -> npt.NDArray[Any]:
+    """A cache array on the host (copied from the device when the provider kept it there)."""
+    out: npt.NDArray[Any] = value.numpy() if isinstance(value, ort.OrtValue) else value
+    return out
 
 
 def merge(cache: KVCache, joining: Sequence[KVCache]) -> KVCache:
@@ -120,12 +149,13 @@ def merge(cache: KVCache, joining: Sequence[KVCache]) -> KVCache:
     width = max(c.width for c in parts)
     rows = sum(c.rows for c in parts)
     arrays = []
-    for i, first in enumerate(parts[0].arrays):
-        _, heads, _, dim = first.shape
-        out = np.zeros((rows, heads, width, dim), dtype=first.dtype)
+    for i in range(len(parts[0].arrays)):
+        layers = [_host(c.arrays[i]) for c in parts]
+        _, heads, _, dim = layers[0].shape
+        out = np.zeros((rows, heads, width, dim), dtype=layers[0].dtype)
         r = 0
-        for c in parts:
-            out[r : r + c.rows, :, width - c.width :] = c.arrays[i]
+        for c, layer in zip(parts, layers, strict=True):
+            out[r : r + c.rows, :, width - c.width :] = layer
             r += c.rows
         arrays.append(out)
     return KVCache(arrays, [n for c in parts for n in c.lengths])
@@ -140,5 +170,5 @@ def keep_rows(cache: KVCache, keep: Sequence[int]) -> KVCache:
     lengths = [cache.lengths[i] for i in keep]
     start = cache.width - max(lengths)
     index = np.array(keep, dtype=np.int64)
-    arrays = [np.ascontiguousarray(a[index, :, start:]) for a in cache.arrays]
+    arrays = [np.ascontiguousarray(_host(a)[index, :, start:]) for a in cache.arrays]
     return KVCache(arrays, lengths)
