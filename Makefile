@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv run test lint bench clean
+.PHONY: venv run test lint bench bench-generation clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/embeddings.py $(ARGS)
+
+# llama.cpp is measured too when the bench's environment has it: $(BIN)/pip install llama-cpp-python
+# (it builds from source, about 20 minutes on 2 cores); llmosd never depends on it.
+bench-generation: $(STAMP)
+	$(BIN)/python bench/generation.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

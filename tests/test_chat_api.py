@@ -63,10 +63,21 @@ def test_openai_client_chat_and_completions_sync_over_tcp_and_unix_socket(daemon
     assert answers[0] == answers[1]
 
 
-async def test_openai_async_client_streams_concurrently(daemon: Daemon) -> None:
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+async def test_openai_async_client_streams_concurrently(daemon: Daemon, transport: str) -> None:
+    import httpx2
     import openai
 
-    async with openai.AsyncOpenAI(base_url=f"{daemon.url}/v1", api_key="x") as client:
+    if transport == "tcp":
+        client = openai.AsyncOpenAI(base_url=f"{daemon.url}/v1", api_key="x")
+    else:
+        uds = httpx2.AsyncHTTPTransport(uds=str(daemon.socket))
+        client = openai.AsyncOpenAI(
+            base_url="http://llmosd/v1", api_key="x", http_client=openai.DefaultAsyncHttpx2Client(transport=uds)
+        )
+    async with client:
+        whole = await client.chat.completions.create(model=SMOLLM2, messages=QUESTION, max_tokens=24, temperature=0)
+        assert "Paris" in (whole.choices[0].message.content or "")
 
         async def one(i: int) -> str:
             stream = await client.chat.completions.create(

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from llmosd.runtime import LoadedModel, ProviderSelector, load
+from llmosd.runtime.causal_lm import CausalLM
 from llmosd.runtime.chat import Message
 from llmosd.runtime.generator import TextGenerator
 from llmosd.runtime.sampling import SamplingParams
@@ -244,3 +245,38 @@ async def test_an_fp16_export_runs_with_an_fp16_kv_cache(tmp_path: Path) -> None
     finally:
         await engine.close()
     assert [s.token_ids for s in streams] == alone
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+async def test_io_binding_keeps_the_cache_as_ort_values_and_changes_nothing(
+    kind: str, tiny_lms: dict[str, tuple[Path, LoadedModel]]
+) -> None:
+    """The CUDA path binds present key/values as ORT values and feeds them back; on the CPU provider the
+    same code runs (the values stay in host memory), through joins and leaves, with identical tokens."""
+    import onnxruntime as ort
+
+    _, loaded = tiny_lms[kind]
+    plain = loaded.backend
+    assert isinstance(plain, TextGenerator)
+    bound = TextGenerator.__new__(TextGenerator)
+    bound.__dict__.update(plain.__dict__)
+    bound.lm = CausalLM(plain.lm.session, plain.lm.vocab_size, io_binding=True)
+    prompts = [plain.encode(p, special=False) for p in ("hello world", "the weather in the mountains", "one")]
+    out = {}
+    for name, model in (("plain", plain), ("bound", bound)):
+        engine = await started(model)
+        try:
+            streams = []
+            for p in prompts:
+                streams.append(
+                    engine.submit(GenerationRequest(tuple(p), GREEDY, 8 + 4 * len(streams), ignore_eos=True))
+                )
+                await anext(aiter(streams[-1]))
+            await asyncio.gather(*(s.text() for s in streams))
+        finally:
+            await engine.close()
+        out[name] = [s.token_ids for s in streams]
+    assert out["bound"] == out["plain"]
+    _, cache = bound.lm.prefill(prompts[0])
+    _, cache = bound.lm.decode(cache, [1])
+    assert isinstance(cache.arrays[0], ort.OrtValue) and cache.width == len(prompts[0]) + 1
