@@ -145,6 +145,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hardware(args: argparse.Namespace) -> int:
+    """What the probe sees on this box (no daemon needed), like nvidia-smi for llmosd."""
+    from llmosd.hardware import probe
+
+    hw = probe()
+    if args.json:
+        print(json.dumps(hw.as_dict(), indent=2))
+        return 0
+    cpu = hw.cpu
+    print(f"CPU: {cpu.model} ({cpu.arch}), {cpu.physical_cores} cores / {cpu.logical_cores} threads")
+    free, total = cpu.memory_available / 2**30, cpu.memory_total / 2**30
+    print(f"  ISA: {' '.join(cpu.isa) or '-'}; memory {free:.1f} of {total:.1f} GiB free")
+    if hw.gpus:
+        print(f"GPU driver {hw.driver_version}, CUDA {hw.cuda_driver_version}")
+    for g in hw.gpus:
+        kind = "integrated" if g.integrated else "discrete"
+        print(
+            f"GPU {g.device_id}: {g.name} ({kind}, compute {g.compute_capability[0]}.{g.compute_capability[1]}), "
+            f"memory {g.memory_free / 2**30:.1f} of {g.memory_total / 2**30:.1f} GiB free, {g.uuid}"
+        )
+    if not hw.gpus:
+        print(f"GPU: none ({hw.nvml})")
+    for p in hw.providers:
+        print(f"{p.name}: {'available' if p.available else 'unavailable: ' + p.reason}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmosd", description="Edge appliance daemon for language models")
     p.add_argument("--version", action="version", version=f"llmosd {__version__}")
@@ -156,6 +183,9 @@ def parser() -> argparse.ArgumentParser:
     _add_config_flags(s)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
+    s = sub.add_parser("hardware", help="what the hardware probe sees on this box")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_hardware)
     s = sub.add_parser("export", help="export a Hugging Face model folder into the store")
     _add_config_flags(s)
     s.add_argument("src", help="Hugging Face model folder")

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -14,6 +15,7 @@ from llmosd import __version__
 from llmosd.api import AppState, make_app
 from llmosd.config import Config
 from llmosd.export import ExportError, export_model
+from llmosd.hardware import Hardware, probe
 from llmosd.listeners import bind_tcp, bind_unix, describe, remove_socket_file
 from llmosd.logs import setup_logging
 from llmosd.runtime import ProviderSelector
@@ -33,6 +35,12 @@ def batch_policy(config: Config) -> BatchPolicy:
         max_delay_s=config.max_queue_delay_ms / 1000,
         max_queue=config.max_queue,
     )
+
+
+def describe_hardware(hw: Hardware) -> str:
+    gpus = ", ".join(f"{g.device_id} {g.name}" for g in hw.gpus) or f"no GPU ({hw.nvml})"
+    providers = ", ".join(p.name.removesuffix("ExecutionProvider") for p in hw.providers if p.available)
+    return f"{hw.cpu.physical_cores} cores {hw.cpu.arch} [{' '.join(hw.cpu.isa)}]; {gpus}; ORT providers: {providers}"
 
 
 def generation_limits(config: Config) -> GenerationLimits:
@@ -97,7 +105,8 @@ async def async_prepare_models(st: AppState) -> None:
     log.log(logging.INFO if st.ready else logging.ERROR, "%s: %s", "ready" if st.ready else "not ready", st.status_line)
 
 
-async def serve(config: Config) -> int:
+async def serve(config: Config, probe_hardware: Callable[[], Hardware] = probe) -> int:
+    """Run until SIGTERM/SIGINT. ``probe_hardware`` is injectable: tests pass fakes (a 2-GPU box...)."""
     setup_logging(config.log_level)
     log.info("llmosd %s starting; effective config: %s", __version__, config.redacted())
     store = ModelStore(config.state_dir)
@@ -126,6 +135,8 @@ async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    st.hardware = await asyncio.to_thread(probe_hardware)
+    log.info("hardware: %s", describe_hardware(st.hardware))
     preparing = asyncio.create_task(async_prepare_models(st))
     await stop.wait()
     log.info("stopping: refusing new connections, draining in-flight requests")

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from llmosd.api.errors import ApiError, bad_request
 from llmosd.api.gen_requests import ChatRequest, CompletionRequest, Sampling
+from llmosd.api.metrics import MODEL_KEY
 from llmosd.api.requests import json_body
 from llmosd.api.state import AppState, state
 from llmosd.runtime.chat import ChatTemplateError
@@ -155,6 +156,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     st = state(request)
     req = CompletionRequest.parse(await json_body(request), st.config)
     s = req.sampling
+    request[MODEL_KEY] = s.model
     engine = _engine(st, s.model)
     prompts = await _encode(engine.model, req.prompts)
     streams = _start(st, engine, s, prompts)
@@ -194,6 +196,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     st = state(request)
     req = ChatRequest.parse(await json_body(request), st.config)
     s = req.sampling
+    request[MODEL_KEY] = s.model
     engine = _engine(st, s.model)
     try:
         prompt = await asyncio.to_thread(engine.model.render_chat, req.messages)

@@ -36,6 +36,13 @@ def error_response(
     return web.json_response({"error": body}, status=status, headers=headers)
 
 
+def kserve_error(
+    status: int, message: str, type: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> web.Response:
+    """KServe v2's error body, ``{"error": "<message>"}``, for the /v2 routes."""
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
 # Error types for statuses raised by aiohttp itself (routing, body size, methods).
 STATUS_TYPES = {
     400: "invalid_request_error",

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from llmosd.api.errors import STATUS_TYPES, ApiError, error_response
+from llmosd.api.errors import STATUS_TYPES, ApiError, error_response, kserve_error
 from llmosd.api.state import state
 from llmosd.scheduler import BatcherClosed, QueueFull
 from llmosd.store import InvalidName, NotFound
@@ -37,28 +37,30 @@ def is_local(request: web.Request) -> bool:
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
+    # The Open Inference Protocol defines its own error body, a bare string: tritonclient reads that.
+    render = kserve_error if request.path.startswith("/v2") else error_response
     try:
         response = await handler(request)
     except ApiError as exc:
-        response = error_response(exc.status, exc.message, exc.type, exc.param, exc.headers)
+        response = render(exc.status, exc.message, exc.type, exc.param, exc.headers)
     except NotFound as exc:
-        response = error_response(404, str(exc), "not_found_error", "model")
+        response = render(404, str(exc), "not_found_error", "model")
     except InvalidName as exc:
-        response = error_response(400, str(exc), "invalid_request_error", "model")
+        response = render(400, str(exc), "invalid_request_error", "model")
     except QueueFull as exc:
-        response = error_response(429, str(exc), "rate_limit_error", headers={"Retry-After": str(exc.retry_after)})
+        response = render(429, str(exc), "rate_limit_error", headers={"Retry-After": str(exc.retry_after)})
     except BatcherClosed as exc:
-        response = error_response(503, str(exc), "unavailable_error", headers={"Retry-After": "1"})
+        response = render(503, str(exc), "unavailable_error", headers={"Retry-After": "1"})
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
         if exc.status == 413:
             message = f"request body too large (limit {state(request).config.max_body_bytes} bytes)"
-        response = error_response(exc.status, message or exc.reason, STATUS_TYPES.get(exc.status, "error"))
+        response = render(exc.status, message or exc.reason, STATUS_TYPES.get(exc.status, "error"))
     except Exception:
         log.exception("internal error in %s %s (request %s)", request.method, request.path, request_id)
-        response = error_response(500, f"internal error (request id {request_id})", "server_error")
+        response = render(500, f"internal error (request id {request_id})", "server_error")
     if not response.prepared:  # a stream sent its headers already
         response.headers["X-Request-Id"] = request_id
     return response

@@ -10,6 +10,7 @@ import numpy as np
 from aiohttp import web
 
 from llmosd.api.errors import ApiError, bad_request
+from llmosd.api.metrics import MODEL_KEY
 from llmosd.api.requests import ClassifyRequest, EmbeddingsRequest, json_body
 from llmosd.api.state import state
 from llmosd.runtime import Output
@@ -44,6 +45,7 @@ def _model_card(served: ServedModel) -> dict[str, Any]:
 
 
 def _served(request: web.Request, name: str, task: str) -> ServedModel:
+    request[MODEL_KEY] = name
     served = state(request).pool.get(name)
     if served.loaded.manifest.task != task:
         raise ApiError(400, f"model {name!r} is a {served.loaded.manifest.task} model, not {task}", param="model")

@@ -60,6 +60,16 @@ _MESSAGE = {
         "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
     },
 }
+_OIP = {
+    "type": "object",
+    "required": ["inputs"],
+    "properties": {
+        "id": {"type": "string"},
+        "inputs": {"type": "array", "items": {"type": "object", "required": ["name", "shape", "datatype"]}},
+        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"]}},
+        "parameters": {"type": "object"},
+    },
+}
 _STREAM_NOTE = " With stream: true, text/event-stream of OpenAI chunks ending with data: [DONE]."
 
 PATHS: dict[str, dict[str, Any]] = {
@@ -112,7 +122,22 @@ PATHS: dict[str, dict[str, Any]] = {
             errors=(404,),
         )
     },
+    "/v2": {"get": _op("Open Inference Protocol: server metadata")},
+    "/v2/health/live": {"get": _op("OIP liveness")},
+    "/v2/health/ready": {"get": _op("OIP readiness: the default models are loaded", errors=(503,))},
+    "/v2/models/{name}": {"get": _op("OIP model metadata: tensor names, datatypes, shapes", errors=(404,))},
+    "/v2/models/{name}/versions/{version}": {"get": _op("OIP model metadata of one version", errors=(404,))},
+    "/v2/models/{name}/ready": {"get": _op("OIP model readiness", errors=(404,))},
+    "/v2/models/{name}/versions/{version}/ready": {"get": _op("OIP readiness of one version", errors=(404,))},
+    "/v2/models/{name}/infer": {
+        "post": _op("OIP inference on raw tensors (JSON or binary extension), batched", body=_OIP, errors=(404,))
+    },
+    "/v2/models/{name}/versions/{version}/infer": {
+        "post": _op("OIP inference on one version", body=_OIP, errors=(404,))
+    },
     "/healthz": {"get": _op("Liveness: the process answers")},
+    "/metrics": {"get": _op("Prometheus metrics (text format)")},
+    "/api/hardware": {"get": _op("The hardware probe: CPU, GPUs, ORT providers that load, and placements")},
     "/readyz": {"get": _op("Readiness: default models loaded and warm", errors=(503,))},
     "/api/status": {"get": _op("Daemon status: models, batcher statistics, listeners, memory")},
     "/api/models": {"get": _op("Models in the store, their versions and which is active")},

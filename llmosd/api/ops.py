@@ -48,6 +48,19 @@ async def status(request: web.Request) -> web.Response:
     )
 
 
+@routes.get("/api/hardware")
+async def hardware(request: web.Request) -> web.Response:
+    """The probe's facts and where each model was placed."""
+    st = state(request)
+    if st.hardware is None:
+        return error_response(503, "the hardware probe has not finished yet", "unavailable_error")
+    placements = [
+        {"model": m["name"], "version": m["version"], "device": m["device"], "providers": m["providers"]}
+        for m in st.pool.status()
+    ]
+    return web.json_response(st.hardware.as_dict() | {"placements": placements})
+
+
 @routes.get("/openapi.json")
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(spec())

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from llmosd.config import Config
+from llmosd.hardware import Hardware
 from llmosd.scheduler import ModelPool
 from llmosd.store import ModelStore
 
@@ -23,6 +24,7 @@ class AppState:
     status_line: str = "starting"
     started: float = field(default_factory=time.time)
     listeners: list[str] = field(default_factory=list)
+    hardware: Hardware | None = None  # probed once at start, in a thread
 
 
 STATE = web.AppKey("state", AppState)

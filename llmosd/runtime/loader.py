@@ -21,6 +21,7 @@ class LoadedModel:
     manifest: Manifest
     placement: Placement
     backend: EmbeddingModel | ClassifierModel | TextGenerator
+    session: Any = None  # the ONNX session the backend runs (also served raw, over /v2)
 
     @property
     def name(self) -> str:
@@ -45,7 +46,7 @@ def load(store: ModelStore, manifest: Manifest, selector: ProviderSelector, max_
     backend = _adapter(store, manifest, session, max_context)
     backend.warmup()
     log.info("loaded %s (%s, %s) on %s", manifest.ref, manifest.task, manifest.precision, placement.device)
-    return LoadedModel(manifest, placement, backend)
+    return LoadedModel(manifest, placement, backend, session)
 
 
 def _adapter(

@@ -8,10 +8,11 @@ session actually got, and log the fallback once per selector instead of once per
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,16 @@ def session_options(threads: int, spinning: bool = True) -> ort.SessionOptions:
     return so
 
 
+@contextlib.contextmanager
+def quiet_ort() -> Iterator[None]:
+    """Silence ORT while a provider is tried: the CUDA bridge logs its failures to the default logger."""
+    ort.set_default_logger_severity(_QUIET)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(_ORT_DEFAULT)
+
+
 class ProviderSelector:
     """Creates sessions on the best provider that really loads; remembers a CUDA failure."""
 
@@ -87,16 +98,12 @@ class ProviderSelector:
             if CUDA not in self._available():
                 self._cuda_ok = False
             else:
-                so = session_options(1)
-                so.log_severity_level = _QUIET
-                ort.set_default_logger_severity(_QUIET)  # the provider bridge logs to the default logger
                 try:
-                    probe = ort.InferenceSession(PROBE_MODEL, so, providers=[CUDA, CPU])
+                    with quiet_ort():
+                        probe = ort.InferenceSession(PROBE_MODEL, session_options(1), providers=[CUDA, CPU])
                     self._cuda_ok = CUDA in probe.get_providers()
                 except Exception:  # a broken CUDA install may raise instead of falling back
                     self._cuda_ok = False
-                finally:
-                    ort.set_default_logger_severity(_ORT_DEFAULT)
                 if not self._cuda_ok:
                     log.warning("CUDA execution provider is listed but does not load; serving on CPU")
         return self._cuda_ok

@@ -23,6 +23,7 @@ from typing import Generic
 
 from llmosd.runtime.backend import Backend, Output, P
 from llmosd.scheduler.errors import BatcherClosed, QueueFull
+from llmosd.scheduler.histogram import SIZES, Histogram
 from llmosd.scheduler.planning import choose_batch, retry_after_s
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,9 @@ class BatchStats:
     largest_batch: int = 0
     batch_sizes: Counter[int] = field(default_factory=Counter)
     items_per_s: float = 0.0  # exponentially weighted service rate, for Retry-After
+    queue_wait: Histogram = field(default_factory=Histogram)  # seconds from submit to the batch's start
+    run_time: Histogram = field(default_factory=Histogram)  # seconds per backend.run
+    sizes: Histogram = field(default_factory=lambda: Histogram(SIZES))
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -68,6 +72,7 @@ class _Request:
     enqueued: float
     results: list[Output | None] = field(default_factory=list)
     missing: int = 0  # items not yet run; -1 once failed (worker thread only)
+    started: bool = False  # one of its items has run (worker thread only)
 
 
 @dataclass
@@ -225,11 +230,19 @@ class DynamicBatcher(Generic[P]):
             return
         # Statistics first: a client that sees its answer must also see the batch that produced it.
         s = self.stats
+        elapsed = time.perf_counter() - started
+        s.run_time.observe(elapsed)
+        s.sizes.observe(len(batch))
+        now = time.monotonic()
+        for req in {id(it.request): it.request for it in batch}.values():
+            if not req.started:  # the wait ends when the request's first item runs
+                req.started = True
+                s.queue_wait.observe(now - elapsed - req.enqueued)
         s.batches += 1
         s.items += len(batch)
         s.batch_sizes[len(batch)] += 1
         s.largest_batch = max(s.largest_batch, len(batch))
-        rate = len(batch) / max(time.perf_counter() - started, 1e-6)
+        rate = len(batch) / max(elapsed, 1e-6)
         s.items_per_s = rate if s.items_per_s == 0 else 0.9 * s.items_per_s + 0.1 * rate
         done: list[_Request] = []
         for it, out in zip(batch, outputs, strict=True):

@@ -26,6 +26,7 @@ from llmosd.runtime.generator import TextGenerator
 from llmosd.runtime.sampling import Sampler, SamplingParams
 from llmosd.runtime.textstream import TextStream
 from llmosd.scheduler.errors import BatcherClosed, QueueFull
+from llmosd.scheduler.histogram import Histogram
 from llmosd.scheduler.planning import retry_after_s
 
 log = logging.getLogger(__name__)
@@ -155,9 +156,17 @@ class GenerationStats:
     largest_batch: int = 0
     kv_reserved_bytes: int = 0
     tokens_per_s: float = 0.0  # exponentially weighted decode rate, for Retry-After
+    generated_tokens: int = 0  # every sampled token, the first ones (from prefill) included
+    queue_wait: Histogram = field(default_factory=Histogram)  # seconds from submit to prefill
+    step_time: Histogram = field(default_factory=Histogram)  # seconds per decode step
+    prefill_time: Histogram = field(default_factory=Histogram)  # seconds per prompt
 
     def as_dict(self) -> dict[str, object]:
-        return {k: round(v, 1) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+        return {
+            k: round(v, 1) if isinstance(v, float) else v
+            for k, v in self.__dict__.items()
+            if not isinstance(v, Histogram)
+        }
 
 
 class GenerationEngine:
@@ -279,8 +288,12 @@ class GenerationEngine:
             waiting.popleft()
             self._left_queue(1)
             budget -= len(seq.request.prompt_ids)
+            self.stats.queue_wait.observe(time.time() - seq.enqueued)
             try:
+                started = time.perf_counter()
                 logits, cache = self.model.lm.prefill(seq.request.prompt_ids)
+                self.stats.prefill_time.observe(time.perf_counter() - started)
+                self.stats.generated_tokens += 1
                 chunk = seq.advance(seq.sampler.pick(logits), self.model.eos_token_ids)
             except Exception as exc:
                 log.exception("prefill failed for %s", self.name)
@@ -309,8 +322,10 @@ class GenerationEngine:
         self._deliver([(s, c) for s, c in chunks if c is not None])
         elapsed = time.perf_counter() - started
         st = self.stats
+        st.step_time.observe(elapsed)
         st.steps += 1
         st.decode_tokens += len(rows)
+        st.generated_tokens += len(rows)
         st.largest_batch = max(st.largest_batch, len(rows))
         rate = len(rows) / max(elapsed, 1e-6)
         st.tokens_per_s = rate if st.tokens_per_s == 0 else 0.9 * st.tokens_per_s + 0.1 * rate

@@ -11,8 +11,10 @@ from typing import Any
 
 from llmosd.runtime import LoadedModel, Output, ProviderSelector, load
 from llmosd.runtime.generator import TextGenerator
+from llmosd.runtime.tensors import TensorModel
 from llmosd.scheduler.batcher import BatchPolicy, DynamicBatcher
 from llmosd.scheduler.generation import GenerationEngine, GenerationLimits
+from llmosd.scheduler.tensor_batcher import TensorBatcher
 from llmosd.store import ModelStore, NotFound
 
 log = logging.getLogger(__name__)
@@ -23,6 +25,14 @@ class ServedModel:
     loaded: LoadedModel
     batcher: DynamicBatcher[Any] | None = None
     engine: GenerationEngine | None = None
+    tensors: TensorBatcher | None = None  # raw tensors (/v2), started on first use
+
+    def tensor_batcher(self, max_rows: int, max_queue: int) -> TensorBatcher:
+        """The model's raw-tensor batcher, started on first use (on the event loop)."""
+        if self.tensors is None:
+            self.tensors = TensorBatcher(self.loaded.name, TensorModel(self.loaded.session), max_rows, max_queue)
+            self.tensors.start()
+        return self.tensors
 
     async def infer(self, inputs: Sequence[str]) -> list[Output]:
         if self.batcher is None:
@@ -40,6 +50,8 @@ class ServedModel:
             await self.batcher.close()
         if self.engine is not None:
             await self.engine.close()
+        if self.tensors is not None:
+            await self.tensors.close()
 
     def status(self) -> dict[str, object]:
         m = self.loaded.manifest
@@ -62,6 +74,8 @@ class ServedModel:
                 "kv_bytes_per_token": backend.lm.layout.bytes_per_token,
                 "generation": self.engine.stats.as_dict(),
             }
+        if self.tensors is not None:
+            out["tensors"] = self.tensors.stats.as_dict()
         return out
 
 

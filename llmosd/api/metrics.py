@@ -1,0 +1,150 @@
+"""GET /metrics in Prometheus' text format (prometheus_client), names in the ``llmosd_`` namespace with
+their unit in the name. Request counts and latencies are recorded by a middleware; everything the
+schedulers count is read from their statistics at scrape time, so the serving path pays nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterator
+
+import psutil
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, ProcessCollector, generate_latest
+from prometheus_client import Histogram as PromHistogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from llmosd.api.state import AppState
+from llmosd.hardware.gpu import gpu_usage
+from llmosd.scheduler.histogram import SECONDS, Snapshot
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MODEL_KEY = "llmosd.model"  # handlers put the model they served under this request key
+
+routes = web.RouteTableDef()
+
+
+def _histogram(family: HistogramMetricFamily, labels: list[str], snap: Snapshot) -> None:
+    buckets = [(repr(float(b)), c) for b, c in zip(snap.bounds, snap.cumulative, strict=False)]
+    buckets.append(("+Inf", snap.count))
+    family.add_metric(labels, buckets, snap.total)
+
+
+class SchedulerCollector(Collector):
+    """Reads the model pool and the devices at scrape time."""
+
+    def __init__(self, app_state: AppState, usage: Callable[[], list[tuple[str, int, int, int]]]) -> None:
+        self.state = app_state
+        self.usage = usage
+
+    def collect(self) -> Iterator[Metric]:
+        served = self.state.pool.served()
+        labels = ["model", "device"]
+        loaded = GaugeMetricFamily("llmosd_models_loaded", "Models loaded and serving")
+        loaded.add_metric([], len(served))
+        info = GaugeMetricFamily(
+            "llmosd_model_info", "A served model", labels=["model", "version", "task", "precision", "device"]
+        )
+        depth = GaugeMetricFamily("llmosd_queue_depth", "Inputs (generation: sequences) waiting", labels=["model"])
+        rejected = CounterMetricFamily("llmosd_rejected_requests", "Requests refused with 429", labels=["model"])
+        wait = HistogramMetricFamily("llmosd_queue_wait_seconds", "Time from admission to first run", labels=["model"])
+        infer = HistogramMetricFamily(
+            "llmosd_inference_seconds", "Session run time (batch, prefill or decode step)", labels=[*labels, "phase"]
+        )
+        sizes = HistogramMetricFamily("llmosd_batch_size", "Inputs per batch run", labels=["model"])
+        items = CounterMetricFamily("llmosd_inference_items", "Inputs run by the batcher", labels=["model"])
+        generated = CounterMetricFamily("llmosd_generated_tokens", "Tokens sampled", labels=["model"])
+        prompt = CounterMetricFamily("llmosd_prompt_tokens", "Prompt tokens prefilled", labels=["model"])
+        running = GaugeMetricFamily("llmosd_running_sequences", "Sequences decoding", labels=["model"])
+        kv = GaugeMetricFamily("llmosd_kv_cache_reserved_bytes", "KV cache reserved by running rows", labels=["model"])
+        for s in served:
+            m, device = s.loaded.manifest, s.loaded.placement.device
+            info.add_metric([m.name, str(m.version), m.task, m.precision, device], 1)
+            if s.batcher is not None:
+                b = s.batcher.stats
+                depth.add_metric([m.name], s.batcher.queued)
+                rejected.add_metric([m.name], b.rejected)
+                _histogram(wait, [m.name], b.queue_wait.snapshot())
+                _histogram(infer, [m.name, device, "batch"], b.run_time.snapshot())
+                _histogram(sizes, [m.name], b.sizes.snapshot())
+                items.add_metric([m.name], b.items)
+            if s.engine is not None:
+                g = s.engine.stats
+                depth.add_metric([m.name], g.waiting)
+                rejected.add_metric([m.name], g.rejected)
+                _histogram(wait, [m.name], g.queue_wait.snapshot())
+                _histogram(infer, [m.name, device, "prefill"], g.prefill_time.snapshot())
+                _histogram(infer, [m.name, device, "decode"], g.step_time.snapshot())
+                generated.add_metric([m.name], g.generated_tokens)
+                prompt.add_metric([m.name], g.prefill_tokens)
+                running.add_metric([m.name], g.running)
+                kv.add_metric([m.name], g.kv_reserved_bytes)
+        yield from (loaded, info, depth, rejected, wait, infer, sizes, items, generated, prompt, running, kv)
+        yield from self._devices()
+
+    def _devices(self) -> Iterator[Metric]:
+        memory = GaugeMetricFamily("llmosd_device_memory_bytes", "Device memory", labels=["device", "state"])
+        vm = psutil.virtual_memory()
+        memory.add_metric(["cpu", "total"], vm.total)
+        memory.add_metric(["cpu", "available"], vm.available)
+        util = GaugeMetricFamily("llmosd_gpu_utilization_ratio", "GPU busy fraction (NVML)", labels=["device"])
+        gpus = self.state.hardware is not None and self.state.hardware.gpus
+        for device, total, used, percent in self.usage() if gpus else []:
+            memory.add_metric([device, "total"], total)
+            memory.add_metric([device, "used"], used)
+            memory.add_metric([device, "free"], total - used)
+            util.add_metric([device], percent / 100)
+        yield memory
+        yield util
+
+
+class Metrics:
+    def __init__(self, app_state: AppState, usage: Callable[[], list[tuple[str, int, int, int]]] = gpu_usage) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.requests = Counter(
+            "llmosd_requests",
+            "HTTP requests by route, model and status",
+            ["route", "model", "status"],
+            registry=self.registry,
+        )
+        self.latency = PromHistogram(
+            "llmosd_request_duration_seconds",
+            "HTTP request time, streams included",
+            ["route"],
+            buckets=SECONDS,
+            registry=self.registry,
+        )
+        ProcessCollector(namespace="llmosd", registry=self.registry)  # RSS, open fds, CPU seconds
+        self.registry.register(SchedulerCollector(app_state, usage))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+METRICS = web.AppKey("metrics", Metrics)
+
+
+@web.middleware
+async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        metrics = request.app[METRICS]
+        metrics.requests.labels(route, str(request.get(MODEL_KEY, "")), str(status)).inc()
+        metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    body = await asyncio.to_thread(request.app[METRICS].render)  # NVML queries block
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,178 @@
+"""The Open Inference Protocol (KServe v2, what Triton speaks) under /v2: raw tensors for any loaded ONNX
+model, JSON or Triton's binary tensor extension (``Inference-Header-Content-Length``), so
+``tritonclient.http`` works unchanged. Inference goes through the model's tensor batcher."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from aiohttp import web
+
+from llmosd import __version__
+from llmosd.api.errors import ApiError, bad_request, kserve_error
+from llmosd.api.metrics import MODEL_KEY
+from llmosd.api.state import state
+from llmosd.runtime.tensors import NUMPY_TYPES, TensorError, TensorModel
+from llmosd.scheduler import ServedModel
+
+routes = web.RouteTableDef()
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+def _served(request: web.Request) -> ServedModel:
+    name = request.match_info["name"]
+    request[MODEL_KEY] = name
+    served = state(request).pool.get(name)
+    version = request.match_info.get("version")
+    if version is not None and version != str(served.loaded.manifest.version):
+        raise ApiError(404, f"version {version} of model {name!r} is not loaded", type="not_found_error")
+    return served
+
+
+@routes.get("/v2")
+async def server_metadata(request: web.Request) -> web.Response:
+    return web.json_response({"name": "llmosd", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+
+@routes.get("/v2/health/live")
+async def live(request: web.Request) -> web.Response:
+    return web.json_response({"live": True})
+
+
+@routes.get("/v2/health/ready")
+async def ready(request: web.Request) -> web.Response:
+    st = state(request)
+    if not st.ready:
+        return kserve_error(503, f"not ready: {st.status_line}", "unavailable_error")
+    return web.json_response({"ready": True})
+
+
+@routes.get("/v2/models/{name}")
+@routes.get("/v2/models/{name}/versions/{version}")
+async def model_metadata(request: web.Request) -> web.Response:
+    served = _served(request)
+    model = TensorModel(served.loaded.session)
+    m = served.loaded.manifest
+    return web.json_response(
+        {
+            "name": m.name,
+            "versions": [str(m.version)],
+            "platform": "onnxruntime_onnx",
+            "inputs": [s.as_dict() for s in model.inputs],
+            "outputs": [s.as_dict() for s in model.outputs],
+        }
+    )
+
+
+@routes.get("/v2/models/{name}/ready")
+@routes.get("/v2/models/{name}/versions/{version}/ready")
+async def model_ready(request: web.Request) -> web.Response:
+    served = _served(request)
+    return web.json_response({"name": served.loaded.name, "ready": True})
+
+
+@routes.post("/v2/models/{name}/infer")
+@routes.post("/v2/models/{name}/versions/{version}/infer")
+async def infer(request: web.Request) -> web.Response:
+    st = state(request)
+    served = _served(request)
+    header, binary = _split_body(await request.read(), request.headers.get(HEADER_LENGTH))
+    feeds, wanted, binary_out = _parse(header, binary)
+    batcher = served.tensor_batcher(st.config.max_batch_size, st.config.max_queue)
+    try:
+        batcher.model.check(feeds, [name for name, _ in wanted] if wanted else None)
+    except TensorError as exc:
+        raise bad_request(str(exc), "inputs") from None
+    outputs = await batcher.submit(feeds)
+    names = [name for name, _ in wanted] if wanted else list(outputs)
+    as_binary = {name: dict(wanted).get(name, binary_out) for name in names}
+    m = served.loaded.manifest
+    body: dict[str, Any] = {"model_name": m.name, "model_version": str(m.version), "outputs": []}
+    if "id" in header:
+        body["id"] = header["id"]
+    blobs = []
+    for name in names:
+        array = np.ascontiguousarray(outputs[name])
+        tensor: dict[str, Any] = {"name": name, "datatype": _datatype(array), "shape": list(array.shape)}
+        if as_binary[name]:
+            raw = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+            tensor["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            tensor["data"] = array.ravel().tolist()
+        body["outputs"].append(tensor)
+    text = json.dumps(body).encode()
+    if not blobs:
+        return web.Response(body=text, content_type="application/json")
+    return web.Response(
+        body=text + b"".join(blobs),
+        headers={"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(text))},
+    )
+
+
+def _datatype(array: npt.NDArray[Any]) -> str:
+    for name, kind in NUMPY_TYPES.items():
+        if array.dtype.type is kind:
+            return name
+    raise ApiError(500, f"output dtype {array.dtype} has no KServe datatype", type="server_error")
+
+
+def _split_body(raw: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
+    if header_length is None:
+        size = len(raw)
+    elif not header_length.isdigit() or int(header_length) > len(raw):
+        raise bad_request(f"{HEADER_LENGTH} must be a byte count within the body")
+    else:
+        size = int(header_length)
+    try:
+        header = json.loads(raw[:size])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request(f"the inference request header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise bad_request("the inference request must be a JSON object")
+    return header, raw[size:]
+
+
+def _parse(header: dict[str, Any], binary: bytes) -> tuple[dict[str, npt.NDArray[Any]], list[tuple[str, bool]], bool]:
+    """(input arrays, requested outputs with their binary flag, the default binary flag)."""
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise bad_request("'inputs' must be a non-empty list of tensors", "inputs")
+    feeds: dict[str, npt.NDArray[Any]] = {}
+    offset = 0
+    for i, tensor in enumerate(inputs):
+        where = f"inputs[{i}]"
+        if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
+            raise bad_request(f"{where} must be an object with name, shape, datatype and data", where)
+        dtype = NUMPY_TYPES.get(str(tensor.get("datatype")))
+        shape = tensor.get("shape")
+        if dtype is None:
+            raise bad_request(f"{where}: datatype must be one of {', '.join(NUMPY_TYPES)}", where)
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise bad_request(f"{where}: shape must be a list of non-negative integers", where)
+        count = int(np.prod(shape)) if shape else 1
+        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        try:
+            if size is not None:
+                if not isinstance(size, int) or offset + size > len(binary):
+                    raise bad_request(f"{where}: binary_data_size runs past the body", where)
+                array = np.frombuffer(binary[offset : offset + size], dtype=np.dtype(dtype).newbyteorder("<"))
+                offset += size
+            else:
+                array = np.asarray(tensor.get("data"), dtype=dtype).ravel()
+            if array.size != count:
+                raise bad_request(f"{where}: shape holds {count} elements, the data has {array.size}", where)
+            feeds[tensor["name"]] = array.astype(dtype, copy=False).reshape(shape)
+        except (ValueError, TypeError) as exc:
+            raise bad_request(f"{where}: data does not match its datatype and shape: {exc}", where) from None
+    params = header.get("parameters") or {}
+    binary_out = bool(params.get("binary_data_output", False))
+    wanted = []
+    for out in header.get("outputs") or []:
+        if not isinstance(out, dict) or not isinstance(out.get("name"), str):
+            raise bad_request("'outputs' must be a list of objects with a name", "outputs")
+        wanted.append((out["name"], bool((out.get("parameters") or {}).get("binary_data", binary_out))))
+    return feeds, wanted, binary_out

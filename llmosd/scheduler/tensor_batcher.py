@@ -1,0 +1,171 @@
+"""Batching raw-tensor requests (/v2 infer) for one model: requests whose tensors agree on everything but
+the first axis are stacked on it and run together, then the outputs are split back by rows.
+
+One worker thread per model, started on the first /v2 request; the same rules as the text batcher:
+bounded queue (429 at once), one loop wake-up per batch, a failure fails only its batch."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from llmosd.runtime.tensors import TensorModel
+from llmosd.scheduler.errors import BatcherClosed, QueueFull
+from llmosd.scheduler.histogram import SIZES, Histogram
+from llmosd.scheduler.planning import retry_after_s
+
+log = logging.getLogger(__name__)
+Arrays = dict[str, npt.NDArray[Any]]
+
+
+@dataclass
+class TensorStats:
+    requests: int = 0
+    batches: int = 0
+    largest_batch: int = 0  # requests in one run
+    rejected: int = 0
+    rows_per_s: float = 0.0
+    sizes: Histogram = field(default_factory=lambda: Histogram(SIZES))
+    run_time: Histogram = field(default_factory=Histogram)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "requests": self.requests,
+            "batches": self.batches,
+            "largest_batch": self.largest_batch,
+            "rejected": self.rejected,
+        }
+
+
+@dataclass
+class _Request:
+    feeds: Arrays
+    future: asyncio.Future[Arrays]
+
+    @property
+    def rows(self) -> int:
+        return int(next(iter(self.feeds.values())).shape[0]) if self.feeds else 1
+
+    def signature(self) -> tuple[object, ...]:
+        return tuple(sorted((k, v.dtype.str, v.shape[1:]) for k, v in self.feeds.items()))
+
+
+class TensorBatcher:
+    def __init__(self, name: str, model: TensorModel, max_rows: int = 32, max_queue: int = 1024) -> None:
+        self.name = name
+        self.model = model
+        self.max_rows = max_rows
+        self.max_queue = max_queue
+        self.stats = TensorStats()
+        self._inbox: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._waiting = 0  # loop side
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._work, name=f"tensors-{name}", daemon=True)
+        self._closed = False
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread.start()
+
+    async def submit(self, feeds: Mapping[str, npt.NDArray[Any]]) -> Arrays:
+        if self._closed or self._loop is None:
+            raise BatcherClosed(f"model {self.name!r} is unloading")
+        if self._waiting >= self.max_queue:
+            self.stats.rejected += 1
+            raise QueueFull(self.name, retry_after_s(self._waiting, self.stats.rows_per_s))
+        future: asyncio.Future[Arrays] = self._loop.create_future()
+        self._waiting += 1
+        self.stats.requests += 1
+        self._inbox.put(_Request(dict(feeds), future))
+        try:
+            return await future
+        finally:
+            self._waiting -= 1
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._thread.is_alive():
+            self._inbox.put(None)
+            await asyncio.to_thread(self._thread.join)
+
+    # ---- worker thread ----
+    def _work(self) -> None:
+        pending: list[_Request] = []
+        while True:
+            try:
+                item = self._inbox.get(block=not pending)
+                while item is not None:
+                    pending.append(item)
+                    item = self._inbox.get_nowait()
+                self._settle(pending, BatcherClosed(f"model {self.name!r} is unloading"))
+                return
+            except queue.Empty:
+                pass
+            pending = [r for r in pending if not r.future.done()]
+            if pending:
+                batch, pending = self._take(pending)
+                self._run(batch)
+
+    def _take(self, pending: list[_Request]) -> tuple[list[_Request], list[_Request]]:
+        """The oldest request and the later ones that stack with it, up to ``max_rows``."""
+        first = pending[0]
+        if not self.model.batchable:
+            return [first], pending[1:]
+        batch, rest, rows = [first], [], first.rows
+        for r in pending[1:]:
+            if r.signature() == first.signature() and rows + r.rows <= self.max_rows:
+                batch.append(r)
+                rows += r.rows
+            else:
+                rest.append(r)
+        return batch, rest
+
+    def _run(self, batch: list[_Request]) -> None:
+        started = time.perf_counter()
+        try:
+            if len(batch) == 1:
+                results = [self.model.run(batch[0].feeds)]
+            else:
+                stacked = {k: np.concatenate([r.feeds[k] for r in batch]) for k in batch[0].feeds}
+                out = self.model.run(stacked)
+                bounds = np.cumsum([0, *(r.rows for r in batch)])
+                results = [{k: v[bounds[i] : bounds[i + 1]] for k, v in out.items()} for i in range(len(batch))]
+        except Exception as exc:
+            log.warning("tensor batch failed for %d request(s) of %s: %r", len(batch), self.name, exc)
+            self._settle(batch, exc)
+            return
+        elapsed = time.perf_counter() - started
+        s = self.stats
+        s.batches += 1
+        s.largest_batch = max(s.largest_batch, len(batch))
+        s.sizes.observe(len(batch))
+        s.run_time.observe(elapsed)
+        rate = sum(r.rows for r in batch) / max(elapsed, 1e-6)
+        s.rows_per_s = rate if s.rows_per_s == 0 else 0.9 * s.rows_per_s + 0.1 * rate
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(_resolve, batch, results)
+
+    def _settle(self, requests: list[_Request], exc: BaseException) -> None:
+        if requests and self._loop is not None:
+            self._loop.call_soon_threadsafe(_reject, requests, exc)
+
+
+def _resolve(batch: list[_Request], results: list[Arrays]) -> None:
+    for r, out in zip(batch, results, strict=True):
+        if not r.future.done():
+            r.future.set_result(out)
+
+
+def _reject(requests: list[_Request], exc: BaseException) -> None:
+    for r in requests:
+        if not r.future.done():
+            r.future.set_exception(exc)
