@@ -114,6 +114,16 @@ BAD = [
     ({"inputs": [{"name": "input_ids", "shape": [1, 2], "datatype": "STRING", "data": [1, 2]}]}, 400, "datatype"),
     ({"inputs": [{"name": "input_ids", "shape": [1, 2], "datatype": "INT64", "data": [1, 2]}]}, 400, "missing input"),
     ({"inputs": [{"name": "pixels", "shape": [1], "datatype": "FP32", "data": [1.0]}]}, 400, "unknown input"),
+    (
+        {
+            "inputs": [
+                {"name": n, "shape": [1, 2], "datatype": "INT64", "data": [101, 10**9] if n == "input_ids" else [1, 1]}
+                for n in ("input_ids", "attention_mask", "token_type_ids")
+            ]
+        },
+        400,
+        "the model rejected these tensors",
+    ),
 ]
 
 

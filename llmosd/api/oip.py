@@ -86,7 +86,13 @@ async def infer(request: web.Request) -> web.Response:
         batcher.model.check(feeds, [name for name, _ in wanted] if wanted else None)
     except TensorError as exc:
         raise bad_request(str(exc), "inputs") from None
-    outputs = await batcher.submit(feeds)
+    try:
+        outputs = await batcher.submit(feeds)
+    except Exception as exc:
+        if type(exc).__module__.startswith("onnxruntime"):  # ORT refused the client's values
+            message = str(exc).splitlines()[0][:300]
+            raise bad_request(f"the model rejected these tensors: {message}", "inputs") from None
+        raise
     names = [name for name, _ in wanted] if wanted else list(outputs)
     as_binary = {name: dict(wanted).get(name, binary_out) for name in names}
     m = served.loaded.manifest

@@ -72,9 +72,6 @@ class TensorModel:
         unknown = sorted(set(feeds) - set(by_name))
         if unknown:
             raise TensorError(f"unknown input(s) {unknown}; the model takes {sorted(by_name)}")
-        missing = sorted(set(by_name) - set(feeds))
-        if missing:
-            raise TensorError(f"missing input(s) {missing}")
         for name, array in feeds.items():
             spec = by_name[name]
             if NUMPY_TYPES.get(spec.datatype) != array.dtype.type:
@@ -83,6 +80,11 @@ class TensorModel:
                 d not in (-1, n) for d, n in zip(spec.shape, array.shape, strict=True)
             ):
                 raise TensorError(f"input {name!r} has shape {list(array.shape)}; the model takes {list(spec.shape)}")
+        missing = sorted(set(by_name) - set(feeds))
+        if missing:
+            raise TensorError(f"missing input(s) {missing}")
+        if self.batchable and len({a.shape[0] for a in feeds.values()}) > 1:
+            raise TensorError("the inputs disagree on the first (batch) dimension")
         outputs = {s.name for s in self.outputs}
         for name in wanted or []:
             if name not in outputs:

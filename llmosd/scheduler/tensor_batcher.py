@@ -140,7 +140,11 @@ class TensorBatcher:
                 bounds = np.cumsum([0, *(r.rows for r in batch)])
                 results = [{k: v[bounds[i] : bounds[i + 1]] for k, v in out.items()} for i in range(len(batch))]
         except Exception as exc:
-            log.warning("tensor batch failed for %d request(s) of %s: %r", len(batch), self.name, exc)
+            if len(batch) > 1:  # one bad request (an id out of range...) must not fail its neighbours
+                for r in batch:
+                    self._run([r])
+                return
+            log.warning("tensor request failed for %s: %r", self.name, exc)
             self._settle(batch, exc)
             return
         elapsed = time.perf_counter() - started
