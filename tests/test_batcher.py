@@ -165,3 +165,36 @@ async def test_close_fails_waiting_requests_and_stops_the_thread() -> None:
     with pytest.raises(BatcherClosed):
         await b.submit(["too late"])
     assert not any(t.name == "batch-t" for t in threading.enumerate())
+
+
+async def test_a_high_request_queued_behind_100_low_ones_runs_in_the_next_batch() -> None:
+    from llmosd.scheduler.priority import HIGH, LOW
+
+    gate = threading.Event()
+    backend = WordBackend(gate)
+    b = DynamicBatcher("t", backend, BatchPolicy(max_batch=4, run_cost_tokens=0))
+    b.start()
+    try:
+        hold = asyncio.create_task(b.submit(["hold"]))
+        await asyncio.sleep(0.05)  # the worker is inside run(), behind the gate
+        lows = [asyncio.create_task(b.submit([f"low {i}"], LOW)) for i in range(100)]
+        await asyncio.sleep(0)
+        high = asyncio.create_task(b.submit(["high one"], HIGH))
+        await asyncio.sleep(0.05)
+        assert b.queued_by_priority() == {"high": 1, "normal": 0, "low": 100}
+        gate.set()
+        await asyncio.gather(hold, high, *lows)
+        assert backend.batches[0] == ["hold"] and "high one" in backend.batches[1]
+        assert b.queued_by_priority() == {"high": 0, "normal": 0, "low": 0}
+    finally:
+        await b.close()
+
+
+def test_waiting_raises_a_request_so_low_never_starves() -> None:
+    from llmosd.scheduler.priority import AGING_S, HIGH, LOW, NORMAL, parse_priority, rank
+
+    assert rank(HIGH, 0.0, 5) < rank(NORMAL, 0.0, 1) < rank(LOW, 0.0, 0)
+    assert rank(LOW, 2 * AGING_S + 0.1, 0) < rank(HIGH, 0.0, 1)  # an old low request overtakes fresh highs
+    assert parse_priority("HIGH") == HIGH and parse_priority(" low") == LOW
+    with pytest.raises(ValueError, match="high, normal, low"):
+        parse_priority("urgent")

@@ -234,3 +234,39 @@ def test_llmosd_client_generates_over_the_socket_and_tcp(daemon: Daemon) -> None
         with pytest.raises(ApiError) as err:
             client.load_model("nope")
         assert err.value.status == 404 and "not loaded" in err.value.message
+
+
+async def test_deadlines_answer_504_and_free_the_row_and_priorities_are_checked(daemon: Daemon) -> None:
+    body = {"model": SMOLLM2, "messages": QUESTION, "max_tokens": 500, "ignore_eos": True}
+    async with aiohttp.ClientSession() as s:
+        before = await status(s, daemon)
+        headers = {"X-Request-Timeout": "0.3", "X-Priority": "high"}
+        async with s.post(daemon.url + "/v1/chat/completions", json=body, headers=headers) as r:
+            err = await r.json()
+        assert r.status == 504 and err["error"]["type"] == "timeout_error" and "0.3 s" in err["error"]["message"]
+        _, events = await sse_events_with(s, daemon, body | {"stream": True}, headers)
+        assert events[-1]["error"]["type"] == "timeout_error"  # a stream ends with an in-band error
+        for _ in range(50):
+            now = await status(s, daemon)
+            if now["running"] == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert now["running"] == 0 and now["cancelled"] == before["cancelled"] + 2
+        assert now["decode_tokens"] - before["decode_tokens"] < 400
+        for bad in ({"X-Priority": "urgent"}, {"X-Request-Timeout": "soon"}, {"X-Request-Timeout": "0"}):
+            async with s.post(daemon.url + "/v1/chat/completions", json=body, headers=bad) as r:
+                assert r.status == 400, bad
+        async with s.post(daemon.url + "/v1/embeddings", json={"model": DEFAULT, "input": "x", "priority": 3}) as r:
+            assert r.status == 400 and (await r.json())["error"]["param"] == "priority"
+        async with s.get(daemon.url + "/api/status") as r:
+            models = {m["name"]: m for m in (await r.json())["models"]}
+        assert models[DEFAULT]["queued_by_priority"] == {"high": 0, "normal": 0, "low": 0}
+
+
+async def sse_events_with(
+    s: aiohttp.ClientSession, daemon: Daemon, body: dict[str, Any], headers: dict[str, str]
+) -> tuple[str, list[Any]]:
+    async with s.post(daemon.url + "/v1/chat/completions", json=body, headers=headers) as r:
+        raw = (await r.read()).decode()
+    events = [e.removeprefix("data: ") for e in raw.split("\n\n") if e]
+    return raw, [e if e == "[DONE]" else json.loads(e) for e in events]

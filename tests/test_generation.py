@@ -280,3 +280,32 @@ async def test_io_binding_keeps_the_cache_as_ort_values_and_changes_nothing(
     _, cache = bound.lm.prefill(prompts[0])
     _, cache = bound.lm.decode(cache, [1])
     assert isinstance(cache.arrays[0], ort.OrtValue) and cache.width == len(prompts[0]) + 1
+
+
+async def test_high_priority_sequences_are_admitted_first(smol: TextGenerator) -> None:
+    from llmosd.scheduler.priority import HIGH, LOW
+
+    engine = await started(smol, GenerationLimits(max_sequences=1))
+    try:
+        running = engine.submit(chat(smol, "Tell me a story.", 40, ignore_eos=True))
+        await anext(aiter(running))
+        base = chat(smol, "Hi", 2, ignore_eos=True)
+        order: list[str] = []
+
+        async def run(name: str, priority: int) -> None:
+            stream = engine.submit(GenerationRequest(base.prompt_ids, GREEDY, 2, ignore_eos=True, priority=priority))
+            await stream.text()
+            order.append(name)
+
+        tasks = [asyncio.create_task(run(f"low{i}", LOW)) for i in range(2)]
+        await asyncio.sleep(0.01)
+        tasks.append(asyncio.create_task(run("high", HIGH)))
+        for _ in range(100):  # the worker publishes its counts after each step
+            if engine.stats.waiting_by_priority["high"]:
+                break
+            await asyncio.sleep(0.005)
+        assert engine.stats.waiting_by_priority == {"high": 1, "normal": 0, "low": 2}
+        await asyncio.gather(running.text(), *tasks)
+        assert order == ["high", "low0", "low1"]
+    finally:
+        await engine.close()

@@ -15,7 +15,7 @@ from aiohttp import web
 from llmosd.api.errors import ApiError, bad_request
 from llmosd.api.gen_requests import ChatRequest, CompletionRequest, Sampling
 from llmosd.api.metrics import MODEL_KEY
-from llmosd.api.requests import json_body
+from llmosd.api.requests import deadline, json_body, priority_of, timeout_of
 from llmosd.api.state import AppState, state
 from llmosd.runtime.chat import ChatTemplateError
 from llmosd.runtime.generator import TextGenerator
@@ -31,7 +31,9 @@ def _engine(st: AppState, model: str) -> GenerationEngine:
     return served.engine
 
 
-def _start(st: AppState, engine: GenerationEngine, s: Sampling, prompts: list[list[int]]) -> list[GenerationStream]:
+def _start(
+    st: AppState, engine: GenerationEngine, s: Sampling, prompts: list[list[int]], priority: int
+) -> list[GenerationStream]:
     """Submit n sequences per prompt (choice index = prompt * n + i), all or none."""
     streams: list[GenerationStream] = []
     try:
@@ -43,7 +45,7 @@ def _start(st: AppState, engine: GenerationEngine, s: Sampling, prompts: list[li
                 if params.seed is not None and i:  # n choices from one seed must differ, reproducibly
                     params = type(params)(**{**params.__dict__, "seed": (params.seed + i) % 2**64})
                 request = GenerationRequest(
-                    tuple(ids), params, max(max_tokens, 1), s.stop, s.stop_token_ids, s.ignore_eos
+                    tuple(ids), params, max(max_tokens, 1), s.stop, s.stop_token_ids, s.ignore_eos, priority
                 )
                 streams.append(engine.submit(request))
     except RequestTooLarge as exc:
@@ -109,6 +111,7 @@ async def _stream(
     streams: list[GenerationStream],
     frame: Frame,
     usage: Callable[[], dict[str, Any]],
+    timeout: float | None,
 ) -> web.StreamResponse:
     """Write each chunk as SSE events (``frame`` builds them), the usage chunk if asked, then [DONE].
     A client that leaves cancels every sequence; a failure after the headers is reported in-band."""
@@ -120,9 +123,10 @@ async def _stream(
         await response.write(f"data: {data}\n\n".encode())
 
     try:
-        async for i, chunk in _merged(streams):
-            for event in frame(i, chunk):
-                await send(event)
+        async with asyncio.timeout(timeout):
+            async for i, chunk in _merged(streams):
+                for event in frame(i, chunk):
+                    await send(event)
         if s.include_usage:
             await send(usage())
         await send("[DONE]")
@@ -130,6 +134,11 @@ async def _stream(
         for stream in streams:
             stream.cancel()
         raise
+    except TimeoutError:
+        for stream in streams:
+            stream.cancel()
+        message = f"the request did not finish within its X-Request-Timeout of {timeout:g} s"
+        await send({"error": {"type": "timeout_error", "message": message}})
     except Exception as exc:
         for stream in streams:
             stream.cancel()
@@ -154,12 +163,14 @@ async def _encode(model: TextGenerator, prompts: list[str | list[int]]) -> list[
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
     st = state(request)
-    req = CompletionRequest.parse(await json_body(request), st.config)
+    body = await json_body(request)
+    req = CompletionRequest.parse(body, st.config)
+    priority, timeout = priority_of(request, body), timeout_of(request)
     s = req.sampling
     request[MODEL_KEY] = s.model
     engine = _engine(st, s.model)
     prompts = await _encode(engine.model, req.prompts)
-    streams = _start(st, engine, s, prompts)
+    streams = _start(st, engine, s, prompts, priority)
     prompt_tokens = sum(len(p) for p in prompts)
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     echo = [engine.model.tokenizer.decode(p) if req.echo else "" for p in prompts]
@@ -173,7 +184,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
         )
 
     if not s.stream:
-        texts = await _collect(streams)
+        async with deadline(timeout):
+            texts = await _collect(streams)
         choices = [choice(i, echo[i // s.n] + t, streams[i].finish_reason) for i, t in enumerate(texts)]
         return web.json_response(envelope(choices, usage=_usage(streams, prompt_tokens)))
 
@@ -188,13 +200,17 @@ async def completions(request: web.Request) -> web.StreamResponse:
             return []
         return [envelope([choice(i, text, chunk.finish_reason)])]
 
-    return await _stream(request, s, streams, frame, lambda: envelope([], usage=_usage(streams, prompt_tokens)))
+    return await _stream(
+        request, s, streams, frame, lambda: envelope([], usage=_usage(streams, prompt_tokens)), timeout
+    )
 
 
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     st = state(request)
-    req = ChatRequest.parse(await json_body(request), st.config)
+    body = await json_body(request)
+    req = ChatRequest.parse(body, st.config)
+    priority, timeout = priority_of(request, body), timeout_of(request)
     s = req.sampling
     request[MODEL_KEY] = s.model
     engine = _engine(st, s.model)
@@ -204,14 +220,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise bad_request(str(exc), "messages") from None
     except ValueError as exc:
         raise bad_request(str(exc), "model") from None
-    streams = _start(st, engine, s, [prompt])
+    streams = _start(st, engine, s, [prompt], priority)
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def envelope(choices: list[dict[str, Any]], obj: str, **extra: Any) -> dict[str, Any]:
         return {"id": ident, "object": obj, "created": created, "model": s.model, "choices": choices} | extra
 
     if not s.stream:
-        texts = await _collect(streams)
+        async with deadline(timeout):
+            texts = await _collect(streams)
         choices = [
             {
                 "index": i,
@@ -243,4 +260,4 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     def usage() -> dict[str, Any]:
         return envelope([], "chat.completion.chunk", usage=_usage(streams, len(prompt)))
 
-    return await _stream(request, s, streams, frame, usage)
+    return await _stream(request, s, streams, frame, usage, timeout)

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from llmosd.api.errors import ApiError, bad_request
 from llmosd.api.metrics import MODEL_KEY
-from llmosd.api.requests import ClassifyRequest, EmbeddingsRequest, json_body
+from llmosd.api.requests import ClassifyRequest, EmbeddingsRequest, deadline, json_body, priority_of, timeout_of
 from llmosd.api.state import state
 from llmosd.runtime import Output
 from llmosd.scheduler import ServedModel
@@ -71,14 +71,17 @@ async def get_model(request: web.Request) -> web.Response:
 @routes.post("/v1/embeddings")
 async def embeddings(request: web.Request) -> web.Response:
     st = state(request)
-    req = EmbeddingsRequest.parse(await json_body(request), st.config)
+    body = await json_body(request)
+    req = EmbeddingsRequest.parse(body, st.config)
+    priority, timeout = priority_of(request, body), timeout_of(request)
     served = _served(request, req.model, "feature-extraction")
     dims = served.loaded.manifest.runtime.get("dimensions")
     if req.dimensions is not None and req.dimensions != dims:
         raise bad_request(
             f"model {req.model!r} produces {dims} dimensions; 'dimensions' cannot change that", "dimensions"
         )
-    outputs = await served.infer(req.texts)
+    async with deadline(timeout):
+        outputs = await served.infer(req.texts, priority)
     data = []
     for i, out in enumerate(outputs):
         vec = out.values.astype("<f4", copy=False)
@@ -90,10 +93,13 @@ async def embeddings(request: web.Request) -> web.Response:
 @routes.post("/v1/classify")
 async def classify(request: web.Request) -> web.Response:
     st = state(request)
-    req = ClassifyRequest.parse(await json_body(request), st.config)
+    body = await json_body(request)
+    req = ClassifyRequest.parse(body, st.config)
+    priority, timeout = priority_of(request, body), timeout_of(request)
     served = _served(request, req.model, "text-classification")
     labels: list[str] = list(served.loaded.manifest.runtime["labels"])
-    outputs = await served.infer(req.texts)
+    async with deadline(timeout):
+        outputs = await served.infer(req.texts, priority)
     data = []
     for i, out in enumerate(outputs):
         order = np.argsort(-out.values)[: req.top_k or len(labels)]

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from llmosd.api.errors import bad_request
+from llmosd.api.errors import ApiError, bad_request
 from llmosd.config import Config
+from llmosd.scheduler.priority import NORMAL, parse_priority
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
@@ -89,3 +93,45 @@ class ClassifyRequest:
         if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
             raise bad_request("'top_k' must be a positive integer", "top_k")
         return cls(_model(body), _texts(body, limits), top_k)
+
+
+def priority_of(request: web.Request, body: dict[str, Any]) -> int:
+    """``X-Priority`` or the body's ``priority``: high, normal (default) or low."""
+    value = request.headers.get("X-Priority", body.get("priority"))
+    if value is None:
+        return NORMAL
+    if not isinstance(value, str):
+        raise bad_request("'priority' must be one of high, normal, low", "priority")
+    try:
+        return parse_priority(value)
+    except ValueError as exc:
+        raise bad_request(str(exc), "priority") from None
+
+
+def timeout_of(request: web.Request) -> float | None:
+    """``X-Request-Timeout`` in seconds: past it the request is dropped and answered 504."""
+    raw = request.headers.get("X-Request-Timeout")
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= 3600:
+        raise bad_request("X-Request-Timeout must be a number of seconds in (0, 3600]", "X-Request-Timeout")
+    return seconds
+
+
+@contextlib.asynccontextmanager
+async def deadline(seconds: float | None) -> AsyncIterator[None]:
+    """Cancel what runs inside after ``seconds`` (the schedulers skip or drop cancelled work) and answer 504."""
+    if seconds is None:
+        yield
+        return
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError:
+        raise ApiError(
+            504, f"the request did not finish within its X-Request-Timeout of {seconds:g} s", type="timeout_error"
+        ) from None

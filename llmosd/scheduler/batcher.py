@@ -25,6 +25,7 @@ from llmosd.runtime.backend import Backend, Output, P
 from llmosd.scheduler.errors import BatcherClosed, QueueFull
 from llmosd.scheduler.histogram import SIZES, Histogram
 from llmosd.scheduler.planning import choose_batch, retry_after_s
+from llmosd.scheduler.priority import NORMAL, PRIORITIES, rank
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class _Request:
     inputs: Sequence[str]
     future: asyncio.Future[list[Output]]
     enqueued: float
+    priority: int = NORMAL
     results: list[Output | None] = field(default_factory=list)
     missing: int = 0  # items not yet run; -1 once failed (worker thread only)
     started: bool = False  # one of its items has run (worker thread only)
@@ -92,9 +94,10 @@ class DynamicBatcher(Generic[P]):
         self.stats = BatchStats()
         self._inbox: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         # Two counters, each written by one thread only, so neither needs a lock.
-        self._submitted_items = 0  # event loop
-        self._finished_items = 0  # worker thread: items taken to run, failed or dropped
-        self._pool: list[_Item] = []  # worker thread only
+        self._submitted_items = [0, 0, 0]  # per priority class; event loop
+        self._finished_items = [0, 0, 0]  # per class; worker thread: items taken to run, failed or dropped
+        self._pool: list[_Item] = []  # worker thread only: prepared items
+        self._backlog: list[_Request] = []  # worker thread only: arrived, not yet prepared
         self._order = itertools.count()
         self._thread = threading.Thread(target=self._work, name=f"batch-{name}", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -103,13 +106,16 @@ class DynamicBatcher(Generic[P]):
     @property
     def queued(self) -> int:
         """Items accepted and still waiting (queued or prepared, not yet running)."""
-        return self._submitted_items - self._finished_items
+        return sum(self.queued_by_priority().values())
+
+    def queued_by_priority(self) -> dict[str, int]:
+        return {name: self._submitted_items[p] - self._finished_items[p] for p, name in enumerate(PRIORITIES)}
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._thread.start()
 
-    async def submit(self, inputs: Sequence[str]) -> list[Output]:
+    async def submit(self, inputs: Sequence[str], priority: int = NORMAL) -> list[Output]:
         if self._closed or self._loop is None:
             raise BatcherClosed(f"model {self.name!r} is unloading")
         queued = self.queued
@@ -117,9 +123,9 @@ class DynamicBatcher(Generic[P]):
             self.stats.rejected += 1
             raise QueueFull(self.name, retry_after_s(queued, self.stats.items_per_s))
         future: asyncio.Future[list[Output]] = self._loop.create_future()
-        self._submitted_items += len(inputs)
+        self._submitted_items[priority] += len(inputs)
         self.stats.requests += 1
-        self._inbox.put(_Request(inputs, future, time.monotonic()))
+        self._inbox.put(_Request(inputs, future, time.monotonic(), priority))
         return await future
 
     async def close(self) -> None:
@@ -142,10 +148,11 @@ class DynamicBatcher(Generic[P]):
             except Exception as exc:  # a bug, not a model error: fail what the pool holds, keep serving
                 log.exception("batch worker for %s failed a step", self.name)
                 self._fail(loop, _owners(self._pool), exc)
-                self._finished_items += len(self._pool)
+                self._finish_items(self._pool)
                 self._pool.clear()
         # Closing: whatever is not running yet is failed at once (the caller is unloading the model).
-        left = _owners(self._pool) + arrived
+        left = _owners(self._pool) + arrived + self._backlog
+        self._backlog = []
         while not self._inbox.empty():
             req = self._inbox.get_nowait()
             if req is not None:
@@ -154,45 +161,54 @@ class DynamicBatcher(Generic[P]):
             self._fail(loop, left, BatcherClosed(f"model {self.name!r} is unloading"))
 
     def _collect(self) -> tuple[list[_Request], bool]:
-        """Requests that arrived since the last step (blocking while there is nothing to do), and
-        whether to go on (False once ``close`` has asked the thread to stop)."""
-        arrived: list[_Request] = []
-        if not self._pool:
+        """The requests to prepare this step (blocking while there is nothing to do), and whether to go
+        on (False once ``close`` has asked the thread to stop). Everything that arrived moves to the
+        backlog; the best-ranked requests leave it for the pool, up to four batches' worth of items, so
+        a high-priority request never waits behind a backlog of low ones."""
+        go_on = True
+        if not self._pool and not self._backlog:
             first = self._inbox.get()
             if first is None:
-                return arrived, False
-            arrived.append(first)
+                return [], False
+            self._backlog.append(first)
             deadline = first.enqueued + self.policy.max_delay_s
-            while (wait := deadline - time.monotonic()) > 0 and len(arrived) < self.policy.max_batch:
+            while (wait := deadline - time.monotonic()) > 0 and len(self._backlog) < self.policy.max_batch:
                 try:
                     nxt = self._inbox.get(timeout=wait)
                 except queue.Empty:
                     break
                 if nxt is None:
-                    return arrived, False
-                arrived.append(nxt)
-        room = 4 * self.policy.max_batch - len(self._pool) - sum(len(r.inputs) for r in arrived)
-        while room > 0:
+                    return [], False
+                self._backlog.append(nxt)
+        while True:
             try:
                 nxt = self._inbox.get_nowait()
             except queue.Empty:
                 break
             if nxt is None:
-                return arrived, False
-            arrived.append(nxt)
-            room -= len(nxt.inputs)
-        return arrived, True
+                go_on = False
+                break
+            self._backlog.append(nxt)
+        now = time.monotonic()
+        self._backlog.sort(key=lambda r: (rank(r.priority, now - r.enqueued, 0), r.enqueued))
+        room = 4 * self.policy.max_batch - len(self._pool)
+        arrived: list[_Request] = []
+        while self._backlog and (room > 0 or not (self._pool or arrived)):
+            req = self._backlog.pop(0)
+            arrived.append(req)
+            room -= len(req.inputs)
+        return arrived, go_on
 
     def _admit(self, loop: asyncio.AbstractEventLoop, requests: list[_Request]) -> None:
         for req in requests:
             if req.future.done():  # cancelled while queued: skip the work
-                self._finished_items += len(req.inputs)
+                self._finished_items[req.priority] += len(req.inputs)
                 continue
             try:  # a request whose inputs cannot be prepared fails alone
                 items = self.backend.prepare(req.inputs)
             except Exception as exc:
                 req.missing = -1
-                self._finished_items += len(req.inputs)
+                self._finished_items[req.priority] += len(req.inputs)
                 self._fail(loop, [req], exc)
                 continue
             req.results = [None] * len(items)
@@ -204,18 +220,24 @@ class DynamicBatcher(Generic[P]):
         self._admit(loop, arrived)
         # Drop items whose request is already answered (failed, or cancelled by a departed client).
         kept = [it for it in self._pool if it.request.missing >= 0 and not it.request.future.done()]
-        self._finished_items += len(self._pool) - len(kept)
+        self._finish_items([it for it in self._pool if it.request.missing < 0 or it.request.future.done()])
         self._pool = kept
         if not kept:
             return
         kept.sort(key=lambda it: it.length)
-        oldest = min(range(len(kept)), key=lambda k: kept[k].order)
+        # The anchor: the best-ranked item (highest class, aged, then oldest); its neighbours in length join it.
+        now = time.monotonic()
+        anchor = min(range(len(kept)), key=lambda k: _rank(kept[k], now))
         p = self.policy
-        i, j = choose_batch([it.length for it in kept], oldest, p.max_batch, p.max_tokens, p.run_cost_tokens)
+        i, j = choose_batch([it.length for it in kept], anchor, p.max_batch, p.max_tokens, p.run_cost_tokens)
         batch = kept[i:j]
         del kept[i:j]
-        self._finished_items += len(batch)  # no longer waiting: the queue bound counts what waits
+        self._finish_items(batch)  # no longer waiting: the queue bound counts what waits
         self._run(loop, batch)
+
+    def _finish_items(self, items: list[_Item]) -> None:
+        for it in items:
+            self._finished_items[it.request.priority] += 1
 
     def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
         started = time.perf_counter()
@@ -271,6 +293,10 @@ def _reject_all(requests: list[_Request], exc: BaseException) -> None:
     for req in requests:
         if not req.future.done():
             req.future.set_exception(exc)
+
+
+def _rank(item: _Item, now: float) -> tuple[int, int]:
+    return rank(item.request.priority, now - item.request.enqueued, item.order)
 
 
 def _owners(items: list[_Item]) -> list[_Request]:

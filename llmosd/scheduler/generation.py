@@ -28,6 +28,7 @@ from llmosd.runtime.textstream import TextStream
 from llmosd.scheduler.errors import BatcherClosed, QueueFull
 from llmosd.scheduler.histogram import Histogram
 from llmosd.scheduler.planning import retry_after_s
+from llmosd.scheduler.priority import NORMAL, PRIORITIES, rank
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
+    priority: int = NORMAL
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,7 @@ class GenerationStats:
     decode_tokens: int = 0
     running: int = 0
     waiting: int = 0
+    waiting_by_priority: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PRIORITIES, 0))
     largest_batch: int = 0
     kv_reserved_bytes: int = 0
     tokens_per_s: float = 0.0  # exponentially weighted decode rate, for Retry-After
@@ -274,6 +277,10 @@ class GenerationEngine:
 
     def _admit(self, waiting: deque[_Sequence], rows: list[_Sequence]) -> list[tuple[_Sequence, KVCache]]:
         joining: list[tuple[_Sequence, KVCache]] = []
+        now = time.time()
+        ordered = sorted(waiting, key=lambda s: (rank(s.request.priority, now - s.enqueued, 0), s.enqueued))
+        waiting.clear()
+        waiting.extend(ordered)
         budget = self.limits.prefill_tokens_per_step
         while waiting:
             seq = waiting[0]
@@ -341,6 +348,10 @@ class GenerationEngine:
     def _publish_counts(self, waiting: deque[_Sequence], rows: list[_Sequence]) -> None:
         self.stats.running = len(rows)
         self.stats.waiting = len(waiting)
+        counts = [0, 0, 0]
+        for s in waiting:
+            counts[s.request.priority] += 1
+        self.stats.waiting_by_priority = dict(zip(PRIORITIES, counts, strict=True))
         width = max((s.reserve for s in rows), default=0)
         self.stats.kv_reserved_bytes = len(rows) * width * self.model.lm.layout.bytes_per_token
 

@@ -14,6 +14,7 @@ from llmosd.runtime.generator import TextGenerator
 from llmosd.runtime.tensors import TensorModel
 from llmosd.scheduler.batcher import BatchPolicy, DynamicBatcher
 from llmosd.scheduler.generation import GenerationEngine, GenerationLimits
+from llmosd.scheduler.priority import NORMAL
 from llmosd.scheduler.tensor_batcher import TensorBatcher
 from llmosd.store import ModelStore, NotFound
 
@@ -34,10 +35,10 @@ class ServedModel:
             self.tensors.start()
         return self.tensors
 
-    async def infer(self, inputs: Sequence[str]) -> list[Output]:
+    async def infer(self, inputs: Sequence[str], priority: int = NORMAL) -> list[Output]:
         if self.batcher is None:
             raise TypeError(f"model {self.loaded.name!r} generates text; it has no batch inference")
-        return await self.batcher.submit(inputs)
+        return await self.batcher.submit(inputs, priority)
 
     @property
     def generator(self) -> GenerationEngine:
@@ -65,11 +66,16 @@ class ServedModel:
             "note": self.loaded.placement.note,
         }
         if self.batcher is not None:
-            out |= {"queued": self.batcher.queued, "batcher": self.batcher.stats.as_dict()}
+            out |= {
+                "queued": self.batcher.queued,
+                "queued_by_priority": self.batcher.queued_by_priority(),
+                "batcher": self.batcher.stats.as_dict(),
+            }
         if self.engine is not None:
             backend = self.engine.model
             out |= {
                 "queued": self.engine.stats.waiting,
+                "queued_by_priority": self.engine.stats.waiting_by_priority,
                 "context_length": backend.context_length,
                 "kv_bytes_per_token": backend.lm.layout.bytes_per_token,
                 "generation": self.engine.stats.as_dict(),
