@@ -172,6 +172,52 @@ def cmd_hardware(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Autotune a model's batch size: through the running daemon (which switches to it), else here."""
+    import aiohttp
+
+    config = _config(args)
+
+    async def via_daemon() -> Any:
+        connector = aiohttp.UnixConnector(path=str(config.socket))
+        url = f"http://llmosd/api/models/{args.model}/tune"
+        async with aiohttp.ClientSession(connector=connector) as s, s.post(url) as r:
+            body = await r.json()
+            if r.status != 200:
+                raise SystemExit(f"llmosd: {body['error']['message']}")
+            return body
+
+    try:
+        profile = asyncio.run(via_daemon())
+    except (aiohttp.ClientError, OSError):
+        profile = _tune_here(config, args.model)
+    if args.json:
+        print(json.dumps(profile, indent=2))
+        return 0
+    print(f"{profile['model']} on {profile['device']} ({profile['hardware']}), inputs of {profile['seq_len']} tokens")
+    print(f"memory allows batches up to {profile['memory_bound']}; latency budget {profile['latency_budget_ms']:g} ms")
+    for t in profile["trials"]:
+        mark = "  <-" if t["batch"] == profile["chosen"] else ""
+        print(f"  batch {t['batch']:>4}: {t['latency_ms']:8.1f} ms  {t['throughput']:8.0f} inputs/s{mark}")
+    print(profile["reason"])
+    return 0
+
+
+def _tune_here(config: Config, name: str) -> dict[str, Any]:
+    from llmosd.hardware import probe
+    from llmosd.runtime import ProviderSelector, load
+    from llmosd.scheduler.tuning import Tuner, TuningPolicy
+    from llmosd.store import ModelStore
+
+    store = ModelStore(config.state_dir)
+    loaded = load(store, store.manifest(name), ProviderSelector(config.device, config.threads or None))
+    tuner = Tuner(store, probe(), TuningPolicy(True, config.latency_budget_ms))
+    try:
+        return tuner.tune(loaded).as_dict()
+    except ValueError as exc:
+        raise SystemExit(f"llmosd: {exc}") from None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmosd", description="Edge appliance daemon for language models")
     p.add_argument("--version", action="version", version=f"llmosd {__version__}")
@@ -183,6 +229,11 @@ def parser() -> argparse.ArgumentParser:
     _add_config_flags(s)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
+    s = sub.add_parser("tune", help="autotune a model's batch size (through the daemon if it runs)")
+    _add_config_flags(s)
+    s.add_argument("model")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_tune)
     s = sub.add_parser("hardware", help="what the hardware probe sees on this box")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_hardware)

@@ -20,6 +20,7 @@ from llmosd.listeners import bind_tcp, bind_unix, describe, remove_socket_file
 from llmosd.logs import setup_logging
 from llmosd.runtime import ProviderSelector
 from llmosd.scheduler import BatchPolicy, GenerationLimits, ModelPool
+from llmosd.scheduler.tuning import Tuner, TuningPolicy
 from llmosd.seed import DEFAULT_MODELS
 from llmosd.store import ManifestError, ModelStore, StoreError
 from llmosd.token import ensure_token
@@ -137,6 +138,7 @@ async def serve(config: Config, probe_hardware: Callable[[], Hardware] = probe) 
         loop.add_signal_handler(sig, stop.set)
     st.hardware = await asyncio.to_thread(probe_hardware)
     log.info("hardware: %s", describe_hardware(st.hardware))
+    pool.tuner = Tuner(store, st.hardware, TuningPolicy(config.autotune, config.latency_budget_ms))
     preparing = asyncio.create_task(async_prepare_models(st))
     await stop.wait()
     log.info("stopping: refusing new connections, draining in-flight requests")

@@ -6,6 +6,7 @@ from dataclasses import asdict
 
 from aiohttp import web
 
+from llmosd.api.errors import bad_request
 from llmosd.api.state import state
 from llmosd.store import check_name
 
@@ -40,3 +41,15 @@ async def show_model(request: web.Request) -> web.Response:
     body = asdict(manifest)
     body["source"] = {k: v for k, v in body["source"].items() if k != "path"}  # no host paths over HTTP
     return web.json_response(body)
+
+
+@routes.post("/api/models/{name}/tune")
+async def tune_model(request: web.Request) -> web.Response:
+    """Measure the model's batch sizes again now, cache the profile and switch to it."""
+    st = state(request)
+    name = check_name(request.match_info["name"])
+    try:
+        profile = await st.pool.retune(name)
+    except TypeError as exc:
+        raise bad_request(str(exc), "name") from None
+    return web.json_response(profile.as_dict())

@@ -135,6 +135,7 @@ PATHS: dict[str, dict[str, Any]] = {
     "/v2/models/{name}/versions/{version}/infer": {
         "post": _op("OIP inference on one version", body=_OIP, errors=(404,))
     },
+    "/api/models/{name}/tune": {"post": _op("Autotune the model's batch size now (encoders)", errors=(400, 404))},
     "/healthz": {"get": _op("Liveness: the process answers")},
     "/metrics": {"get": _op("Prometheus metrics (text format)")},
     "/api/hardware": {"get": _op("The hardware probe: CPU, GPUs, ORT providers that load, and placements")},

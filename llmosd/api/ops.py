@@ -55,8 +55,14 @@ async def hardware(request: web.Request) -> web.Response:
     if st.hardware is None:
         return error_response(503, "the hardware probe has not finished yet", "unavailable_error")
     placements = [
-        {"model": m["name"], "version": m["version"], "device": m["device"], "providers": m["providers"]}
-        for m in st.pool.status()
+        {
+            "model": s.loaded.name,
+            "version": s.loaded.manifest.version,
+            "device": s.loaded.placement.device,
+            "providers": list(s.loaded.placement.providers),
+            "batch_profile": s.profile.as_dict() if s.profile else None,
+        }
+        for s in st.pool.served()
     ]
     return web.json_response(st.hardware.as_dict() | {"placements": placements})
 

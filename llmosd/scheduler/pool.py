@@ -4,11 +4,13 @@ continuous-batching generation engine (causal LMs)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from llmosd.hardware.autotune import BatchProfile
 from llmosd.runtime import LoadedModel, Output, ProviderSelector, load
 from llmosd.runtime.generator import TextGenerator
 from llmosd.runtime.tensors import TensorModel
@@ -16,6 +18,7 @@ from llmosd.scheduler.batcher import BatchPolicy, DynamicBatcher
 from llmosd.scheduler.generation import GenerationEngine, GenerationLimits
 from llmosd.scheduler.priority import NORMAL
 from llmosd.scheduler.tensor_batcher import TensorBatcher
+from llmosd.scheduler.tuning import Tuner
 from llmosd.store import ModelStore, NotFound
 
 log = logging.getLogger(__name__)
@@ -27,6 +30,13 @@ class ServedModel:
     batcher: DynamicBatcher[Any] | None = None
     engine: GenerationEngine | None = None
     tensors: TensorBatcher | None = None  # raw tensors (/v2), started on first use
+    profile: BatchProfile | None = None  # the autotuned batch size, once known
+
+    def apply(self, profile: BatchProfile) -> None:
+        """Switch the batcher to the tuned size (the worker reads its policy at every step)."""
+        self.profile = profile
+        if self.batcher is not None:
+            self.batcher.policy = dataclasses.replace(self.batcher.policy, max_batch=profile.chosen)
 
     def tensor_batcher(self, max_rows: int, max_queue: int) -> TensorBatcher:
         """The model's raw-tensor batcher, started on first use (on the event loop)."""
@@ -67,6 +77,8 @@ class ServedModel:
         }
         if self.batcher is not None:
             out |= {
+                "max_batch": self.batcher.policy.max_batch,
+                "tuned": self.profile.reason if self.profile else None,
                 "queued": self.batcher.queued,
                 "queued_by_priority": self.batcher.queued_by_priority(),
                 "batcher": self.batcher.stats.as_dict(),
@@ -93,12 +105,15 @@ class ModelPool:
         policy: BatchPolicy,
         limits: GenerationLimits | None = None,
         max_context: int = 0,
+        tuner: Tuner | None = None,
     ) -> None:
         self.store = store
         self.selector = selector
         self.policy = policy
         self.limits = limits or GenerationLimits()
         self.max_context = max_context
+        self.tuner = tuner  # set by the daemon once the hardware is probed
+        self._tuning: set[asyncio.Task[None]] = set()
         self._models: dict[str, ServedModel] = {}
         self._lock = asyncio.Lock()
 
@@ -119,10 +134,38 @@ class ModelPool:
             if current and current.loaded.manifest.version == manifest.version:
                 return current
             loaded = await asyncio.to_thread(load, self.store, manifest, self.selector, self.max_context)
-            self._models[name] = self._serve(loaded)
+            served = self._models[name] = self._serve(loaded)
         if current:
             await current.close()
-        return self._models[name]
+        if served.batcher is not None and self.tuner is not None and self.tuner.policy.enabled:
+            self._start_tuning(served, self.tuner)
+        return served
+
+    def _start_tuning(self, served: ServedModel, tuner: Tuner) -> None:
+        """Serve at once at the default size; apply a cached profile now, or measure in the background."""
+        profile = tuner.cached(served.loaded)
+        if profile is not None:
+            served.apply(profile)
+            return
+
+        async def tune() -> None:
+            try:
+                served.apply(await asyncio.to_thread(tuner.tune, served.loaded))
+            except Exception:
+                log.exception("autotuning %s failed; it keeps batch size %d", served.loaded.name, self.policy.max_batch)
+
+        task = asyncio.create_task(tune())
+        self._tuning.add(task)
+        task.add_done_callback(self._tuning.discard)
+
+    async def retune(self, name: str) -> BatchProfile:
+        """Measure again now (``llmosd tune`` on a running daemon)."""
+        served = self.get(name)
+        if self.tuner is None or served.batcher is None:
+            raise TypeError(f"model {name!r} is not batch-tuned")
+        profile = await asyncio.to_thread(self.tuner.tune, served.loaded)
+        served.apply(profile)
+        return profile
 
     def _serve(self, loaded: LoadedModel) -> ServedModel:
         if isinstance(loaded.backend, TextGenerator):
@@ -141,6 +184,8 @@ class ModelPool:
         await served.close()
 
     async def close(self) -> None:
+        for task in list(self._tuning):  # a calibration in its thread finishes on its own
+            task.cancel()
         for name in list(self._models):
             await self.unload(name)
 

@@ -1,0 +1,112 @@
+"""Autotuning a loaded encoder's batch size on the device it runs on, with the profile cached per
+(model file digest, device) and reused until the hardware or the model changes."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+from llmosd.hardware import Hardware
+from llmosd.hardware.autotune import (
+    BUDGETS_MS,
+    BatchProfile,
+    ProfileCache,
+    calibrate,
+    choose,
+    hardware_key,
+    memory_bound,
+)
+from llmosd.runtime import LoadedModel
+from llmosd.runtime.tasks import ClassifierModel, EmbeddingModel
+from llmosd.store import ModelStore
+
+log = logging.getLogger(__name__)
+_TEXT = "the quick brown fox jumps over the lazy dog while the appliance measures its batches "
+
+
+@dataclass(frozen=True)
+class TuningPolicy:
+    enabled: bool = True
+    latency_budget_ms: float = 0.0  # 0: by task (BUDGETS_MS)
+    seq_len: int = 128  # the input length calibrated at (capped by the model's maximum)
+
+
+class Tuner:
+    def __init__(self, store: ModelStore, hardware: Hardware, policy: TuningPolicy) -> None:
+        self.store = store
+        self.hardware = hardware
+        self.policy = policy
+        self.cache = ProfileCache(store.root)
+
+    def key(self, device: str) -> str:
+        gpu = next((g.uuid for g in self.hardware.gpus if g.device_id == device), None)
+        cpu = self.hardware.cpu
+        return hardware_key(device, cpu.model, cpu.physical_cores, gpu, ort.__version__)
+
+    def cached(self, loaded: LoadedModel) -> BatchProfile | None:
+        return self.cache.get(self._digest(loaded), loaded.placement.device, self.key(loaded.placement.device))
+
+    def tune(self, loaded: LoadedModel) -> BatchProfile:
+        """Measure and cache (blocking: run it in a thread). Encoder tasks only."""
+        backend = loaded.backend
+        if not isinstance(backend, EmbeddingModel | ClassifierModel):
+            raise ValueError(f"{loaded.name} is a {loaded.manifest.task} model: only encoders are batch-tuned")
+        m = loaded.manifest
+        seq_len = min(self.policy.seq_len, int(m.runtime.get("max_seq_length", 512)))
+        budget = self.policy.latency_budget_ms or BUDGETS_MS.get(m.task, 250.0)
+        bound = memory_bound(self._free_bytes(loaded.placement.device), self._weights(loaded), self._per_input(loaded))
+        encoding = backend.prepare([_TEXT * (1 + seq_len // 8)])[0]
+        encoding.truncate(seq_len)  # exactly the calibrated length
+        trials = calibrate(lambda b: backend.run([encoding] * b), bound, budget)
+        chosen, reason = choose(trials, budget)
+        profile = BatchProfile(
+            model=m.ref,
+            model_digest=self._digest(loaded),
+            device=loaded.placement.device,
+            hardware=self.key(loaded.placement.device),
+            seq_len=len(encoding),
+            latency_budget_ms=budget,
+            memory_bound=bound,
+            trials=tuple(trials),
+            chosen=chosen,
+            reason=reason,
+        )
+        self.cache.put(profile)
+        log.info("tuned %s on %s: %s", m.ref, profile.device, reason)
+        return profile
+
+    def _digest(self, loaded: LoadedModel) -> str:
+        return next(f.digest for f in loaded.manifest.files if f.role == "model")
+
+    def _weights(self, loaded: LoadedModel) -> int:
+        return sum(f.size for f in loaded.manifest.files if f.role == "model")
+
+    def _free_bytes(self, device: str) -> int:
+        gpu = next((g for g in self.hardware.gpus if g.device_id == device), None)
+        if gpu is not None:
+            return gpu.memory_free
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+
+    def _per_input(self, loaded: LoadedModel) -> int:
+        """Activation bytes of one input at the model's maximum length: per layer the hidden states,
+        the feed-forward and the attention scores, float32, two layers alive at a time."""
+        config = self._config(loaded)
+        length = int(loaded.manifest.runtime.get("max_seq_length", 512))
+        hidden = int(config.get("hidden_size", 768))
+        ffn = int(config.get("intermediate_size", 4 * hidden))
+        heads = int(config.get("num_attention_heads", 12))
+        return 2 * 4 * (length * (4 * hidden + ffn) + heads * length * length)
+
+    def _config(self, loaded: LoadedModel) -> dict[str, Any]:
+        try:
+            raw: dict[str, Any] = json.loads(Path(self.store.file_path(loaded.manifest, "config")).read_text())
+            return raw
+        except (OSError, ValueError, KeyError):
+            return {}
