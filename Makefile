@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv run test lint bench bench-generation clean
+.PHONY: venv run test lint bench bench-generation bench-autotune clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ bench: $(STAMP)
 # (it builds from source, about 20 minutes on 2 cores); llmosd never depends on it.
 bench-generation: $(STAMP)
 	$(BIN)/python bench/generation.py $(ARGS)
+
+bench-autotune: $(STAMP)
+	$(BIN)/python bench/autotune.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
