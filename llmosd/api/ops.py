@@ -64,7 +64,8 @@ async def hardware(request: web.Request) -> web.Response:
         }
         for s in st.pool.served()
     ]
-    return web.json_response(st.hardware.as_dict() | {"placements": placements})
+    ledger = st.pool.ledger.as_dict() if st.pool.ledger else {}
+    return web.json_response(st.hardware.as_dict() | {"placements": placements, "memory": ledger})
 
 
 @routes.get("/openapi.json")

@@ -6,20 +6,23 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from llmosd.hardware import Hardware
 from llmosd.hardware.autotune import BatchProfile
 from llmosd.runtime import LoadedModel, Output, ProviderSelector, load
 from llmosd.runtime.generator import TextGenerator
 from llmosd.runtime.tensors import TensorModel
 from llmosd.scheduler.batcher import BatchPolicy, DynamicBatcher
 from llmosd.scheduler.generation import GenerationEngine, GenerationLimits
+from llmosd.scheduler.placement import Ledger, PlacementError, candidates, need_bytes
 from llmosd.scheduler.priority import NORMAL
 from llmosd.scheduler.tensor_batcher import TensorBatcher
 from llmosd.scheduler.tuning import Tuner
-from llmosd.store import ModelStore, NotFound
+from llmosd.store import Manifest, ModelStore, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,7 @@ class ServedModel:
     engine: GenerationEngine | None = None
     tensors: TensorBatcher | None = None  # raw tensors (/v2), started on first use
     profile: BatchProfile | None = None  # the autotuned batch size, once known
+    last_used: float = field(default_factory=time.monotonic)  # for least-recently-used unloading
 
     def apply(self, profile: BatchProfile) -> None:
         """Switch the batcher to the tuned size (the worker reads its policy at every step)."""
@@ -113,15 +117,25 @@ class ModelPool:
         self.limits = limits or GenerationLimits()
         self.max_context = max_context
         self.tuner = tuner  # set by the daemon once the hardware is probed
+        self.hardware: Hardware | None = None  # with it, a memory ledger decides where models fit
+        self.ledger: Ledger | None = None
+        self.pinned: set[str] = set()  # never unloaded to make room (the default models)
         self._tuning: set[asyncio.Task[None]] = set()
         self._models: dict[str, ServedModel] = {}
         self._lock = asyncio.Lock()
 
+    def use_hardware(self, hardware: Hardware, tuner: Tuner | None) -> None:
+        self.hardware = hardware
+        self.ledger = Ledger.from_hardware(hardware)
+        self.tuner = tuner
+
     def get(self, name: str) -> ServedModel:
         try:
-            return self._models[name]
+            served = self._models[name]
         except KeyError:
             raise NotFound(f"model {name!r} is not loaded") from None
+        served.last_used = time.monotonic()
+        return served
 
     def served(self) -> list[ServedModel]:
         return [self._models[n] for n in sorted(self._models)]
@@ -133,13 +147,54 @@ class ModelPool:
             current = self._models.get(name)
             if current and current.loaded.manifest.version == manifest.version:
                 return current
+            need = await self._make_room(manifest)
             loaded = await asyncio.to_thread(load, self.store, manifest, self.selector, self.max_context)
+            if self.ledger is not None:  # accounted where it really landed (CUDA may have fallen back)
+                self.ledger.reserve(manifest.ref, loaded.placement.device, need)
             served = self._models[name] = self._serve(loaded)
         if current:
+            if self.ledger is not None:
+                self.ledger.release(current.loaded.manifest.ref)
             await current.close()
         if served.batcher is not None and self.tuner is not None and self.tuner.policy.enabled:
             self._start_tuning(served, self.tuner)
         return served
+
+    async def _make_room(self, manifest: Manifest) -> int:
+        """Bytes the model needs, once a device has them: unloading least-recently-used unpinned models
+        only where that is enough; PlacementError (nothing unloaded) when nothing can make room."""
+        if self.ledger is None or self.hardware is None:
+            return 0
+        ledger = self.ledger
+        need = need_bytes(manifest, self.limits.kv_cache_bytes)
+        devices = candidates(manifest, self.hardware)
+        try:
+            ledger.place(manifest.ref, need, devices)
+            return need
+        except PlacementError as refusal:
+            for device in devices:
+                held = ledger.used.get(device, {})
+                victims = sorted(
+                    (
+                        s
+                        for s in self._models.values()
+                        if s.loaded.manifest.ref in held and s.loaded.name not in self.pinned | {manifest.name}
+                    ),
+                    key=lambda s: s.last_used,
+                )
+                if ledger.free(device) + sum(held[v.loaded.manifest.ref] for v in victims) < need:
+                    continue  # even unloading all of them would not be enough here
+                for victim in victims:
+                    if ledger.free(device) >= need:
+                        break
+                    log.warning(
+                        "unloading %s (least recently used) to make room for %s", victim.loaded.name, manifest.ref
+                    )
+                    del self._models[victim.loaded.name]
+                    ledger.release(victim.loaded.manifest.ref)
+                    await victim.close()
+                return need
+            raise refusal
 
     def _start_tuning(self, served: ServedModel, tuner: Tuner) -> None:
         """Serve at once at the default size; apply a cached profile now, or measure in the background."""
@@ -181,6 +236,8 @@ class ModelPool:
             served = self._models.pop(name, None)
         if served is None:
             raise NotFound(f"model {name!r} is not loaded")
+        if self.ledger is not None:
+            self.ledger.release(served.loaded.manifest.ref)
         await served.close()
 
     async def close(self) -> None:
