@@ -69,6 +69,7 @@ class Config:
     max_queue: int = _knob(1024, "inputs waiting per model before requests get 429")
     autotune: bool = _knob(True, "measure each encoder's best batch size on its device (cached under profiles/)")
     latency_budget_ms: float = _knob(0.0, "autotune: latency a batch may take (0: by task, 250 ms for encoders)")
+    keep_alive_s: float = _knob(300.0, "unload a model loaded on demand after this long idle (negative: never)")
     max_sequences: int = _knob(16, "generation: sequences decoded together per model (continuous batching)")
     kv_cache_mb: int = _knob(1024, "generation: KV-cache memory per model; worst case reserved per sequence")
     context_length: int = _knob(0, "generation: context cap in tokens (0: the model's own)")

@@ -91,6 +91,7 @@ async def async_prepare_models(st: AppState) -> None:
     expected = st.default_models or tuple(names)
     for name in names:
         st.status_line = f"loading {name}"
+        st.pool.pinned.add(name)  # the box's own models stay; keep_alive is for those loaded on demand later
         try:
             await st.pool.load(name)
         except Exception as exc:
@@ -141,12 +142,14 @@ async def serve(config: Config, probe_hardware: Callable[[], Hardware] = probe) 
     pool.use_hardware(st.hardware, Tuner(store, st.hardware, TuningPolicy(config.autotune, config.latency_budget_ms)))
     pool.pinned = set(defaults)
     preparing = asyncio.create_task(async_prepare_models(st))
+    reaping = asyncio.create_task(pool.async_keep_alive(config.keep_alive_s))
     await stop.wait()
     log.info("stopping: refusing new connections, draining in-flight requests")
     st.ready = False
     st.status_line = "stopping"
     preparing.cancel()
-    await asyncio.gather(preparing, return_exceptions=True)
+    reaping.cancel()
+    await asyncio.gather(preparing, reaping, return_exceptions=True)
     await runner.cleanup()  # closes listeners first, then waits for in-flight handlers
     await pool.close()
     if config.socket_enabled:

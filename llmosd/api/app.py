@@ -5,13 +5,13 @@ from __future__ import annotations
 from aiohttp import web
 
 from llmosd.api import admin, completions, metrics, oip, openai, ops
-from llmosd.api.middleware import auth, errors
+from llmosd.api.middleware import auth, errors, release_held
 from llmosd.api.state import STATE, AppState
 
 
 def make_app(app_state: AppState) -> web.Application:
     app = web.Application(
-        middlewares=[metrics.track, errors, auth],
+        middlewares=[metrics.track, errors, auth, release_held],
         client_max_size=app_state.config.max_body_bytes,
     )
     app[STATE] = app_state

@@ -15,8 +15,8 @@ from aiohttp import web
 from llmosd.api.errors import ApiError, bad_request
 from llmosd.api.gen_requests import ChatRequest, CompletionRequest, Sampling
 from llmosd.api.metrics import MODEL_KEY
-from llmosd.api.requests import deadline, json_body, priority_of, timeout_of
-from llmosd.api.state import AppState, state
+from llmosd.api.requests import deadline, json_body, keep_alive_of, priority_of, timeout_of
+from llmosd.api.state import AppState, hold, state
 from llmosd.runtime.chat import ChatTemplateError
 from llmosd.runtime.generator import TextGenerator
 from llmosd.scheduler import GenerationEngine, GenerationRequest, GenerationStream, RequestTooLarge
@@ -24,8 +24,9 @@ from llmosd.scheduler import GenerationEngine, GenerationRequest, GenerationStre
 routes = web.RouteTableDef()
 
 
-def _engine(st: AppState, model: str) -> GenerationEngine:
-    served = st.pool.get(model)
+async def _engine(request: web.Request, model: str, body: dict[str, Any]) -> GenerationEngine:
+    request[MODEL_KEY] = model
+    served = await hold(request, model, keep_alive_of(body))
     if served.engine is None:
         raise ApiError(400, f"model {model!r} is a {served.loaded.manifest.task} model: it does not generate text")
     return served.engine
@@ -167,8 +168,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     req = CompletionRequest.parse(body, st.config)
     priority, timeout = priority_of(request, body), timeout_of(request)
     s = req.sampling
-    request[MODEL_KEY] = s.model
-    engine = _engine(st, s.model)
+    engine = await _engine(request, s.model, body)
     prompts = await _encode(engine.model, req.prompts)
     streams = _start(st, engine, s, prompts, priority)
     prompt_tokens = sum(len(p) for p in prompts)
@@ -212,8 +212,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     req = ChatRequest.parse(body, st.config)
     priority, timeout = priority_of(request, body), timeout_of(request)
     s = req.sampling
-    request[MODEL_KEY] = s.model
-    engine = _engine(st, s.model)
+    engine = await _engine(request, s.model, body)
     try:
         prompt = await asyncio.to_thread(engine.model.render_chat, req.messages)
     except ChatTemplateError as exc:

@@ -12,8 +12,9 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from llmosd.api.errors import STATUS_TYPES, ApiError, error_response, kserve_error
-from llmosd.api.state import state
+from llmosd.api.state import HELD, state
 from llmosd.scheduler import BatcherClosed, QueueFull
+from llmosd.scheduler.placement import PlacementError
 from llmosd.store import InvalidName, NotFound
 
 log = logging.getLogger("llmosd.api")
@@ -49,6 +50,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = render(400, str(exc), "invalid_request_error", "model")
     except QueueFull as exc:
         response = render(429, str(exc), "rate_limit_error", headers={"Retry-After": str(exc.retry_after)})
+    except PlacementError as exc:
+        response = render(503, str(exc), "unavailable_error")
     except BatcherClosed as exc:
         response = render(503, str(exc), "unavailable_error", headers={"Retry-After": "1"})
     except web.HTTPException as exc:
@@ -89,3 +92,13 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
             headers={"WWW-Authenticate": "Bearer"},
         )
     return await handler(request)
+
+
+@web.middleware
+async def release_held(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Release the models a request held (see ``state.hold``) once its response is complete."""
+    try:
+        return await handler(request)
+    finally:
+        for served in request.get(HELD, ()):
+            state(request).pool.release(served)

@@ -14,7 +14,7 @@ from aiohttp import web
 from llmosd import __version__
 from llmosd.api.errors import ApiError, bad_request, kserve_error
 from llmosd.api.metrics import MODEL_KEY
-from llmosd.api.state import state
+from llmosd.api.state import hold, state
 from llmosd.runtime.tensors import NUMPY_TYPES, TensorError, TensorModel
 from llmosd.scheduler import ServedModel
 
@@ -22,10 +22,10 @@ routes = web.RouteTableDef()
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
-def _served(request: web.Request) -> ServedModel:
+async def _served(request: web.Request) -> ServedModel:
     name = request.match_info["name"]
     request[MODEL_KEY] = name
-    served = state(request).pool.get(name)
+    served = await hold(request, name)
     version = request.match_info.get("version")
     if version is not None and version != str(served.loaded.manifest.version):
         raise ApiError(404, f"version {version} of model {name!r} is not loaded", type="not_found_error")
@@ -53,7 +53,7 @@ async def ready(request: web.Request) -> web.Response:
 @routes.get("/v2/models/{name}")
 @routes.get("/v2/models/{name}/versions/{version}")
 async def model_metadata(request: web.Request) -> web.Response:
-    served = _served(request)
+    served = await _served(request)
     model = TensorModel(served.loaded.session)
     m = served.loaded.manifest
     return web.json_response(
@@ -70,7 +70,7 @@ async def model_metadata(request: web.Request) -> web.Response:
 @routes.get("/v2/models/{name}/ready")
 @routes.get("/v2/models/{name}/versions/{version}/ready")
 async def model_ready(request: web.Request) -> web.Response:
-    served = _served(request)
+    served = await _served(request)
     return web.json_response({"name": served.loaded.name, "ready": True})
 
 
@@ -78,7 +78,7 @@ async def model_ready(request: web.Request) -> web.Response:
 @routes.post("/v2/models/{name}/versions/{version}/infer")
 async def infer(request: web.Request) -> web.Response:
     st = state(request)
-    served = _served(request)
+    served = await _served(request)
     header, binary = _split_body(await request.read(), request.headers.get(HEADER_LENGTH))
     feeds, wanted, binary_out = _parse(header, binary)
     batcher = served.tensor_batcher(st.config.max_batch_size, st.config.max_queue)

@@ -11,8 +11,16 @@ from aiohttp import web
 
 from llmosd.api.errors import ApiError, bad_request
 from llmosd.api.metrics import MODEL_KEY
-from llmosd.api.requests import ClassifyRequest, EmbeddingsRequest, deadline, json_body, priority_of, timeout_of
-from llmosd.api.state import state
+from llmosd.api.requests import (
+    ClassifyRequest,
+    EmbeddingsRequest,
+    deadline,
+    json_body,
+    keep_alive_of,
+    priority_of,
+    timeout_of,
+)
+from llmosd.api.state import hold, state
 from llmosd.runtime import Output
 from llmosd.scheduler import ServedModel
 
@@ -44,9 +52,9 @@ def _model_card(served: ServedModel) -> dict[str, Any]:
     return card
 
 
-def _served(request: web.Request, name: str, task: str) -> ServedModel:
+async def _served(request: web.Request, name: str, task: str, body: dict[str, Any]) -> ServedModel:
     request[MODEL_KEY] = name
-    served = state(request).pool.get(name)
+    served = await hold(request, name, keep_alive_of(body))
     if served.loaded.manifest.task != task:
         raise ApiError(400, f"model {name!r} is a {served.loaded.manifest.task} model, not {task}", param="model")
     return served
@@ -60,12 +68,32 @@ def _list_response(model: str, data: list[dict[str, Any]], outputs: list[Output]
 
 @routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [_model_card(s) for s in state(request).pool.served()]})
+    """Loaded models with their devices, then the store's other active models (loaded on first use)."""
+    st = state(request)
+    cards = [_model_card(s) | {"loaded": True} for s in st.pool.served()]
+    loaded = {c["id"] for c in cards}
+    for name in st.store.names():
+        if name not in loaded and st.store.active_version(name):
+            m = st.store.manifest(name)
+            cards.append(
+                {
+                    "id": m.name,
+                    "object": "model",
+                    "created": _created(m.created),
+                    "owned_by": "llmosd",
+                    "task": m.task,
+                    "version": m.version,
+                    "precision": m.precision,
+                    "loaded": False,
+                }
+            )
+    return web.json_response({"object": "list", "data": cards})
 
 
 @routes.get("/v1/models/{model}")
 async def get_model(request: web.Request) -> web.Response:
-    return web.json_response(_model_card(state(request).pool.get(request.match_info["model"])))
+    """One model's card; a model in the store but not loaded is loaded now (the client's load_model)."""
+    return web.json_response(_model_card(await hold(request, request.match_info["model"])) | {"loaded": True})
 
 
 @routes.post("/v1/embeddings")
@@ -74,7 +102,7 @@ async def embeddings(request: web.Request) -> web.Response:
     body = await json_body(request)
     req = EmbeddingsRequest.parse(body, st.config)
     priority, timeout = priority_of(request, body), timeout_of(request)
-    served = _served(request, req.model, "feature-extraction")
+    served = await _served(request, req.model, "feature-extraction", body)
     dims = served.loaded.manifest.runtime.get("dimensions")
     if req.dimensions is not None and req.dimensions != dims:
         raise bad_request(
@@ -96,7 +124,7 @@ async def classify(request: web.Request) -> web.Response:
     body = await json_body(request)
     req = ClassifyRequest.parse(body, st.config)
     priority, timeout = priority_of(request, body), timeout_of(request)
-    served = _served(request, req.model, "text-classification")
+    served = await _served(request, req.model, "text-classification", body)
     labels: list[str] = list(served.loaded.manifest.runtime["labels"])
     async with deadline(timeout):
         outputs = await served.infer(req.texts, priority)

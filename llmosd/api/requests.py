@@ -135,3 +135,25 @@ async def deadline(seconds: float | None) -> AsyncIterator[None]:
         raise ApiError(
             504, f"the request did not finish within its X-Request-Timeout of {seconds:g} s", type="timeout_error"
         ) from None
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive_of(body: dict[str, Any]) -> float | None:
+    """Ollama's ``keep_alive``: seconds or a duration ("30s", "5m", "1h"); negative keeps the model
+    loaded for good, 0 unloads it once idle. None: the daemon's default."""
+    value = body.get("keep_alive")
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        try:
+            if text and text[-1] in _UNITS:
+                return float(text[:-1]) * _UNITS[text[-1]]
+            return float(text)
+        except ValueError:
+            pass
+    raise bad_request('\'keep_alive\' must be seconds or a duration like "30s", "5m", "1h" (-1: forever)', "keep_alive")

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from llmosd.config import Config
 from llmosd.hardware import Hardware
-from llmosd.scheduler import ModelPool
+from llmosd.scheduler import ModelPool, ServedModel
 from llmosd.store import ModelStore
 
 
@@ -32,3 +32,13 @@ STATE = web.AppKey("state", AppState)
 
 def state(request: web.Request) -> AppState:
     return request.app[STATE]
+
+
+HELD = "llmosd.held"  # request key: the models this request holds, released by the middleware
+
+
+async def hold(request: web.Request, name: str, keep_alive_s: float | None = None) -> ServedModel:
+    """The served model, loaded on first use if the store has it, held until the response is done."""
+    served = await state(request).pool.acquire(name, keep_alive_s)
+    request.setdefault(HELD, []).append(served)
+    return served

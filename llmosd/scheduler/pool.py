@@ -22,7 +22,7 @@ from llmosd.scheduler.placement import Ledger, PlacementError, candidates, need_
 from llmosd.scheduler.priority import NORMAL
 from llmosd.scheduler.tensor_batcher import TensorBatcher
 from llmosd.scheduler.tuning import Tuner
-from llmosd.store import Manifest, ModelStore, NotFound
+from llmosd.store import InvalidName, Manifest, ModelStore, NotFound, StoreError, check_name
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,13 @@ class ServedModel:
     tensors: TensorBatcher | None = None  # raw tensors (/v2), started on first use
     profile: BatchProfile | None = None  # the autotuned batch size, once known
     last_used: float = field(default_factory=time.monotonic)  # for least-recently-used unloading
+    in_use: int = 0  # requests holding it (between acquire and release): never unloaded meanwhile
+    keep_alive_s: float | None = None  # idle time before unloading; None: the pool's default
+
+    def busy(self) -> bool:
+        queued = self.batcher is not None and self.batcher.queued > 0
+        generating = self.engine is not None and (self.engine.stats.running + self.engine.stats.waiting) > 0
+        return self.in_use > 0 or queued or generating
 
     def apply(self, profile: BatchProfile) -> None:
         """Switch the batcher to the tuned size (the worker reads its policy at every step)."""
@@ -128,6 +135,42 @@ class ModelPool:
         self.hardware = hardware
         self.ledger = Ledger.from_hardware(hardware)
         self.tuner = tuner
+
+    async def acquire(self, name: str, keep_alive_s: float | None = None) -> ServedModel:
+        """The served model, loaded now if the store has it (Ollama's load on first request); held
+        until ``release`` so that keep_alive cannot unload it mid-request."""
+        served = self._models.get(name)
+        if served is None:
+            try:
+                known = bool(self.store.active_version(check_name(name)))
+            except (InvalidName, StoreError):
+                known = False
+            if not known:
+                raise NotFound(f"model {name!r} is not loaded, and the store has no such model")
+            served = await self.load(name)
+        served.in_use += 1
+        served.last_used = time.monotonic()
+        if keep_alive_s is not None:
+            served.keep_alive_s = keep_alive_s
+        return served
+
+    def release(self, served: ServedModel) -> None:
+        served.in_use -= 1
+        served.last_used = time.monotonic()
+
+    async def async_keep_alive(self, default_s: float, every_s: float = 1.0) -> None:
+        """Unload unpinned models idle past their keep_alive (negative: forever). Runs until cancelled."""
+        while True:
+            await asyncio.sleep(every_s)
+            now = time.monotonic()
+            for served in list(self._models.values()):
+                limit = default_s if served.keep_alive_s is None else served.keep_alive_s
+                name = served.loaded.name
+                if name in self.pinned or limit < 0 or served.busy() or now - served.last_used < limit:
+                    continue
+                if self._models.get(name) is served:
+                    log.info("unloading %s: idle for %.0f s (keep_alive %g s)", name, now - served.last_used, limit)
+                    await self.unload(name)
 
     def get(self, name: str) -> ServedModel:
         try:
