@@ -23,6 +23,7 @@ from llmosd.api.requests import (
 from llmosd.api.state import hold, state
 from llmosd.runtime import Output
 from llmosd.scheduler import ServedModel
+from llmosd.store import Manifest
 
 routes = web.RouteTableDef()
 
@@ -34,9 +35,8 @@ def _created(iso: str) -> int:
         return 0
 
 
-def _model_card(served: ServedModel) -> dict[str, Any]:
-    m = served.loaded.manifest
-    card: dict[str, Any] = {
+def _manifest_card(m: Manifest) -> dict[str, Any]:
+    return {
         "id": m.name,
         "object": "model",
         "created": _created(m.created),
@@ -44,8 +44,11 @@ def _model_card(served: ServedModel) -> dict[str, Any]:
         "task": m.task,
         "version": m.version,
         "precision": m.precision,
-        "device": served.loaded.placement.device,
     }
+
+
+def _model_card(served: ServedModel) -> dict[str, Any]:
+    card = _manifest_card(served.loaded.manifest) | {"device": served.loaded.placement.device}
     if served.engine is not None:
         card["context_length"] = served.engine.model.context_length
         card["chat_template"] = served.engine.model.chat is not None
@@ -74,19 +77,7 @@ async def list_models(request: web.Request) -> web.Response:
     loaded = {c["id"] for c in cards}
     for name in st.store.names():
         if name not in loaded and st.store.active_version(name):
-            m = st.store.manifest(name)
-            cards.append(
-                {
-                    "id": m.name,
-                    "object": "model",
-                    "created": _created(m.created),
-                    "owned_by": "llmosd",
-                    "task": m.task,
-                    "version": m.version,
-                    "precision": m.precision,
-                    "loaded": False,
-                }
-            )
+            cards.append(_manifest_card(st.store.manifest(name)) | {"loaded": False})
     return web.json_response({"object": "list", "data": cards})
 
 
