@@ -211,11 +211,8 @@ def _tune_here(config: Config, name: str) -> dict[str, Any]:
 
     store = ModelStore(config.state_dir)
     loaded = load(store, store.manifest(name), ProviderSelector(config.device, config.threads or None))
-    tuner = Tuner(store, probe(), TuningPolicy(True, config.latency_budget_ms))
-    try:
-        return tuner.tune(loaded).as_dict()
-    except ValueError as exc:
-        raise SystemExit(f"llmosd: {exc}") from None
+    policy = TuningPolicy(True, config.latency_budget_ms, 128, config.max_sequences, config.kv_cache_mb << 20)
+    return Tuner(store, probe(), policy).tune(loaded).as_dict()
 
 
 def parser() -> argparse.ArgumentParser:

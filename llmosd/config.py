@@ -67,8 +67,10 @@ class Config:
     batch_run_cost_tokens: int = _knob(48, "fixed cost of one model run, in tokens of work (higher: fuller batches)")
     max_queue_delay_ms: float = _knob(0.0, "longest wait for a fuller batch when the model is idle")
     max_queue: int = _knob(1024, "inputs waiting per model before requests get 429")
-    autotune: bool = _knob(True, "measure each encoder's best batch size on its device (cached under profiles/)")
-    latency_budget_ms: float = _knob(0.0, "autotune: latency a batch may take (0: by task, 250 ms for encoders)")
+    autotune: bool = _knob(True, "measure each model's best batch size on its device (cached under profiles/)")
+    latency_budget_ms: float = _knob(
+        0.0, "autotune: latency a batch may take (0: by task: 250 ms encoders, 100 ms per decode step)"
+    )
     keep_alive_s: float = _knob(300.0, "unload a model loaded on demand after this long idle (negative: never)")
     max_sequences: int = _knob(16, "generation: sequences decoded together per model (continuous batching)")
     kv_cache_mb: int = _knob(1024, "generation: KV-cache memory per model; worst case reserved per sequence")

@@ -139,7 +139,13 @@ async def serve(config: Config, probe_hardware: Callable[[], Hardware] = probe) 
         loop.add_signal_handler(sig, stop.set)
     st.hardware = await asyncio.to_thread(probe_hardware)
     log.info("hardware: %s", describe_hardware(st.hardware))
-    pool.use_hardware(st.hardware, Tuner(store, st.hardware, TuningPolicy(config.autotune, config.latency_budget_ms)))
+    policy = TuningPolicy(
+        config.autotune,
+        config.latency_budget_ms,
+        max_sequences=config.max_sequences,
+        kv_cache_bytes=config.kv_cache_mb << 20,
+    )
+    pool.use_hardware(st.hardware, Tuner(store, st.hardware, policy))
     pool.pinned = set(defaults)
     preparing = asyncio.create_task(async_prepare_models(st))
     reaping = asyncio.create_task(pool.async_keep_alive(config.keep_alive_s))

@@ -98,5 +98,12 @@ async def test_the_daemon_tunes_in_the_background_and_shows_why(daemon: Daemon) 
     assert r.returncode == 0, r.stderr
     again = BatchProfile.from_dict(json.loads(r.stdout))
     assert again.model == f"{DEFAULT}:1" and again.trials
-    r = llmosd("tune", "smollm2-135m-instruct", "--socket", str(daemon.socket), timeout=60)
-    assert r.returncode != 0 and "is not batch-tuned" in r.stderr + r.stdout
+    # a causal LM: rows decoded together, bounded by max_sequences (16) and the KV budget
+    r = llmosd("tune", "smollm2-135m-instruct", "--socket", str(daemon.socket), "--json", timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = BatchProfile.from_dict(json.loads(r.stdout))
+    assert [t.batch for t in rows.trials][:3] == [1, 2, 4] and rows.memory_bound == 16 and "tokens/s" in rows.reason
+    assert rows.trials[-1].throughput > rows.trials[0].throughput  # batching decode pays on this CPU
+    async with aiohttp.ClientSession() as s, s.get(daemon.url + "/api/status") as resp:
+        status = {m["name"]: m for m in (await resp.json())["models"]}
+    assert status["smollm2-135m-instruct"]["max_sequences"] == rows.chosen

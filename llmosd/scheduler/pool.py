@@ -48,6 +48,8 @@ class ServedModel:
         self.profile = profile
         if self.batcher is not None:
             self.batcher.policy = dataclasses.replace(self.batcher.policy, max_batch=profile.chosen)
+        if self.engine is not None:  # rows decoded together (the engine reads its limits at every step)
+            self.engine.limits = dataclasses.replace(self.engine.limits, max_sequences=profile.chosen)
 
     def tensor_batcher(self, max_rows: int, max_queue: int) -> TensorBatcher:
         """The model's raw-tensor batcher, started on first use (on the event loop)."""
@@ -97,6 +99,8 @@ class ServedModel:
         if self.engine is not None:
             backend = self.engine.model
             out |= {
+                "max_sequences": self.engine.limits.max_sequences,
+                "tuned": self.profile.reason if self.profile else None,
                 "queued": self.engine.stats.waiting,
                 "queued_by_priority": self.engine.stats.waiting_by_priority,
                 "context_length": backend.context_length,
@@ -199,7 +203,7 @@ class ModelPool:
             if self.ledger is not None:
                 self.ledger.release(current.loaded.manifest.ref)
             await current.close()
-        if served.batcher is not None and self.tuner is not None and self.tuner.policy.enabled:
+        if self.tuner is not None and self.tuner.policy.enabled:
             self._start_tuning(served, self.tuner)
         return served
 
@@ -250,7 +254,7 @@ class ModelPool:
             try:
                 served.apply(await asyncio.to_thread(tuner.tune, served.loaded))
             except Exception:
-                log.exception("autotuning %s failed; it keeps batch size %d", served.loaded.name, self.policy.max_batch)
+                log.exception("autotuning %s failed; it keeps its default batch size", served.loaded.name)
 
         task = asyncio.create_task(tune())
         self._tuning.add(task)
@@ -259,8 +263,8 @@ class ModelPool:
     async def retune(self, name: str) -> BatchProfile:
         """Measure again now (``llmosd tune`` on a running daemon)."""
         served = self.get(name)
-        if self.tuner is None or served.batcher is None:
-            raise TypeError(f"model {name!r} is not batch-tuned")
+        if self.tuner is None:
+            raise TypeError(f"model {name!r} is not batch-tuned: the daemon has no tuner yet")
         profile = await asyncio.to_thread(self.tuner.tune, served.loaded)
         served.apply(profile)
         return profile

@@ -16,13 +16,15 @@ from llmosd.hardware.autotune import (
     BUDGETS_MS,
     BatchProfile,
     ProfileCache,
+    Trial,
     calibrate,
     choose,
     hardware_key,
     memory_bound,
 )
 from llmosd.runtime import LoadedModel
-from llmosd.runtime.tasks import ClassifierModel, EmbeddingModel
+from llmosd.runtime.causal_lm import KVCache, merge
+from llmosd.runtime.generator import TextGenerator
 from llmosd.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,9 @@ class TuningPolicy:
     enabled: bool = True
     latency_budget_ms: float = 0.0  # 0: by task (BUDGETS_MS)
     seq_len: int = 128  # the input length calibrated at (capped by the model's maximum)
+    max_sequences: int = 16  # generation: the ceiling the tuned row count stays under
+    kv_cache_bytes: int = 1 << 30  # generation: the KV budget that bounds rows by memory
+    kv_width: int = 256  # generation: cache positions per row while calibrating
 
 
 class Tuner:
@@ -52,10 +57,10 @@ class Tuner:
         return self.cache.get(self._digest(loaded), loaded.placement.device, self.key(loaded.placement.device))
 
     def tune(self, loaded: LoadedModel) -> BatchProfile:
-        """Measure and cache (blocking: run it in a thread). Encoder tasks only."""
+        """Measure and cache (blocking: run it in a thread)."""
         backend = loaded.backend
-        if not isinstance(backend, EmbeddingModel | ClassifierModel):
-            raise ValueError(f"{loaded.name} is a {loaded.manifest.task} model: only encoders are batch-tuned")
+        if isinstance(backend, TextGenerator):
+            return self._tune_generator(loaded, backend)
         m = loaded.manifest
         seq_len = min(self.policy.seq_len, int(m.runtime.get("max_seq_length", 512)))
         budget = self.policy.latency_budget_ms or BUDGETS_MS.get(m.task, 250.0)
@@ -64,12 +69,45 @@ class Tuner:
         encoding.truncate(seq_len)  # exactly the calibrated length
         trials = calibrate(lambda b: backend.run([encoding] * b), bound, budget)
         chosen, reason = choose(trials, budget)
+        return self._keep(loaded, len(encoding), budget, bound, trials, chosen, reason)
+
+    def _tune_generator(self, loaded: LoadedModel, model: TextGenerator) -> BatchProfile:
+        """Rows decoded together: bounded by the KV budget and ``max_sequences``, then the count with the
+        best tokens/s whose decode step stays within the budget (the inter-token latency each stream sees)."""
+        m = loaded.manifest
+        budget = self.policy.latency_budget_ms or BUDGETS_MS.get(m.task, 100.0)
+        width = min(self.policy.kv_width, model.context_length - 1)
+        per_row = width * model.lm.layout.bytes_per_token
+        bound = max(1, min(self.policy.max_sequences, self.policy.kv_cache_bytes // per_row))
+        _, row = model.lm.prefill([1 + i % 100 for i in range(width)])
+        caches: dict[int, KVCache] = {}
+
+        def step(rows: int) -> None:
+            if rows not in caches:
+                caches[rows] = merge(model.lm.empty_cache(), [row] * rows)
+            model.lm.decode(caches[rows], [1] * rows)  # the same cache every time: the same work
+
+        trials = calibrate(step, bound, budget)
+        caches.clear()
+        chosen, reason = choose(trials, budget)
+        return self._keep(loaded, width, budget, bound, trials, chosen, reason.replace("inputs/s", "tokens/s"))
+
+    def _keep(
+        self,
+        loaded: LoadedModel,
+        seq_len: int,
+        budget: float,
+        bound: int,
+        trials: list[Trial],
+        chosen: int,
+        reason: str,
+    ) -> BatchProfile:
         profile = BatchProfile(
-            model=m.ref,
+            model=loaded.manifest.ref,
             model_digest=self._digest(loaded),
             device=loaded.placement.device,
             hardware=self.key(loaded.placement.device),
-            seq_len=len(encoding),
+            seq_len=seq_len,
             latency_budget_ms=budget,
             memory_bound=bound,
             trials=tuple(trials),
@@ -77,7 +115,7 @@ class Tuner:
             reason=reason,
         )
         self.cache.put(profile)
-        log.info("tuned %s on %s: %s", m.ref, profile.device, reason)
+        log.info("tuned %s on %s: %s", loaded.manifest.ref, profile.device, reason)
         return profile
 
     def _digest(self, loaded: LoadedModel) -> str:
