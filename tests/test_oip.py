@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -96,10 +95,9 @@ def test_concurrent_requests_are_stacked_into_batches(daemon: Daemon, store_dir:
     raw = open_raw(store_dir, "minilm-fp32")
     feeds = [encoder_inputs(1 + i % 3) for i in range(24)]
     c = client(daemon)
-    with ThreadPoolExecutor(8) as pool:
-        results = list(
-            pool.map(lambda f: c.infer("minilm-fp32", triton_inputs(f)).as_numpy("last_hidden_state"), feeds)
-        )
+    # tritonclient's own concurrency (greenlets over 16 connections): its client is not thread-safe
+    pending = [c.async_infer("minilm-fp32", triton_inputs(f)) for f in feeds]
+    results = [p.get_result().as_numpy("last_hidden_state") for p in pending]
     for f, got in zip(feeds, results, strict=True):
         np.testing.assert_allclose(got, raw.run(None, f)[0], atol=1e-4)  # stacked: the same within float noise
     with urllib.request.urlopen(f"{daemon.url}/api/status") as r:
