@@ -174,8 +174,9 @@ async def test_wrong_task_and_unknown_model(daemon: Daemon) -> None:
             assert r.status == 404
         async with s.post(daemon.url + "/v1/embeddings", json={"model": SMOLLM2, "input": "x"}) as r:
             assert r.status == 400 and "text-generation model" in (await r.json())["error"]["message"]
-        async with s.post(daemon.url + "/v1/completions", json={"model": SMOLLM2, "prompt": [999_999_999]}) as r:
-            assert r.status == 400 and "vocabulary" in (await r.json())["error"]["message"]
+        for ids in ([999_999_999], [1, -5]):
+            async with s.post(daemon.url + "/v1/completions", json={"model": SMOLLM2, "prompt": ids}) as r:
+                assert r.status == 400 and "vocabulary" in (await r.json())["error"]["message"]
         async with s.get(daemon.url + f"/v1/models/{SMOLLM2}") as r:
             card = await r.json()
         assert card["task"] == "text-generation" and card["chat_template"] and card["context_length"] == 8192

@@ -153,7 +153,7 @@ async def _encode(model: TextGenerator, prompts: list[str | list[int]]) -> list[
         out = []
         for i, p in enumerate(prompts):
             ids = model.encode(p, special=True) if isinstance(p, str) else list(p)
-            if any(t >= model.lm.vocab_size for t in ids):
+            if any(t < 0 or t >= model.lm.vocab_size for t in ids):
                 raise bad_request(f"prompt {i} holds token ids outside the vocabulary", "prompt")
             out.append(ids)
         return out
