@@ -14,6 +14,7 @@ from aiohttp import web
 from llmosd.api.errors import STATUS_TYPES, ApiError, error_response, kserve_error
 from llmosd.api.state import HELD, state
 from llmosd.scheduler import BatcherClosed, QueueFull
+from llmosd.scheduler.errors import ModelUnavailable
 from llmosd.scheduler.placement import PlacementError
 from llmosd.store import InvalidName, NotFound
 
@@ -50,7 +51,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = render(400, str(exc), "invalid_request_error", "model")
     except QueueFull as exc:
         response = render(429, str(exc), "rate_limit_error", headers={"Retry-After": str(exc.retry_after)})
-    except PlacementError as exc:
+    except (PlacementError, ModelUnavailable) as exc:
         response = render(503, str(exc), "unavailable_error")
     except BatcherClosed as exc:
         response = render(503, str(exc), "unavailable_error", headers={"Retry-After": "1"})

@@ -11,3 +11,7 @@ class QueueFull(Exception):
 
 class BatcherClosed(Exception):
     """The model is being unloaded or the daemon is stopping."""
+
+
+class ModelUnavailable(Exception):
+    """A model in the store could not be loaded on demand (a corrupt file, a CUDA-only artifact on a CPU)."""

@@ -17,6 +17,7 @@ from llmosd.runtime import LoadedModel, Output, ProviderSelector, load
 from llmosd.runtime.generator import TextGenerator
 from llmosd.runtime.tensors import TensorModel
 from llmosd.scheduler.batcher import BatchPolicy, DynamicBatcher
+from llmosd.scheduler.errors import ModelUnavailable
 from llmosd.scheduler.generation import GenerationEngine, GenerationLimits
 from llmosd.scheduler.placement import Ledger, PlacementError, candidates, need_bytes
 from llmosd.scheduler.priority import NORMAL
@@ -151,7 +152,13 @@ class ModelPool:
                 known = False
             if not known:
                 raise NotFound(f"model {name!r} is not loaded, and the store has no such model")
-            served = await self.load(name)
+            try:
+                served = await self.load(name)
+            except PlacementError:
+                raise
+            except Exception as exc:  # the reason goes to the client; the daemon serves on
+                log.error("cannot load %s on demand: %s", name, exc)
+                raise ModelUnavailable(f"model {name!r} cannot be loaded: {exc}") from exc
         served.in_use += 1
         served.last_used = time.monotonic()
         if keep_alive_s is not None:
