@@ -82,26 +82,34 @@ def choose(trials: list[Trial], budget_ms: float) -> tuple[int, str]:
 
 
 def calibrate(run: Callable[[int], object], bound: int, budget_ms: float, repeats: int = 3) -> list[Trial]:
-    """Time ``run(batch)`` at growing sizes up to ``bound``; stop past twice the budget or once
-    throughput has fallen twice in a row (bigger batches will not win back)."""
-    trials: list[Trial] = []
+    """Time ``run(batch)`` at growing sizes up to ``bound``, then again in ``repeats`` interleaved passes.
+
+    The first pass finds how far to go: it stops past twice the budget or once throughput has fallen
+    twice in a row (bigger batches will not win back). The passes that follow time every size in turn,
+    so a drift of the machine's speed (±15 % within minutes on a shared VM) hits all sizes alike; each
+    trial is the median of its passes."""
+    sizes: list[int] = []
+    rates: list[float] = []
     falls = 0
     for size in (s for s in SIZES if s <= bound):
         run(size)  # warm this shape
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            run(size)
-            times.append(time.perf_counter() - t0)
-        latency = statistics.median(times)
-        trials.append(Trial(size, latency * 1000, size / latency))
-        if len(trials) > 1 and trials[-1].throughput < trials[-2].throughput:
-            falls += 1
-        else:
-            falls = 0
+        latency = _timed(run, size)
+        sizes.append(size)
+        rates.append(size / latency)
+        falls = falls + 1 if len(rates) > 1 and rates[-1] < rates[-2] else 0
         if latency * 1000 > 2 * budget_ms or falls >= 2:
             break
-    return trials
+    times: dict[int, list[float]] = {s: [] for s in sizes}
+    for _ in range(repeats):
+        for size in sizes:
+            times[size].append(_timed(run, size))
+    return [Trial(s, statistics.median(t) * 1000, s / statistics.median(t)) for s, t in times.items()]
+
+
+def _timed(run: Callable[[int], object], size: int) -> float:
+    t0 = time.perf_counter()
+    run(size)
+    return time.perf_counter() - t0
 
 
 def hardware_key(device: str, cpu_model: str, cores: int, gpu_uuid: str | None, ort_version: str) -> str:

@@ -67,7 +67,7 @@ class Tuner:
         bound = memory_bound(self._free_bytes(loaded.placement.device), self._weights(loaded), self._per_input(loaded))
         encoding = backend.prepare([_TEXT * (1 + seq_len // 8)])[0]
         encoding.truncate(seq_len)  # exactly the calibrated length
-        trials = calibrate(lambda b: backend.run([encoding] * b), bound, budget)
+        trials = calibrate(lambda b: backend.run([encoding] * b), bound, budget, repeats=5)
         chosen, reason = choose(trials, budget)
         return self._keep(loaded, len(encoding), budget, bound, trials, chosen, reason)
 
@@ -87,7 +87,7 @@ class Tuner:
                 caches[rows] = merge(model.lm.empty_cache(), [row] * rows)
             model.lm.decode(caches[rows], [1] * rows)  # the same cache every time: the same work
 
-        trials = calibrate(step, bound, budget)
+        trials = calibrate(step, bound, budget, repeats=5)
         caches.clear()
         chosen, reason = choose(trials, budget)
         return self._keep(loaded, width, budget, bound, trials, chosen, reason.replace("inputs/s", "tokens/s"))
