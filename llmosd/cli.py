@@ -1,4 +1,4 @@
-"""``llmosd serve | status | models list|show|rm | export``."""
+"""``llmosd serve | status | discover | hardware | tune | export | models list|show|rm``."""
 
 from __future__ import annotations
 
@@ -132,16 +132,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     print("listening on " + ", ".join(status["listeners"]))
     for m in status["models"]:
-        head = f"  {m['name']}:{m['version']} {m['task']} {m['precision']} on {m['device']}: "
-        if "generation" in m:
-            g = m["generation"]
-            print(
-                f"{head}{g['requests']} requests, {g['running']} running, {g['waiting']} waiting, "
-                f"{g['decode_tokens']} tokens decoded"
-            )
-        else:
-            b = m["batcher"]
-            print(f"{head}{b['requests']} requests, {b['batches']} batches, queue {m['queued']}")
+        print(f"  {m['name']}:{m['version']} {m['task']} {m['precision']} on {', '.join(m['devices'])}")
+        for n, i in enumerate(m["instances"]):
+            head = f"    #{n} {i['device']}: "
+            if "generation" in i:
+                g = i["generation"]
+                print(
+                    f"{head}{g['requests']} requests, {g['running']} running, {g['waiting']} waiting, "
+                    f"{g['decode_tokens']} tokens decoded"
+                )
+            else:
+                b = i["batcher"]
+                print(f"{head}{b['requests']} requests, {b['batches']} batches, queue {i['queued']}")
     return 0
 
 
@@ -203,6 +205,40 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_discover(args: argparse.Namespace) -> int:
+    """The appliances on the LAN (mDNS); ``--watch`` prints each change as it happens until interrupted."""
+    from llmosd.discovery.browse import Browser, discover
+    from llmosd.discovery.txt import Appliance
+
+    if args.watch:
+
+        def show(event: str, a: Appliance) -> None:
+            print(json.dumps({"event": event} | a.as_dict()) if args.json else f"{event:8} {_one_line(a)}", flush=True)
+
+        async def watch() -> None:
+            async with Browser(show):
+                await asyncio.Event().wait()
+
+        asyncio.run(watch())
+        return 0
+    found = discover(args.timeout)
+    if args.json:
+        print(json.dumps([a.as_dict() for a in found], indent=2))
+        return 0
+    if not found:
+        print(f"no llmosd answered on the LAN within {args.timeout:g} s", file=sys.stderr)
+        return 1
+    for a in found:
+        print(_one_line(a))
+    return 0
+
+
+def _one_line(a: Any) -> str:
+    models = ", ".join(a.models) + (", ..." if a.models_truncated else "")
+    auth = "token required" if a.auth else "no token"
+    return f"{a.name}  {a.url}  llmosd {a.version}  on {', '.join(a.devices)}  [{auth}]  models: {models or '-'}"
+
+
 def _tune_here(config: Config, name: str) -> dict[str, Any]:
     from llmosd.hardware import probe
     from llmosd.runtime import ProviderSelector, load
@@ -231,6 +267,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("model")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_tune)
+    s = sub.add_parser("discover", help="list the llmosd appliances on the LAN (mDNS)")
+    s.add_argument("--timeout", type=float, default=3.0, help="seconds to listen for answers (default 3)")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--watch", action="store_true", help="keep listening; print appliances as they come and go")
+    s.set_defaults(func=cmd_discover)
     s = sub.add_parser("hardware", help="what the hardware probe sees on this box")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_hardware)

@@ -67,6 +67,9 @@ class Config:
     batch_run_cost_tokens: int = _knob(48, "fixed cost of one model run, in tokens of work (higher: fuller batches)")
     max_queue_delay_ms: float = _knob(0.0, "longest wait for a fuller batch when the model is idle")
     max_queue: int = _knob(1024, "inputs waiting per model before requests get 429")
+    instances: int = _knob(
+        1, "instances of each model per GPU with room for them (Triton's instance count); CPU-only: on the CPU"
+    )
     autotune: bool = _knob(True, "measure each model's best batch size on its device (cached under profiles/)")
     latency_budget_ms: float = _knob(
         0.0, "autotune: latency a batch may take (0: by task: 250 ms encoders, 100 ms per decode step)"
@@ -79,6 +82,9 @@ class Config:
     max_body_bytes: int = _knob(8 << 20, "largest request body")
     max_inputs: int = _knob(2048, "most inputs in one request")
     max_input_chars: int = _knob(65536, "longest single input string")
+    mdns: bool = _knob(True, "advertise on the LAN over mDNS (_llmosd._tcp) when the TCP listener is not loopback")
+    mdns_name: str = _knob("", "mDNS instance name (default: the host name)")
+    mdns_interfaces: str = _knob("", "comma-separated interfaces to advertise on (default: every one that is up)")
     seed_defaults: bool = _knob(True, "export the embedded default models into an empty store on start")
     default_precision: str = _knob("int8", "precision of seeded default models", choices=("fp32", "int8"))
     shutdown_timeout_s: float = _knob(30.0, "how long SIGTERM waits for in-flight requests")
@@ -160,7 +166,10 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
         raise ConfigError(f"config key {key!r} from {origin}: must not be negative (got {out!r})")
     if key == "port" and out > 65535:
         raise ConfigError(f"config key 'port' from {origin}: must be at most 65535 (got {out!r})")
-    if key in ("max_batch_size", "max_batch_tokens", "max_queue", "max_inputs", "max_body_bytes") and out < 1:
+    if (
+        key in ("max_batch_size", "max_batch_tokens", "max_queue", "max_inputs", "max_body_bytes", "instances")
+        and out < 1
+    ):
         raise ConfigError(f"config key {key!r} from {origin}: must be at least 1 (got {out!r})")
     return out
 

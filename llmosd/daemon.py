@@ -14,6 +14,8 @@ from aiohttp import web
 from llmosd import __version__
 from llmosd.api import AppState, make_app
 from llmosd.config import Config
+from llmosd.discovery.advertise import Advertiser, install_id, is_loopback
+from llmosd.discovery.txt import txt_records
 from llmosd.export import ExportError, export_model
 from llmosd.hardware import Hardware, probe
 from llmosd.listeners import bind_tcp, bind_unix, describe, remove_socket_file
@@ -97,14 +99,61 @@ async def async_prepare_models(st: AppState) -> None:
         except Exception as exc:
             problems.append(f"{name}: {exc}")
             log.error("cannot load %s: %s", name, exc, exc_info=not isinstance(exc, StoreError | ManifestError))
-    loaded = {s.loaded.name for s in st.pool.served()}
+    loaded = {s.name for s in st.pool.served()}
     missing = [n for n in expected if n not in loaded]
     if missing:
         problems.insert(0, f"default model(s) not loaded: {', '.join(missing)}")
-    devices = sorted({s.loaded.placement.device for s in st.pool.served()}) or ["-"]
+    devices = sorted({d for s in st.pool.served() for d in s.devices}) or ["-"]
     st.status_line = "; ".join([f"serving {len(loaded)} model(s) on {', '.join(devices)}", *problems])
     st.ready = not missing
     log.log(logging.INFO if st.ready else logging.ERROR, "%s: %s", "ready" if st.ready else "not ready", st.status_line)
+
+
+def txt_content(st: AppState) -> dict[str, str]:
+    """What the TXT records say now: the models served and the devices they run on."""
+    served = st.pool.served()
+    devices = sorted({d for s in served for d in s.devices})
+    if not devices and st.hardware is not None:
+        cuda = st.hardware.provider("CUDAExecutionProvider")
+        devices = ["cuda:0"] if st.hardware.gpus and cuda is not None and cuda.available else ["cpu"]
+    return txt_records(
+        install_id=st.install_id,
+        version=__version__,
+        auth=True,  # LAN clients always need the token (only loopback and the Unix socket go without)
+        models=[s.name for s in served],
+        devices=devices,
+    )
+
+
+async def async_advertise(st: AppState, port: int, after: asyncio.Task[None]) -> None:
+    """Advertise over mDNS once the models are prepared, until cancelled (then a goodbye goes out)."""
+    config = st.config
+    if not config.mdns:
+        log.info("mDNS: advertising is off (mdns = false)")
+        return
+    if is_loopback(config.host):
+        log.info(
+            "mDNS: not advertising: the TCP listener is on %s, which no LAN client can reach "
+            '(set host = "0.0.0.0" to serve the LAN)',
+            config.host,
+        )
+        return
+    interfaces = [i.strip() for i in config.mdns_interfaces.split(",") if i.strip()]
+    await asyncio.wait([after])
+    name = config.mdns_name or socket.gethostname()
+    advertiser = Advertiser(name, st.install_id, port, config.host, lambda: txt_content(st), interfaces)
+    st.pool.watchers.append(advertiser.changed)
+    task = asyncio.create_task(advertiser.run())
+    registered = asyncio.create_task(advertiser.registered.wait())
+    try:
+        await asyncio.wait([task, registered], return_when=asyncio.FIRST_COMPLETED)
+        if advertiser.registered.is_set():
+            st.advertised_as = advertiser.name
+        await task
+    finally:
+        registered.cancel()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def serve(config: Config, probe_hardware: Callable[[], Hardware] = probe) -> int:
@@ -113,14 +162,24 @@ async def serve(config: Config, probe_hardware: Callable[[], Hardware] = probe) 
     log.info("llmosd %s starting; effective config: %s", __version__, config.redacted())
     store = ModelStore(config.state_dir)
     selector = ProviderSelector(config.device, config.threads or None, config.ort_spinning)
-    pool = ModelPool(store, selector, batch_policy(config), generation_limits(config), config.context_length)
+    pool = ModelPool(
+        store,
+        selector,
+        batch_policy(config),
+        generation_limits(config),
+        config.context_length,
+        instances=config.instances,
+    )
     defaults = tuple(d.name for d in DEFAULT_MODELS) if config.seed_defaults else ()
     st = AppState(config, store, pool, ensure_token(config.token_file), default_models=defaults)
+    st.install_id = install_id(config.state_dir)
     socks: list[socket.socket] = []
     if config.socket_enabled:
         socks.append(bind_unix(config.socket))
+    tcp_port = 0
     if config.tcp_enabled:
         socks.append(bind_tcp(config.host, config.port))
+        tcp_port = socks[-1].getsockname()[1]  # the port really bound (port = 0 picks one)
     runner = web.AppRunner(
         make_app(st),
         handle_signals=False,
@@ -149,10 +208,14 @@ async def serve(config: Config, probe_hardware: Callable[[], Hardware] = probe) 
     pool.pinned = set(defaults)
     preparing = asyncio.create_task(async_prepare_models(st))
     reaping = asyncio.create_task(pool.async_keep_alive(config.keep_alive_s))
+    advertising = asyncio.create_task(async_advertise(st, tcp_port, preparing)) if tcp_port else None
     await stop.wait()
     log.info("stopping: refusing new connections, draining in-flight requests")
     st.ready = False
     st.status_line = "stopping"
+    if advertising is not None:  # the goodbye first, so LAN clients stop choosing this box
+        advertising.cancel()
+        await asyncio.gather(advertising, return_exceptions=True)
     preparing.cancel()
     reaping.cancel()
     await asyncio.gather(preparing, reaping, return_exceptions=True)

@@ -93,7 +93,8 @@ async def test_the_daemon_tunes_in_the_background_and_shows_why(daemon: Daemon) 
         assert profile is not None and profile["reason"].startswith(f"batch {profile['chosen']}")
         async with s.get(daemon.url + "/api/status") as r:
             status = {m["name"]: m for m in (await r.json())["models"]}
-        assert status[DEFAULT]["max_batch"] == profile["chosen"] and status[DEFAULT]["tuned"] == profile["reason"]
+        instance = status[DEFAULT]["instances"][0]
+        assert instance["max_batch"] == profile["chosen"] and instance["tuned"] == profile["reason"]
     r = llmosd("tune", DEFAULT, "--socket", str(daemon.socket), "--json", timeout=300)
     assert r.returncode == 0, r.stderr
     again = BatchProfile.from_dict(json.loads(r.stdout))
@@ -106,4 +107,4 @@ async def test_the_daemon_tunes_in_the_background_and_shows_why(daemon: Daemon) 
     assert rows.trials[-1].throughput > rows.trials[0].throughput  # batching decode pays on this CPU
     async with aiohttp.ClientSession() as s, s.get(daemon.url + "/api/status") as resp:
         status = {m["name"]: m for m in (await resp.json())["models"]}
-    assert status["smollm2-135m-instruct"]["max_sequences"] == rows.chosen
+    assert status["smollm2-135m-instruct"]["instances"][0]["max_sequences"] == rows.chosen

@@ -185,7 +185,7 @@ async def test_wrong_task_and_unknown_model(daemon: Daemon) -> None:
 async def status(s: aiohttp.ClientSession, daemon: Daemon) -> dict[str, Any]:
     async with s.get(daemon.url + "/api/status") as r:
         models = {m["name"]: m for m in (await r.json())["models"]}
-    generation: dict[str, Any] = models[SMOLLM2]["generation"]
+    generation: dict[str, Any] = models[SMOLLM2]["instances"][0]["generation"]
     return generation
 
 

@@ -65,10 +65,10 @@ async def test_base64_encoding_is_little_endian_float32(daemon: Daemon) -> None:
 async def test_concurrent_requests_are_batched(daemon: Daemon) -> None:
     async with session(daemon, True) as s:
         async with s.get("/api/status") as r:
-            before = {m["name"]: m for m in (await r.json())["models"]}["minilm-fp32"]["batcher"]
+            before = {m["name"]: m for m in (await r.json())["models"]}["minilm-fp32"]["instances"][0]["batcher"]
         await asyncio.gather(*(embed(s, "minilm-fp32", t) for t in SENTENCES[:48]))
         async with s.get("/api/status") as r:
-            after = {m["name"]: m for m in (await r.json())["models"]}["minilm-fp32"]["batcher"]
+            after = {m["name"]: m for m in (await r.json())["models"]}["minilm-fp32"]["instances"][0]["batcher"]
     assert after["requests"] - before["requests"] == 48
     # Fewer model runs than requests, and at least one run carried several requests' inputs.
     assert after["batches"] - before["batches"] < 48

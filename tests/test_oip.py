@@ -102,7 +102,7 @@ def test_concurrent_requests_are_stacked_into_batches(daemon: Daemon, store_dir:
         np.testing.assert_allclose(got, raw.run(None, f)[0], atol=1e-4)  # stacked: the same within float noise
     with urllib.request.urlopen(f"{daemon.url}/api/status") as r:
         models = {m["name"]: m for m in json.load(r)["models"]}
-    assert models["minilm-fp32"]["tensors"]["largest_batch"] > 1
+    assert models["minilm-fp32"]["instances"][0]["tensors"]["largest_batch"] > 1
 
 
 BAD = [

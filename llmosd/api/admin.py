@@ -16,7 +16,7 @@ routes = web.RouteTableDef()
 @routes.get("/api/models")
 async def list_models(request: web.Request) -> web.Response:
     st = state(request)
-    loaded = {s.loaded.name: s.loaded.manifest.version for s in st.pool.served()}
+    loaded = {s.name: s.manifest.version for s in st.pool.served()}
     models = []
     for name in st.store.names():
         versions = st.store.versions(name)

@@ -27,9 +27,9 @@ routes = web.RouteTableDef()
 async def _engine(request: web.Request, model: str, body: dict[str, Any]) -> GenerationEngine:
     request[MODEL_KEY] = model
     served = await hold(request, model, keep_alive_of(body))
-    if served.engine is None:
-        raise ApiError(400, f"model {model!r} is a {served.loaded.manifest.task} model: it does not generate text")
-    return served.engine
+    if not served.generates:
+        raise ApiError(400, f"model {model!r} is a {served.manifest.task} model: it does not generate text")
+    return served.generator
 
 
 def _start(

@@ -5,8 +5,10 @@ schedulers count is read from their statistics at scrape time, so the serving pa
 from __future__ import annotations
 
 import asyncio
+import functools
+import operator
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 import psutil
 from aiohttp import web
@@ -23,6 +25,18 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MODEL_KEY = "llmosd.model"  # handlers put the model they served under this request key
 
 routes = web.RouteTableDef()
+
+
+def _sum(snaps: Iterable[Snapshot]) -> Snapshot:
+    return functools.reduce(operator.add, snaps)
+
+
+def _by_device(snaps: Iterable[tuple[str, Snapshot]]) -> list[tuple[str, Snapshot]]:
+    """One histogram per device: instances sharing a device are one series."""
+    out: dict[str, Snapshot] = {}
+    for device, snap in snaps:
+        out[device] = out[device] + snap if device in out else snap
+    return list(out.items())
 
 
 def _histogram(family: HistogramMetricFamily, labels: list[str], snap: Snapshot) -> None:
@@ -44,7 +58,9 @@ class SchedulerCollector(Collector):
         loaded = GaugeMetricFamily("llmosd_models_loaded", "Models loaded and serving")
         loaded.add_metric([], len(served))
         info = GaugeMetricFamily(
-            "llmosd_model_info", "A served model", labels=["model", "version", "task", "precision", "device"]
+            "llmosd_model_info",
+            "A served model: its instances on each device",
+            labels=["model", "version", "task", "precision", "device"],
         )
         depth = GaugeMetricFamily("llmosd_queue_depth", "Inputs (generation: sequences) waiting", labels=["model"])
         rejected = CounterMetricFamily("llmosd_rejected_requests", "Requests refused with 429", labels=["model"])
@@ -59,27 +75,31 @@ class SchedulerCollector(Collector):
         running = GaugeMetricFamily("llmosd_running_sequences", "Sequences decoding", labels=["model"])
         kv = GaugeMetricFamily("llmosd_kv_cache_reserved_bytes", "KV cache reserved by running rows", labels=["model"])
         for s in served:
-            m, device = s.loaded.manifest, s.loaded.placement.device
-            info.add_metric([m.name, str(m.version), m.task, m.precision, device], 1)
-            if s.batcher is not None:
-                b = s.batcher.stats
-                depth.add_metric([m.name], s.batcher.queued)
-                rejected.add_metric([m.name], b.rejected)
-                _histogram(wait, [m.name], b.queue_wait.snapshot())
-                _histogram(infer, [m.name, device, "batch"], b.run_time.snapshot())
-                _histogram(sizes, [m.name], b.sizes.snapshot())
-                items.add_metric([m.name], b.items)
-            if s.engine is not None:
-                g = s.engine.stats
-                depth.add_metric([m.name], g.waiting)
-                rejected.add_metric([m.name], g.rejected)
-                _histogram(wait, [m.name], g.queue_wait.snapshot())
-                _histogram(infer, [m.name, device, "prefill"], g.prefill_time.snapshot())
-                _histogram(infer, [m.name, device, "decode"], g.step_time.snapshot())
-                generated.add_metric([m.name], g.generated_tokens)
-                prompt.add_metric([m.name], g.prefill_tokens)
-                running.add_metric([m.name], g.running)
-                kv.add_metric([m.name], g.kv_reserved_bytes)
+            m = s.manifest
+            for device in dict.fromkeys(s.devices):
+                info.add_metric([m.name, str(m.version), m.task, m.precision, device], s.devices.count(device))
+            batchers = [(i.device, i.batcher.stats) for i in s.instances if i.batcher is not None]
+            engines = [(i.device, i.engine.stats) for i in s.instances if i.engine is not None]
+            if batchers:
+                depth.add_metric([m.name], sum(i.queued() for i in s.instances))
+                rejected.add_metric([m.name], sum(b.rejected for _, b in batchers))
+                _histogram(wait, [m.name], _sum(b.queue_wait.snapshot() for _, b in batchers))
+                for device, snap in _by_device((d, b.run_time.snapshot()) for d, b in batchers):
+                    _histogram(infer, [m.name, device, "batch"], snap)
+                _histogram(sizes, [m.name], _sum(b.sizes.snapshot() for _, b in batchers))
+                items.add_metric([m.name], sum(b.items for _, b in batchers))
+            if engines:
+                depth.add_metric([m.name], sum(g.waiting for _, g in engines))
+                rejected.add_metric([m.name], sum(g.rejected for _, g in engines))
+                _histogram(wait, [m.name], _sum(g.queue_wait.snapshot() for _, g in engines))
+                for device, snap in _by_device((d, g.prefill_time.snapshot()) for d, g in engines):
+                    _histogram(infer, [m.name, device, "prefill"], snap)
+                for device, snap in _by_device((d, g.step_time.snapshot()) for d, g in engines):
+                    _histogram(infer, [m.name, device, "decode"], snap)
+                generated.add_metric([m.name], sum(g.generated_tokens for _, g in engines))
+                prompt.add_metric([m.name], sum(g.prefill_tokens for _, g in engines))
+                running.add_metric([m.name], sum(g.running for _, g in engines))
+                kv.add_metric([m.name], sum(g.kv_reserved_bytes for _, g in engines))
         yield from (loaded, info, depth, rejected, wait, infer, sizes, items, generated, prompt, running, kv)
         yield from self._devices()
 

@@ -81,13 +81,12 @@ async def infer(request: web.Request) -> web.Response:
     served = await _served(request)
     header, binary = _split_body(await request.read(), request.headers.get(HEADER_LENGTH))
     feeds, wanted, binary_out = _parse(header, binary)
-    batcher = served.tensor_batcher(st.config.max_batch_size, st.config.max_queue)
-    try:
-        batcher.model.check(feeds, [name for name, _ in wanted] if wanted else None)
+    try:  # every instance runs the same graph: the first one's signature checks the request
+        TensorModel(served.loaded.session).check(feeds, [name for name, _ in wanted] if wanted else None)
     except TensorError as exc:
         raise bad_request(str(exc), "inputs") from None
     try:
-        outputs = await batcher.submit(feeds)
+        outputs = await served.infer_tensors(feeds, st.config.max_batch_size, st.config.max_queue)
     except Exception as exc:
         if type(exc).__module__.startswith("onnxruntime"):  # ORT refused the client's values
             message = str(exc).splitlines()[0][:300]

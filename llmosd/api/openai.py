@@ -48,10 +48,11 @@ def _manifest_card(m: Manifest) -> dict[str, Any]:
 
 
 def _model_card(served: ServedModel) -> dict[str, Any]:
-    card = _manifest_card(served.loaded.manifest) | {"device": served.loaded.placement.device}
-    if served.engine is not None:
-        card["context_length"] = served.engine.model.context_length
-        card["chat_template"] = served.engine.model.chat is not None
+    card = _manifest_card(served.manifest) | {"devices": served.devices}
+    engine = served.instances[0].engine
+    if engine is not None:
+        card["context_length"] = engine.model.context_length
+        card["chat_template"] = engine.model.chat is not None
     return card
 
 

@@ -35,6 +35,8 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "version": __version__,
+            "id": st.install_id,
+            "mdns": st.advertised_as,
             "ready": st.ready,
             "status": st.status_line,
             "uptime_s": round(time.time() - st.started, 1),
@@ -56,13 +58,17 @@ async def hardware(request: web.Request) -> web.Response:
         return error_response(503, "the hardware probe has not finished yet", "unavailable_error")
     placements = [
         {
-            "model": s.loaded.name,
-            "version": s.loaded.manifest.version,
-            "device": s.loaded.placement.device,
-            "providers": list(s.loaded.placement.providers),
-            "batch_profile": s.profile.as_dict() if s.profile else None,
+            "model": s.name,
+            "version": s.manifest.version,
+            "instance": n,
+            "device": i.device,
+            "providers": list(i.loaded.placement.providers),
+            "threads": i.loaded.placement.threads,
+            "note": i.loaded.placement.note,
+            "batch_profile": i.profile.as_dict() if i.profile else None,
         }
         for s in st.pool.served()
+        for n, i in enumerate(s.instances)
     ]
     ledger = st.pool.ledger.as_dict() if st.pool.ledger else {}
     return web.json_response(st.hardware.as_dict() | {"placements": placements, "memory": ledger})

@@ -25,6 +25,8 @@ class AppState:
     started: float = field(default_factory=time.time)
     listeners: list[str] = field(default_factory=list)
     hardware: Hardware | None = None  # probed once at start, in a thread
+    install_id: str = ""  # stable per install (STATE/id), also in the mDNS TXT records
+    advertised_as: str | None = None  # the mDNS instance name, once registered
 
 
 STATE = web.AppKey("state", AppState)

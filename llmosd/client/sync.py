@@ -1,4 +1,4 @@
-"""A synchronous client over ``http.client``: Unix socket first, then TCP; 429/503 retried per Retry-After."""
+"""A synchronous client over ``http.client``: Unix socket, URL or LAN appliance; 429/503 retried per Retry-After."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from llmosd.client.errors import ApiError, ConnectionFailed
-from llmosd.config import default_socket, default_state_dir
-
-_RETRIES = 3
+from llmosd.client.errors import DONE, ConnectionFailed, error_from, sse_event
+from llmosd.client.target import local_target, nothing_local, pick
+from llmosd.discovery.txt import Appliance
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -31,7 +30,8 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 class Client:
-    """``Client()``: the local socket, else ``LLMOSD_URL``; or name one with ``socket=`` / ``url=``."""
+    """``Client()``: the local socket, else ``LLMOSD_URL``, else the first appliance on the LAN (mDNS);
+    or name one with ``socket=`` / ``url=``, or pick a LAN appliance with ``name=`` / ``id=``."""
 
     def __init__(
         self,
@@ -39,28 +39,35 @@ class Client:
         *,
         socket: str | Path | None = None,
         token: str | None = None,
+        name: str | None = None,
+        id: str | None = None,
         timeout: float = 600.0,
+        retries: int = 3,
+        discover_timeout: float = 3.0,
     ) -> None:
         self.timeout = timeout
+        self.retries = retries
         self.token = token if token is not None else os.environ.get("LLMOSD_TOKEN")
-        self._socket: str | None = None
-        self._url = None
-        if socket is not None:
-            self._socket = str(socket)
-        elif url is None:
-            local = Path(os.environ.get("LLMOSD_SOCKET") or default_socket(default_state_dir()))
-            if local.is_socket():
-                self._socket = str(local)
-            else:
-                url = os.environ.get("LLMOSD_URL")
-                if not url:
-                    raise ConnectionFailed(f"no daemon socket at {local} and LLMOSD_URL is not set")
-        if self._socket is None:
-            self._url = urlsplit(url if url and "://" in url else f"http://{url}")
+        target = None if name or id else local_target(url, socket)
+        if target is None:
+            found = Client.discover(discover_timeout)
+            if not found and not (name or id):
+                raise ConnectionFailed(f"{nothing_local()}, and no llmosd answered on the LAN")
+            target = pick(found, name, id)
+        self.target = target
+        self._socket = target.socket
+        self._url = urlsplit(target.url) if target.url else None
+
+    @staticmethod
+    def discover(timeout: float = 3.0) -> list[Appliance]:
+        """The appliances on the LAN (mDNS), by name."""
+        from llmosd.discovery.browse import discover  # zeroconf only when the LAN is searched
+
+        return discover(timeout)
 
     @property
     def where(self) -> str:
-        return f"unix:{self._socket}" if self._socket else f"{self._url.geturl() if self._url else '?'}"
+        return self.target.where
 
     def _connection(self) -> http.client.HTTPConnection:
         if self._socket:
@@ -77,7 +84,7 @@ class Client:
             headers["Content-Type"] = "application/json"
         if self.token and not self._socket:
             headers["Authorization"] = f"Bearer {self.token}"
-        for attempt in range(_RETRIES + 1):
+        for attempt in range(self.retries + 1):
             conn = self._connection()
             try:
                 conn.request(method, path, body=data, headers=headers)
@@ -85,7 +92,7 @@ class Client:
             except OSError as exc:
                 conn.close()
                 raise ConnectionFailed(f"cannot reach llmosd at {self.where}: {exc}") from exc
-            if response.status in (429, 503) and attempt < _RETRIES:
+            if response.status in (429, 503) and attempt < self.retries:
                 wait = float(response.getheader("Retry-After") or 1)
                 response.read()
                 conn.close()
@@ -94,7 +101,7 @@ class Client:
             if response.status >= 400:
                 raw = response.read()
                 conn.close()
-                raise _error(response.status, raw)
+                raise error_from(response.status, raw)
             return conn, response
         raise AssertionError("unreachable")
 
@@ -110,17 +117,11 @@ class Client:
         conn, response = self._open("POST", path, body)
         try:
             for raw in response:
-                line = raw.decode().strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
+                event = sse_event(raw)
+                if event is DONE:
                     return
-                event = json.loads(data)
-                if "error" in event:
-                    err = event["error"]
-                    raise ApiError(500, err.get("type", "server_error"), err.get("message", ""))
-                yield event
+                if event is not None:
+                    yield event
         finally:
             conn.close()
 
@@ -131,6 +132,9 @@ class Client:
 
     def status(self) -> dict[str, Any]:
         return dict(self.request("GET", "/api/status"))
+
+    def hardware(self) -> dict[str, Any]:
+        return dict(self.request("GET", "/api/hardware"))
 
     def load_model(self, name: str) -> Model:
         """A handle on a served model (raises ApiError 404 if it is not served)."""
@@ -174,11 +178,3 @@ class Model:
             events = self.client.events("/v1/chat/completions", {**body, "stream": True})
             return (e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
         return self.client.request("POST", "/v1/chat/completions", body)["choices"][0]["message"]["content"]
-
-
-def _error(status: int, raw: bytes) -> ApiError:
-    try:
-        err = json.loads(raw)["error"]
-        return ApiError(status, err.get("type", "error"), err.get("message", ""), err.get("param"))
-    except (ValueError, KeyError, TypeError):
-        return ApiError(status, "error", raw[:200].decode(errors="replace"))

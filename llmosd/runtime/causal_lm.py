@@ -79,6 +79,9 @@ class CausalLM:
         self._has_positions = "position_ids" in inputs
         self._outputs = ["logits", *self.layout.present_names]
         self._device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        # present stays on the GPU the session runs on (placement may put instances on any of them)
+        cuda_options = session.get_provider_options().get("CUDAExecutionProvider", {})
+        self._device_id = int(cuda_options.get("device_id", 0))
         self._bind = io_binding if io_binding is not None else self._device == "cuda"
         vocab = session.get_outputs()[outputs.index("logits")].shape[-1]
         self.vocab_size = int(vocab) if isinstance(vocab, int) else int(vocab_size or 0)
@@ -129,7 +132,7 @@ class CausalLM:
                 io.bind_cpu_input(name, np.ascontiguousarray(value))
         io.bind_output("logits", "cpu")
         for name in self.layout.present_names:
-            io.bind_output(name, self._device, 0)
+            io.bind_output(name, self._device, self._device_id)
         self.session.run_with_iobinding(io)
         out = io.get_outputs()
         return out[0].numpy(), list(out[1:])

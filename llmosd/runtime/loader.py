@@ -35,14 +35,25 @@ def _runtime_setting(manifest: Manifest, key: str) -> Any:
         raise ManifestError(f"{manifest.ref}: manifest runtime settings lack {key!r}") from None
 
 
-def load(store: ModelStore, manifest: Manifest, selector: ProviderSelector, max_context: int = 0) -> LoadedModel:
+def load(
+    store: ModelStore,
+    manifest: Manifest,
+    selector: ProviderSelector,
+    max_context: int = 0,
+    target: str | None = None,
+    threads: int | None = None,
+    verify: bool = True,
+) -> LoadedModel:
     """Verify every file's digest, create the session and the task adapter, warm it up. Blocking.
 
-    ``max_context`` caps a causal LM's context (0: the model's own)."""
+    ``max_context`` caps a causal LM's context (0: the model's own); ``target`` and ``threads`` are
+    placement's choice for this instance; ``verify`` False skips hashing (a further instance of a
+    version just verified)."""
     if manifest.task not in ("feature-extraction", "text-classification", "text-generation"):
         raise ManifestError(f"{manifest.ref}: task {manifest.task!r} cannot be served")
-    store.verify(manifest)
-    session, placement = selector.create(store.file_path(manifest, "model"), manifest.devices)
+    if verify:
+        store.verify(manifest)
+    session, placement = selector.create(store.file_path(manifest, "model"), manifest.devices, target, threads)
     backend = _adapter(store, manifest, session, max_context)
     backend.warmup()
     log.info("loaded %s (%s, %s) on %s", manifest.ref, manifest.task, manifest.precision, placement.device)

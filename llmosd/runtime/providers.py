@@ -39,6 +39,7 @@ class Placement:
     device: str  # "cpu" or "cuda:<n>"
     providers: tuple[str, ...]
     note: str = ""
+    threads: int = 0  # the CPU intra-op pool (0 on a GPU)
 
 
 def default_threads() -> int:
@@ -108,20 +109,35 @@ class ProviderSelector:
                     log.warning("CUDA execution provider is listed but does not load; serving on CPU")
         return self._cuda_ok
 
-    def create(self, model: Path | bytes, devices: tuple[str, ...] = ("cpu", "cuda")) -> tuple[Any, Placement]:
-        """Return ``(InferenceSession, Placement)`` for an ONNX file meant for ``devices``."""
+    def create(
+        self,
+        model: Path | bytes,
+        devices: tuple[str, ...] = ("cpu", "cuda"),
+        target: str | None = None,
+        threads: int | None = None,
+    ) -> tuple[Any, Placement]:
+        """Return ``(InferenceSession, Placement)`` for an ONNX file meant for ``devices``.
+
+        ``target`` is where placement wants it ("cpu" or "cuda:<n>"; None: the best that loads);
+        ``threads`` overrides the intra-op pool size (instances sharing the CPU split its cores)."""
         src = str(model) if isinstance(model, Path) else model
+        threads = threads or self.threads
+        gpu = 0 if target is None or target == "cpu" else int(target.partition(":")[2] or 0)
         with self._lock:
-            if self.device != "cpu" and "cuda" in devices and self.cuda_loads():
-                session = ort.InferenceSession(src, session_options(self.threads, self.spinning), providers=[CUDA, CPU])
+            wants_cuda = self.device != "cpu" and "cuda" in devices and target != "cpu"
+            if wants_cuda and self.cuda_loads():
+                providers: list[Any] = [(CUDA, {"device_id": gpu}), CPU]
+                session = ort.InferenceSession(src, session_options(threads, self.spinning), providers=providers)
                 if CUDA in session.get_providers():
-                    return session, Placement("cuda:0", tuple(session.get_providers()))
+                    return session, Placement(f"cuda:{gpu}", tuple(session.get_providers()))
                 log.warning("CUDA loaded for the probe but not for this model; it runs on CPU")
             if self.device == "cuda":
                 raise RuntimeError("device = cuda, but the CUDA execution provider does not load here")
             if "cpu" not in devices:
                 raise RuntimeError(f"this artifact runs only on {', '.join(devices)}, and no such device loads")
-            session = ort.InferenceSession(src, session_options(self.threads, self.spinning), providers=[CPU])
+            session = ort.InferenceSession(src, session_options(threads, self.spinning), providers=[CPU])
             broken = self.device != "cpu" and self._cuda_ok is False and CUDA in self._available()
             note = "cuda listed but does not load" if broken else ""
-            return session, Placement("cpu", (CPU,), note)
+            if target is not None and target != "cpu":
+                note = f"placed on {target}, but the CUDA provider does not load: running on cpu"
+            return session, Placement("cpu", (CPU,), note, threads)

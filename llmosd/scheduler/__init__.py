@@ -8,7 +8,8 @@ from llmosd.scheduler.generation import (
     GenerationStream,
     RequestTooLarge,
 )
-from llmosd.scheduler.pool import ModelPool, ServedModel
+from llmosd.scheduler.pool import ModelPool
+from llmosd.scheduler.served import Instance, ServedModel
 
 __all__ = [
     "BatchPolicy",
@@ -19,6 +20,7 @@ __all__ = [
     "GenerationLimits",
     "GenerationRequest",
     "GenerationStream",
+    "Instance",
     "ModelPool",
     "QueueFull",
     "RequestTooLarge",

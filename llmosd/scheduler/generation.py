@@ -223,6 +223,12 @@ class GenerationEngine:
         self._inbox.put(seq)
         return stream
 
+    @property
+    def load(self) -> int:
+        """Sequences accepted and not finished yet: what routing across a model's instances compares."""
+        s = self.stats
+        return s.requests - s.completed - s.cancelled - s.failed
+
     def _sequences_per_s(self) -> float:
         st = self.stats
         mean_tokens = st.decode_tokens / st.completed if st.completed else 0.0

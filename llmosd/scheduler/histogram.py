@@ -22,6 +22,13 @@ class Snapshot:
     def count(self) -> int:
         return self.cumulative[-1]
 
+    def __add__(self, other: Snapshot) -> Snapshot:
+        """Both histograms as one (a model's instances reported together)."""
+        if other.bounds != self.bounds:
+            raise ValueError("histograms with different buckets cannot be added")
+        cumulative = tuple(a + b for a, b in zip(self.cumulative, other.cumulative, strict=True))
+        return Snapshot(self.bounds, cumulative, self.total + other.total)
+
 
 class Histogram:
     def __init__(self, bounds: tuple[float, ...] = SECONDS) -> None:

@@ -62,16 +62,27 @@ class Ledger:
 
     def place(self, name: str, need: int, devices: list[str]) -> str:
         """The first device with room for ``need`` bytes; PlacementError naming every device otherwise."""
-        for device in devices:
-            if device in self.capacity and self.free(device) >= need:
-                log.info("placing %s (%s) on %s: %s free", name, _mb(need), device, _mb(self.free(device)))
-                return device
+        return self.plan(name, need, devices, 1)[0]
+
+    def plan(self, name: str, need: int, devices: list[str], per_device: int) -> list[str]:
+        """Where a model's instances go (one device per instance): ``per_device`` copies on every GPU
+        among ``devices`` with room for them (Triton's instance-group count, on each GPU), fewer where
+        fewer fit; where no GPU has room for one, up to ``per_device`` on the CPU. PlacementError, naming
+        what it needs and what every device has, when not one instance fits anywhere."""
+        fits = {d: min(per_device, self.free(d) // max(need, 1)) for d in devices if d in self.capacity}
+        out = [d for d in devices if d != "cpu" for _ in range(fits.get(d, 0))]
+        if not out:
+            out = ["cpu"] * fits.get("cpu", 0)
+        if out:
+            log.info("placing %s (%s each) on %s", name, _mb(need), ", ".join(out))
+            return out
         where = ", ".join(f"{d} {_mb(max(self.free(d), 0))}" for d in devices if d in self.capacity)
         raise PlacementError(f"model {name!r} needs {_mb(need)} and fits on no device: free {where or 'none'}")
 
     def reserve(self, name: str, device: str, need: int) -> None:
-        self.release(name)
-        self.used.setdefault(device, {})[name] = need
+        """Account one more instance of ``name`` on ``device``."""
+        models = self.used.setdefault(device, {})
+        models[name] = models.get(name, 0) + need
 
     def release(self, name: str) -> None:
         for models in self.used.values():

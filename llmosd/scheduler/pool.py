@@ -1,116 +1,27 @@
-"""The models being served: one loaded runtime per model name, behind a batcher (encoders) or a
-continuous-batching generation engine (causal LMs)."""
+"""The models being served, by name: loaded on demand, placed by the memory ledger (one or more
+instances), unloaded when idle past keep_alive or least recently used when memory is short."""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from llmosd.hardware import Hardware
 from llmosd.hardware.autotune import BatchProfile
-from llmosd.runtime import LoadedModel, Output, ProviderSelector, load
+from llmosd.runtime import LoadedModel, ProviderSelector, load
 from llmosd.runtime.generator import TextGenerator
-from llmosd.runtime.tensors import TensorModel
 from llmosd.scheduler.batcher import BatchPolicy, DynamicBatcher
 from llmosd.scheduler.errors import ModelUnavailable
 from llmosd.scheduler.generation import GenerationEngine, GenerationLimits
 from llmosd.scheduler.placement import Ledger, PlacementError, candidates, need_bytes
-from llmosd.scheduler.priority import NORMAL
-from llmosd.scheduler.tensor_batcher import TensorBatcher
+from llmosd.scheduler.served import Instance, ServedModel
 from llmosd.scheduler.tuning import Tuner
 from llmosd.store import InvalidName, Manifest, ModelStore, NotFound, StoreError, check_name
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ServedModel:
-    loaded: LoadedModel
-    batcher: DynamicBatcher[Any] | None = None
-    engine: GenerationEngine | None = None
-    tensors: TensorBatcher | None = None  # raw tensors (/v2), started on first use
-    profile: BatchProfile | None = None  # the autotuned batch size, once known
-    last_used: float = field(default_factory=time.monotonic)  # for least-recently-used unloading
-    in_use: int = 0  # requests holding it (between acquire and release): never unloaded meanwhile
-    keep_alive_s: float | None = None  # idle time before unloading; None: the pool's default
-
-    def busy(self) -> bool:
-        queued = self.batcher is not None and self.batcher.queued > 0
-        generating = self.engine is not None and (self.engine.stats.running + self.engine.stats.waiting) > 0
-        return self.in_use > 0 or queued or generating
-
-    def apply(self, profile: BatchProfile) -> None:
-        """Switch the batcher to the tuned size (the worker reads its policy at every step)."""
-        self.profile = profile
-        if self.batcher is not None:
-            self.batcher.policy = dataclasses.replace(self.batcher.policy, max_batch=profile.chosen)
-        if self.engine is not None:  # rows decoded together (the engine reads its limits at every step)
-            self.engine.limits = dataclasses.replace(self.engine.limits, max_sequences=profile.chosen)
-
-    def tensor_batcher(self, max_rows: int, max_queue: int) -> TensorBatcher:
-        """The model's raw-tensor batcher, started on first use (on the event loop)."""
-        if self.tensors is None:
-            self.tensors = TensorBatcher(self.loaded.name, TensorModel(self.loaded.session), max_rows, max_queue)
-            self.tensors.start()
-        return self.tensors
-
-    async def infer(self, inputs: Sequence[str], priority: int = NORMAL) -> list[Output]:
-        if self.batcher is None:
-            raise TypeError(f"model {self.loaded.name!r} generates text; it has no batch inference")
-        return await self.batcher.submit(inputs, priority)
-
-    @property
-    def generator(self) -> GenerationEngine:
-        if self.engine is None:
-            raise TypeError(f"model {self.loaded.name!r} does not generate text")
-        return self.engine
-
-    async def close(self) -> None:
-        if self.batcher is not None:
-            await self.batcher.close()
-        if self.engine is not None:
-            await self.engine.close()
-        if self.tensors is not None:
-            await self.tensors.close()
-
-    def status(self) -> dict[str, object]:
-        m = self.loaded.manifest
-        out: dict[str, object] = {
-            "name": m.name,
-            "version": m.version,
-            "task": m.task,
-            "precision": m.precision,
-            "device": self.loaded.placement.device,
-            "providers": list(self.loaded.placement.providers),
-            "note": self.loaded.placement.note,
-        }
-        if self.batcher is not None:
-            out |= {
-                "max_batch": self.batcher.policy.max_batch,
-                "tuned": self.profile.reason if self.profile else None,
-                "queued": self.batcher.queued,
-                "queued_by_priority": self.batcher.queued_by_priority(),
-                "batcher": self.batcher.stats.as_dict(),
-            }
-        if self.engine is not None:
-            backend = self.engine.model
-            out |= {
-                "max_sequences": self.engine.limits.max_sequences,
-                "tuned": self.profile.reason if self.profile else None,
-                "queued": self.engine.stats.waiting,
-                "queued_by_priority": self.engine.stats.waiting_by_priority,
-                "context_length": backend.context_length,
-                "kv_bytes_per_token": backend.lm.layout.bytes_per_token,
-                "generation": self.engine.stats.as_dict(),
-            }
-        if self.tensors is not None:
-            out["tensors"] = self.tensors.stats.as_dict()
-        return out
 
 
 class ModelPool:
@@ -122,6 +33,7 @@ class ModelPool:
         limits: GenerationLimits | None = None,
         max_context: int = 0,
         tuner: Tuner | None = None,
+        instances: int = 1,
     ) -> None:
         self.store = store
         self.selector = selector
@@ -129,10 +41,12 @@ class ModelPool:
         self.limits = limits or GenerationLimits()
         self.max_context = max_context
         self.tuner = tuner  # set by the daemon once the hardware is probed
+        self.instances = instances  # per GPU with room; on the CPU where no GPU has room
         self.hardware: Hardware | None = None  # with it, a memory ledger decides where models fit
         self.ledger: Ledger | None = None
         self.pinned: set[str] = set()  # never unloaded to make room (the default models)
         self._tuning: set[asyncio.Task[None]] = set()
+        self.watchers: list[Callable[[], None]] = []  # told (on the loop) when models load or unload
         self._models: dict[str, ServedModel] = {}
         self._lock = asyncio.Lock()
 
@@ -176,7 +90,7 @@ class ModelPool:
             now = time.monotonic()
             for served in list(self._models.values()):
                 limit = default_s if served.keep_alive_s is None else served.keep_alive_s
-                name = served.loaded.name
+                name = served.name
                 if name in self.pinned or limit < 0 or served.busy() or now - served.last_used < limit:
                     continue
                 if self._models.get(name) is served:
@@ -195,36 +109,64 @@ class ModelPool:
         return [self._models[n] for n in sorted(self._models)]
 
     async def load(self, name: str) -> ServedModel:
-        """Load the active version of ``name`` (in a thread: hashing and session creation block)."""
+        """Load the active version of ``name`` (in threads: hashing and session creation block)."""
         async with self._lock:
             manifest = self.store.manifest(name)
             current = self._models.get(name)
-            if current and current.loaded.manifest.version == manifest.version:
+            if current and current.manifest.version == manifest.version:
                 return current
-            need = await self._make_room(manifest)
-            loaded = await asyncio.to_thread(load, self.store, manifest, self.selector, self.max_context)
-            if self.ledger is not None:  # accounted where it really landed (CUDA may have fallen back)
-                self.ledger.reserve(manifest.ref, loaded.placement.device, need)
-            served = self._models[name] = self._serve(loaded)
+            need, targets = await self._make_room(manifest)
+            instances = await self._instances(manifest, need, targets)
+            served = self._models[name] = ServedModel(instances)
         if current:
             if self.ledger is not None:
-                self.ledger.release(current.loaded.manifest.ref)
+                self.ledger.release(current.manifest.ref)
             await current.close()
         if self.tuner is not None and self.tuner.policy.enabled:
             self._start_tuning(served, self.tuner)
+        self._notify()
         return served
 
-    async def _make_room(self, manifest: Manifest) -> int:
-        """Bytes the model needs, once a device has them: unloading least-recently-used unpinned models
-        only where that is enough; PlacementError (nothing unloaded) when nothing can make room."""
+    def _notify(self) -> None:
+        for watcher in self.watchers:
+            watcher()
+
+    async def _instances(self, manifest: Manifest, need: int, targets: list[str | None]) -> list[Instance]:
+        """One instance per target; instances sharing the CPU split its threads. Serves with those
+        that loaded when a later one fails; raises (nothing reserved) when the first fails."""
+        on_cpu = sum(1 for t in targets if t == "cpu")
+        out: list[Instance] = []
+        for i, target in enumerate(targets):
+            threads = max(1, self.selector.threads // on_cpu) if target == "cpu" and on_cpu > 1 else None
+            try:
+                loaded = await asyncio.to_thread(
+                    load, self.store, manifest, self.selector, self.max_context, target, threads, i == 0
+                )
+            except Exception as exc:
+                if not out:
+                    if self.ledger is not None:
+                        self.ledger.release(manifest.ref)
+                    raise
+                log.warning(
+                    "%s: instance %d of %d on %s did not load (%s)", manifest.ref, i + 1, len(targets), target, exc
+                )
+                break
+            if self.ledger is not None:  # accounted where it really landed (CUDA may have fallen back)
+                self.ledger.reserve(manifest.ref, loaded.placement.device, need)
+            out.append(self._serve(loaded))
+        return out
+
+    async def _make_room(self, manifest: Manifest) -> tuple[int, list[str | None]]:
+        """Bytes one instance needs and the device of each instance, once devices have room: unloading
+        least-recently-used unpinned models only where that is enough; PlacementError (nothing
+        unloaded) when nothing can make room. Without a probed ledger: one instance, best provider."""
         if self.ledger is None or self.hardware is None:
-            return 0
+            return 0, [None]
         ledger = self.ledger
         need = need_bytes(manifest, self.limits.kv_cache_bytes)
         devices = candidates(manifest, self.hardware)
         try:
-            ledger.place(manifest.ref, need, devices)
-            return need
+            return need, list(ledger.plan(manifest.ref, need, devices, self.instances))
         except PlacementError as refusal:
             for device in devices:
                 held = ledger.used.get(device, {})
@@ -232,58 +174,68 @@ class ModelPool:
                     (
                         s
                         for s in self._models.values()
-                        if s.loaded.manifest.ref in held and s.loaded.name not in self.pinned | {manifest.name}
+                        if s.manifest.ref in held and s.name not in self.pinned | {manifest.name}
                     ),
                     key=lambda s: s.last_used,
                 )
-                if ledger.free(device) + sum(held[v.loaded.manifest.ref] for v in victims) < need:
+                if ledger.free(device) + sum(held[v.manifest.ref] for v in victims) < need:
                     continue  # even unloading all of them would not be enough here
                 for victim in victims:
                     if ledger.free(device) >= need:
                         break
-                    log.warning(
-                        "unloading %s (least recently used) to make room for %s", victim.loaded.name, manifest.ref
-                    )
-                    del self._models[victim.loaded.name]
-                    ledger.release(victim.loaded.manifest.ref)
+                    log.warning("unloading %s (least recently used) to make room for %s", victim.name, manifest.ref)
+                    del self._models[victim.name]
+                    ledger.release(victim.manifest.ref)
                     await victim.close()
-                return need
+                return need, list(ledger.plan(manifest.ref, need, [device], self.instances))
             raise refusal
 
     def _start_tuning(self, served: ServedModel, tuner: Tuner) -> None:
-        """Serve at once at the default size; apply a cached profile now, or measure in the background."""
-        profile = tuner.cached(served.loaded)
-        if profile is not None:
-            served.apply(profile)
+        """Serve at once at the default size; per device, apply a cached profile now or measure one
+        instance in the background (one device after another) and apply it to its neighbours."""
+        firsts = list({i.device: i for i in reversed(served.instances)}.values())[::-1]
+        todo = []
+        for instance in firsts:
+            profile = tuner.cached(instance.loaded)
+            if profile is not None:
+                served.apply(profile)
+            else:
+                todo.append(instance)
+        if not todo:
             return
 
         async def tune() -> None:
-            try:
-                served.apply(await asyncio.to_thread(tuner.tune, served.loaded))
-            except Exception:
-                log.exception("autotuning %s failed; it keeps its default batch size", served.loaded.name)
+            for instance in todo:
+                try:
+                    served.apply(await asyncio.to_thread(tuner.tune, instance.loaded))
+                except Exception:
+                    log.exception("autotuning %s on %s failed; it keeps its default size", served.name, instance.device)
 
         task = asyncio.create_task(tune())
         self._tuning.add(task)
         task.add_done_callback(self._tuning.discard)
 
     async def retune(self, name: str) -> BatchProfile:
-        """Measure again now (``llmosd tune`` on a running daemon)."""
+        """Measure again now (``llmosd tune`` on a running daemon): every device the model is on;
+        the first instance's profile is returned."""
         served = self.get(name)
         if self.tuner is None:
             raise TypeError(f"model {name!r} is not batch-tuned: the daemon has no tuner yet")
-        profile = await asyncio.to_thread(self.tuner.tune, served.loaded)
-        served.apply(profile)
-        return profile
+        profiles = []
+        for instance in {i.device: i for i in reversed(served.instances)}.values():
+            profile = await asyncio.to_thread(self.tuner.tune, instance.loaded)
+            served.apply(profile)
+            profiles.append(profile)
+        return next(p for p in profiles if p.device == served.instances[0].device)
 
-    def _serve(self, loaded: LoadedModel) -> ServedModel:
+    def _serve(self, loaded: LoadedModel) -> Instance:
         if isinstance(loaded.backend, TextGenerator):
             engine = GenerationEngine(loaded.name, loaded.backend, self.limits)
             engine.start()
-            return ServedModel(loaded, engine=engine)
+            return Instance(loaded, engine=engine)
         batcher: DynamicBatcher[Any] = DynamicBatcher(loaded.name, loaded.backend, self.policy)
         batcher.start()
-        return ServedModel(loaded, batcher=batcher)
+        return Instance(loaded, batcher=batcher)
 
     async def unload(self, name: str) -> None:
         async with self._lock:
@@ -291,8 +243,9 @@ class ModelPool:
         if served is None:
             raise NotFound(f"model {name!r} is not loaded")
         if self.ledger is not None:
-            self.ledger.release(served.loaded.manifest.ref)
+            self.ledger.release(served.manifest.ref)
         await served.close()
+        self._notify()
 
     async def close(self) -> None:
         for task in list(self._tuning):  # a calibration in its thread finishes on its own

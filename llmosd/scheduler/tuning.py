@@ -48,13 +48,17 @@ class Tuner:
         self.policy = policy
         self.cache = ProfileCache(store.root)
 
-    def key(self, device: str) -> str:
+    def key(self, loaded: LoadedModel) -> str:
+        """What the measurement depends on: the device, and on the CPU the threads this instance has
+        (instances sharing the CPU split its cores)."""
+        device = loaded.placement.device
         gpu = next((g.uuid for g in self.hardware.gpus if g.device_id == device), None)
         cpu = self.hardware.cpu
-        return hardware_key(device, cpu.model, cpu.physical_cores, gpu, ort.__version__)
+        cores = loaded.placement.threads or cpu.physical_cores
+        return hardware_key(device, cpu.model, cores, gpu, ort.__version__)
 
     def cached(self, loaded: LoadedModel) -> BatchProfile | None:
-        return self.cache.get(self._digest(loaded), loaded.placement.device, self.key(loaded.placement.device))
+        return self.cache.get(self._digest(loaded), loaded.placement.device, self.key(loaded))
 
     def tune(self, loaded: LoadedModel) -> BatchProfile:
         """Measure and cache (blocking: run it in a thread)."""
@@ -106,7 +110,7 @@ class Tuner:
             model=loaded.manifest.ref,
             model_digest=self._digest(loaded),
             device=loaded.placement.device,
-            hardware=self.key(loaded.placement.device),
+            hardware=self.key(loaded),
             seq_len=seq_len,
             latency_budget_ms=budget,
             memory_bound=bound,

@@ -1,0 +1,176 @@
+"""Advertising the daemon on the LAN: one task owns the AsyncZeroconf for its whole life. It registers
+``_llmosd._tcp`` (renaming to ``name (2)`` on a conflict), republishes the TXT records when the daemon
+says its models changed, follows interface changes by polling, and sends a goodbye when cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import psutil
+from zeroconf import IPVersion, NonUniqueNameException, ServiceInfo
+from zeroconf.asyncio import AsyncZeroconf
+
+from llmosd.discovery.txt import SERVICE_TYPE
+
+log = logging.getLogger(__name__)
+
+POLL_S = 5.0  # how often interfaces are looked at again
+PROBE_MS = 1500  # how long an answer for our name is waited for before taking it
+TTL_S = 120  # record lifetime: a daemon killed without a goodbye vanishes from caches within it
+
+
+def install_id(state_dir: Path) -> str:
+    """A random id made once per install (STATE/id): tells two appliances with the same name apart."""
+    path = state_dir / "id"
+    with contextlib.suppress(FileNotFoundError):
+        value = path.read_text().strip()
+        if len(value) == 32 and all(c in "0123456789abcdef" for c in value):
+            return value
+    value = uuid.uuid4().hex
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(value + "\n")
+    os.replace(tmp, path)
+    return value
+
+
+def _bound(bind_host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address(bind_host)
+    except ValueError:  # a host name: resolve it the way the listener did
+        return ipaddress.ip_address(socket.gethostbyname(bind_host))
+
+
+def is_loopback(bind_host: str) -> bool:
+    return _bound(bind_host).is_loopback
+
+
+def lan_addresses(bind_host: str, interfaces: Sequence[str] = ()) -> list[str]:
+    """The IPv4 addresses a LAN client can reach the TCP listener on: the bound address itself, or for a
+    wildcard bind every non-loopback address of the chosen interfaces (all that are up when none are
+    chosen). Empty for a loopback bind: advertising it would send clients nowhere."""
+    bound = _bound(bind_host)
+    if bound.is_loopback:
+        return []
+    up = {name for name, st in psutil.net_if_stats().items() if st.isup}
+    out = []
+    for name, addrs in sorted(psutil.net_if_addrs().items()):
+        if name not in up or (interfaces and name not in interfaces):
+            continue
+        for a in addrs:
+            if a.family != socket.AF_INET or ipaddress.ip_address(a.address).is_loopback:
+                continue
+            if bound.is_unspecified or str(bound) == a.address:
+                out.append(a.address)
+    return out
+
+
+class Advertiser:
+    def __init__(
+        self,
+        name: str,
+        host_id: str,
+        port: int,
+        bind_host: str,
+        txt: Callable[[], dict[str, str]],
+        interfaces: Sequence[str] = (),
+        poll_s: float = POLL_S,
+    ) -> None:
+        self.base_name = name
+        self.name = name  # after a rename on conflict: "name (2)"
+        self.server = f"llmosd-{host_id[:12]}.local."  # unique per install, unlike the host name
+        self.port = port
+        self.bind_host = bind_host
+        self.interfaces = tuple(interfaces)
+        self.txt = txt
+        self.poll_s = poll_s
+        self.registered = asyncio.Event()
+        self._changed = asyncio.Event()
+
+    def changed(self) -> None:
+        """The daemon's models changed: republish the TXT records (on the loop)."""
+        self._changed.set()
+
+    def _info(self, addresses: list[str], txt: dict[str, str]) -> ServiceInfo:
+        return ServiceInfo(
+            SERVICE_TYPE,
+            f"{self.name}.{SERVICE_TYPE}",
+            port=self.port,
+            properties=txt,
+            server=self.server,
+            parsed_addresses=addresses,
+            host_ttl=TTL_S,
+            other_ttl=TTL_S,
+        )
+
+    async def _wait(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), self.poll_s)
+        self._changed.clear()
+
+    async def run(self) -> None:
+        """Advertise until cancelled; the goodbye goes out on the way out."""
+        addresses = lan_addresses(self.bind_host, self.interfaces)
+        while not addresses:  # e.g. the network is not up yet at boot
+            log.info("mDNS: no LAN address to advertise on %s yet; looking again in %g s", self.bind_host, self.poll_s)
+            await self._wait()
+            addresses = lan_addresses(self.bind_host, self.interfaces)
+        zc = AsyncZeroconf(interfaces=addresses, ip_version=IPVersion.V4Only)
+        try:
+            txt = self.txt()
+            info = await self._register(zc, addresses, txt)
+            while True:
+                await self._wait()
+                now = lan_addresses(self.bind_host, self.interfaces)
+                if now and now != addresses:
+                    log.info("mDNS: addresses changed from %s to %s", ",".join(addresses), ",".join(now))
+                    await zc.zeroconf.async_update_interfaces(now)
+                    addresses = now
+                elif not now:
+                    log.warning("mDNS: no LAN address left; still advertising %s", ",".join(addresses))
+                if (fresh := self.txt()) != txt or info.parsed_addresses() != addresses:
+                    txt = fresh
+                    info = self._info(addresses, txt)
+                    await zc.async_update_service(info)
+        finally:
+            await asyncio.shield(self._goodbye(zc))
+
+    async def _register(self, zc: AsyncZeroconf, addresses: list[str], txt: dict[str, str]) -> ServiceInfo:
+        """Probe and announce; another appliance with the name already: "name (2)", "name (3)", …"""
+        n = 1
+        while True:
+            info = self._info(addresses, txt)
+            try:
+                if await self._taken(zc, info.name, txt.get("id", "")):
+                    raise NonUniqueNameException
+                await (await zc.async_register_service(info, ttl=TTL_S))
+            except NonUniqueNameException:
+                n += 1
+                self.name = f"{self.base_name} ({n})"
+                log.warning("mDNS: the name %r is taken on the LAN; advertising as %r", self.base_name, self.name)
+                continue
+            log.info("mDNS: advertising %r (%s) on %s port %d", self.name, SERVICE_TYPE, ",".join(addresses), self.port)
+            self.registered.set()
+            return info
+
+    @staticmethod
+    async def _taken(zc: AsyncZeroconf, name: str, own_id: str) -> bool:
+        """Whether another install answers for ``name``. zeroconf's own probe only sees a conflict whose
+        PTR record it already holds (it asks for the name; the answers are SRV and TXT), so we resolve
+        the name first. Our own id answering (records of a previous run still cached) is no conflict."""
+        other = await zc.async_get_service_info(SERVICE_TYPE, name, timeout=PROBE_MS)
+        return other is not None and other.decoded_properties.get("id") != own_id
+
+    async def _goodbye(self, zc: AsyncZeroconf) -> None:
+        try:
+            await zc.async_unregister_all_services()  # the goodbye: records with TTL 0
+            log.info("mDNS: sent goodbye for %r", self.name)
+        finally:
+            await zc.async_close()

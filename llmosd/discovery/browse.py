@@ -1,0 +1,90 @@
+"""Finding appliances on the LAN: a browser that keeps the current set (and tells what changed), and
+``discover`` / ``async_discover`` that browse for a while and return what answered."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from collections.abc import Callable
+from types import TracebackType
+
+from zeroconf import IPVersion, ServiceStateChange, Zeroconf
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+from llmosd.discovery.txt import SERVICE_TYPE, Appliance, appliance
+
+log = logging.getLogger(__name__)
+
+RESOLVE_MS = 3000
+Listener = Callable[[str, Appliance], None]  # ("added" | "updated" | "removed", appliance)
+
+
+def _from_info(info: AsyncServiceInfo) -> Appliance:
+    txt = {k: v or "" for k, v in info.decoded_properties.items()}
+    return appliance(info.name, info.parsed_addresses(IPVersion.V4Only), info.port or 0, info.server or "", txt)
+
+
+class Browser:
+    """``async with Browser(listener) as b``: ``b.found`` holds the appliances seen and still there."""
+
+    def __init__(self, listener: Listener | None = None) -> None:
+        self.listener = listener
+        self.found: dict[str, Appliance] = {}
+        self._zc: AsyncZeroconf | None = None
+        self._browser: AsyncServiceBrowser | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> Browser:
+        self._zc = AsyncZeroconf(ip_version=IPVersion.V4Only)
+        self._browser = AsyncServiceBrowser(self._zc.zeroconf, [SERVICE_TYPE], handlers=[self._on_change])
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._browser is not None:
+            await self._browser.async_cancel()
+        if self._zc is not None:
+            await self._zc.async_close()
+
+    def _on_change(self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
+        if state_change is ServiceStateChange.Removed:
+            gone = self.found.pop(name, None)
+            if gone is not None and self.listener is not None:
+                self.listener("removed", gone)
+            return
+        task = asyncio.get_running_loop().create_task(self._resolve(name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _resolve(self, name: str) -> None:
+        assert self._zc is not None
+        info = AsyncServiceInfo(SERVICE_TYPE, name)
+        if not await info.async_request(self._zc.zeroconf, RESOLVE_MS):
+            log.debug("mDNS: %s did not resolve", name)
+            return
+        found = _from_info(info)
+        before = self.found.get(name)
+        self.found[name] = found
+        if self.listener is not None and found != before:
+            self.listener("added" if before is None else "updated", found)
+
+
+async def async_discover(timeout: float = 3.0) -> list[Appliance]:
+    """The appliances that answered within ``timeout`` seconds, by name."""
+    async with Browser() as browser:
+        await asyncio.sleep(timeout)
+        return sorted(browser.found.values(), key=lambda a: (a.name, a.id))
+
+
+def discover(timeout: float = 3.0) -> list[Appliance]:
+    """``async_discover`` for synchronous code (in a thread of its own if this one runs an event loop)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(async_discover(timeout))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, async_discover(timeout)).result()

@@ -1,0 +1,193 @@
+"""A served model: one or more instances of one version (a session each, on the device placement gave
+it), each behind its own batcher (encoders) or continuous-batching engine (causal LMs). Requests go to
+the instance with the least outstanding work, as Triton spreads them over an instance group."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy.typing as npt
+
+from llmosd.hardware.autotune import BatchProfile
+from llmosd.runtime import LoadedModel, Output
+from llmosd.runtime.tensors import TensorModel
+from llmosd.scheduler.batcher import DynamicBatcher
+from llmosd.scheduler.generation import GenerationEngine
+from llmosd.scheduler.priority import NORMAL, PRIORITIES
+from llmosd.scheduler.tensor_batcher import TensorBatcher
+from llmosd.store import Manifest
+
+
+@dataclass
+class Instance:
+    loaded: LoadedModel
+    batcher: DynamicBatcher[Any] | None = None
+    engine: GenerationEngine | None = None
+    tensors: TensorBatcher | None = None  # raw tensors (/v2), started on first use
+    profile: BatchProfile | None = None  # the autotuned batch size on this device, once known
+    outstanding: int = 0  # inputs or tensor requests submitted here and not answered yet (loop-side)
+
+    @property
+    def device(self) -> str:
+        return self.loaded.placement.device
+
+    def load(self) -> int:
+        return self.outstanding + (self.engine.load if self.engine is not None else 0)
+
+    def queued(self) -> int:
+        if self.batcher is not None:
+            return self.batcher.queued
+        return self.engine.stats.waiting if self.engine is not None else 0
+
+    def queued_by_priority(self) -> dict[str, int]:
+        if self.batcher is not None:
+            return self.batcher.queued_by_priority()
+        return dict(self.engine.stats.waiting_by_priority) if self.engine is not None else {}
+
+    def busy(self) -> bool:
+        queued = self.batcher is not None and self.batcher.queued > 0
+        generating = self.engine is not None and (self.engine.stats.running + self.engine.stats.waiting) > 0
+        return self.outstanding > 0 or queued or generating
+
+    def apply(self, profile: BatchProfile) -> None:
+        """Switch to the tuned size (the workers read their policy and limits at every step)."""
+        self.profile = profile
+        if self.batcher is not None:
+            self.batcher.policy = dataclasses.replace(self.batcher.policy, max_batch=profile.chosen)
+        if self.engine is not None:  # rows decoded together
+            self.engine.limits = dataclasses.replace(self.engine.limits, max_sequences=profile.chosen)
+
+    async def close(self) -> None:
+        for part in (self.batcher, self.engine, self.tensors):
+            if part is not None:
+                await part.close()
+
+    def status(self) -> dict[str, object]:
+        p = self.loaded.placement
+        out: dict[str, object] = {
+            "device": p.device,
+            "providers": list(p.providers),
+            "threads": p.threads,
+            "note": p.note,
+            "tuned": self.profile.reason if self.profile else None,
+            "queued": self.queued(),
+        }
+        if self.batcher is not None:
+            out |= {"max_batch": self.batcher.policy.max_batch, "batcher": self.batcher.stats.as_dict()}
+        if self.engine is not None:
+            out |= {"max_sequences": self.engine.limits.max_sequences, "generation": self.engine.stats.as_dict()}
+        if self.tensors is not None:
+            out["tensors"] = self.tensors.stats.as_dict()
+        return out
+
+
+@dataclass
+class ServedModel:
+    instances: list[Instance]
+    last_used: float = field(default_factory=time.monotonic)  # for least-recently-used unloading
+    in_use: int = 0  # requests holding it (between acquire and release): never unloaded meanwhile
+    keep_alive_s: float | None = None  # idle time before unloading; None: the pool's default
+    _turn: int = 0  # breaks ties between equally loaded instances in turn
+
+    @property
+    def loaded(self) -> LoadedModel:
+        """The first instance's runtime: what every instance shares (manifest, tokenizer, task)."""
+        return self.instances[0].loaded
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.loaded.manifest
+
+    @property
+    def name(self) -> str:
+        return self.loaded.name
+
+    @property
+    def devices(self) -> list[str]:
+        return [i.device for i in self.instances]
+
+    @property
+    def generates(self) -> bool:
+        return self.instances[0].engine is not None
+
+    def pick(self) -> Instance:
+        """The instance with the least outstanding work; equals in turn."""
+        self._turn += 1
+        n = len(self.instances)
+        return min(self.instances, key=lambda i: (i.load(), (self.instances.index(i) - self._turn) % n))
+
+    def busy(self) -> bool:
+        return self.in_use > 0 or any(i.busy() for i in self.instances)
+
+    def apply(self, profile: BatchProfile) -> None:
+        for instance in self.instances:
+            if instance.device == profile.device:
+                instance.apply(profile)
+
+    @property
+    def profile(self) -> BatchProfile | None:
+        return self.instances[0].profile
+
+    async def infer(self, inputs: Sequence[str], priority: int = NORMAL) -> list[Output]:
+        instance = self.pick()
+        if instance.batcher is None:
+            raise TypeError(f"model {self.name!r} generates text; it has no batch inference")
+        instance.outstanding += len(inputs)
+        try:
+            return await instance.batcher.submit(inputs, priority)
+        finally:
+            instance.outstanding -= len(inputs)
+
+    @property
+    def generator(self) -> GenerationEngine:
+        """The engine the next request should go to (a request's sequences all go to one engine)."""
+        engine = self.pick().engine
+        if engine is None:
+            raise TypeError(f"model {self.name!r} does not generate text")
+        return engine
+
+    async def infer_tensors(
+        self, feeds: dict[str, npt.NDArray[Any]], max_rows: int, max_queue: int
+    ) -> dict[str, npt.NDArray[Any]]:
+        """Raw tensors (/v2) through the chosen instance's tensor batcher, started on first use."""
+        instance = self.pick()
+        if instance.tensors is None:
+            instance.tensors = TensorBatcher(self.name, TensorModel(instance.loaded.session), max_rows, max_queue)
+            instance.tensors.start()
+        instance.outstanding += 1
+        try:
+            return await instance.tensors.submit(feeds)
+        finally:
+            instance.outstanding -= 1
+
+    async def close(self) -> None:
+        for instance in self.instances:
+            await instance.close()
+
+    def status(self) -> dict[str, object]:
+        m = self.manifest
+        by_priority = dict.fromkeys(PRIORITIES, 0)
+        for instance in self.instances:
+            for k, v in instance.queued_by_priority().items():
+                by_priority[k] = by_priority.get(k, 0) + v
+        out: dict[str, object] = {
+            "name": m.name,
+            "version": m.version,
+            "task": m.task,
+            "precision": m.precision,
+            "devices": self.devices,
+            "queued": sum(i.queued() for i in self.instances),
+            "queued_by_priority": by_priority,
+            "instances": [i.status() for i in self.instances],
+        }
+        engine = self.instances[0].engine
+        if engine is not None:
+            out |= {
+                "context_length": engine.model.context_length,
+                "kv_bytes_per_token": engine.model.lm.layout.bytes_per_token,
+            }
+        return out
