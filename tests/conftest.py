@@ -157,12 +157,16 @@ def wait_ready(sock: Path, proc: subprocess.Popen[str], timeout: float = 120) ->
     raise TimeoutError("daemon not ready")
 
 
-def start_daemon(state_dir: Path, workdir: Path, *extra: str, env: dict[str, str] | None = None) -> Daemon:
+def start_daemon(
+    state_dir: Path, workdir: Path, *extra: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
+) -> Daemon:
+    """``prefix`` runs it under another command, e.g. ``ip netns exec NS``."""
     sock = workdir / "llmosd.sock"
     port = free_port()
     log = workdir / "daemon.log"
     proc = subprocess.Popen(
         [
+            *prefix,
             sys.executable,
             "-m",
             "llmosd",

@@ -72,7 +72,8 @@ def netns() -> Iterator[str]:
 
 
 def test_non_local_clients_need_the_token(netns: str, store_dir: Path, tmp_path: Path) -> None:
-    d = start_daemon(store_dir, tmp_path, "--host", HOST_ADDR)
+    # mDNS off: this test is about the token; advertising is tested between two namespaces of its own
+    d = start_daemon(store_dir, tmp_path, "--host", HOST_ADDR, env={"LLMOSD_MDNS": "false"})
     try:
         r = subprocess.run(
             [

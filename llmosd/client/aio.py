@@ -71,26 +71,35 @@ class AsyncClient:
             await self._session.close()
             self._session = None
 
-    async def _http(self) -> tuple[aiohttp.ClientSession, str]:
+    async def _http(self) -> tuple[aiohttp.ClientSession, Target]:
         target = await self.connect()
         if self._session is None:
             connector = aiohttp.UnixConnector(path=target.socket) if target.socket else None
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout)
             )
-        return self._session, "http://llmosd" if target.socket else str(target.url).rstrip("/")
+        return self._session, target
 
     async def _open(self, method: str, path: str, body: dict[str, Any] | None) -> aiohttp.ClientResponse:
-        session, base = await self._http()
+        session, target = await self._http()
         headers = {"Accept": "application/json"}
-        if self.token and self.target is not None and not self.target.socket:
+        if self.token and not target.socket:
             headers["Authorization"] = f"Bearer {self.token}"
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while True:
+            base = "http://llmosd" if target.socket else str(target.url).rstrip("/")
             try:
                 response = await session.request(method, base + path, json=body, headers=headers)
+            except aiohttp.ClientConnectorError as exc:  # nothing was sent: the next address, if any
+                following = target.next()
+                if following is None:
+                    raise ConnectionFailed(f"cannot reach llmosd at {target.where}: {exc}") from exc
+                self.target = target = following
+                continue
             except (aiohttp.ClientConnectionError, OSError) as exc:
-                raise ConnectionFailed(f"cannot reach llmosd at {self.target and self.target.where}: {exc}") from exc
+                raise ConnectionFailed(f"lost the connection to llmosd at {target.where}: {exc}") from exc
             if response.status in (429, 503) and attempt < self.retries:
+                attempt += 1
                 wait = float(response.headers.get("Retry-After") or 1)
                 response.release()
                 await asyncio.sleep(min(wait, 30.0))
@@ -100,7 +109,6 @@ class AsyncClient:
                 response.release()
                 raise error_from(response.status, raw)
             return response
-        raise AssertionError("unreachable")
 
     async def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         response = await self._open(method, path, body)

@@ -55,8 +55,6 @@ class Client:
                 raise ConnectionFailed(f"{nothing_local()}, and no llmosd answered on the LAN")
             target = pick(found, name, id)
         self.target = target
-        self._socket = target.socket
-        self._url = urlsplit(target.url) if target.url else None
 
     @staticmethod
     def discover(timeout: float = 3.0) -> list[Appliance]:
@@ -70,11 +68,11 @@ class Client:
         return self.target.where
 
     def _connection(self) -> http.client.HTTPConnection:
-        if self._socket:
-            return _UnixConnection(self._socket, self.timeout)
-        assert self._url is not None
-        cls = http.client.HTTPSConnection if self._url.scheme == "https" else http.client.HTTPConnection
-        return cls(self._url.hostname or "localhost", self._url.port, timeout=self.timeout)
+        if self.target.socket:
+            return _UnixConnection(self.target.socket, self.timeout)
+        url = urlsplit(str(self.target.url))
+        cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+        return cls(url.hostname or "localhost", url.port, timeout=self.timeout)
 
     def _open(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[Any, http.client.HTTPResponse]:
         headers = {"Accept": "application/json"}
@@ -82,17 +80,28 @@ class Client:
         if body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-        if self.token and not self._socket:
+        if self.token and not self.target.socket:
             headers["Authorization"] = f"Bearer {self.token}"
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while True:
             conn = self._connection()
+            try:
+                conn.connect()
+            except OSError as exc:  # nothing was sent: the appliance's next address, if it has one
+                conn.close()
+                following = self.target.next()
+                if following is None:
+                    raise ConnectionFailed(f"cannot reach llmosd at {self.where}: {exc}") from exc
+                self.target = following
+                continue
             try:
                 conn.request(method, path, body=data, headers=headers)
                 response = conn.getresponse()
             except OSError as exc:
                 conn.close()
-                raise ConnectionFailed(f"cannot reach llmosd at {self.where}: {exc}") from exc
+                raise ConnectionFailed(f"lost the connection to llmosd at {self.where}: {exc}") from exc
             if response.status in (429, 503) and attempt < self.retries:
+                attempt += 1
                 wait = float(response.getheader("Retry-After") or 1)
                 response.read()
                 conn.close()
@@ -103,7 +112,6 @@ class Client:
                 conn.close()
                 raise error_from(response.status, raw)
             return conn, response
-        raise AssertionError("unreachable")
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         conn, response = self._open(method, path, body)

@@ -18,10 +18,17 @@ class Target:
     socket: str | None = None
     url: str | None = None  # base URL, e.g. http://10.0.0.5:11411
     appliance: Appliance | None = None  # when found by discovery
+    fallbacks: tuple[str, ...] = ()  # the appliance's other addresses, tried when ``url`` does not connect
 
     @property
     def where(self) -> str:
         return f"unix:{self.socket}" if self.socket else str(self.url)
+
+    def next(self) -> Target | None:
+        """The same appliance at its next address, if it has one."""
+        if not self.fallbacks:
+            return None
+        return Target(url=self.fallbacks[0], appliance=self.appliance, fallbacks=self.fallbacks[1:])
 
 
 def local_target(url: str | None, socket: str | Path | None) -> Target | None:
@@ -47,7 +54,7 @@ def pick(found: Sequence[Appliance], name: str | None = None, id: str | None = N
         wanted = " and ".join(x for x in (f"name {name!r}" if name else "", f"id {id!r}" if id else "") if x)
         raise ConnectionFailed(f"no llmosd with {wanted or 'any name'} found on the LAN (found: {seen})")
     a = sorted(chosen, key=lambda x: (x.name, x.id))[0]
-    return Target(url=a.url, appliance=a)
+    return Target(url=a.urls[0], appliance=a, fallbacks=tuple(a.urls[1:]))
 
 
 def nothing_local(socket: Path | None = None) -> str:

@@ -10,6 +10,7 @@ import ipaddress
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 
 POLL_S = 5.0  # how often interfaces are looked at again
 PROBE_MS = 1500  # how long an answer for our name is waited for before taking it
-TTL_S = 120  # record lifetime: a daemon killed without a goodbye vanishes from caches within it
+TTL_S = 120  # record lifetime: a daemon killed without a goodbye leaves caches within it
+MIN_UPDATE_S = 1.5  # between two TXT updates
 
 
 def install_id(state_dir: Path) -> str:
@@ -70,6 +72,10 @@ def lan_addresses(bind_host: str, interfaces: Sequence[str] = ()) -> list[str]:
             if bound.is_unspecified or str(bound) == a.address:
                 out.append(a.address)
     return out
+
+
+def _content(txt: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in txt.items() if k != "rev"}
 
 
 class Advertiser:
@@ -124,8 +130,9 @@ class Advertiser:
             addresses = lan_addresses(self.bind_host, self.interfaces)
         zc = AsyncZeroconf(interfaces=addresses, ip_version=IPVersion.V4Only)
         try:
-            txt = self.txt()
+            txt = self.txt() | {"rev": "1"}
             info = await self._register(zc, addresses, txt)
+            last = time.monotonic()
             while True:
                 await self._wait()
                 now = lan_addresses(self.bind_host, self.interfaces)
@@ -135,10 +142,19 @@ class Advertiser:
                     addresses = now
                 elif not now:
                     log.warning("mDNS: no LAN address left; still advertising %s", ",".join(addresses))
-                if (fresh := self.txt()) != txt or info.parsed_addresses() != addresses:
-                    txt = fresh
+                # RFC 6762 §10.2: a browser keeps every version of a record heard within one second,
+                # so updates closer than that leave it holding the old TXT beside the new one
+                await asyncio.sleep(max(0.0, last + MIN_UPDATE_S - time.monotonic()))
+                if (fresh := self.txt()) != _content(txt) or info.parsed_addresses() != addresses:
+                    # a new revision each time: a TXT equal to an earlier one could match a record the
+                    # browsers still hold (expired, not yet purged) and not count as a change there
+                    txt = fresh | {"rev": str(int(txt["rev"]) + 1)}
                     info = self._info(addresses, txt)
-                    await zc.async_update_service(info)
+                    log.info("mDNS: updating %r: models=%s dev=%s", self.name, txt.get("models"), txt.get("dev"))
+                    # wait out this update's announcements: a later update must not be overtaken by
+                    # this one's repeats, or browsers keep the older TXT
+                    await (await zc.async_update_service(info))
+                    last = time.monotonic()
         finally:
             await asyncio.shield(self._goodbye(zc))
 

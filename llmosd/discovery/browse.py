@@ -17,6 +17,7 @@ from llmosd.discovery.txt import SERVICE_TYPE, Appliance, appliance
 log = logging.getLogger(__name__)
 
 RESOLVE_MS = 3000
+SETTLE_S = 1.2  # an update is read this long after it is heard
 Listener = Callable[[str, Appliance], None]  # ("added" | "updated" | "removed", appliance)
 
 
@@ -34,6 +35,7 @@ class Browser:
         self._zc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pending: dict[str, asyncio.Task[None]] = {}  # a resolution waiting to run, by name
 
     async def __aenter__(self) -> Browser:
         self._zc = AsyncZeroconf(ip_version=IPVersion.V4Only)
@@ -52,16 +54,26 @@ class Browser:
 
     def _on_change(self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
         if state_change is ServiceStateChange.Removed:
+            if (pending := self._pending.pop(name, None)) is not None:
+                pending.cancel()
             gone = self.found.pop(name, None)
             if gone is not None and self.listener is not None:
                 self.listener("removed", gone)
             return
-        task = asyncio.get_running_loop().create_task(self._resolve(name))
+        # An update resolves a little later, once: records it replaced stay in the cache for one more
+        # second (RFC 6762 §10.2), and reading at once would still show, say, an address just dropped.
+        delay = SETTLE_S if state_change is ServiceStateChange.Updated else 0.0
+        if (pending := self._pending.pop(name, None)) is not None:
+            pending.cancel()
+        task = asyncio.get_running_loop().create_task(self._resolve(name, delay))
+        self._pending[name] = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _resolve(self, name: str) -> None:
+    async def _resolve(self, name: str, delay: float) -> None:
         assert self._zc is not None
+        await asyncio.sleep(delay)
+        self._pending.pop(name, None)
         info = AsyncServiceInfo(SERVICE_TYPE, name)
         if not await info.async_request(self._zc.zeroconf, RESOLVE_MS):
             log.debug("mDNS: %s did not resolve", name)

@@ -2,7 +2,7 @@
 ``Appliance`` read back from a resolved service. Pure functions; nothing here touches the network.
 
 The TXT keys are versioned by ``api`` and kept small (one mDNS packet holds them with room to spare);
-never a token or anything secret: anyone on the LAN reads them."""
+``rev`` counts the daemon's updates. Never a token or anything secret: anyone on the LAN reads them."""
 
 from __future__ import annotations
 
@@ -59,14 +59,19 @@ class Appliance:
     tls: bool
     path: str
     host: str  # the mDNS host name the addresses belong to
+    revision: int = 0  # TXT "rev": bumped by the daemon at every change of the records
 
     @property
     def url(self) -> str:
-        """The base URL of the first address (IPv6 in brackets)."""
-        address = self.addresses[0] if self.addresses else self.host.rstrip(".")
-        if ":" in address:
-            address = f"[{address}]"
-        return f"{'https' if self.tls else 'http'}://{address}:{self.port}"
+        """The base URL of the first address."""
+        return self.urls[0]
+
+    @property
+    def urls(self) -> list[str]:
+        """A base URL per address (IPv6 in brackets); the mDNS host name when no address resolved."""
+        scheme = "https" if self.tls else "http"
+        hosts = [f"[{a}]" if ":" in a else a for a in self.addresses] or [self.host.rstrip(".")]
+        return [f"{scheme}://{h}:{self.port}" for h in hosts]
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -84,6 +89,7 @@ class Appliance:
             "tls": self.tls,
             "path": self.path,
             "host": self.host,
+            "revision": self.revision,
         }
 
 
@@ -111,4 +117,5 @@ def appliance(service_name: str, addresses: Sequence[str], port: int, server: st
         tls=txt.get("tls") == "1",
         path=txt.get("path", "/v1"),
         host=server,
+        revision=int(txt["rev"]) if txt.get("rev", "").isdigit() else 0,
     )
