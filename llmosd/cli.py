@@ -75,6 +75,75 @@ def cmd_models_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry_run(host: str, insecure: bool, work: Any) -> Any:
+    """Run ``work(registry)`` with a session and the Docker config's credentials for ``host``."""
+    import aiohttp
+
+    from llmosd.registry import Registry, docker_credentials
+
+    async def run() -> Any:
+        async with aiohttp.ClientSession() as s:
+            return await work(Registry(host, s, credentials=docker_credentials(host), insecure=insecure))
+
+    return asyncio.run(run())
+
+
+def cmd_models_push(args: argparse.Namespace) -> int:
+    from llmosd.registry import parse_reference, push
+    from llmosd.store import ModelStore
+
+    store = ModelStore(_config(args).state_dir)
+    name, _, version = args.ref.partition(":")
+    target = parse_reference(args.target)
+    manifest = store.manifest(name, version or None)
+    result = _registry_run(target.host, args.insecure, lambda r: push(store, name, manifest.version, target, r))
+    blobs = ", ".join(f"{n} {k}" for k, n in sorted(result.blobs.items()))
+    print(f"pushed {manifest.ref} to {target}@{result.digest} (blobs: {blobs})")
+    return 0
+
+
+def cmd_models_pull(args: argparse.Namespace) -> int:
+    from llmosd.registry import parse_reference, pull
+    from llmosd.store import ModelStore
+
+    store = ModelStore(_config(args).state_dir)
+    source = parse_reference(args.source)
+    bars = _ProgressBars() if sys.stderr.isatty() else None
+
+    def work(r: Any) -> Any:
+        return pull(store, source, r, name=args.name, activate=not args.no_activate, progress=bars)
+
+    result = _registry_run(source.host, args.insecure, work)
+    if result.status == "up to date":
+        print(f"{source} is up to date: {result.manifest.ref}")
+    else:
+        mib = result.fetched_bytes / 2**20
+        print(
+            f"pulled {source} as {result.manifest.ref} ({mib:,.1f} MiB fetched, {result.reused} file(s) already here)"
+        )
+    return 0
+
+
+class _ProgressBars:
+    """One line per layer on a terminal: bytes, rate, ETA."""
+
+    def __call__(self, title: str, size: int, have: int) -> Any:
+        import time
+
+        start, done = time.monotonic(), [have]
+
+        def step(n: int) -> None:
+            done[0] += n
+            elapsed = max(time.monotonic() - start, 1e-6)
+            rate = (done[0] - have) / elapsed
+            eta = (size - done[0]) / rate if rate else 0.0
+            mib = f"{done[0] / 2**20:8.1f}/{size / 2**20:.1f} MiB"
+            line = f"{title[:28]:28} {mib} {rate / 2**20:7.1f} MiB/s ETA {eta:5.0f} s"
+            print("\r" + line, end="\n" if done[0] >= size else "", file=sys.stderr, flush=True)
+
+        return step
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from llmosd.export import export_model
     from llmosd.logs import setup_logging
@@ -296,6 +365,19 @@ def parser() -> argparse.ArgumentParser:
     _add_config_flags(s)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_models_list)
+    s = models.add_parser("push", help="push a version to an OCI registry")
+    _add_config_flags(s)
+    s.add_argument("ref", help="NAME or NAME:VERSION")
+    s.add_argument("target", help="REGISTRY/REPO:TAG, e.g. registry.local:5000/models/minilm:stable")
+    s.add_argument("--insecure", action="store_true", help="plain HTTP (loopback registries use it anyway)")
+    s.set_defaults(func=cmd_models_push)
+    s = models.add_parser("pull", help="pull a model from an OCI registry into the store")
+    _add_config_flags(s)
+    s.add_argument("source", help="REGISTRY/REPO[:TAG|@sha256:DIGEST]")
+    s.add_argument("--name", default=None, help="store it under this name (default: the name it was pushed as)")
+    s.add_argument("--no-activate", action="store_true", help="store without making it the active version")
+    s.add_argument("--insecure", action="store_true", help="plain HTTP (loopback registries use it anyway)")
+    s.set_defaults(func=cmd_models_pull)
     for name, func, help in (
         ("show", cmd_models_show, "print a manifest"),
         ("rm", cmd_models_rm, "remove a model or one version"),
@@ -311,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from llmosd.export import ExportError
     from llmosd.listeners import ListenError
+    from llmosd.registry import RegistryError
     from llmosd.store import StoreError
     from llmosd.store.manifest import ManifestError
     from llmosd.store.names import InvalidName
@@ -318,7 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result: int = args.func(args)
         return result
-    except (ConfigError, ExportError, StoreError, ManifestError, InvalidName, ListenError) as exc:
+    except (ConfigError, ExportError, StoreError, ManifestError, InvalidName, ListenError, RegistryError) as exc:
+        print(f"llmosd: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # a malformed registry reference
         print(f"llmosd: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

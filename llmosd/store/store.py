@@ -163,6 +163,27 @@ class ModelStore:
             digest, size = self.add_blob(path)
             entries.append(FileEntry(check_title(title), digest, size, role))
         manifest = replace(draft, name=name, version=version, files=tuple(entries))
+        return self._write_version(manifest, activate)
+
+    def adopt(self, manifest: Manifest, fetched: Mapping[str, Path], *, activate: bool = True) -> Manifest:
+        """Publish a version whose files are in blobs/ already or were fetched ({digest: file under tmp/},
+        each hashed again as it moves in). Nothing is written unless every file is there."""
+        if self._version_dir(manifest.name, manifest.version).exists():
+            raise StoreError(f"{manifest.ref} already exists")
+        for digest, path in fetched.items():
+            got, _ = self.add_blob(path)
+            if got != digest:
+                self.blob_path(got).unlink(missing_ok=True)
+                raise IntegrityError(f"{manifest.ref}: a fetched file hashes to {got}, not {digest}")
+        for f in manifest.files:
+            path = self.blob_path(f.digest)
+            if not path.is_file() or path.stat().st_size != f.size:
+                raise IntegrityError(f"{manifest.ref}: file {f.path} is not in the store")
+        return self._write_version(manifest, activate)
+
+    def _write_version(self, manifest: Manifest, activate: bool) -> Manifest:
+        """The manifest last, by one rename: a version exists whole or not at all."""
+        name, version = manifest.name, manifest.version
         Manifest.from_json(manifest.to_json())  # refuse to write what could not be read back
         model_dir = self.models / name
         model_dir.mkdir(exist_ok=True)

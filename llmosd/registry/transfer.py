@@ -1,0 +1,152 @@
+"""Push a store version to a registry and pull one into the store.
+
+A pull downloads into ``tmp/pull-<digest>/`` (kept when interrupted, so the next pull resumes each blob
+with ``Range``), checks every blob's sha256 while it streams and the free disk space before it starts,
+and publishes the version only when every file is there: the manifest is written last, by one rename,
+so a killed pull leaves the store as it was."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from llmosd.registry.client import Progress, Registry
+from llmosd.registry.oci import EMPTY_BLOB, EMPTY_DIGEST, Reference, check_consistent, digest_of, parse_oci, to_oci
+from llmosd.store import Manifest, ModelStore, StoreError
+from llmosd.store.names import check_name
+
+log = logging.getLogger(__name__)
+
+DISK_MARGIN = 256 << 20  # left free after a pull
+
+
+class NotEnoughSpace(StoreError):
+    pass
+
+
+@dataclass(frozen=True)
+class PullResult:
+    manifest: Manifest
+    digest: str  # the OCI manifest's
+    fetched_bytes: int
+    reused: int  # files the store already had
+    status: str  # "pulled" or "up to date"
+
+
+LayerProgress = Callable[[str, int, int], Progress]  # (title, size, already have) -> per-chunk callback
+
+
+@dataclass(frozen=True)
+class PushResult:
+    digest: str  # the OCI manifest's
+    blobs: dict[str, int]  # outcome ("uploaded", "mounted", "exists") -> count
+
+
+async def push(
+    store: ModelStore,
+    name: str,
+    version: str | None,
+    ref: Reference,
+    registry: Registry,
+    mount_from: str | None = None,
+) -> PushResult:
+    """Upload a version's files (those the registry lacks: mounted from ``mount_from``, another repository
+    of the same registry, where it has them), its manifest and the OCI manifest."""
+    manifest = store.manifest(name, version)
+    raw = (store.models / manifest.name / manifest.version / "manifest.json").read_bytes()
+    with store.tmpdir("push-") as tmp:
+        (tmp / "manifest.json").write_bytes(raw)
+        (tmp / "config").write_bytes(EMPTY_BLOB)
+        uploads = [(EMPTY_DIGEST, tmp / "config"), (digest_of(raw), tmp / "manifest.json")]
+        uploads += [(f.digest, store.blob_path(f.digest)) for f in manifest.files]
+        outcomes: dict[str, int] = {}
+        for digest, path in uploads:
+            outcome = await registry.put_blob(ref.repo, digest, path, mount_from=mount_from)
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            log.info("push %s: %s %s", ref, digest[:19], outcome)
+    digest = await registry.put_manifest(ref.repo, ref.tag or "latest", to_oci(manifest, raw))
+    log.info("pushed %s as %s@%s", manifest.ref, ref, digest)
+    return PushResult(digest, outcomes)
+
+
+def _free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+async def pull(
+    store: ModelStore,
+    ref: Reference,
+    registry: Registry,
+    *,
+    name: str | None = None,
+    activate: bool = True,
+    progress: LayerProgress | None = None,
+    free_bytes: Callable[[Path], int] = _free_bytes,
+) -> PullResult:
+    raw, digest = await registry.get_manifest(ref.repo, ref.ref)
+    artifact = parse_oci(raw)
+    work = store.tmp / f"pull-{digest.removeprefix('sha256:')[:32]}"
+    work.mkdir(exist_ok=True)
+    head = artifact.manifest_layer
+    head_path = work / "manifest.json"
+    await registry.get_blob(ref.repo, head.digest, head.size, head_path)
+    manifest = Manifest.from_json(head_path.read_text())
+    check_consistent(artifact, manifest)
+    if name is not None:
+        manifest = replace(manifest, name=check_name(name))
+    same = _same_version(store, manifest)
+    if same is not None:
+        shutil.rmtree(work, ignore_errors=True)
+        if activate and store.active_version(same.name) != same.version:
+            store.activate(same.name, same.version)
+        return PullResult(same, digest, 0, len(manifest.files), "up to date")
+    if (store.models / manifest.name / manifest.version).exists():  # that number holds other bytes here
+        manifest = replace(manifest, version=store.next_version(manifest.name))
+    missing = {f.digest: f for f in manifest.files if not store.blob_path(f.digest).is_file()}
+    need = sum(f.size for f in missing.values())
+    partial = [work / d.removeprefix("sha256:") for d in missing]
+    have = sum(p.stat().st_size for p in partial if p.exists())
+    free = free_bytes(store.root)
+    if need - have + DISK_MARGIN > free:
+        raise NotEnoughSpace(
+            f"pulling {ref} needs {(need - have) / 2**20:,.0f} MiB more and {DISK_MARGIN >> 20} MiB to spare; "
+            f"{free / 2**20:,.0f} MiB are free under {store.root}"
+        )
+    fetched: dict[str, Path] = {}
+    started, moved = time.monotonic(), 0
+    for digest_, f in sorted(missing.items(), key=lambda kv: kv[1].size):
+        dst = work / digest_.removeprefix("sha256:")
+        already = dst.stat().st_size if dst.exists() else 0
+        callback = progress(f.path, f.size, already) if progress else None
+        await registry.get_blob(ref.repo, digest_, f.size, dst, callback)
+        moved += f.size - already
+        fetched[digest_] = dst
+    stored = store.adopt(manifest, fetched, activate=activate)
+    shutil.rmtree(work, ignore_errors=True)
+    log.info(
+        "pulled %s as %s: %d file(s), %.1f MiB in %.1f s (%d already here)",
+        ref,
+        stored.ref,
+        len(fetched),
+        moved / 2**20,
+        time.monotonic() - started,
+        len(manifest.files) - len(missing),
+    )
+    return PullResult(stored, digest, moved, len(manifest.files) - len(missing), "pulled")
+
+
+def _same_version(store: ModelStore, manifest: Manifest) -> Manifest | None:
+    """The stored version with these exact files, if there is one (a pull that changes nothing)."""
+    files = sorted((f.path, f.digest) for f in manifest.files)
+    for version in store.versions(manifest.name):
+        try:
+            local = store.manifest(manifest.name, version)
+        except StoreError:
+            continue
+        if sorted((f.path, f.digest) for f in local.files) == files:
+            return local
+    return None

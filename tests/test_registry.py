@@ -1,0 +1,198 @@
+"""Push and pull against a real OCI registry (Debian's docker-registry on loopback): byte-identical round
+trips, basic auth, a corrupted blob, a download cut mid-blob and resumed, a full disk."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from llmosd.registry import (
+    Credentials,
+    DigestMismatch,
+    NotEnoughSpace,
+    Registry,
+    RegistryError,
+    docker_credentials,
+    parse_reference,
+    pull,
+    push,
+)
+from llmosd.registry.oci import ARTIFACT_TYPE, TITLE
+from llmosd.store import ModelStore
+from tests.conftest import DEFAULT
+from tests.registry import CuttingProxy, docker_registry, start_proxy
+
+
+def same_files(a: ModelStore, b: ModelStore, name: str) -> None:
+    """The same manifest bytes and the same file bytes in both stores."""
+    ma, mb = a.manifest(name), b.manifest(name)
+    assert (a.models / name / ma.version / "manifest.json").read_bytes() == (
+        b.models / name / mb.version / "manifest.json"
+    ).read_bytes()
+    for f in ma.files:
+        assert a.blob_path(f.digest).read_bytes() == b.blob_path(f.digest).read_bytes()
+
+
+async def test_push_then_pull_is_byte_identical_and_a_second_pull_fetches_nothing(
+    store_dir: Path, tmp_path: Path
+) -> None:
+    with docker_registry(tmp_path / "registry") as reg:
+        ref = parse_reference(f"{reg.host}/models/minilm:stable")
+        async with aiohttp.ClientSession() as s:
+            registry = Registry(reg.host, s)
+            pushed = await push(ModelStore(store_dir), DEFAULT, None, ref, registry)
+            digest = pushed.digest
+            raw, got = await registry.get_manifest(ref.repo, "stable")
+            assert got == digest and await registry.tags(ref.repo) == ["stable"]
+            oci = json.loads(raw)
+            assert oci["artifactType"] == ARTIFACT_TYPE and oci["config"]["size"] == 2
+            titles = [x["annotations"][TITLE] for x in oci["layers"]]
+            assert titles[0] == "manifest.json" and "model.onnx" in titles
+            assert oci["annotations"]["vnd.llmosd.task"] == "feature-extraction"
+            again = await push(ModelStore(store_dir), DEFAULT, None, ref, registry)  # nothing to upload twice
+            assert again.digest == digest and set(again.blobs) == {"exists"}
+            other = parse_reference(f"{reg.host}/other/minilm:1")  # same registry: mounted, not uploaded
+            mounted = await push(ModelStore(store_dir), DEFAULT, None, other, registry, mount_from=ref.repo)
+            assert mounted.digest == digest and set(mounted.blobs) == {"mounted"}
+
+            fresh = ModelStore(tmp_path / "fresh")
+            result = await pull(fresh, parse_reference(f"{reg.host}/models/minilm@{digest}"), registry)
+            assert result.status == "pulled" and result.digest == digest and result.reused == 0
+            same_files(ModelStore(store_dir), fresh, DEFAULT)
+            fresh.verify(fresh.manifest(DEFAULT))
+            assert fresh.active_version(DEFAULT) == ModelStore(store_dir).active_version(DEFAULT)
+            second = await pull(fresh, ref, registry)
+            assert second.status == "up to date" and second.fetched_bytes == 0
+            assert list(fresh.tmp.iterdir()) == []  # nothing left behind
+
+            renamed = await pull(fresh, ref, registry, name="minilm-copy")
+            assert renamed.manifest.name == "minilm-copy" and renamed.reused == len(renamed.manifest.files)
+
+
+async def test_basic_auth_from_docker_config(store_dir: Path, tmp_path: Path) -> None:
+    with docker_registry(tmp_path / "registry", "edge", "s3cret") as reg:
+        ref = parse_reference(f"{reg.host}/models/minilm:1")
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(RegistryError, match="wants a user name and password") as err:
+                await push(ModelStore(store_dir), DEFAULT, None, ref, Registry(reg.host, s))
+            assert err.value.status == 401
+            wrong = Registry(reg.host, s, credentials=Credentials("edge", "nope"))
+            with pytest.raises(RegistryError, match="401"):
+                await wrong.tags(ref.repo)
+            config = tmp_path / "docker"
+            config.mkdir()
+            auth = base64.b64encode(b"edge:s3cret").decode()
+            (config / "config.json").write_text(json.dumps({"auths": {reg.host: {"auth": auth}}}))
+            creds = docker_credentials(reg.host, str(config))
+            assert creds == Credentials("edge", "s3cret")
+            pushed = await push(ModelStore(store_dir), DEFAULT, None, ref, Registry(reg.host, s, credentials=creds))
+            result = await pull(ModelStore(tmp_path / "fresh"), ref, Registry(reg.host, s, credentials=creds))
+            assert result.digest == pushed.digest
+
+
+async def test_large_blobs_go_up_in_chunks(store_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import llmosd.registry.client
+
+    monkeypatch.setattr(llmosd.registry.client, "MONOLITHIC_MAX", 1 << 20)  # MiniLM's 66 MB file: 5 PATCHes
+    with docker_registry(tmp_path / "registry") as reg:
+        ref = parse_reference(f"{reg.host}/models/minilm:chunked")
+        async with aiohttp.ClientSession() as s:
+            await push(ModelStore(store_dir), DEFAULT, None, ref, Registry(reg.host, s))
+            fresh = ModelStore(tmp_path / "fresh")
+            await pull(fresh, ref, Registry(reg.host, s))
+        same_files(ModelStore(store_dir), fresh, DEFAULT)
+        assert "PATCH /v2/models/minilm/blobs/uploads/" in reg.log.read_text()
+
+
+async def test_a_corrupted_blob_is_refused_and_nothing_is_stored(store_dir: Path, tmp_path: Path) -> None:
+    with docker_registry(tmp_path / "registry") as reg:
+        ref = parse_reference(f"{reg.host}/models/minilm:stable")
+        async with aiohttp.ClientSession() as s:
+            registry = Registry(reg.host, s)
+            await push(ModelStore(store_dir), DEFAULT, None, ref, registry)
+            model = ModelStore(store_dir).manifest(DEFAULT).file("model")
+            blob = reg.blob_file(model.digest)
+            data = bytearray(blob.read_bytes())
+            data[len(data) // 2] ^= 0xFF  # one flipped byte in the registry's copy
+            blob.write_bytes(bytes(data))
+            fresh = ModelStore(tmp_path / "fresh")
+            with pytest.raises(DigestMismatch, match="refused"):
+                await pull(fresh, ref, registry)
+            assert fresh.names() == [] and list(fresh.blobs.iterdir()) == []  # no version, no stray blob
+
+
+async def test_a_download_cut_mid_blob_resumes_with_range(store_dir: Path, tmp_path: Path) -> None:
+    with docker_registry(tmp_path / "registry") as reg:
+        async with aiohttp.ClientSession() as s:
+            await push(
+                ModelStore(store_dir), DEFAULT, None, parse_reference(f"{reg.host}/m/minilm:1"), Registry(reg.host, s)
+            )
+        model_size = ModelStore(store_dir).manifest(DEFAULT).file("model").size
+        proxy = CuttingProxy(reg.host, cut_after=model_size // 2)
+        runner = await start_proxy(proxy)
+        try:
+            host = f"127.0.0.1:{proxy.port}"
+            fresh = ModelStore(tmp_path / "fresh")
+            async with aiohttp.ClientSession() as s:
+                with pytest.raises((aiohttp.ClientError, DigestMismatch)):
+                    await pull(fresh, parse_reference(f"{host}/m/minilm:1"), Registry(host, s))
+            assert fresh.names() == []
+            partial = [p for d in fresh.tmp.iterdir() for p in d.iterdir() if p.name != "manifest.json"]
+            assert any(0 < p.stat().st_size < model_size for p in partial)  # kept for the next try
+            async with aiohttp.ClientSession() as s:
+                result = await pull(fresh, parse_reference(f"{host}/m/minilm:1"), Registry(host, s))
+            assert result.status == "pulled" and result.fetched_bytes < sum(f.size for f in result.manifest.files)
+            assert any(r is not None and r.startswith("bytes=") for r in proxy.ranges)  # resumed, not restarted
+            same_files(ModelStore(store_dir), fresh, DEFAULT)
+        finally:
+            await runner.cleanup()
+
+
+async def test_a_pull_that_would_fill_the_disk_is_refused_before_it_starts(store_dir: Path, tmp_path: Path) -> None:
+    with docker_registry(tmp_path / "registry") as reg:
+        ref = parse_reference(f"{reg.host}/models/minilm:stable")
+        async with aiohttp.ClientSession() as s:
+            registry = Registry(reg.host, s)
+            await push(ModelStore(store_dir), DEFAULT, None, ref, registry)
+            fresh = ModelStore(tmp_path / "fresh")
+            with pytest.raises(NotEnoughSpace, match="MiB more"):
+                await pull(fresh, ref, registry, free_bytes=lambda _: 10 << 20)
+            assert fresh.names() == [] and list(fresh.blobs.iterdir()) == []
+
+
+def test_the_cli_pushes_and_pulls(store_dir: Path, tmp_path: Path) -> None:
+    with docker_registry(tmp_path / "registry") as reg:
+        ref = f"{reg.host}/models/minilm:stable"
+        env = dict(os.environ, DOCKER_CONFIG=str(tmp_path / "no-docker"))
+        cli = [sys.executable, "-m", "llmosd", "models"]
+        r = subprocess.run(
+            [*cli, "push", DEFAULT, ref, "--state-dir", str(store_dir)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert r.returncode == 0, r.stderr
+        assert f"pushed {DEFAULT}:1 to {ref}@sha256:" in r.stdout and "uploaded" in r.stdout
+        fresh = tmp_path / "fresh"
+        r = subprocess.run(
+            [*cli, "pull", ref, "--state-dir", str(fresh)], capture_output=True, text=True, env=env, timeout=120
+        )
+        assert r.returncode == 0, r.stderr
+        assert f"pulled {ref} as {DEFAULT}:1" in r.stdout
+        same_files(ModelStore(store_dir), ModelStore(fresh), DEFAULT)
+        r = subprocess.run(
+            [*cli, "pull", "not a reference", "--state-dir", str(fresh)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert r.returncode == 2 and "not a registry reference" in r.stderr
