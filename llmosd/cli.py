@@ -104,14 +104,17 @@ def cmd_models_push(args: argparse.Namespace) -> int:
 
 def cmd_models_pull(args: argparse.Namespace) -> int:
     from llmosd.registry import parse_reference, pull
+    from llmosd.registry.signing import trust_policy
     from llmosd.store import ModelStore
 
-    store = ModelStore(_config(args).state_dir)
+    config = _config(args)
+    store = ModelStore(config.state_dir)
     source = parse_reference(args.source)
     bars = _ProgressBars() if sys.stderr.isatty() else None
+    trust = None if args.allow_unsigned else trust_policy(config.trust_dir, config.allow_unsigned_from, source.host)
 
     def work(r: Any) -> Any:
-        return pull(store, source, r, name=args.name, activate=not args.no_activate, progress=bars)
+        return pull(store, source, r, name=args.name, activate=not args.no_activate, progress=bars, trust=trust)
 
     result = _registry_run(source.host, args.insecure, work)
     if result.status == "up to date":
@@ -142,6 +145,36 @@ class _ProgressBars:
             print("\r" + line, end="\n" if done[0] >= size else "", file=sys.stderr, flush=True)
 
         return step
+
+
+def cmd_models_keygen(args: argparse.Namespace) -> int:
+    from llmosd.registry.signing import generate_key
+
+    path = Path(args.key)
+    kid = generate_key(path)
+    print(f"key {kid}: private {path} (keep it secret), public {path}.pub")
+    print(f"appliances trust it once {path.name}.pub is in their trust directory (trust_dir, default STATE/trust)")
+    return 0
+
+
+def cmd_models_sign(args: argparse.Namespace) -> int:
+    from llmosd.registry import parse_reference
+    from llmosd.registry.signing import key_id, load_private, sign
+    from llmosd.store import ModelStore
+
+    target = parse_reference(args.target)
+    private = load_private(Path(args.key))
+    store = ModelStore(_config(args).state_dir)
+
+    async def work(r: Any) -> str:
+        _, digest = await r.get_manifest(target.repo, target.ref)
+        with store.tmpdir("sign-") as tmp:
+            await sign(r, target.repo, digest, private, tmp)
+        return str(digest)
+
+    digest = _registry_run(target.host, args.insecure, work)
+    print(f"signed {target}@{digest} with key {key_id(private.public_key())}")
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -377,7 +410,17 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--name", default=None, help="store it under this name (default: the name it was pushed as)")
     s.add_argument("--no-activate", action="store_true", help="store without making it the active version")
     s.add_argument("--insecure", action="store_true", help="plain HTTP (loopback registries use it anyway)")
+    s.add_argument("--allow-unsigned", action="store_true", help="accept a model no trusted key signed")
     s.set_defaults(func=cmd_models_pull)
+    s = models.add_parser("keygen", help="make an ed25519 signing key (KEY and KEY.pub)")
+    s.add_argument("key", help="where to write the private key")
+    s.set_defaults(func=cmd_models_keygen)
+    s = models.add_parser("sign", help="sign a pushed model (its manifest digest) in the registry")
+    _add_config_flags(s)
+    s.add_argument("target", help="REGISTRY/REPO:TAG or REGISTRY/REPO@sha256:DIGEST")
+    s.add_argument("--key", required=True, help="the private key (from llmosd models keygen)")
+    s.add_argument("--insecure", action="store_true", help="plain HTTP (loopback registries use it anyway)")
+    s.set_defaults(func=cmd_models_sign)
     for name, func, help in (
         ("show", cmd_models_show, "print a manifest"),
         ("rm", cmd_models_rm, "remove a model or one version"),

@@ -85,6 +85,10 @@ class Config:
     mdns: bool = _knob(True, "advertise on the LAN over mDNS (_llmosd._tcp) when the TCP listener is not loopback")
     mdns_name: str = _knob("", "mDNS instance name (default: the host name)")
     mdns_interfaces: str = _knob("", "comma-separated interfaces to advertise on (default: every one that is up)")
+    trust_dir: Path = _knob(
+        None, "public keys (*.pub) whose signatures pulled models must carry (default: STATE/trust)"
+    )
+    allow_unsigned_from: str = _knob("", "registries (comma-separated hosts, or *) whose unsigned models may be pulled")
     seed_defaults: bool = _knob(True, "export the embedded default models into an empty store on start")
     default_precision: str = _knob("int8", "precision of seeded default models", choices=("fp32", "int8"))
     shutdown_timeout_s: float = _knob(30.0, "how long SIGTERM waits for in-flight requests")
@@ -96,6 +100,8 @@ class Config:
             object.__setattr__(self, "socket", default_socket(self.state_dir))
         if self.token_file is None:
             object.__setattr__(self, "token_file", self.state_dir / "token")
+        if self.trust_dir is None:
+            object.__setattr__(self, "trust_dir", self.state_dir / "trust")
 
     @property
     def socket_enabled(self) -> bool:

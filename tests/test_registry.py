@@ -167,32 +167,74 @@ async def test_a_pull_that_would_fill_the_disk_is_refused_before_it_starts(store
             assert fresh.names() == [] and list(fresh.blobs.iterdir()) == []
 
 
-def test_the_cli_pushes_and_pulls(store_dir: Path, tmp_path: Path) -> None:
+def test_the_cli_pushes_signs_and_pulls_only_what_a_trusted_key_signed(store_dir: Path, tmp_path: Path) -> None:
     with docker_registry(tmp_path / "registry") as reg:
         ref = f"{reg.host}/models/minilm:stable"
         env = dict(os.environ, DOCKER_CONFIG=str(tmp_path / "no-docker"))
-        cli = [sys.executable, "-m", "llmosd", "models"]
-        r = subprocess.run(
-            [*cli, "push", DEFAULT, ref, "--state-dir", str(store_dir)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=120,
-        )
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            cmd = [sys.executable, "-m", "llmosd", "models", *args]
+            return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+
+        r = cli("push", DEFAULT, ref, "--state-dir", str(store_dir))
         assert r.returncode == 0, r.stderr
         assert f"pushed {DEFAULT}:1 to {ref}@sha256:" in r.stdout and "uploaded" in r.stdout
+        r = cli("pull", ref, "--state-dir", str(tmp_path / "keyless"))
+        assert r.returncode == 2 and "no trusted public keys in" in r.stderr  # refused by default
+        for key in ("edge.key", "stranger.key"):
+            r = cli("keygen", str(tmp_path / key))
+            assert r.returncode == 0, r.stderr
+        assert (tmp_path / "edge.key").stat().st_mode & 0o777 == 0o600
         fresh = tmp_path / "fresh"
-        r = subprocess.run(
-            [*cli, "pull", ref, "--state-dir", str(fresh)], capture_output=True, text=True, env=env, timeout=120
-        )
+        (fresh / "trust").mkdir(parents=True)
+        (fresh / "trust" / "edge.key.pub").write_bytes((tmp_path / "edge.key.pub").read_bytes())
+        r = cli("pull", ref, "--state-dir", str(fresh))
+        assert r.returncode == 2 and "is not signed (no sha256-" in r.stderr
+        r = cli("sign", ref, "--key", str(tmp_path / "stranger.key"), "--state-dir", str(store_dir))
+        assert r.returncode == 0 and f"signed {ref}@sha256:" in r.stdout, r.stderr
+        r = cli("pull", ref, "--state-dir", str(fresh))
+        assert r.returncode == 2 and "none of them trusted" in r.stderr  # signed, but by a key not trusted here
+        assert not (fresh / "models" / DEFAULT).exists()
+        r = cli("sign", ref, "--key", str(tmp_path / "edge.key"), "--state-dir", str(store_dir))
+        assert r.returncode == 0, r.stderr
+        r = cli("pull", ref, "--state-dir", str(fresh))
         assert r.returncode == 0, r.stderr
         assert f"pulled {ref} as {DEFAULT}:1" in r.stdout
         same_files(ModelStore(store_dir), ModelStore(fresh), DEFAULT)
-        r = subprocess.run(
-            [*cli, "pull", "not a reference", "--state-dir", str(fresh)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=60,
-        )
+        r = cli("pull", "not a reference", "--state-dir", str(fresh))
         assert r.returncode == 2 and "not a registry reference" in r.stderr
+        r = cli("pull", f"{reg.host}/models/minilm:stable", "--state-dir", str(tmp_path / "x"), "--allow-unsigned")
+        assert r.returncode == 0, r.stderr
+
+
+async def test_a_forged_signature_is_refused(store_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmosd.registry import signing
+
+    trusted = tmp_path / "trust"
+    trusted.mkdir()
+    signing.generate_key(trusted / "edge.key")
+    private = signing.load_private(trusted / "edge.key")
+    with docker_registry(tmp_path / "registry") as reg:
+        ref = parse_reference(f"{reg.host}/models/minilm:stable")
+        async with aiohttp.ClientSession() as s:
+            registry = Registry(reg.host, s)
+            digest = (await push(ModelStore(store_dir), DEFAULT, None, ref, registry)).digest
+            real = signing.signature_blob
+            # the trusted key's id on a signature of other bytes: what a forger holding no key can make
+            monkeypatch.setattr(
+                signing,
+                "signature_blob",
+                lambda key, d: real(key, d).replace(
+                    json.loads(real(key, d))["signature"].encode(),
+                    json.loads(real(key, "sha256:" + "0" * 64))["signature"].encode(),
+                ),
+            )
+            await signing.sign(registry, ref.repo, digest, private, tmp_path)
+            fresh = ModelStore(tmp_path / "fresh")
+            with pytest.raises(signing.SignatureError, match="does not verify"):
+                await pull(fresh, ref, registry, trust=signing.Trust.load(trusted))
+            assert fresh.names() == []
+            monkeypatch.setattr(signing, "signature_blob", real)
+            await signing.sign(registry, ref.repo, digest, private, tmp_path)  # replaces that key's signature
+            result = await pull(fresh, ref, registry, trust=signing.Trust.load(trusted))
+            assert result.status == "pulled"

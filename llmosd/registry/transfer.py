@@ -16,6 +16,7 @@ from pathlib import Path
 
 from llmosd.registry.client import Progress, Registry
 from llmosd.registry.oci import EMPTY_BLOB, EMPTY_DIGEST, Reference, check_consistent, digest_of, parse_oci, to_oci
+from llmosd.registry.signing import Trust, verify
 from llmosd.store import Manifest, ModelStore, StoreError
 from llmosd.store.names import check_name
 
@@ -86,11 +87,17 @@ async def pull(
     activate: bool = True,
     progress: LayerProgress | None = None,
     free_bytes: Callable[[Path], int] = _free_bytes,
+    trust: Trust | None = None,
 ) -> PullResult:
+    """Pull ``ref`` into the store. With ``trust``, a manifest no trusted key signed is refused before
+    anything is downloaded; None accepts unsigned models (the caller's policy said so)."""
     raw, digest = await registry.get_manifest(ref.repo, ref.ref)
     artifact = parse_oci(raw)
     work = store.tmp / f"pull-{digest.removeprefix('sha256:')[:32]}"
     work.mkdir(exist_ok=True)
+    if trust is not None:
+        signer = await verify(registry, ref.repo, digest, trust, work)
+        log.info("%s@%s is signed by trusted key %s", ref, digest, signer)
     head = artifact.manifest_layer
     head_path = work / "manifest.json"
     await registry.get_blob(ref.repo, head.digest, head.size, head_path)
