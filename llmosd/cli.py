@@ -177,6 +177,54 @@ def cmd_models_sign(args: argparse.Namespace) -> int:
     return 0
 
 
+def _via_daemon(config: Config, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
+    """POST to the running daemon over its socket; None when no daemon answers there."""
+    import aiohttp
+
+    async def post() -> Any:
+        connector = aiohttp.UnixConnector(path=str(config.socket))
+        async with aiohttp.ClientSession(connector=connector) as s, s.post(f"http://llmosd{path}", json=body) as r:
+            answer = await r.json()
+            if r.status != 200:
+                raise SystemExit(f"llmosd: {answer['error']['message']}")
+            return answer
+
+    try:
+        return dict(asyncio.run(post()))
+    except (aiohttp.ClientError, OSError):
+        return None
+
+
+def cmd_models_activate(args: argparse.Namespace) -> int:
+    """Through the daemon (which then serves it, the old version draining), else in the store."""
+    from llmosd.store import ModelStore
+
+    config = _config(args)
+    answer = _via_daemon(config, f"/api/models/{args.name}/activate", {"version": args.version})
+    if answer is None:
+        ModelStore(config.state_dir).activate(args.name, args.version)
+        answer = {"name": args.name, "version": args.version, "serving": False}
+    print(f"{answer['name']}:{answer['version']} is active" + (" and serving" if answer.get("serving") else ""))
+    return 0
+
+
+def cmd_models_rollback(args: argparse.Namespace) -> int:
+    from llmosd.store import ModelStore, StoreError
+
+    config = _config(args)
+    answer = _via_daemon(config, f"/api/models/{args.name}/rollback", {})
+    if answer is None:
+        store = ModelStore(config.state_dir)
+        active = store.active_version(args.name)
+        older = [v for v in store.versions(args.name) if active is not None and int(v) < int(active)]
+        if not older:
+            raise StoreError(f"model {args.name!r} has no version older than {active} to roll back to")
+        store.activate(args.name, older[-1])
+        answer = {"name": args.name, "version": older[-1], "serving": False}
+    print(f"rolled back {answer['name']} to version {answer['version']}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from llmosd.export import export_model
     from llmosd.logs import setup_logging
@@ -412,6 +460,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--insecure", action="store_true", help="plain HTTP (loopback registries use it anyway)")
     s.add_argument("--allow-unsigned", action="store_true", help="accept a model no trusted key signed")
     s.set_defaults(func=cmd_models_pull)
+    s = models.add_parser("activate", help="make a stored version the active one (served at once)")
+    _add_config_flags(s)
+    s.add_argument("name")
+    s.add_argument("version")
+    s.set_defaults(func=cmd_models_activate)
+    s = models.add_parser("rollback", help="activate the newest version older than the active one")
+    _add_config_flags(s)
+    s.add_argument("name")
+    s.set_defaults(func=cmd_models_rollback)
     s = models.add_parser("keygen", help="make an ed25519 signing key (KEY and KEY.pub)")
     s.add_argument("key", help="where to write the private key")
     s.set_defaults(func=cmd_models_keygen)

@@ -85,6 +85,9 @@ class Config:
     mdns: bool = _knob(True, "advertise on the LAN over mDNS (_llmosd._tcp) when the TCP listener is not loopback")
     mdns_name: str = _knob("", "mDNS instance name (default: the host name)")
     mdns_interfaces: str = _knob("", "comma-separated interfaces to advertise on (default: every one that is up)")
+    insecure_registries: str = _knob(
+        "", "registries (comma-separated hosts) spoken to over plain HTTP; loopback always is"
+    )
     trust_dir: Path = _knob(
         None, "public keys (*.pub) whose signatures pulled models must carry (default: STATE/trust)"
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from llmosd.api import admin, completions, metrics, oip, openai, ops
+from llmosd.api import admin, completions, lifecycle, metrics, oip, openai, ops
 from llmosd.api.middleware import auth, errors, release_held
 from llmosd.api.state import STATE, AppState
 
@@ -16,6 +16,16 @@ def make_app(app_state: AppState) -> web.Application:
     )
     app[STATE] = app_state
     app[metrics.METRICS] = metrics.Metrics(app_state)
-    for family in (openai.routes, completions.routes, oip.routes, ops.routes, admin.routes, metrics.routes):
+    app[lifecycle.PULLS] = lifecycle.Pulls()
+    families = (
+        openai.routes,
+        completions.routes,
+        oip.routes,
+        ops.routes,
+        lifecycle.routes,
+        admin.routes,
+        metrics.routes,
+    )
+    for family in families:  # lifecycle before admin: /api/models/pulls is not a model called "pulls"
         app.add_routes(family)
     return app

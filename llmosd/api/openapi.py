@@ -143,6 +143,28 @@ PATHS: dict[str, dict[str, Any]] = {
     "/api/status": {"get": _op("Daemon status: models, batcher statistics, listeners, memory")},
     "/api/models": {"get": _op("Models in the store, their versions and which is active")},
     "/api/models/{name}": {"get": _op("A model version's manifest (active unless ?version=)", errors=(404,))},
+    "/api/models/pull": {
+        "post": _op(
+            "Pull REGISTRY/REPO:TAG into the store (signature checked), activate and serve it",
+            body={
+                "type": "object",
+                "required": ["ref"],
+                "properties": {"ref": {"type": "string"}, "name": {"type": "string"}, "activate": {"type": "boolean"}},
+            },
+            errors=(403, 502, 507),
+        )
+    },
+    "/api/models/pulls": {"get": _op("Pulls running and recently finished, with bytes per layer")},
+    "/api/models/{name}/activate": {
+        "post": _op(
+            "Activate a stored version; the old one drains",
+            body={"type": "object", "required": ["version"], "properties": {"version": {"type": "string"}}},
+            errors=(404,),
+        )
+    },
+    "/api/models/{name}/rollback": {
+        "post": _op("Activate the newest version older than the active one", errors=(404, 409))
+    },
     "/openapi.json": {"get": _op("This document")},
 }
 

@@ -7,6 +7,7 @@ so a killed pull leaves the store as it was."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import time
@@ -132,7 +133,7 @@ async def pull(
         await registry.get_blob(ref.repo, digest_, f.size, dst, callback)
         moved += f.size - already
         fetched[digest_] = dst
-    stored = store.adopt(manifest, fetched, activate=activate)
+    stored = await asyncio.to_thread(store.adopt, manifest, fetched, activate=activate)  # hashes: off the loop
     shutil.rmtree(work, ignore_errors=True)
     log.info(
         "pulled %s as %s: %d file(s), %.1f MiB in %.1f s (%d already here)",

@@ -47,6 +47,8 @@ class ModelPool:
         self.pinned: set[str] = set()  # never unloaded to make room (the default models)
         self._tuning: set[asyncio.Task[None]] = set()
         self.watchers: list[Callable[[], None]] = []  # told (on the loop) when models load or unload
+        self._retiring: set[asyncio.Task[None]] = set()  # replaced versions draining
+        self.drain_s = 60.0  # how long a replaced version may finish its requests
         self._models: dict[str, ServedModel] = {}
         self._lock = asyncio.Lock()
 
@@ -118,14 +120,27 @@ class ModelPool:
             need, targets = await self._make_room(manifest)
             instances = await self._instances(manifest, need, targets)
             served = self._models[name] = ServedModel(instances)
-        if current:
-            if self.ledger is not None:
-                self.ledger.release(current.manifest.ref)
-            await current.close()
+        if current:  # new requests already go to the new version; the old one finishes what it holds
+            log.info("activated %s; %s drains, then unloads", served.manifest.ref, current.manifest.ref)
+            task = asyncio.create_task(self._retire(current))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
         if self.tuner is not None and self.tuner.policy.enabled:
             self._start_tuning(served, self.tuner)
         self._notify()
         return served
+
+    async def _retire(self, old: ServedModel) -> None:
+        """Unload a replaced version once no request holds it and its queues are empty."""
+        deadline = time.monotonic() + self.drain_s
+        while old.busy() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if old.busy():
+            log.warning("%s still busy after %.0f s of draining; closing it", old.manifest.ref, self.drain_s)
+        await old.close()
+        if self.ledger is not None:
+            self.ledger.release(old.manifest.ref)
+        log.info("unloaded %s (replaced)", old.manifest.ref)
 
     def _notify(self) -> None:
         for watcher in self.watchers:
@@ -250,6 +265,7 @@ class ModelPool:
     async def close(self) -> None:
         for task in list(self._tuning):  # a calibration in its thread finishes on its own
             task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         for name in list(self._models):
             await self.unload(name)
 

@@ -1,0 +1,181 @@
+"""Versions over HTTP: pull from a registry (with progress), activate a version, roll back. Activation
+swaps the store's ``active`` pointer, then the pool: new requests go to the new version at once, the old
+one finishes what it holds and unloads."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from llmosd.api.errors import ApiError, bad_request
+from llmosd.api.requests import json_body
+from llmosd.api.state import AppState, state
+from llmosd.registry import (
+    DigestMismatch,
+    NotEnoughSpace,
+    Registry,
+    RegistryError,
+    docker_credentials,
+    parse_reference,
+    pull,
+)
+from llmosd.registry.signing import SignatureError, trust_policy
+from llmosd.store import Manifest, check_name, check_version
+
+routes = web.RouteTableDef()
+KEEP_FINISHED = 20
+
+
+@dataclass
+class PullProgress:
+    id: int
+    ref: str
+    started: float = field(default_factory=time.time)
+    status: str = "running"  # running, done, failed
+    layers: dict[str, dict[str, int]] = field(default_factory=dict)
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    finished: float | None = None
+
+    def layer(self, title: str, size: int, have: int) -> Any:
+        entry = self.layers[title] = {"size": size, "done": have}
+
+        def step(n: int) -> None:
+            entry["done"] += n
+
+        return step
+
+    def as_dict(self) -> dict[str, Any]:
+        done = sum(x["done"] for x in self.layers.values())
+        total = sum(x["size"] for x in self.layers.values())
+        return {
+            "id": self.id,
+            "ref": self.ref,
+            "status": self.status,
+            "started": self.started,
+            "finished": self.finished,
+            "bytes_done": done,
+            "bytes_total": total,
+            "layers": self.layers,
+            "result": self.result,
+            "error": self.error,
+        }
+
+
+@dataclass
+class Pulls:
+    running: dict[int, PullProgress] = field(default_factory=dict)
+    finished: list[PullProgress] = field(default_factory=list)
+    ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def start(self, ref: str) -> PullProgress:
+        p = PullProgress(next(self.ids), ref)
+        self.running[p.id] = p
+        return p
+
+    def end(self, p: PullProgress, status: str) -> None:
+        p.status, p.finished = status, time.time()
+        self.running.pop(p.id, None)
+        self.finished = [*self.finished, p][-KEEP_FINISHED:]
+
+
+PULLS = web.AppKey("pulls", Pulls)
+
+
+def _card(m: Manifest) -> dict[str, Any]:
+    return {"name": m.name, "version": m.version, "task": m.task, "precision": m.precision}
+
+
+async def _swap(st: AppState, name: str) -> bool:
+    """Serve the newly active version if the model is being served (or is a default); whether it did."""
+    if name in {s.name for s in st.pool.served()} or name in st.pool.pinned:
+        await st.pool.load(name)
+        return True
+    return False
+
+
+@routes.post("/api/models/pull")
+async def pull_model(request: web.Request) -> web.Response:
+    """Pull ``{"ref": "REGISTRY/REPO:TAG", "name"?: str, "activate"?: bool}`` into the store; with
+    activate (the default) the new version serves at once if the model was being served."""
+    st = state(request)
+    body = await json_body(request)
+    try:
+        ref = parse_reference(str(body.get("ref", "")))
+    except ValueError as exc:
+        raise bad_request(str(exc), "ref") from None
+    name = check_name(body["name"]) if body.get("name") is not None else None
+    activate = body.get("activate", True)
+    if not isinstance(activate, bool):
+        raise bad_request("activate must be true or false", "activate")
+    config = st.config
+    insecure = ref.host in {h.strip() for h in config.insecure_registries.split(",") if h.strip()}
+    trust = trust_policy(config.trust_dir, config.allow_unsigned_from, ref.host)
+    pulls = request.app[PULLS]
+    progress = pulls.start(str(ref))
+    try:
+        async with aiohttp.ClientSession() as s:
+            registry = Registry(ref.host, s, credentials=docker_credentials(ref.host), insecure=insecure)
+            result = await pull(
+                st.store, ref, registry, name=name, activate=activate, progress=progress.layer, trust=trust
+            )
+    except SignatureError as exc:
+        pulls.end(progress, "failed")
+        progress.error = str(exc)
+        raise ApiError(403, str(exc), type="permission_error", param="ref") from None
+    except NotEnoughSpace as exc:
+        pulls.end(progress, "failed")
+        progress.error = str(exc)
+        raise ApiError(507, str(exc), type="insufficient_storage") from None
+    except (RegistryError, DigestMismatch, aiohttp.ClientError, OSError) as exc:
+        pulls.end(progress, "failed")
+        progress.error = str(exc)
+        raise ApiError(502, f"pulling {ref} failed: {exc}", type="upstream_error") from None
+    served = activate and await _swap(st, result.manifest.name)
+    progress.result = _card(result.manifest) | {"digest": result.digest, "status": result.status}
+    pulls.end(progress, "done")
+    out = progress.result | {"fetched_bytes": result.fetched_bytes, "reused_files": result.reused, "serving": served}
+    return web.json_response(out)
+
+
+@routes.get("/api/models/pulls")
+async def list_pulls(request: web.Request) -> web.Response:
+    pulls = request.app[PULLS]
+    return web.json_response(
+        {"running": [p.as_dict() for p in pulls.running.values()], "finished": [p.as_dict() for p in pulls.finished]}
+    )
+
+
+@routes.post("/api/models/{name}/activate")
+async def activate(request: web.Request) -> web.Response:
+    """``{"version": "2"}``: make it the active version; it serves at once if the model was served."""
+    st = state(request)
+    name = check_name(request.match_info["name"])
+    body = await json_body(request)
+    version = check_version(str(body.get("version", "")))
+    if version not in st.store.versions(name):
+        raise ApiError(404, f"model {name}:{version} is not in the store", type="not_found_error", param="version")
+    previous = st.store.active_version(name)
+    await asyncio.to_thread(st.store.activate, name, version)
+    served = await _swap(st, name)
+    return web.json_response(_card(st.store.manifest(name)) | {"previous": previous, "serving": served})
+
+
+@routes.post("/api/models/{name}/rollback")
+async def rollback(request: web.Request) -> web.Response:
+    """Activate the newest version older than the active one."""
+    st = state(request)
+    name = check_name(request.match_info["name"])
+    active = st.store.active_version(name)
+    older = [v for v in st.store.versions(name) if active is not None and int(v) < int(active)]
+    if not older:
+        raise ApiError(409, f"model {name!r} has no version older than {active} to roll back to", type="conflict_error")
+    await asyncio.to_thread(st.store.activate, name, older[-1])
+    served = await _swap(st, name)
+    return web.json_response(_card(st.store.manifest(name)) | {"previous": active, "serving": served})
