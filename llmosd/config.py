@@ -88,6 +88,12 @@ class Config:
     insecure_registries: str = _knob(
         "", "registries (comma-separated hosts) spoken to over plain HTTP; loopback always is"
     )
+    subscriptions: str = _knob(
+        "", "tags to follow, comma-separated REGISTRY/REPO:TAG[=NAME]; new digests are activated"
+    )
+    sync_interval_s: float = _knob(300.0, "how often each subscription is checked (±10 % jitter; backs off when down)")
+    probation_s: float = _knob(60.0, "after a sync activates a version, how long health probes may roll it back")
+    keep_versions: int = _knob(3, "versions a sync keeps per model, the active one included")
     trust_dir: Path = _knob(
         None, "public keys (*.pub) whose signatures pulled models must carry (default: STATE/trust)"
     )
@@ -176,7 +182,16 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
     if key == "port" and out > 65535:
         raise ConfigError(f"config key 'port' from {origin}: must be at most 65535 (got {out!r})")
     if (
-        key in ("max_batch_size", "max_batch_tokens", "max_queue", "max_inputs", "max_body_bytes", "instances")
+        key
+        in (
+            "max_batch_size",
+            "max_batch_tokens",
+            "max_queue",
+            "max_inputs",
+            "max_body_bytes",
+            "instances",
+            "keep_versions",
+        )
         and out < 1
     ):
         raise ConfigError(f"config key {key!r} from {origin}: must be at least 1 (got {out!r})")

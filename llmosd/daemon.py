@@ -6,8 +6,9 @@ import asyncio
 import logging
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -20,8 +21,10 @@ from llmosd.export import ExportError, export_model
 from llmosd.hardware import Hardware, probe
 from llmosd.listeners import bind_tcp, bind_unix, describe, remove_socket_file
 from llmosd.logs import setup_logging
+from llmosd.registry.sync import Syncer, SyncPolicy, parse_subscriptions
 from llmosd.runtime import ProviderSelector
-from llmosd.scheduler import BatchPolicy, GenerationLimits, ModelPool
+from llmosd.runtime.sampling import SamplingParams
+from llmosd.scheduler import BatchPolicy, GenerationLimits, GenerationRequest, ModelPool
 from llmosd.scheduler.tuning import Tuner, TuningPolicy
 from llmosd.seed import DEFAULT_MODELS
 from llmosd.store import ManifestError, ModelStore, StoreError
@@ -125,6 +128,40 @@ def txt_content(st: AppState) -> dict[str, str]:
     )
 
 
+def make_syncer(st: AppState, selector: ProviderSelector) -> Syncer | None:
+    """The registry sync, if the config subscribes to anything."""
+    config = st.config
+    subscriptions = parse_subscriptions(config.subscriptions)
+    if not subscriptions:
+        return None
+    policy = SyncPolicy(
+        interval_s=config.sync_interval_s,
+        probation_s=config.probation_s,
+        keep=config.keep_versions,
+        insecure=frozenset(h.strip() for h in config.insecure_registries.split(",") if h.strip()),
+        trust_dir=config.trust_dir,
+        allow_unsigned_from=config.allow_unsigned_from,
+    )
+
+    async def activate(name: str) -> None:
+        await st.pool.load(name)
+
+    async def probe(name: str) -> None:
+        served = await st.pool.acquire(name)
+        try:
+            if served.generates:
+                stream = served.generator.submit(
+                    GenerationRequest((1,), SamplingParams(temperature=0.0), max_tokens=1, ignore_eos=True)
+                )
+                await stream.text()
+            else:
+                await served.infer(["health probe"])
+        finally:
+            st.pool.release(served)
+
+    return Syncer(st.store, subscriptions, policy, selector, activate, probe)
+
+
 async def async_advertise(st: AppState, port: int, after: asyncio.Task[None]) -> None:
     """Advertise over mDNS once the models are prepared, until cancelled (then a goodbye goes out)."""
     config = st.config
@@ -154,6 +191,11 @@ async def async_advertise(st: AppState, port: int, after: asyncio.Task[None]) ->
         registered.cancel()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def _after(first: asyncio.Task[None], then: Coroutine[Any, Any, None]) -> None:
+    await asyncio.wait([first])
+    await then
 
 
 async def serve(config: Config, probe_hardware: Callable[[], Hardware] = probe) -> int:
@@ -209,6 +251,8 @@ async def serve(config: Config, probe_hardware: Callable[[], Hardware] = probe) 
     preparing = asyncio.create_task(async_prepare_models(st))
     reaping = asyncio.create_task(pool.async_keep_alive(config.keep_alive_s))
     advertising = asyncio.create_task(async_advertise(st, tcp_port, preparing)) if tcp_port else None
+    st.syncer = make_syncer(st, selector)
+    syncing = asyncio.create_task(_after(preparing, st.syncer.run())) if st.syncer else None
     await stop.wait()
     log.info("stopping: refusing new connections, draining in-flight requests")
     st.ready = False
@@ -218,7 +262,9 @@ async def serve(config: Config, probe_hardware: Callable[[], Hardware] = probe) 
         await asyncio.gather(advertising, return_exceptions=True)
     preparing.cancel()
     reaping.cancel()
-    await asyncio.gather(preparing, reaping, return_exceptions=True)
+    if syncing is not None:
+        syncing.cancel()
+    await asyncio.gather(preparing, reaping, *([syncing] if syncing else []), return_exceptions=True)
     await runner.cleanup()  # closes listeners first, then waits for in-flight handlers
     await pool.close()
     if config.socket_enabled:

@@ -46,6 +46,7 @@ async def status(request: web.Request) -> web.Response:
             "state_dir": str(st.config.state_dir),
             "default_models": list(st.default_models),
             "models": st.pool.status(),
+            "sync": st.syncer.status() if st.syncer is not None else [],
         }
     )
 

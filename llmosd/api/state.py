@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -11,6 +12,9 @@ from llmosd.config import Config
 from llmosd.hardware import Hardware
 from llmosd.scheduler import ModelPool, ServedModel
 from llmosd.store import ModelStore
+
+if TYPE_CHECKING:
+    from llmosd.registry.sync import Syncer
 
 
 @dataclass
@@ -27,6 +31,7 @@ class AppState:
     hardware: Hardware | None = None  # probed once at start, in a thread
     install_id: str = ""  # stable per install (STATE/id), also in the mDNS TXT records
     advertised_as: str | None = None  # the mDNS instance name, once registered
+    syncer: Syncer | None = None  # the registry sync, when the config subscribes to anything
 
 
 STATE = web.AppKey("state", AppState)
