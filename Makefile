@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv run test lint bench bench-generation bench-autotune clean
+.PHONY: venv run test lint bench bench-generation bench-autotune bench-instances clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ bench-generation: $(STAMP)
 
 bench-autotune: $(STAMP)
 	$(BIN)/python bench/autotune.py $(ARGS)
+
+bench-instances: $(STAMP)
+	$(BIN)/python bench/instances.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

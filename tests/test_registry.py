@@ -3,9 +3,11 @@ trips, basic auth, a corrupted blob, a download cut mid-blob and resumed, a full
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -238,3 +240,49 @@ async def test_a_forged_signature_is_refused(store_dir: Path, tmp_path: Path, mo
             await signing.sign(registry, ref.repo, digest, private, tmp_path)  # replaces that key's signature
             result = await pull(fresh, ref, registry, trust=signing.Trust.load(trusted))
             assert result.status == "pulled"
+
+
+def test_kill_9_during_pulls_never_leaves_a_partial_version(store_dir: Path, tmp_path: Path) -> None:
+    """20 pulls of a new version killed at random moments (download, hashing, publishing, activating):
+    after each, every version the store lists is whole and the active one verifies."""
+    import random
+    import signal
+    import time
+
+    rng = random.Random(7)
+    with docker_registry(tmp_path / "registry") as reg:
+        ref = f"{reg.host}/models/minilm:stable"
+        fp32 = f"{reg.host}/models/minilm:fp32"
+
+        async def publish() -> None:
+            async with aiohttp.ClientSession() as s:
+                await push(ModelStore(store_dir), DEFAULT, None, parse_reference(ref), Registry(reg.host, s))
+                await push(ModelStore(store_dir), "minilm-fp32", None, parse_reference(fp32), Registry(reg.host, s))
+
+        asyncio.run(publish())
+        fresh = tmp_path / "fresh"
+        cmd = [sys.executable, "-m", "llmosd", "models", "pull", "--state-dir", str(fresh), "--allow-unsigned"]
+        r = subprocess.run([*cmd, ref, "--name", "m"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr  # version 1, the one that must survive everything below
+        outcomes = {"killed": 0, "finished": 0}
+        for i in range(20):
+            store = ModelStore(fresh)
+            if "2" in store.versions("m"):  # back to version 1 alone, so the next pull is a real one
+                store.activate("m", "1")
+                store.remove("m", "2")
+            if i % 2:
+                for partial in store.tmp.iterdir():  # every other time from scratch, else resumed
+                    shutil.rmtree(partial)
+            proc = subprocess.Popen([*cmd, fp32, "--name", "m"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(0.5, 2.0))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            outcomes["killed" if proc.wait() == -signal.SIGKILL else "finished"] += 1
+            store = ModelStore(fresh)
+            assert "1" in store.versions("m")
+            for version in store.versions("m"):
+                store.verify(store.manifest("m", version))  # whole, or not listed at all
+            active = store.active_version("m")
+            assert active in ("1", "2")
+            store.verify(store.manifest("m", active))
+        assert outcomes["killed"] >= 5, outcomes  # most runs really were cut somewhere

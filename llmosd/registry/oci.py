@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from llmosd.store import Manifest, ManifestError
 from llmosd.store.names import check_digest, check_title
@@ -48,20 +49,34 @@ def to_oci(manifest: Manifest, manifest_blob: bytes) -> bytes:
                 "annotations": {TITLE: f.path, PREFIX + "role": f.role},
             }
         )
-    body = {
+    annotations = {
+        PREFIX + "name": manifest.name,
+        PREFIX + "version": manifest.version,
+        PREFIX + "task": manifest.task,
+        PREFIX + "precision": manifest.precision,
+        "org.opencontainers.image.created": manifest.created or "1970-01-01T00:00:00Z",
+    }
+    return artifact_manifest(ARTIFACT_TYPE, layers, annotations=annotations)
+
+
+def artifact_manifest(
+    artifact_type: str,
+    layers: list[dict[str, Any]],
+    annotations: dict[str, str] | None = None,
+    subject: dict[str, Any] | None = None,
+) -> bytes:
+    """An OCI image manifest for an artifact: the empty config, these layers."""
+    body: dict[str, Any] = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
-        "artifactType": ARTIFACT_TYPE,
+        "artifactType": artifact_type,
         "config": {"mediaType": EMPTY_TYPE, "digest": EMPTY_DIGEST, "size": len(EMPTY_BLOB)},
         "layers": layers,
-        "annotations": {
-            PREFIX + "name": manifest.name,
-            PREFIX + "version": manifest.version,
-            PREFIX + "task": manifest.task,
-            PREFIX + "precision": manifest.precision,
-            "org.opencontainers.image.created": manifest.created or "1970-01-01T00:00:00Z",
-        },
     }
+    if annotations:
+        body["annotations"] = annotations
+    if subject:
+        body["subject"] = subject
     return json.dumps(body, indent=2, sort_keys=True).encode()
 
 

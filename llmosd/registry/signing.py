@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from llmosd.registry.client import Registry, RegistryError
-from llmosd.registry.oci import EMPTY_BLOB, EMPTY_DIGEST, EMPTY_TYPE, OCI_MANIFEST, digest_of
+from llmosd.registry.oci import EMPTY_BLOB, EMPTY_DIGEST, OCI_MANIFEST, artifact_manifest, digest_of
 
 SIGNATURE_TYPE = "application/vnd.llmosd.signature.v1+json"
 
@@ -96,15 +96,9 @@ async def sign(registry: Registry, repo: str, digest: str, private: Ed25519Priva
     (tmp / "config").write_bytes(EMPTY_BLOB)
     await registry.put_blob(repo, EMPTY_DIGEST, tmp / "config")
     manifest_raw, _ = await registry.get_manifest(repo, digest)
-    body = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "artifactType": SIGNATURE_TYPE,
-        "config": {"mediaType": EMPTY_TYPE, "digest": EMPTY_DIGEST, "size": len(EMPTY_BLOB)},
-        "layers": layers,
-        "subject": {"mediaType": OCI_MANIFEST, "digest": digest, "size": len(manifest_raw)},
-    }
-    return await registry.put_manifest(repo, signature_tag(digest), json.dumps(body, sort_keys=True).encode())
+    subject = {"mediaType": OCI_MANIFEST, "digest": digest, "size": len(manifest_raw)}
+    raw = artifact_manifest(SIGNATURE_TYPE, layers, subject=subject)
+    return await registry.put_manifest(repo, signature_tag(digest), raw)
 
 
 async def _existing_signatures(registry: Registry, repo: str, digest: str, tmp: Path) -> list[bytes]:

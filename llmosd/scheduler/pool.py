@@ -46,6 +46,7 @@ class ModelPool:
         self.ledger: Ledger | None = None
         self.pinned: set[str] = set()  # never unloaded to make room (the default models)
         self._tuning: set[asyncio.Task[None]] = set()
+        self._tune_lock = asyncio.Lock()
         self.watchers: list[Callable[[], None]] = []  # told (on the loop) when models load or unload
         self._retiring: set[asyncio.Task[None]] = set()  # replaced versions draining
         self.drain_s = 60.0  # how long a replaced version may finish its requests
@@ -222,7 +223,9 @@ class ModelPool:
         async def tune() -> None:
             for instance in todo:
                 try:
-                    served.apply(await asyncio.to_thread(tuner.tune, instance.loaded))
+                    async with self._tune_lock:  # one calibration at a time: parallel ones skew each other
+                        profile = await asyncio.to_thread(tuner.tune, instance.loaded)
+                    served.apply(profile)
                 except Exception:
                     log.exception("autotuning %s on %s failed; it keeps its default size", served.name, instance.device)
 
@@ -238,7 +241,8 @@ class ModelPool:
             raise TypeError(f"model {name!r} is not batch-tuned: the daemon has no tuner yet")
         profiles = []
         for instance in {i.device: i for i in reversed(served.instances)}.values():
-            profile = await asyncio.to_thread(self.tuner.tune, instance.loaded)
+            async with self._tune_lock:
+                profile = await asyncio.to_thread(self.tuner.tune, instance.loaded)
             served.apply(profile)
             profiles.append(profile)
         return next(p for p in profiles if p.device == served.instances[0].device)
