@@ -94,6 +94,9 @@ class Config:
     sync_interval_s: float = _knob(300.0, "how often each subscription is checked (±10 % jitter; backs off when down)")
     probation_s: float = _knob(60.0, "after a sync activates a version, how long health probes may roll it back")
     keep_versions: int = _knob(3, "versions a sync keeps per model, the active one included")
+    pull_bandwidth_mb_s: float = _knob(
+        0.0, "cap on the daemon's registry downloads, MB/s shared by all pulls (0: none)"
+    )
     trust_dir: Path = _knob(
         None, "public keys (*.pub) whose signatures pulled models must carry (default: STATE/trust)"
     )

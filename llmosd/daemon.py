@@ -22,12 +22,13 @@ from llmosd.hardware import Hardware, probe
 from llmosd.listeners import bind_tcp, bind_unix, describe, remove_socket_file
 from llmosd.logs import setup_logging
 from llmosd.registry.sync import Syncer, SyncPolicy, parse_subscriptions
+from llmosd.registry.throttle import Throttle
 from llmosd.runtime import ProviderSelector
 from llmosd.runtime.sampling import SamplingParams
 from llmosd.scheduler import BatchPolicy, GenerationLimits, GenerationRequest, ModelPool
 from llmosd.scheduler.tuning import Tuner, TuningPolicy
 from llmosd.seed import DEFAULT_MODELS
-from llmosd.store import ManifestError, ModelStore, StoreError
+from llmosd.store import ManifestError, ModelStore, StoreError, sweep_tmp
 from llmosd.token import ensure_token
 
 log = logging.getLogger("llmosd")
@@ -159,7 +160,7 @@ def make_syncer(st: AppState, selector: ProviderSelector) -> Syncer | None:
         finally:
             st.pool.release(served)
 
-    return Syncer(st.store, subscriptions, policy, selector, activate, probe)
+    return Syncer(st.store, subscriptions, policy, selector, activate, probe, st.throttle)
 
 
 async def async_advertise(st: AppState, port: int, after: asyncio.Task[None]) -> None:
@@ -215,6 +216,8 @@ async def serve(config: Config, probe_hardware: Callable[[], Hardware] = probe) 
     defaults = tuple(d.name for d in DEFAULT_MODELS) if config.seed_defaults else ()
     st = AppState(config, store, pool, ensure_token(config.token_file), default_models=defaults)
     st.install_id = install_id(config.state_dir)
+    st.throttle = Throttle(config.pull_bandwidth_mb_s * 1e6)
+    sweep_tmp(store)
     socks: list[socket.socket] = []
     if config.socket_enabled:
         socks.append(bind_unix(config.socket))

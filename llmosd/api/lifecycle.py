@@ -121,7 +121,8 @@ async def pull_model(request: web.Request) -> web.Response:
     progress = pulls.start(str(ref))
     try:
         async with aiohttp.ClientSession() as s:
-            registry = Registry(ref.host, s, credentials=docker_credentials(ref.host), insecure=insecure)
+            creds = docker_credentials(ref.host)
+            registry = Registry(ref.host, s, credentials=creds, insecure=insecure, throttle=st.throttle)
             result = await pull(
                 st.store, ref, registry, name=name, activate=activate, progress=progress.layer, trust=trust
             )

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from llmosd.config import Config
 from llmosd.hardware import Hardware
+from llmosd.registry.throttle import Throttle
 from llmosd.scheduler import ModelPool, ServedModel
 from llmosd.store import ModelStore
 
@@ -32,6 +33,7 @@ class AppState:
     install_id: str = ""  # stable per install (STATE/id), also in the mDNS TXT records
     advertised_as: str | None = None  # the mDNS instance name, once registered
     syncer: Syncer | None = None  # the registry sync, when the config subscribes to anything
+    throttle: Throttle = field(default_factory=lambda: Throttle(0))  # shared by the daemon's pulls
 
 
 STATE = web.AppKey("state", AppState)

@@ -21,6 +21,7 @@ from urllib.parse import urlencode, urljoin
 import aiohttp
 
 from llmosd.registry.oci import OCI_MANIFEST, digest_of
+from llmosd.registry.throttle import UNLIMITED, Throttle
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class Registry:
         credentials: Credentials | None = None,
         insecure: bool = False,
         ca_file: str | None = None,
+        throttle: Throttle = UNLIMITED,
     ) -> None:
         self.host = host
         self.session = session
@@ -101,6 +103,7 @@ class Registry:
         self.base = f"{scheme}://{host}"
         self.ssl: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
         self._auth: dict[str, str] = {}  # scope -> Authorization header value
+        self.throttle = throttle
         self.requests = 0  # counted, for the progress line and tests
 
     # ---- auth -------------------------------------------------------------------------------------
@@ -242,6 +245,7 @@ class Registry:
                         f.write(chunk)
                         if progress is not None:
                             progress(len(chunk))
+                        await self.throttle.take(len(chunk))
                 finally:
                     r.release()
                 f.flush()

@@ -22,6 +22,7 @@ import numpy as np
 from llmosd.registry.client import Registry, RegistryError, docker_credentials
 from llmosd.registry.oci import Reference, parse_reference
 from llmosd.registry.signing import trust_policy
+from llmosd.registry.throttle import UNLIMITED, Throttle
 from llmosd.registry.transfer import pull
 from llmosd.runtime import LoadedModel, ProviderSelector, load
 from llmosd.runtime.generator import TextGenerator
@@ -106,7 +107,9 @@ class Syncer:
         selector: ProviderSelector,
         activate: Callable[[str], Awaitable[None]],
         probe: Callable[[str], Awaitable[None]],
+        throttle: Throttle = UNLIMITED,
     ) -> None:
+        self.throttle = throttle
         self.store = store
         self.subscriptions = subscriptions
         self.policy = policy
@@ -139,7 +142,11 @@ class Syncer:
         st.last_checked = time.time()
         ref = sub.ref
         registry = Registry(
-            ref.host, session, credentials=docker_credentials(ref.host), insecure=ref.host in self.policy.insecure
+            ref.host,
+            session,
+            credentials=docker_credentials(ref.host),
+            insecure=ref.host in self.policy.insecure,
+            throttle=self.throttle,
         )
         try:
             _, digest = await registry.get_manifest(ref.repo, ref.ref)

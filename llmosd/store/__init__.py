@@ -1,6 +1,6 @@
 from llmosd.store.manifest import FileEntry, Manifest, ManifestError, TensorSpec
 from llmosd.store.names import InvalidName, check_name, check_version
-from llmosd.store.store import IntegrityError, ModelStore, NotFound, StoreError
+from llmosd.store.store import IntegrityError, ModelStore, NotFound, StoreError, sweep_tmp
 
 __all__ = [
     "FileEntry",
@@ -14,4 +14,5 @@ __all__ = [
     "TensorSpec",
     "check_name",
     "check_version",
+    "sweep_tmp",
 ]

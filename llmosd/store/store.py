@@ -14,9 +14,11 @@ then swaps ``active``: a crash at any moment leaves the old or the new version a
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +26,8 @@ from pathlib import Path
 from llmosd.store.digest import sha256_file
 from llmosd.store.manifest import FileEntry, Manifest, ManifestError
 from llmosd.store.names import check_digest, check_name, check_title, check_version
+
+log = logging.getLogger(__name__)
 
 
 class StoreError(Exception):
@@ -242,3 +246,24 @@ class ModelStore:
                 blob.unlink()
                 removed += 1
         return removed
+
+
+STALE_TMP_S = 7 * 24 * 3600  # untouched this long, a folder under tmp/ belongs to nobody
+
+
+def sweep_tmp(store: ModelStore, older_than_s: float = STALE_TMP_S, now: float | None = None) -> list[str]:
+    """Remove folders under tmp/ nothing has written to for ``older_than_s`` (a crashed export, a pull
+    abandoned for good); younger ones stay: a running export or a pull to resume may own them."""
+    now = time.time() if now is None else now
+    removed = []
+    for entry in store.tmp.iterdir():
+        newest = max([entry.stat().st_mtime, *(p.stat().st_mtime for p in entry.rglob("*"))])
+        if now - newest > older_than_s:
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry.name)
+    if removed:
+        log.info("removed %d stale folder(s) from %s: %s", len(removed), store.tmp, removed)
+    return removed
