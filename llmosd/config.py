@@ -97,6 +97,7 @@ class Config:
     pull_bandwidth_mb_s: float = _knob(
         0.0, "cap on the daemon's registry downloads, MB/s shared by all pulls (0: none)"
     )
+    peer_cache: bool = _knob(True, "serve verified blobs to LAN peers and ask them first when pulling")
     trust_dir: Path = _knob(
         None, "public keys (*.pub) whose signatures pulled models must carry (default: STATE/trust)"
     )

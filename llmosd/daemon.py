@@ -14,6 +14,7 @@ from aiohttp import web
 
 from llmosd import __version__
 from llmosd.api import AppState, make_app
+from llmosd.api.lifecycle import lan_peers
 from llmosd.config import Config
 from llmosd.discovery.advertise import Advertiser, install_id, is_loopback
 from llmosd.discovery.txt import txt_records
@@ -21,6 +22,7 @@ from llmosd.export import ExportError, export_model
 from llmosd.hardware import Hardware, probe
 from llmosd.listeners import bind_tcp, bind_unix, describe, remove_socket_file
 from llmosd.logs import setup_logging
+from llmosd.registry.peers import Peer
 from llmosd.registry.sync import Syncer, SyncPolicy, parse_subscriptions
 from llmosd.registry.throttle import Throttle
 from llmosd.runtime import ProviderSelector
@@ -160,7 +162,10 @@ def make_syncer(st: AppState, selector: ProviderSelector) -> Syncer | None:
         finally:
             st.pool.release(served)
 
-    return Syncer(st.store, subscriptions, policy, selector, activate, probe, st.throttle)
+    async def peers() -> list[Peer]:
+        return await lan_peers(st)
+
+    return Syncer(st.store, subscriptions, policy, selector, activate, probe, st.throttle, peers)
 
 
 async def async_advertise(st: AppState, port: int, after: asyncio.Task[None]) -> None:

@@ -26,7 +26,7 @@ storage:
   delete:
     enabled: true
 http:
-  addr: 127.0.0.1:{port}
+  addr: {addr}:{port}
   secret: llmosd-test
 {auth}"""
 
@@ -56,7 +56,14 @@ class RegistryProcess:
 
 
 @contextmanager
-def docker_registry(workdir: Path, user: str | None = None, password: str | None = None) -> Iterator[RegistryProcess]:
+def docker_registry(
+    workdir: Path,
+    user: str | None = None,
+    password: str | None = None,
+    prefix: tuple[str, ...] = (),
+    addr: str = "127.0.0.1",
+) -> Iterator[RegistryProcess]:
+    """``prefix`` runs it under another command (``ip netns exec NS``), listening on ``addr``."""
     binary = shutil.which("docker-registry")
     if binary is None:
         import os
@@ -74,14 +81,18 @@ def docker_registry(workdir: Path, user: str | None = None, password: str | None
         (workdir / "htpasswd").write_text(f"{user}:{hashed}\n")
         auth = AUTH.format(htpasswd=workdir / "htpasswd")
     config = workdir / "config.yml"
-    config.write_text(CONFIG.format(root=workdir / "data", port=port, auth=auth))
+    config.write_text(CONFIG.format(root=workdir / "data", addr=addr, port=port, auth=auth))
     log = workdir / "registry.log"
-    proc = subprocess.Popen([binary, "serve", str(config)], stdout=log.open("w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([*prefix, binary, "serve", str(config)], stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
         while True:
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1)
+                if prefix:  # another namespace: its log says when it listens
+                    if "listening on" not in log.read_text():
+                        raise OSError("not yet")
+                else:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1)
                 break
             except urllib.error.HTTPError:  # 401: up, and wants credentials
                 break
@@ -89,7 +100,7 @@ def docker_registry(workdir: Path, user: str | None = None, password: str | None
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"docker-registry did not start:\n{log.read_text()[-2000:]}") from None
                 time.sleep(0.1)
-        yield RegistryProcess(f"127.0.0.1:{port}", workdir / "data", log)
+        yield RegistryProcess(f"{addr}:{port}", workdir / "data", log)
     finally:
         proc.terminate()
         proc.wait(10)

@@ -128,8 +128,10 @@ def unix_json(d: Daemon, path: str, body: dict[str, Any] | None = None) -> Any:
     return json.loads(response.read())
 
 
-def advertising_daemon(lan: Lan, ns: str, state: Path, workdir: Path) -> Daemon:
-    env = {"LLMOSD_SEED_DEFAULTS": "false", "LLMOSD_AUTOTUNE": "false", "LLMOSD_MDNS_NAME": NAME}
+def advertising_daemon(
+    lan: Lan, ns: str, state: Path, workdir: Path, name: str = NAME, extra: dict[str, str] | None = None
+) -> Daemon:
+    env = {"LLMOSD_SEED_DEFAULTS": "false", "LLMOSD_AUTOTUNE": "false", "LLMOSD_MDNS_NAME": name, **(extra or {})}
     workdir.mkdir()
     return start_daemon(state, workdir, "--host", "0.0.0.0", env=env, prefix=lan.run(ns))
 
@@ -339,3 +341,52 @@ def test_avahi_sees_the_advertisement(lan: Lan, store_dir: Path, tmp_path: Path)
             if p is not None:
                 p.terminate()
                 p.wait(10)
+
+
+def test_a_second_appliance_pulls_every_blob_from_the_first(lan: Lan, store_dir: Path, tmp_path: Path) -> None:
+    """The LAN peer cache: a registry in namespace A; appliance A pulls from it, appliance B (namespace B)
+    finds A by mDNS and takes every file from A: the registry's log shows no blob request from B."""
+    from tests.registry import docker_registry
+
+    with docker_registry(tmp_path / "registry", prefix=lan.run(lan.a), addr=A_ADDR) as reg:
+        ref = f"{reg.host}/models/minilm:stable"
+        push = [
+            *lan.run(lan.a),
+            sys.executable,
+            "-m",
+            "llmosd",
+            "models",
+            "push",
+            DEFAULT,
+            ref,
+            "--insecure",
+            "--state-dir",
+        ]
+        r = subprocess.run([*push, str(store_dir)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        site = {"LLMOSD_INSECURE_REGISTRIES": reg.host, "LLMOSD_ALLOW_UNSIGNED_FROM": reg.host}
+        daemons = []
+        for ns, name in ((lan.a, "site-a"), (lan.b, "site-b")):
+            state = tmp_path / f"{name}-state"
+            state.mkdir()
+            (state / "token").write_text("one-token-for-the-whole-site\n")  # a site shares its token
+            (state / "token").chmod(0o600)
+            daemons.append(advertising_daemon(lan, ns, state, tmp_path / name, name, site))
+        a, b = daemons
+        try:
+            for d in daemons:
+                wait_advertised(d)
+            first = unix_json(a, "/api/models/pull", {"ref": ref})
+            assert first["from_peers_bytes"] == 0 and first["fetched_bytes"] > 0  # B had nothing to give
+            second = unix_json(b, "/api/models/pull", {"ref": ref})
+            assert second["from_peers_bytes"] == second["fetched_bytes"] == first["fetched_bytes"]
+            assert second["serving"] is False and second["name"] == DEFAULT
+        finally:
+            for d in daemons:
+                d.stop()
+        access = reg.log.read_text().splitlines()
+        from_b = [line for line in access if line.startswith(B_ADDR + " ")]
+        assert any("/manifests/stable" in line for line in from_b)  # B asked the registry what to pull...
+        assert not [line for line in from_b if "/blobs/" in line]  # ...and took no file from it
+        assert [line for line in access if line.startswith(A_ADDR + " ") and "/blobs/sha256:" in line]
+        assert "came from LAN peers" in b.log.read_text()

@@ -28,7 +28,7 @@ from llmosd.registry import (
 )
 from llmosd.registry.oci import ARTIFACT_TYPE, TITLE
 from llmosd.store import ModelStore
-from tests.conftest import DEFAULT
+from tests.conftest import DEFAULT, Daemon
 from tests.registry import CuttingProxy, docker_registry, start_proxy
 
 
@@ -286,3 +286,55 @@ def test_kill_9_during_pulls_never_leaves_a_partial_version(store_dir: Path, tmp
             assert active in ("1", "2")
             store.verify(store.manifest("m", active))
         assert outcomes["killed"] >= 5, outcomes  # most runs really were cut somewhere
+
+
+async def test_a_lan_peer_serves_the_blobs_and_a_lying_one_is_skipped(
+    daemon: Daemon, store_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Peers given explicitly (finding them is mDNS, tested across namespaces): the session's daemon
+    serves its verified blobs; a peer sending other bytes is caught by the digest and skipped."""
+    from aiohttp import web
+
+    from llmosd.registry.peers import Peer
+
+    model = ModelStore(store_dir).manifest(DEFAULT).file("model")
+    async with aiohttp.ClientSession() as s:  # the route itself: Range, 404, 400
+        async with s.get(f"{daemon.url}/api/blobs/{model.digest}", headers={"Range": "bytes=10-19"}) as r:
+            assert (
+                r.status == 206 and await r.read() == ModelStore(store_dir).blob_path(model.digest).read_bytes()[10:20]
+            )
+        async with s.get(f"{daemon.url}/api/blobs/sha256:{'0' * 64}") as r:
+            assert r.status == 404
+        async with s.get(f"{daemon.url}/api/blobs/sha256:not-hex") as r:
+            assert r.status == 400
+
+    async def liar(request: web.Request) -> web.Response:
+        return web.Response(body=b"\0" * 1024)
+
+    app = web.Application()
+    app.router.add_get("/api/blobs/{digest}", liar)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    liar_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        with docker_registry(tmp_path / "registry") as reg:
+            ref = parse_reference(f"{reg.host}/models/minilm:stable")
+            async with aiohttp.ClientSession() as s:
+                registry = Registry(reg.host, s)
+                await push(ModelStore(store_dir), DEFAULT, None, ref, registry)
+                served_before = reg.log.read_text().count(f"GET /v2/models/minilm/blobs/{model.digest}")
+                fresh = ModelStore(tmp_path / "fresh")
+                peers = [Peer(liar_url, "t", "liar"), Peer(daemon.url, daemon.token, "good")]
+                result = await pull(fresh, ref, registry, peers=peers)
+                assert result.from_peers == result.fetched_bytes > 0  # every file from the good peer
+                assert reg.log.read_text().count(f"GET /v2/models/minilm/blobs/{model.digest}") == served_before
+                same_files(ModelStore(store_dir), fresh, DEFAULT)
+                assert "peer liar sent wrong bytes" in caplog.text
+                other = ModelStore(tmp_path / "other")
+                alone = await pull(other, ref, registry, peers=[Peer(liar_url, "t", "liar")])
+                assert alone.from_peers == 0 and alone.status == "pulled"  # the registry filled in
+                same_files(ModelStore(store_dir), other, DEFAULT)
+    finally:
+        await runner.cleanup()

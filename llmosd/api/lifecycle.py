@@ -16,6 +16,7 @@ from aiohttp import web
 from llmosd.api.errors import ApiError, bad_request
 from llmosd.api.requests import json_body
 from llmosd.api.state import AppState, state
+from llmosd.discovery.advertise import lan_addresses
 from llmosd.registry import (
     DigestMismatch,
     NotEnoughSpace,
@@ -25,6 +26,7 @@ from llmosd.registry import (
     parse_reference,
     pull,
 )
+from llmosd.registry.peers import Peer, find_peers
 from llmosd.registry.signing import SignatureError, trust_policy
 from llmosd.store import Manifest, check_name, check_version
 
@@ -88,6 +90,16 @@ class Pulls:
 PULLS = web.AppKey("pulls", Pulls)
 
 
+async def lan_peers(st: AppState) -> list[Peer]:
+    """Other appliances to ask for blobs first: only when this one is on the LAN itself (advertising),
+    and only on the interfaces it advertises on."""
+    config = st.config
+    if not config.peer_cache or st.advertised_as is None:
+        return []
+    interfaces = [i.strip() for i in config.mdns_interfaces.split(",") if i.strip()]
+    return await find_peers(st.install_id, st.token, lan_addresses(config.host, interfaces))
+
+
 def _card(m: Manifest) -> dict[str, Any]:
     return {"name": m.name, "version": m.version, "task": m.task, "precision": m.precision}
 
@@ -119,12 +131,20 @@ async def pull_model(request: web.Request) -> web.Response:
     trust = trust_policy(config.trust_dir, config.allow_unsigned_from, ref.host)
     pulls = request.app[PULLS]
     progress = pulls.start(str(ref))
+    peers = await lan_peers(st)
     try:
         async with aiohttp.ClientSession() as s:
             creds = docker_credentials(ref.host)
             registry = Registry(ref.host, s, credentials=creds, insecure=insecure, throttle=st.throttle)
             result = await pull(
-                st.store, ref, registry, name=name, activate=activate, progress=progress.layer, trust=trust
+                st.store,
+                ref,
+                registry,
+                name=name,
+                activate=activate,
+                progress=progress.layer,
+                trust=trust,
+                peers=peers,
             )
     except SignatureError as exc:
         pulls.end(progress, "failed")
@@ -141,7 +161,12 @@ async def pull_model(request: web.Request) -> web.Response:
     served = activate and await _swap(st, result.manifest.name)
     progress.result = _card(result.manifest) | {"digest": result.digest, "status": result.status}
     pulls.end(progress, "done")
-    out = progress.result | {"fetched_bytes": result.fetched_bytes, "reused_files": result.reused, "serving": served}
+    out = progress.result | {
+        "fetched_bytes": result.fetched_bytes,
+        "from_peers_bytes": result.from_peers,
+        "reused_files": result.reused,
+        "serving": served,
+    }
     return web.json_response(out)
 
 
@@ -180,3 +205,22 @@ async def rollback(request: web.Request) -> web.Response:
     await asyncio.to_thread(st.store.activate, name, older[-1])
     served = await _swap(st, name)
     return web.json_response(_card(st.store.manifest(name)) | {"previous": active, "serving": served})
+
+
+@routes.get("/api/blobs/{digest}")
+async def blob(request: web.Request) -> web.StreamResponse:
+    """A verified file of the store, for LAN peers (the token is required from the LAN, as everywhere)."""
+    st = state(request)
+    if not st.config.peer_cache:
+        raise ApiError(404, "this appliance does not serve its blobs (peer_cache = false)", type="not_found_error")
+    digest = request.match_info["digest"]
+    try:
+        path = st.store.blob_path(digest)
+    except ValueError:
+        raise bad_request(f"not a sha256 digest: {digest[:80]!r}", "digest") from None
+    if not path.is_file():
+        found = await asyncio.to_thread(st.store.manifest_file, digest)  # a version's manifest layer
+        if found is None:
+            raise ApiError(404, f"blob {digest} is not in this store", type="not_found_error", param="digest")
+        path = found
+    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream", "Docker-Content-Digest": digest})

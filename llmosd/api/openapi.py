@@ -154,6 +154,7 @@ PATHS: dict[str, dict[str, Any]] = {
             errors=(403, 502, 507),
         )
     },
+    "/api/blobs/{digest}": {"get": _op("A verified store file, for LAN peers (Range supported)", errors=(400, 404))},
     "/api/models/pulls": {"get": _op("Pulls running and recently finished, with bytes per layer")},
     "/api/models/{name}/activate": {
         "post": _op(

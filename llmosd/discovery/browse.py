@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 
-from zeroconf import IPVersion, ServiceStateChange, Zeroconf
+from zeroconf import InterfaceChoice, IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from llmosd.discovery.txt import SERVICE_TYPE, Appliance, appliance
@@ -29,8 +29,9 @@ def _from_info(info: AsyncServiceInfo) -> Appliance:
 class Browser:
     """``async with Browser(listener) as b``: ``b.found`` holds the appliances seen and still there."""
 
-    def __init__(self, listener: Listener | None = None) -> None:
+    def __init__(self, listener: Listener | None = None, interfaces: Sequence[str] = ()) -> None:
         self.listener = listener
+        self.interfaces = list(interfaces)  # addresses to browse on (default: every interface)
         self.found: dict[str, Appliance] = {}
         self._zc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
@@ -38,7 +39,8 @@ class Browser:
         self._pending: dict[str, asyncio.Task[None]] = {}  # a resolution waiting to run, by name
 
     async def __aenter__(self) -> Browser:
-        self._zc = AsyncZeroconf(ip_version=IPVersion.V4Only)
+        chosen = self.interfaces or InterfaceChoice.All
+        self._zc = AsyncZeroconf(interfaces=chosen, ip_version=IPVersion.V4Only)
         self._browser = AsyncServiceBrowser(self._zc.zeroconf, [SERVICE_TYPE], handlers=[self._on_change])
         return self
 
@@ -85,9 +87,10 @@ class Browser:
             self.listener("added" if before is None else "updated", found)
 
 
-async def async_discover(timeout: float = 3.0) -> list[Appliance]:
-    """The appliances that answered within ``timeout`` seconds, by name."""
-    async with Browser() as browser:
+async def async_discover(timeout: float = 3.0, interfaces: Sequence[str] = ()) -> list[Appliance]:
+    """The appliances that answered within ``timeout`` seconds, by name (on these interface addresses
+    only, when given)."""
+    async with Browser(interfaces=interfaces) as browser:
         await asyncio.sleep(timeout)
         return sorted(browser.found.values(), key=lambda a: (a.name, a.id))
 

@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,42 +218,15 @@ class Registry:
     async def get_blob(self, repo: str, digest: str, size: int, dst: Path, progress: Progress | None = None) -> None:
         """Download into ``dst``, resuming from what it already holds (``Range``); the whole file must
         hash to ``digest``, else DigestMismatch and ``dst`` is removed."""
-        have = dst.stat().st_size if dst.exists() else 0
-        if have > size:
-            dst.unlink()
-            have = 0
-        sha = hashlib.sha256()
-        if have:
-            with dst.open("rb") as f:
-                while chunk := f.read(CHUNK):
-                    sha.update(chunk)
-        if have < size:
-            headers = {"Range": f"bytes={have}-"} if have else {}
-            r = await self._request("GET", f"{self.base}/v2/{repo}/blobs/{digest}", self._scope(repo), headers=headers)
-            if r.status == 200 and have:  # the registry ignored Range: start over
-                sha, have = hashlib.sha256(), 0
-                dst.unlink()
-            elif r.status not in (200, 206):
+
+        async def open_blob(headers: dict[str, str]) -> aiohttp.ClientResponse:
+            url = f"{self.base}/v2/{repo}/blobs/{digest}"
+            r = await self._request("GET", url, self._scope(repo), headers=headers)
+            if r.status not in (200, 206):
                 raise await self._fail(r, f"blob {digest} of {repo}")
-            with dst.open("ab") as f:
-                try:
-                    async for chunk in r.content.iter_chunked(CHUNK):
-                        have += len(chunk)
-                        if have > size:
-                            raise DigestMismatch(f"blob {digest} is longer than its {size} bytes")
-                        sha.update(chunk)
-                        f.write(chunk)
-                        if progress is not None:
-                            progress(len(chunk))
-                        await self.throttle.take(len(chunk))
-                finally:
-                    r.release()
-                f.flush()
-                os.fsync(f.fileno())
-        got = "sha256:" + sha.hexdigest()
-        if got != digest or have != size:
-            dst.unlink(missing_ok=True)
-            raise DigestMismatch(f"blob {digest} arrived as {got} ({have} of {size} bytes): refused")
+            return r
+
+        await download(open_blob, digest, size, dst, progress, self.throttle)
 
     async def put_blob(
         self, repo: str, digest: str, src: Path, progress: Progress | None = None, mount_from: str | None = None
@@ -317,3 +290,48 @@ class Registry:
 
 def _with_query(url: str, extra: Mapping[str, str]) -> str:
     return url + ("&" if "?" in url else "?") + urlencode(extra)
+
+
+async def download(
+    open_blob: Callable[[dict[str, str]], Awaitable[aiohttp.ClientResponse]],
+    digest: str,
+    size: int,
+    dst: Path,
+    progress: Progress | None = None,
+    throttle: Throttle = UNLIMITED,
+) -> None:
+    """Stream a blob into ``dst`` from whoever ``open_blob`` asks (a registry, a LAN peer), resuming
+    from what ``dst`` holds; the whole file must hash to ``digest``, else DigestMismatch and ``dst`` goes."""
+    have = dst.stat().st_size if dst.exists() else 0
+    if have > size:
+        dst.unlink()
+        have = 0
+    sha = hashlib.sha256()
+    if have:
+        with dst.open("rb") as f:
+            while chunk := f.read(CHUNK):
+                sha.update(chunk)
+    if have < size:
+        r = await open_blob({"Range": f"bytes={have}-"} if have else {})
+        if r.status == 200 and have:  # the source ignored Range: start over
+            sha, have = hashlib.sha256(), 0
+            dst.unlink()
+        with dst.open("ab") as f:
+            try:
+                async for chunk in r.content.iter_chunked(CHUNK):
+                    have += len(chunk)
+                    if have > size:
+                        break  # refused below
+                    sha.update(chunk)
+                    f.write(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
+                    await throttle.take(len(chunk))
+            finally:
+                r.release()
+            f.flush()
+            os.fsync(f.fileno())
+    got = "sha256:" + sha.hexdigest()
+    if got != digest or have != size:
+        dst.unlink(missing_ok=True)
+        raise DigestMismatch(f"blob {digest} arrived as {got} ({have} of {size} bytes): refused")

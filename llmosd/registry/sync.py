@@ -21,6 +21,7 @@ import numpy as np
 
 from llmosd.registry.client import Registry, RegistryError, docker_credentials
 from llmosd.registry.oci import Reference, parse_reference
+from llmosd.registry.peers import Peer
 from llmosd.registry.signing import trust_policy
 from llmosd.registry.throttle import UNLIMITED, Throttle
 from llmosd.registry.transfer import pull
@@ -108,8 +109,10 @@ class Syncer:
         activate: Callable[[str], Awaitable[None]],
         probe: Callable[[str], Awaitable[None]],
         throttle: Throttle = UNLIMITED,
+        peers: Callable[[], Awaitable[list[Peer]]] | None = None,
     ) -> None:
         self.throttle = throttle
+        self.peers = peers
         self.store = store
         self.subscriptions = subscriptions
         self.policy = policy
@@ -156,7 +159,8 @@ class Syncer:
                 return
             log.info("sync %s: new digest %s", ref, digest)
             trust = trust_policy(self.policy.trust_dir, self.policy.allow_unsigned_from, ref.host)
-            result = await pull(self.store, ref, registry, name=sub.name, activate=False, trust=trust)
+            peers = await self.peers() if self.peers is not None else []
+            result = await pull(self.store, ref, registry, name=sub.name, activate=False, trust=trust, peers=peers)
         except (RegistryError, StoreError, aiohttp.ClientError, OSError, ValueError) as exc:
             st.error = f"{type(exc).__name__}: {exc}"
             log.warning("sync %s: %s (the current version keeps serving)", ref, st.error)

@@ -11,12 +11,15 @@ import asyncio
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from llmosd.registry.client import Progress, Registry
+import aiohttp
+
+from llmosd.registry.client import DigestMismatch, Progress, Registry, RegistryError
 from llmosd.registry.oci import EMPTY_BLOB, EMPTY_DIGEST, Reference, check_consistent, digest_of, parse_oci, to_oci
+from llmosd.registry.peers import Peer, fetch
 from llmosd.registry.signing import Trust, verify
 from llmosd.store import Manifest, ModelStore, StoreError
 from llmosd.store.names import check_name
@@ -37,6 +40,7 @@ class PullResult:
     fetched_bytes: int
     reused: int  # files the store already had
     status: str  # "pulled" or "up to date"
+    from_peers: int = 0  # of fetched_bytes, those LAN peers served
 
 
 LayerProgress = Callable[[str, int, int], Progress]  # (title, size, already have) -> per-chunk callback
@@ -89,6 +93,7 @@ async def pull(
     progress: LayerProgress | None = None,
     free_bytes: Callable[[Path], int] = _free_bytes,
     trust: Trust | None = None,
+    peers: Sequence[Peer] = (),
 ) -> PullResult:
     """Pull ``ref`` into the store. With ``trust``, a manifest no trusted key signed is refused before
     anything is downloaded; None accepts unsigned models (the caller's policy said so)."""
@@ -101,7 +106,8 @@ async def pull(
         log.info("%s@%s is signed by trusted key %s", ref, digest, signer)
     head = artifact.manifest_layer
     head_path = work / "manifest.json"
-    await registry.get_blob(ref.repo, head.digest, head.size, head_path)
+    if not await _from_peers(registry, peers, head.digest, head.size, head_path, None):
+        await registry.get_blob(ref.repo, head.digest, head.size, head_path)
     manifest = Manifest.from_json(head_path.read_text())
     check_consistent(artifact, manifest)
     if name is not None:
@@ -125,12 +131,15 @@ async def pull(
             f"{free / 2**20:,.0f} MiB are free under {store.root}"
         )
     fetched: dict[str, Path] = {}
-    started, moved = time.monotonic(), 0
+    started, moved, from_peers = time.monotonic(), 0, 0
     for digest_, f in sorted(missing.items(), key=lambda kv: kv[1].size):
         dst = work / digest_.removeprefix("sha256:")
         already = dst.stat().st_size if dst.exists() else 0
         callback = progress(f.path, f.size, already) if progress else None
-        await registry.get_blob(ref.repo, digest_, f.size, dst, callback)
+        if await _from_peers(registry, peers, digest_, f.size, dst, callback):
+            from_peers += f.size - already
+        else:
+            await registry.get_blob(ref.repo, digest_, f.size, dst, callback)
         moved += f.size - already
         fetched[digest_] = dst
     stored = await asyncio.to_thread(store.adopt, manifest, fetched, activate=activate)  # hashes: off the loop
@@ -144,7 +153,24 @@ async def pull(
         time.monotonic() - started,
         len(manifest.files) - len(missing),
     )
-    return PullResult(stored, digest, moved, len(manifest.files) - len(missing), "pulled")
+    if from_peers:
+        log.info("%s: %.1f of %.1f MiB came from LAN peers", ref, from_peers / 2**20, moved / 2**20)
+    return PullResult(stored, digest, moved, len(manifest.files) - len(missing), "pulled", from_peers)
+
+
+async def _from_peers(
+    registry: Registry, peers: Sequence[Peer], digest: str, size: int, dst: Path, progress: Progress | None
+) -> bool:
+    """Whether a peer served the blob (verified); the reasons the others did not go to the log."""
+    for peer in peers:
+        try:
+            await fetch(registry.session, peer, digest, size, dst, progress, registry.throttle)
+            return True
+        except DigestMismatch as exc:
+            log.warning("peer %s sent wrong bytes for %s, skipped: %s", peer, digest[:19], exc)
+        except (RegistryError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.info("peer %s: %s", peer, exc)
+    return False
 
 
 def _same_version(store: ModelStore, manifest: Manifest) -> Manifest | None:

@@ -14,6 +14,7 @@ then swaps ``active``: a crash at any moment leaves the old or the new version a
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -131,6 +132,17 @@ class ModelStore:
                 raise IntegrityError(
                     f"{manifest.ref}: file {entry.path} is corrupt (sha256 {digest} != manifest {entry.digest})"
                 )
+
+    def manifest_file(self, digest: str) -> Path | None:
+        """The stored manifest.json whose bytes hash to ``digest`` (a peer asking for the manifest layer of
+        a version pulled here unchanged), if there is one."""
+        wanted = check_digest(digest)
+        for name in self.names():
+            for version in self.versions(name):
+                path = self.models / name / version / "manifest.json"
+                if "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest() == wanted:
+                    return path
+        return None
 
     def file_path(self, manifest: Manifest, role: str) -> Path:
         return self.blob_path(manifest.file(role).digest)

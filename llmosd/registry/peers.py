@@ -1,0 +1,65 @@
+"""The LAN peer cache: appliances found by mDNS serve their verified blobs (``GET /api/blobs/<digest>``),
+and a pull asks them for each file before the registry — one WAN download per site instead of one per
+box. Every byte is checked against the digest the signed manifest names, so a peer cannot inject
+content; one that fails or lies is skipped and the registry serves the file."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from llmosd.registry.client import Progress, RegistryError, download
+from llmosd.registry.throttle import UNLIMITED, Throttle
+
+log = logging.getLogger(__name__)
+
+CONNECT_S = 3.0
+
+
+@dataclass(frozen=True)
+class Peer:
+    url: str  # another appliance's base URL
+    token: str  # its bearer token (a site shares one)
+    name: str = ""
+
+    def __str__(self) -> str:
+        return self.name or self.url
+
+
+async def fetch(
+    session: aiohttp.ClientSession,
+    peer: Peer,
+    digest: str,
+    size: int,
+    dst: Path,
+    progress: Progress | None = None,
+    throttle: Throttle = UNLIMITED,
+) -> None:
+    """The blob from ``peer`` into ``dst``; RegistryError if it does not have it, DigestMismatch if its
+    bytes are not those the digest names."""
+
+    async def open_blob(headers: dict[str, str]) -> aiohttp.ClientResponse:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_S, sock_read=30)
+        r = await session.get(
+            f"{peer.url}/api/blobs/{digest}",
+            headers={**headers, "Authorization": f"Bearer {peer.token}"},
+            timeout=timeout,
+        )
+        if r.status not in (200, 206):
+            r.release()
+            raise RegistryError(f"peer {peer} does not serve {digest} ({r.status})", r.status)
+        return r
+
+    await download(open_blob, digest, size, dst, progress, throttle)
+
+
+async def find_peers(own_id: str, token: str, interfaces: Sequence[str], timeout: float = 1.0) -> list[Peer]:
+    """The other appliances answering now on the interfaces this one advertises on."""
+    from llmosd.discovery.browse import async_discover
+
+    found = await async_discover(timeout, interfaces)
+    return [Peer(a.url, token, a.name) for a in found if a.id != own_id]
