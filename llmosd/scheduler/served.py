@@ -128,10 +128,6 @@ class ServedModel:
             if instance.device == profile.device:
                 instance.apply(profile)
 
-    @property
-    def profile(self) -> BatchProfile | None:
-        return self.instances[0].profile
-
     async def infer(self, inputs: Sequence[str], priority: int = NORMAL) -> list[Output]:
         instance = self.pick()
         if instance.batcher is None:
