@@ -215,12 +215,12 @@ def cmd_models_rollback(args: argparse.Namespace) -> int:
     answer = _via_daemon(config, f"/api/models/{args.name}/rollback", {})
     if answer is None:
         store = ModelStore(config.state_dir)
-        active = store.active_version(args.name)
-        older = [v for v in store.versions(args.name) if active is not None and int(v) < int(active)]
-        if not older:
+        previous = store.previous_version(args.name)
+        if previous is None:
+            active = store.active_version(args.name)
             raise StoreError(f"model {args.name!r} has no version older than {active} to roll back to")
-        store.activate(args.name, older[-1])
-        answer = {"name": args.name, "version": older[-1], "serving": False}
+        store.activate(args.name, previous)
+        answer = {"name": args.name, "version": previous, "serving": False}
     print(f"rolled back {answer['name']} to version {answer['version']}")
     return 0
 
@@ -326,22 +326,9 @@ def cmd_hardware(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """Autotune a model's batch size: through the running daemon (which switches to it), else here."""
-    import aiohttp
-
     config = _config(args)
-
-    async def via_daemon() -> Any:
-        connector = aiohttp.UnixConnector(path=str(config.socket))
-        url = f"http://llmosd/api/models/{args.model}/tune"
-        async with aiohttp.ClientSession(connector=connector) as s, s.post(url) as r:
-            body = await r.json()
-            if r.status != 200:
-                raise SystemExit(f"llmosd: {body['error']['message']}")
-            return body
-
-    try:
-        profile = asyncio.run(via_daemon())
-    except (aiohttp.ClientError, OSError):
+    profile = _via_daemon(config, f"/api/models/{args.model}/tune", {})
+    if profile is None:
         profile = _tune_here(config, args.model)
     if args.json:
         print(json.dumps(profile, indent=2))

@@ -132,6 +132,11 @@ class Config:
         return out
 
 
+def items(value: str) -> list[str]:
+    """A comma-separated config value as its non-empty, stripped items."""
+    return [x.strip() for x in value.split(",") if x.strip()]
+
+
 def knobs() -> list[dataclasses.Field[Any]]:
     return list(dataclasses.fields(Config))
 

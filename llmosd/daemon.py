@@ -15,7 +15,7 @@ from aiohttp import web
 from llmosd import __version__
 from llmosd.api import AppState, make_app
 from llmosd.api.lifecycle import lan_peers
-from llmosd.config import Config
+from llmosd.config import Config, items
 from llmosd.discovery.advertise import Advertiser, install_id, is_loopback
 from llmosd.discovery.txt import txt_records
 from llmosd.export import ExportError, export_model
@@ -141,7 +141,7 @@ def make_syncer(st: AppState, selector: ProviderSelector) -> Syncer | None:
         interval_s=config.sync_interval_s,
         probation_s=config.probation_s,
         keep=config.keep_versions,
-        insecure=frozenset(h.strip() for h in config.insecure_registries.split(",") if h.strip()),
+        insecure=frozenset(items(config.insecure_registries)),
         trust_dir=config.trust_dir,
         allow_unsigned_from=config.allow_unsigned_from,
     )
@@ -181,7 +181,7 @@ async def async_advertise(st: AppState, port: int, after: asyncio.Task[None]) ->
             config.host,
         )
         return
-    interfaces = [i.strip() for i in config.mdns_interfaces.split(",") if i.strip()]
+    interfaces = items(config.mdns_interfaces)
     await asyncio.wait([after])
     name = config.mdns_name or socket.gethostname()
     advertiser = Advertiser(name, st.install_id, port, config.host, lambda: txt_content(st), interfaces)

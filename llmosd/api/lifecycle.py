@@ -16,6 +16,7 @@ from aiohttp import web
 from llmosd.api.errors import ApiError, bad_request
 from llmosd.api.requests import json_body
 from llmosd.api.state import AppState, state
+from llmosd.config import items
 from llmosd.discovery.advertise import lan_addresses
 from llmosd.registry import (
     DigestMismatch,
@@ -96,7 +97,7 @@ async def lan_peers(st: AppState) -> list[Peer]:
     config = st.config
     if not config.peer_cache or st.advertised_as is None:
         return []
-    interfaces = [i.strip() for i in config.mdns_interfaces.split(",") if i.strip()]
+    interfaces = items(config.mdns_interfaces)
     return await find_peers(st.install_id, st.token, lan_addresses(config.host, interfaces))
 
 
@@ -127,7 +128,7 @@ async def pull_model(request: web.Request) -> web.Response:
     if not isinstance(activate, bool):
         raise bad_request("activate must be true or false", "activate")
     config = st.config
-    insecure = ref.host in {h.strip() for h in config.insecure_registries.split(",") if h.strip()}
+    insecure = ref.host in items(config.insecure_registries)
     trust = trust_policy(config.trust_dir, config.allow_unsigned_from, ref.host)
     pulls = request.app[PULLS]
     progress = pulls.start(str(ref))
@@ -199,10 +200,10 @@ async def rollback(request: web.Request) -> web.Response:
     st = state(request)
     name = check_name(request.match_info["name"])
     active = st.store.active_version(name)
-    older = [v for v in st.store.versions(name) if active is not None and int(v) < int(active)]
-    if not older:
+    previous = st.store.previous_version(name)
+    if previous is None:
         raise ApiError(409, f"model {name!r} has no version older than {active} to roll back to", type="conflict_error")
-    await asyncio.to_thread(st.store.activate, name, older[-1])
+    await asyncio.to_thread(st.store.activate, name, previous)
     served = await _swap(st, name)
     return web.json_response(_card(st.store.manifest(name)) | {"previous": active, "serving": served})
 

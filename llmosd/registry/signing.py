@@ -18,6 +18,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from llmosd.config import items
 from llmosd.registry.client import Registry, RegistryError
 from llmosd.registry.oci import EMPTY_BLOB, EMPTY_DIGEST, OCI_MANIFEST, artifact_manifest, digest_of
 
@@ -151,7 +152,7 @@ async def verify(registry: Registry, repo: str, digest: str, trust: Trust, tmp: 
 
 def trust_policy(trust_dir: Path, allow_unsigned_from: str, host: str) -> Trust | None:
     """The keys a pull from ``host`` must be signed by; None where unsigned models are allowed."""
-    allowed = {h.strip() for h in allow_unsigned_from.split(",") if h.strip()}
+    allowed = set(items(allow_unsigned_from))
     if "*" in allowed or host in allowed:
         return None
     return Trust.load(trust_dir)

@@ -107,6 +107,12 @@ class ModelStore:
             return None
         return version if (link.parent / version / "manifest.json").is_file() else None
 
+    def previous_version(self, name: str) -> str | None:
+        """The newest version older than the active one (what a rollback activates)."""
+        active = self.active_version(name)
+        older = [v for v in self.versions(name) if active is not None and int(v) < int(active)]
+        return older[-1] if older else None
+
     def manifest(self, name: str, version: str | None = None) -> Manifest:
         version = version or self.active_version(name)
         if version is None:
