@@ -163,7 +163,7 @@ def make_syncer(st: AppState, selector: ProviderSelector) -> Syncer | None:
             st.pool.release(served)
 
     async def peers() -> list[Peer]:
-        return await lan_peers(st)
+        return lan_peers(st)
 
     return Syncer(st.store, subscriptions, policy, selector, activate, probe, st.throttle, peers)
 
@@ -191,9 +191,10 @@ async def async_advertise(st: AppState, port: int, after: asyncio.Task[None]) ->
     try:
         await asyncio.wait([task, registered], return_when=asyncio.FIRST_COMPLETED)
         if advertiser.registered.is_set():
-            st.advertised_as = advertiser.name
+            st.advertiser = advertiser
         await task
     finally:
+        st.advertiser = None
         registered.cancel()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

@@ -145,6 +145,15 @@ def wait_advertised(d: Daemon, timeout: float = 30) -> str:
     raise AssertionError(f"not advertised within {timeout} s:\n{d.log.read_text()[-3000:]}")
 
 
+def wait_peer(d: Daemon, name: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if name in unix_json(d, "/api/status")["peers"]:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{name} not among the peers within {timeout} s:\n{d.log.read_text()[-3000:]}")
+
+
 SDK = textwrap.dedent(
     """
     import asyncio, json, sys
@@ -376,6 +385,9 @@ def test_a_second_appliance_pulls_every_blob_from_the_first(lan: Lan, store_dir:
         try:
             for d in daemons:
                 wait_advertised(d)
+            wait_peer(b, "site-a")  # each daemon keeps browsing: B knows A before it pulls
+            wait_peer(a, "site-b")
+            assert unix_json(a, "/api/status")["peers"] == ["site-b"]  # never itself
             first = unix_json(a, "/api/models/pull", {"ref": ref})
             assert first["from_peers_bytes"] == 0 and first["fetched_bytes"] > 0  # B had nothing to give
             second = unix_json(b, "/api/models/pull", {"ref": ref})

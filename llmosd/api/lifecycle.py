@@ -17,7 +17,6 @@ from llmosd.api.errors import ApiError, bad_request
 from llmosd.api.requests import json_body
 from llmosd.api.state import AppState, state
 from llmosd.config import items
-from llmosd.discovery.advertise import lan_addresses
 from llmosd.registry import (
     DigestMismatch,
     NotEnoughSpace,
@@ -27,7 +26,7 @@ from llmosd.registry import (
     parse_reference,
     pull,
 )
-from llmosd.registry.peers import Peer, find_peers
+from llmosd.registry.peers import Peer
 from llmosd.registry.signing import SignatureError, trust_policy
 from llmosd.store import Manifest, check_name, check_version
 
@@ -91,14 +90,12 @@ class Pulls:
 PULLS = web.AppKey("pulls", Pulls)
 
 
-async def lan_peers(st: AppState) -> list[Peer]:
+def lan_peers(st: AppState) -> list[Peer]:
     """Other appliances to ask for blobs first: only when this one is on the LAN itself (advertising),
-    and only on the interfaces it advertises on."""
-    config = st.config
-    if not config.peer_cache or st.advertised_as is None:
+    and those its advertiser has heard on the interfaces it advertises on."""
+    if not st.config.peer_cache or st.advertiser is None:
         return []
-    interfaces = items(config.mdns_interfaces)
-    return await find_peers(st.install_id, st.token, lan_addresses(config.host, interfaces))
+    return [Peer(a.url, st.token, a.name) for a in st.advertiser.neighbours()]
 
 
 def _card(m: Manifest) -> dict[str, Any]:
@@ -132,7 +129,7 @@ async def pull_model(request: web.Request) -> web.Response:
     trust = trust_policy(config.trust_dir, config.allow_unsigned_from, ref.host)
     pulls = request.app[PULLS]
     progress = pulls.start(str(ref))
-    peers = await lan_peers(st)
+    peers = lan_peers(st)
     try:
         async with aiohttp.ClientSession() as s:
             creds = docker_credentials(ref.host)

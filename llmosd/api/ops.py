@@ -36,7 +36,8 @@ async def status(request: web.Request) -> web.Response:
         {
             "version": __version__,
             "id": st.install_id,
-            "mdns": st.advertised_as,
+            "mdns": st.advertiser.name if st.advertiser is not None else None,
+            "peers": [a.name for a in st.advertiser.neighbours()] if st.advertiser is not None else [],
             "ready": st.ready,
             "status": st.status_line,
             "uptime_s": round(time.time() - st.started, 1),

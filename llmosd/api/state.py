@@ -15,6 +15,7 @@ from llmosd.scheduler import ModelPool, ServedModel
 from llmosd.store import ModelStore
 
 if TYPE_CHECKING:
+    from llmosd.discovery.advertise import Advertiser
     from llmosd.registry.sync import Syncer
 
 
@@ -31,7 +32,7 @@ class AppState:
     listeners: list[str] = field(default_factory=list)
     hardware: Hardware | None = None  # probed once at start, in a thread
     install_id: str = ""  # stable per install (STATE/id), also in the mDNS TXT records
-    advertised_as: str | None = None  # the mDNS instance name, once registered
+    advertiser: Advertiser | None = None  # once registered on the LAN over mDNS
     syncer: Syncer | None = None  # the registry sync, when the config subscribes to anything
     throttle: Throttle = field(default_factory=lambda: Throttle(0))  # shared by the daemon's pulls
 

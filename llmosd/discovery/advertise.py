@@ -1,6 +1,8 @@
 """Advertising the daemon on the LAN: one task owns the AsyncZeroconf for its whole life. It registers
 ``_llmosd._tcp`` (renaming to ``name (2)`` on a conflict), republishes the TXT records when the daemon
-says its models changed, follows interface changes by polling, and sends a goodbye when cancelled."""
+says its models changed, follows interface changes by polling, and sends a goodbye when cancelled.
+On the same Zeroconf it keeps browsing, so the appliances beside it (the peer cache's sources) are
+known before a pull needs them."""
 
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ import psutil
 from zeroconf import IPVersion, NonUniqueNameException, ServiceInfo
 from zeroconf.asyncio import AsyncZeroconf
 
-from llmosd.discovery.txt import SERVICE_TYPE
+from llmosd.discovery.browse import Browser
+from llmosd.discovery.txt import SERVICE_TYPE, Appliance
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +100,15 @@ class Advertiser:
         self.interfaces = tuple(interfaces)
         self.txt = txt
         self.poll_s = poll_s
+        self.host_id = host_id
         self.registered = asyncio.Event()
         self._changed = asyncio.Event()
+        self._browser: Browser | None = None
+
+    def neighbours(self) -> list[Appliance]:
+        """The other appliances heard on the advertised interfaces (not this install), by name."""
+        found = self._browser.found.values() if self._browser is not None else ()
+        return sorted((a for a in found if a.id != self.host_id), key=lambda a: (a.name, a.id))
 
     def changed(self) -> None:
         """The daemon's models changed: republish the TXT records (on the loop)."""
@@ -129,9 +139,11 @@ class Advertiser:
             await self._wait()
             addresses = lan_addresses(self.bind_host, self.interfaces)
         zc = AsyncZeroconf(interfaces=addresses, ip_version=IPVersion.V4Only)
+        browser = Browser(zc=zc)
         try:
             txt = self.txt() | {"rev": "1"}
             info = await self._register(zc, addresses, txt)
+            self._browser = await browser.__aenter__()
             last = time.monotonic()
             while True:
                 await self._wait()
@@ -156,7 +168,8 @@ class Advertiser:
                     await (await zc.async_update_service(info))
                     last = time.monotonic()
         finally:
-            await asyncio.shield(self._goodbye(zc))
+            self._browser = None
+            await asyncio.shield(self._goodbye(zc, browser))
 
     async def _register(self, zc: AsyncZeroconf, addresses: list[str], txt: dict[str, str]) -> ServiceInfo:
         """Probe and announce; another appliance with the name already: "name (2)", "name (3)", …"""
@@ -184,8 +197,9 @@ class Advertiser:
         other = await zc.async_get_service_info(SERVICE_TYPE, name, timeout=PROBE_MS)
         return other is not None and other.decoded_properties.get("id") != own_id
 
-    async def _goodbye(self, zc: AsyncZeroconf) -> None:
+    async def _goodbye(self, zc: AsyncZeroconf, browser: Browser) -> None:
         try:
+            await browser.__aexit__(None, None, None)
             await zc.async_unregister_all_services()  # the goodbye: records with TTL 0
             log.info("mDNS: sent goodbye for %r", self.name)
         finally:

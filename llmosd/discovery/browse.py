@@ -29,18 +29,22 @@ def _from_info(info: AsyncServiceInfo) -> Appliance:
 class Browser:
     """``async with Browser(listener) as b``: ``b.found`` holds the appliances seen and still there."""
 
-    def __init__(self, listener: Listener | None = None, interfaces: Sequence[str] = ()) -> None:
+    def __init__(
+        self, listener: Listener | None = None, interfaces: Sequence[str] = (), zc: AsyncZeroconf | None = None
+    ) -> None:
         self.listener = listener
         self.interfaces = list(interfaces)  # addresses to browse on (default: every interface)
         self.found: dict[str, Appliance] = {}
-        self._zc: AsyncZeroconf | None = None
+        self._own_zc = zc is None  # a Zeroconf lent by its owner (the advertiser) is not closed here
+        self._zc: AsyncZeroconf | None = zc
         self._browser: AsyncServiceBrowser | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending: dict[str, asyncio.Task[None]] = {}  # a resolution waiting to run, by name
 
     async def __aenter__(self) -> Browser:
-        chosen = self.interfaces or InterfaceChoice.All
-        self._zc = AsyncZeroconf(interfaces=chosen, ip_version=IPVersion.V4Only)
+        if self._zc is None:
+            chosen = self.interfaces or InterfaceChoice.All
+            self._zc = AsyncZeroconf(interfaces=chosen, ip_version=IPVersion.V4Only)
         self._browser = AsyncServiceBrowser(self._zc.zeroconf, [SERVICE_TYPE], handlers=[self._on_change])
         return self
 
@@ -51,7 +55,7 @@ class Browser:
             task.cancel()
         if self._browser is not None:
             await self._browser.async_cancel()
-        if self._zc is not None:
+        if self._zc is not None and self._own_zc:
             await self._zc.async_close()
 
     def _on_change(self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:

@@ -6,7 +6,6 @@ content; one that fails or lies is skipped and the registry serves the file."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,11 +54,3 @@ async def fetch(
         return r
 
     await download(open_blob, digest, size, dst, progress, throttle)
-
-
-async def find_peers(own_id: str, token: str, interfaces: Sequence[str], timeout: float = 1.0) -> list[Peer]:
-    """The other appliances answering now on the interfaces this one advertises on."""
-    from llmosd.discovery.browse import async_discover
-
-    found = await async_discover(timeout, interfaces)
-    return [Peer(a.url, token, a.name) for a in found if a.id != own_id]
