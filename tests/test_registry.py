@@ -58,6 +58,13 @@ async def test_push_then_pull_is_byte_identical_and_a_second_pull_fetches_nothin
             titles = [x["annotations"][TITLE] for x in oci["layers"]]
             assert titles[0] == "manifest.json" and "model.onnx" in titles
             assert oci["annotations"]["vnd.llmosd.task"] == "feature-extraction"
+            # a monolithic POST was tried once, with a small blob; distribution ignores its body (202),
+            # so that blob went up by POST + PUT and every later one skipped the try
+            tried = [
+                x for x in reg.log.read_text().splitlines() if "POST /v2/models/minilm/blobs/uploads/?digest=" in x
+            ]
+            assert len(tried) == 1 and '" 202 ' in tried[0], tried
+            assert registry.single_post is False
             again = await push(ModelStore(store_dir), DEFAULT, None, ref, registry)  # nothing to upload twice
             assert again.digest == digest and set(again.blobs) == {"exists"}
             other = parse_reference(f"{reg.host}/other/minilm:1")  # same registry: mounted, not uploaded

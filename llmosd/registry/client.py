@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 MONOLITHIC_MAX = 64 << 20  # larger blobs are uploaded in chunks (PATCH)
+PROBE_MAX = 4 << 20  # whether a registry takes a whole blob in its POST is tried with one no larger
 MANIFEST_MAX = 4 << 20
 Progress = Callable[[int], None]  # bytes moved since the last call
 
@@ -105,6 +106,7 @@ class Registry:
         self._auth: dict[str, str] = {}  # scope -> Authorization header value
         self.throttle = throttle
         self.requests = 0  # counted, for the progress line and tests
+        self.single_post: bool | None = None  # whether a monolithic POST completes uploads here
 
     # ---- auth -------------------------------------------------------------------------------------
 
@@ -236,31 +238,36 @@ class Registry:
             return "exists"
         scope = self._scope(repo, push=True)
         start = f"{self.base}/v2/{repo}/blobs/uploads/"
+        size = src.stat().st_size
+        octets = {"Content-Type": "application/octet-stream"}
         if mount_from:
             r = await self._request("POST", start + "?" + urlencode({"mount": digest, "from": mount_from}), scope)
             if r.status == 201:
                 r.release()
                 return "mounted"
-            location = self._location(r)  # 202: the registry opened an upload instead
+        elif size <= MONOLITHIC_MAX and (self.single_post or (self.single_post is None and size <= PROBE_MAX)):
+            # the spec's one-request upload, tried first with a small blob: a registry that ignores the
+            # body (distribution does) opens a session with 202 instead, and is not sent bodies twice again
+            url = start + "?" + urlencode({"digest": digest})
+            r = await self._request("POST", url, scope, headers=octets, data=src.read_bytes())
+            self.single_post = r.status == 201
+            if r.status == 201:
+                r.release()
+                if progress is not None:
+                    progress(size)
+                return "uploaded"
         else:
             r = await self._request("POST", start, scope)
-            location = self._location(r)
         if r.status != 202:
             raise await self._fail(r, f"starting the upload of {digest} to {repo}")
+        location = self._location(r)
         r.release()
-        size = src.stat().st_size
         if size > MONOLITHIC_MAX:
             location = await self._patch_chunks(location, src, scope, progress)
             data: Any = b""
         else:
             data = src.read_bytes()
-        r = await self._request(
-            "PUT",
-            _with_query(location, {"digest": digest}),
-            scope,
-            headers={"Content-Type": "application/octet-stream"},
-            data=data,
-        )
+        r = await self._request("PUT", _with_query(location, {"digest": digest}), scope, headers=octets, data=data)
         if r.status != 201:
             raise await self._fail(r, f"uploading {digest} to {repo}")
         r.release()
