@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from llmosd import __version__
-from llmosd.config import Config, ConfigError, knobs, load_config
+from llmosd.config import Config, ConfigError, items, knobs, load_config
 from llmosd.store.manifest import PRECISIONS, TASKS
 
 _FLAG_KEYS = ("config", "state_dir", "socket", "host", "port", "log_level", "device")
@@ -75,15 +75,26 @@ def cmd_models_rm(args: argparse.Namespace) -> int:
     return 0
 
 
-def _registry_run(host: str, insecure: bool, work: Any) -> Any:
-    """Run ``work(registry)`` with a session and the Docker config's credentials for ``host``."""
+def _registry_run(args: argparse.Namespace, host: str, work: Any) -> Any:
+    """Run ``work(registry)`` with a session, the Docker config's credentials for ``host`` and the
+    configured CA file; plain HTTP with ``--insecure`` or when the config names the host."""
     import aiohttp
 
     from llmosd.registry import Registry, docker_credentials
 
+    config = _config(args)
+    insecure = args.insecure or host in items(config.insecure_registries)
+
     async def run() -> Any:
         async with aiohttp.ClientSession() as s:
-            return await work(Registry(host, s, credentials=docker_credentials(host), insecure=insecure))
+            registry = Registry(
+                host,
+                s,
+                credentials=docker_credentials(host),
+                insecure=insecure,
+                ca_file=config.registry_ca_file or None,
+            )
+            return await work(registry)
 
     return asyncio.run(run())
 
@@ -96,7 +107,7 @@ def cmd_models_push(args: argparse.Namespace) -> int:
     name, _, version = args.ref.partition(":")
     target = parse_reference(args.target)
     manifest = store.manifest(name, version or None)
-    result = _registry_run(target.host, args.insecure, lambda r: push(store, name, manifest.version, target, r))
+    result = _registry_run(args, target.host, lambda r: push(store, name, manifest.version, target, r))
     blobs = ", ".join(f"{n} {k}" for k, n in sorted(result.blobs.items()))
     print(f"pushed {manifest.ref} to {target}@{result.digest} (blobs: {blobs})")
     return 0
@@ -116,7 +127,7 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
     def work(r: Any) -> Any:
         return pull(store, source, r, name=args.name, activate=not args.no_activate, progress=bars, trust=trust)
 
-    result = _registry_run(source.host, args.insecure, work)
+    result = _registry_run(args, source.host, work)
     if result.status == "up to date":
         print(f"{source} is up to date: {result.manifest.ref}")
     else:
@@ -172,7 +183,7 @@ def cmd_models_sign(args: argparse.Namespace) -> int:
             await sign(r, target.repo, digest, private, tmp)
         return str(digest)
 
-    digest = _registry_run(target.host, args.insecure, work)
+    digest = _registry_run(args, target.host, work)
     print(f"signed {target}@{digest} with key {key_id(private.public_key())}")
     return 0
 
@@ -494,5 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # a malformed registry reference
         print(f"llmosd: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # aiohttp's connection errors are OSErrors too: a registry that is down
+        print(f"llmosd: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

@@ -88,6 +88,7 @@ class Config:
     insecure_registries: str = _knob(
         "", "registries (comma-separated hosts) spoken to over plain HTTP; loopback always is"
     )
+    registry_ca_file: str = _knob("", "a PEM file of CAs trusted for registries besides the system's")
     subscriptions: str = _knob(
         "", "tags to follow, comma-separated REGISTRY/REPO:TAG[=NAME]; new digests are activated"
     )

@@ -144,6 +144,7 @@ def make_syncer(st: AppState, selector: ProviderSelector) -> Syncer | None:
         insecure=frozenset(items(config.insecure_registries)),
         trust_dir=config.trust_dir,
         allow_unsigned_from=config.allow_unsigned_from,
+        ca_file=config.registry_ca_file,
     )
 
     async def activate(name: str) -> None:

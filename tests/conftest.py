@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.netns import Lan, two_boxes
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DATA = Path(__file__).parent / "data"
 SENTENCES = (DATA / "sentences.txt").read_text().splitlines()
@@ -229,3 +231,10 @@ def no_leaked_threads() -> Iterator[None]:
             return
         time.sleep(0.05)
     pytest.fail(f"test leaked threads: {[t.name for t in leaked]}")
+
+
+@pytest.fixture(scope="module")
+def lan() -> Iterator[Lan]:
+    """Two network namespaces joined by a veth pair (tests/netns.py)."""
+    with two_boxes() as boxes:
+        yield boxes

@@ -29,7 +29,8 @@ from llmosd.registry import (
 from llmosd.registry.oci import ARTIFACT_TYPE, TITLE
 from llmosd.store import ModelStore
 from tests.conftest import DEFAULT, Daemon
-from tests.registry import CuttingProxy, docker_registry, start_proxy
+from tests.netns import A_ADDR, Lan
+from tests.registry import CuttingProxy, TokenIssuer, docker_registry, site_ca, start_proxy
 
 
 def same_files(a: ModelStore, b: ModelStore, name: str) -> None:
@@ -104,6 +105,32 @@ async def test_basic_auth_from_docker_config(store_dir: Path, tmp_path: Path) ->
             pushed = await push(ModelStore(store_dir), DEFAULT, None, ref, Registry(reg.host, s, credentials=creds))
             result = await pull(ModelStore(tmp_path / "fresh"), ref, Registry(reg.host, s, credentials=creds))
             assert result.digest == pushed.digest
+
+
+async def test_bearer_tokens_from_the_registrys_token_service(store_dir: Path, tmp_path: Path) -> None:
+    """Token auth as GHCR / Docker Hub / Harbor do it: the registry answers 401 with a Bearer challenge;
+    the client asks the realm for a token for that scope (with its user name and password) and retries."""
+    issuer = TokenIssuer(tmp_path / "issuer", "edge", "s3cret")
+    runner = await issuer.start()
+    try:
+        with docker_registry(tmp_path / "registry", token=issuer) as reg:
+            ref = parse_reference(f"{reg.host}/models/minilm:1")
+            async with aiohttp.ClientSession() as s:
+                with pytest.raises(RegistryError, match=r"token service .* refused us") as err:
+                    await Registry(reg.host, s, credentials=Credentials("edge", "nope")).tags(ref.repo)
+                assert err.value.status == 401 and issuer.refused == 1
+                creds = Credentials("edge", "s3cret")
+                pushed = await push(ModelStore(store_dir), DEFAULT, None, ref, Registry(reg.host, s, credentials=creds))
+                assert ["repository:models/minilm:pull,push"] in issuer.granted
+                before = len(issuer.granted)
+                puller = Registry(reg.host, s, credentials=creds)
+                result = await pull(ModelStore(tmp_path / "fresh"), ref, puller)
+                assert result.digest == pushed.digest
+                same_files(ModelStore(store_dir), ModelStore(tmp_path / "fresh"), DEFAULT)
+                # one token for the whole pull, not one per request
+                assert issuer.granted[before:] == [["repository:models/minilm:pull"]] and puller.requests > 3
+    finally:
+        await runner.cleanup()
 
 
 async def test_large_blobs_go_up_in_chunks(store_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -352,3 +379,26 @@ async def test_a_lan_peer_serves_the_blobs_and_a_lying_one_is_skipped(
                 same_files(ModelStore(store_dir), other, DEFAULT)
     finally:
         await runner.cleanup()
+
+
+def test_tls_with_the_sites_own_ca(lan: Lan, store_dir: Path, tmp_path: Path) -> None:
+    """A registry on a LAN address (not loopback, so TLS is required) with a certificate from the site's
+    own CA: without ``registry_ca_file`` the pull is refused for the certificate; with it, it works."""
+    ca, cert, key = site_ca(tmp_path / "pki", A_ADDR)
+    with docker_registry(tmp_path / "registry", prefix=lan.run(lan.a), addr=A_ADDR, tls=(cert, key)) as reg:
+        ref = f"{reg.host}/models/minilm:stable"
+        site = dict(os.environ, LLMOSD_REGISTRY_CA_FILE=str(ca))
+        cli = [sys.executable, "-m", "llmosd", "models"]
+        push_cmd = [*lan.run(lan.a), *cli, "push", DEFAULT, ref, "--state-dir", str(store_dir)]
+        r = subprocess.run(push_cmd, capture_output=True, text=True, timeout=120, env=site)
+        assert r.returncode == 0, r.stderr
+        pull_cmd = [*lan.run(lan.b), *cli, "pull", ref, "--allow-unsigned", "--state-dir", str(tmp_path / "b")]
+        r = subprocess.run(pull_cmd, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "certificate verify failed" in r.stderr and "registry_ca_file" in r.stderr, (
+            r.stderr
+        )
+        assert "Traceback" not in r.stderr
+        assert ModelStore(tmp_path / "b").names() == []
+        r = subprocess.run(pull_cmd, capture_output=True, text=True, timeout=120, env=site)
+        assert r.returncode == 0, r.stderr
+        same_files(ModelStore(store_dir), ModelStore(tmp_path / "b"), DEFAULT)

@@ -133,7 +133,14 @@ async def pull_model(request: web.Request) -> web.Response:
     try:
         async with aiohttp.ClientSession() as s:
             creds = docker_credentials(ref.host)
-            registry = Registry(ref.host, s, credentials=creds, insecure=insecure, throttle=st.throttle)
+            registry = Registry(
+                ref.host,
+                s,
+                credentials=creds,
+                insecure=insecure,
+                ca_file=config.registry_ca_file or None,
+                throttle=st.throttle,
+            )
             result = await pull(
                 st.store,
                 ref,

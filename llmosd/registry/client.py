@@ -102,7 +102,10 @@ class Registry:
         self.credentials = credentials
         scheme = "http" if insecure or is_loopback_host(host) else "https"
         self.base = f"{scheme}://{host}"
-        self.ssl: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
+        self.ssl: ssl.SSLContext | bool = True
+        if ca_file:  # a site's own CA, besides the system's
+            self.ssl = ssl.create_default_context()
+            self.ssl.load_verify_locations(cafile=ca_file)
         self._auth: dict[str, str] = {}  # scope -> Authorization header value
         self.throttle = throttle
         self.requests = 0  # counted, for the progress line and tests
@@ -126,9 +129,15 @@ class Registry:
             if scope in self._auth:
                 h["Authorization"] = self._auth[scope]
             self.requests += 1
-            response = await self.session.request(
-                method, url, headers=h, data=data, ssl=self.ssl, allow_redirects=allow_redirects
-            )
+            try:
+                response = await self.session.request(
+                    method, url, headers=h, data=data, ssl=self.ssl, allow_redirects=allow_redirects
+                )
+            except aiohttp.ClientConnectorCertificateError as exc:
+                raise RegistryError(
+                    f"{self.host}: its TLS certificate is not trusted ({exc.certificate_error}); "
+                    "if a site CA issued it, name that CA's PEM file in registry_ca_file"
+                ) from None
             if response.status != 401 or attempt == 2:
                 return response
             challenge = response.headers.get("WWW-Authenticate", "")
@@ -139,18 +148,18 @@ class Registry:
     async def _answer(self, challenge: str, scope: str) -> None:
         scheme, params = parse_challenge(challenge)
         creds = self.credentials
+        basic = f"Basic {base64.b64encode(f'{creds.username}:{creds.password}'.encode()).decode()}" if creds else None
         if scheme == "basic":
-            if creds is None:
+            if basic is None:
                 raise RegistryError(f"{self.host} wants a user name and password (docker login, or config)", 401)
-            token = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
-            self._auth[scope] = f"Basic {token}"
+            self._auth[scope] = basic
             return
         if scheme != "bearer" or "realm" not in params:
             raise RegistryError(f"{self.host} asks for an authentication scheme we do not speak: {challenge!r}", 401)
         query = {"service": params.get("service", "")}
         query["scope"] = params.get("scope", scope)
-        auth = aiohttp.BasicAuth(creds.username, creds.password) if creds else None
-        async with self.session.get(params["realm"] + "?" + urlencode(query), auth=auth, ssl=self.ssl) as r:
+        headers = {"Authorization": basic} if basic else {}  # anonymous tokens need none
+        async with self.session.get(params["realm"] + "?" + urlencode(query), headers=headers, ssl=self.ssl) as r:
             if r.status != 200:
                 raise RegistryError(f"the token service of {self.host} refused us ({r.status})", r.status)
             body = await r.json(content_type=None)

@@ -94,6 +94,7 @@ class SyncPolicy:
     insecure: frozenset[str] = frozenset()
     trust_dir: Path = Path("trust")
     allow_unsigned_from: str = ""
+    ca_file: str = ""  # registries' CAs besides the system's
 
 
 class Syncer:
@@ -149,6 +150,7 @@ class Syncer:
             session,
             credentials=docker_credentials(ref.host),
             insecure=ref.host in self.policy.insecure,
+            ca_file=self.policy.ca_file or None,
             throttle=self.throttle,
         )
         try:
