@@ -125,7 +125,7 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
     trust = None if args.allow_unsigned else trust_policy(config.trust_dir, config.allow_unsigned_from, source.host)
 
     def work(r: Any) -> Any:
-        return pull(store, source, r, name=args.name, activate=not args.no_activate, progress=bars, trust=trust)
+        return pull(store, source, r, name=args.name, activate=False, progress=bars, trust=trust)
 
     result = _registry_run(args, source.host, work)
     if result.status == "up to date":
@@ -135,6 +135,9 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
         print(
             f"pulled {source} as {result.manifest.ref} ({mib:,.1f} MiB fetched, {result.reused} file(s) already here)"
         )
+    if not args.no_activate:  # through the daemon when it runs, so the new version serves at once
+        serving = _activate(config, result.manifest.name, result.manifest.version)
+        print(f"{result.manifest.ref} is active" + (" and serving" if serving else ""))
     return 0
 
 
@@ -206,16 +209,83 @@ def _via_daemon(config: Config, path: str, body: dict[str, Any]) -> dict[str, An
         return None
 
 
+def _activate(config: Config, name: str, version: str) -> bool:
+    """Through the daemon (which then serves it, the old version draining), else in the store; whether
+    it is being served."""
+    from llmosd.store import ModelStore
+
+    answer = _via_daemon(config, f"/api/models/{name}/activate", {"version": version})
+    if answer is None:
+        ModelStore(config.state_dir).activate(name, version)
+        return False
+    return bool(answer.get("serving"))
+
+
 def cmd_models_activate(args: argparse.Namespace) -> int:
-    """Through the daemon (which then serves it, the old version draining), else in the store."""
+    serving = _activate(_config(args), args.name, args.version)
+    print(f"{args.name}:{args.version} is active" + (" and serving" if serving else ""))
+    return 0
+
+
+def _models_from(config: Config, sources: list[str], session: Any) -> list[Any]:
+    """``NAME[:VERSION]`` from the store, or ``REGISTRY/REPO:TAG`` (copied with its signatures)."""
+    from llmosd.registry import Registry, docker_credentials, parse_reference
+    from llmosd.registry.airgap import RegistryModel, StoreModel
+
+    out: list[Any] = []
+    for text in sources:
+        if "/" in text:
+            ref = parse_reference(text)
+            insecure = ref.host in items(config.insecure_registries)
+            registry = Registry(
+                ref.host,
+                session,
+                credentials=docker_credentials(ref.host),
+                insecure=insecure,
+                ca_file=config.registry_ca_file or None,
+            )
+            out.append(RegistryModel(ref, registry))
+        else:
+            name, _, version = text.partition(":")
+            out.append(StoreModel(name, version or None))
+    return out
+
+
+def cmd_models_export_archive(args: argparse.Namespace) -> int:
+    import aiohttp
+
+    from llmosd.registry.airgap import export_archive
+    from llmosd.registry.signing import load_private
     from llmosd.store import ModelStore
 
     config = _config(args)
-    answer = _via_daemon(config, f"/api/models/{args.name}/activate", {"version": args.version})
-    if answer is None:
-        ModelStore(config.state_dir).activate(args.name, args.version)
-        answer = {"name": args.name, "version": args.version, "serving": False}
-    print(f"{answer['name']}:{answer['version']} is active" + (" and serving" if answer.get("serving") else ""))
+    key = load_private(Path(args.key)) if args.key else None
+
+    async def run() -> list[tuple[str, str]]:
+        async with aiohttp.ClientSession() as s:
+            models = _models_from(config, args.sources, s)
+            return await export_archive(ModelStore(config.state_dir), models, Path(args.output), key)
+
+    written = asyncio.run(run())
+    for ref, digest in written:
+        print(f"{ref}@{digest}" + (" (signed)" if key else ""))
+    size = Path(args.output).stat().st_size
+    print(f"wrote {args.output}: {len(written)} model(s), {size / 2**20:,.1f} MiB")
+    return 0
+
+
+def cmd_models_import_archive(args: argparse.Namespace) -> int:
+    from llmosd.registry.airgap import import_archive
+    from llmosd.registry.signing import trust_policy
+    from llmosd.store import ModelStore
+
+    config = _config(args)
+    trust = None if args.allow_unsigned else trust_policy(config.trust_dir, config.allow_unsigned_from, "archive")
+    results = asyncio.run(import_archive(ModelStore(config.state_dir), Path(args.archive), trust, activate=False))
+    for r in results:
+        serving = False if args.no_activate else _activate(config, r.manifest.name, r.manifest.version)
+        what = "stored" if args.no_activate else "active" + (" and serving" if serving else "")
+        print(f"{r.manifest.ref} ({r.status}, {r.fetched_bytes / 2**20:,.1f} MiB): {what}")
     return 0
 
 
@@ -458,6 +528,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--insecure", action="store_true", help="plain HTTP (loopback registries use it anyway)")
     s.add_argument("--allow-unsigned", action="store_true", help="accept a model no trusted key signed")
     s.set_defaults(func=cmd_models_pull)
+    s = models.add_parser("export-archive", help="write models to an OCI image-layout tar (air-gapped installs)")
+    _add_config_flags(s)
+    s.add_argument("sources", nargs="+", help="NAME[:VERSION] from the store, or REGISTRY/REPO:TAG")
+    s.add_argument("-o", "--output", required=True, help="the .tar to write")
+    s.add_argument("--key", default=None, help="sign each model in the archive with this private key")
+    s.set_defaults(func=cmd_models_export_archive)
+    s = models.add_parser("import-archive", help="store (and activate) every model in an OCI image-layout tar")
+    _add_config_flags(s)
+    s.add_argument("archive")
+    s.add_argument("--no-activate", action="store_true", help="store without making them the active versions")
+    s.add_argument("--allow-unsigned", action="store_true", help="accept models no trusted key signed")
+    s.set_defaults(func=cmd_models_import_archive)
     s = models.add_parser("activate", help="make a stored version the active one (served at once)")
     _add_config_flags(s)
     s.add_argument("name")

@@ -15,7 +15,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlencode, urljoin
 
 import aiohttp
@@ -82,6 +82,31 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     """``Bearer realm="…",service="…",scope="…"`` -> ("bearer", {...})."""
     scheme, _, rest = header.strip().partition(" ")
     return scheme.lower(), dict(_CHALLENGE.findall(rest))
+
+
+class Source(Protocol):
+    """What pull and signature checks read from: a ``Registry`` or an OCI-layout archive."""
+
+    host: str
+
+    async def get_manifest(self, repo: str, ref: str) -> tuple[bytes, str]: ...
+
+    async def get_blob(
+        self, repo: str, digest: str, size: int, dst: Path, progress: Progress | None = None
+    ) -> None: ...
+
+
+class Sink(Source, Protocol):
+    """What push and sign write to (sign reads the signatures already there): a ``Registry`` or an
+    archive being written."""
+
+    async def put_manifest(self, repo: str, ref: str, raw: bytes, media_type: str = ...) -> str: ...
+
+    async def has_blob(self, repo: str, digest: str) -> bool: ...
+
+    async def put_blob(
+        self, repo: str, digest: str, src: Path, progress: Progress | None = None, mount_from: str | None = None
+    ) -> str: ...
 
 
 class Registry:

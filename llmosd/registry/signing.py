@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from llmosd.config import items
-from llmosd.registry.client import Registry, RegistryError
+from llmosd.registry.client import RegistryError, Sink, Source
 from llmosd.registry.oci import EMPTY_BLOB, EMPTY_DIGEST, OCI_MANIFEST, artifact_manifest, digest_of
 
 SIGNATURE_TYPE = "application/vnd.llmosd.signature.v1+json"
@@ -83,7 +83,7 @@ def signature_blob(private: Ed25519PrivateKey, digest: str) -> bytes:
     return json.dumps(body, sort_keys=True).encode()
 
 
-async def sign(registry: Registry, repo: str, digest: str, private: Ed25519PrivateKey, tmp: Path) -> str:
+async def sign(registry: Sink, repo: str, digest: str, private: Ed25519PrivateKey, tmp: Path) -> str:
     """Push a signature of manifest ``digest`` as ``sha256-<hex>.sig`` (added to those already there)."""
     blobs = await _existing_signatures(registry, repo, digest, tmp)
     new = signature_blob(private, digest)
@@ -102,7 +102,7 @@ async def sign(registry: Registry, repo: str, digest: str, private: Ed25519Priva
     return await registry.put_manifest(repo, signature_tag(digest), raw)
 
 
-async def _existing_signatures(registry: Registry, repo: str, digest: str, tmp: Path) -> list[bytes]:
+async def _existing_signatures(registry: Source, repo: str, digest: str, tmp: Path) -> list[bytes]:
     try:
         raw, _ = await registry.get_manifest(repo, signature_tag(digest))
     except RegistryError as exc:
@@ -119,7 +119,7 @@ async def _existing_signatures(registry: Registry, repo: str, digest: str, tmp: 
     return out
 
 
-async def verify(registry: Registry, repo: str, digest: str, trust: Trust, tmp: Path) -> str:
+async def verify(registry: Source, repo: str, digest: str, trust: Trust, tmp: Path) -> str:
     """The id of a trusted key whose signature of ``digest`` verifies; SignatureError otherwise."""
     if not trust.keys:
         raise SignatureError(f"no trusted public keys in {trust.where}: cannot check {repo}@{digest}")

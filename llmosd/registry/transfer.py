@@ -17,7 +17,7 @@ from pathlib import Path
 
 import aiohttp
 
-from llmosd.registry.client import DigestMismatch, Progress, Registry, RegistryError
+from llmosd.registry.client import DigestMismatch, Progress, Registry, RegistryError, Sink, Source
 from llmosd.registry.oci import EMPTY_BLOB, EMPTY_DIGEST, Reference, check_consistent, digest_of, parse_oci, to_oci
 from llmosd.registry.peers import Peer, fetch
 from llmosd.registry.signing import Trust, verify
@@ -57,7 +57,7 @@ async def push(
     name: str,
     version: str | None,
     ref: Reference,
-    registry: Registry,
+    registry: Sink,
     mount_from: str | None = None,
 ) -> PushResult:
     """Upload a version's files (those the registry lacks: mounted from ``mount_from``, another repository
@@ -86,7 +86,7 @@ def _free_bytes(path: Path) -> int:
 async def pull(
     store: ModelStore,
     ref: Reference,
-    registry: Registry,
+    registry: Source,
     *,
     name: str | None = None,
     activate: bool = True,
@@ -159,9 +159,11 @@ async def pull(
 
 
 async def _from_peers(
-    registry: Registry, peers: Sequence[Peer], digest: str, size: int, dst: Path, progress: Progress | None
+    registry: Source, peers: Sequence[Peer], digest: str, size: int, dst: Path, progress: Progress | None
 ) -> bool:
     """Whether a peer served the blob (verified); the reasons the others did not go to the log."""
+    if not isinstance(registry, Registry):  # an archive: nothing to save
+        return False
     for peer in peers:
         try:
             await fetch(registry.session, peer, digest, size, dst, progress, registry.throttle)
