@@ -93,7 +93,12 @@ class Config:
         "", "tags to follow, comma-separated REGISTRY/REPO:TAG[=NAME]; new digests are activated"
     )
     sync_interval_s: float = _knob(300.0, "how often each subscription is checked (±10 % jitter; backs off when down)")
-    probation_s: float = _knob(60.0, "after a sync activates a version, how long health probes may roll it back")
+    probation_s: float = _knob(
+        60.0, "after a sync activates a version, how long health probes and its error rate may roll it back"
+    )
+    probation_max_error_rate: float = _knob(
+        0.05, "the share of real requests that may fail in probation (of at least 10) before a rollback"
+    )
     keep_versions: int = _knob(3, "versions a sync keeps per model, the active one included")
     pull_bandwidth_mb_s: float = _knob(
         0.0, "cap on the daemon's registry downloads, MB/s shared by all pulls (0: none)"

@@ -145,6 +145,7 @@ def make_syncer(st: AppState, selector: ProviderSelector) -> Syncer | None:
         trust_dir=config.trust_dir,
         allow_unsigned_from=config.allow_unsigned_from,
         ca_file=config.registry_ca_file,
+        max_error_rate=config.probation_max_error_rate,
     )
 
     async def activate(name: str) -> None:
@@ -166,7 +167,11 @@ def make_syncer(st: AppState, selector: ProviderSelector) -> Syncer | None:
     async def peers() -> list[Peer]:
         return lan_peers(st)
 
-    return Syncer(st.store, subscriptions, policy, selector, activate, probe, st.throttle, peers)
+    def outcomes(name: str) -> tuple[int, int] | None:
+        served = {s.name: s for s in st.pool.served()}.get(name)
+        return served.outcomes() if served is not None else None
+
+    return Syncer(st.store, subscriptions, policy, selector, activate, probe, st.throttle, peers, outcomes)
 
 
 async def async_advertise(st: AppState, port: int, after: asyncio.Task[None]) -> None:

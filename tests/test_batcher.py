@@ -90,13 +90,15 @@ async def test_concurrent_requests_are_merged_and_split_back() -> None:
 
 async def test_a_failing_batch_fails_only_its_own_requests() -> None:
     gate = threading.Event()
-    b = DynamicBatcher("t", WordBackend(gate), BatchPolicy(max_batch=64, run_cost_tokens=0))
+    backend = WordBackend(gate)
+    b = DynamicBatcher("t", backend, BatchPolicy(max_batch=64, run_cost_tokens=0))
     b.start()
     try:
         hold = asyncio.create_task(b.submit(["hold"]))
         await asyncio.sleep(0.05)
         good = asyncio.create_task(b.submit(["one two three"]))
         bad = asyncio.create_task(b.submit(["boom"]))
+        neighbour = asyncio.create_task(b.submit(["one", "two"]))  # the same length as "boom": batched with it
         bad_prep = asyncio.create_task(b.submit(["bad-prepare"]))
         gate.set()
         assert (await hold)[0].tokens == 1
@@ -105,6 +107,9 @@ async def test_a_failing_batch_fails_only_its_own_requests() -> None:
         with pytest.raises(ValueError, match="cannot prepare"):
             await bad_prep
         assert (await good)[0].tokens == 3  # same window, other batch: unaffected
+        assert [o.values[0] for o in await neighbour] == [3, 3]  # its batch failed; run again alone, it passed
+        assert ["boom", "one", "two"] in [sorted(x) for x in backend.batches]
+        assert (b.stats.completed, b.stats.failed, b.stats.failed_batches) == (3, 1, 2)
         assert (await b.submit(["still serving"]))[0].tokens == 2
     finally:
         await b.close()

@@ -2,8 +2,9 @@
 jitter, backing off exponentially while the registry is unreachable. A new digest is pulled (signature
 policy applied), smoke-tested (loaded in a session of its own and run on a sample input), activated
 (the pool serves it, the old version drains), watched through a probation window (a failing health
-probe rolls it back), and old versions beyond ``keep`` are removed. No WAN: the current version keeps
-serving, and the status says when the last check succeeded."""
+probe, or real traffic failing more often than ``max_error_rate``, rolls it back), and old versions
+beyond ``keep`` are removed. No WAN: the current version keeps serving, and the status says when the
+last check succeeded."""
 
 from __future__ import annotations
 
@@ -95,11 +96,20 @@ class SyncPolicy:
     trust_dir: Path = Path("trust")
     allow_unsigned_from: str = ""
     ca_file: str = ""  # registries' CAs besides the system's
+    max_error_rate: float = 0.05  # of real requests in probation, above which the version is rolled back
+
+
+MIN_REQUESTS = 10  # real requests in probation before their error rate can condemn a version
+
+
+class ProbationFailed(RuntimeError):
+    pass
 
 
 class Syncer:
     """Owns the sync task. ``activate(name)`` is the daemon's hook: serve the newly active version;
-    ``probe(name)`` runs one request through it (raises on failure)."""
+    ``probe(name)`` runs one request through it (raises on failure); ``outcomes(name)`` counts the real
+    requests the served version answered and failed (None when it is not being served)."""
 
     def __init__(
         self,
@@ -111,7 +121,9 @@ class Syncer:
         probe: Callable[[str], Awaitable[None]],
         throttle: Throttle = UNLIMITED,
         peers: Callable[[], Awaitable[list[Peer]]] | None = None,
+        outcomes: Callable[[str], tuple[int, int] | None] | None = None,
     ) -> None:
+        self.outcomes = outcomes
         self.throttle = throttle
         self.peers = peers
         self.store = store
@@ -195,20 +207,36 @@ class Syncer:
         await asyncio.to_thread(self.store.activate, name, version)
         try:
             await self.activate(name)
+            before = self.outcomes(name) if self.outcomes is not None else None
             deadline = time.monotonic() + self.policy.probation_s
             while time.monotonic() < deadline:
                 await self.probe(name)
+                self._check_traffic(name, before)
                 await asyncio.sleep(min(1.0, self.policy.probation_s / 5))
+            self._check_traffic(name, before)
         except Exception as exc:
-            st.refused[digest] = f"failed on probation: {exc}"
             log.error("sync %s: %s:%s failed on probation (%s); rolling back to %s", ref, name, version, exc, previous)
             if previous is not None:
                 await asyncio.to_thread(self.store.activate, name, previous)
                 await self.activate(name)
+            st.refused[digest] = f"failed on probation: {exc}"  # once the old version serves again
             return
         st.digest = digest
         log.info("sync %s: %s:%s active (was %s)", ref, name, version, previous)
         self._prune(name)
+
+    def _check_traffic(self, name: str, before: tuple[int, int] | None) -> None:
+        """ProbationFailed when real requests since activation failed too often."""
+        now = self.outcomes(name) if self.outcomes is not None else None
+        if before is None or now is None:
+            return
+        ok, failed = now[0] - before[0], now[1] - before[1]
+        total = ok + failed
+        if total >= MIN_REQUESTS and failed > self.policy.max_error_rate * total:
+            raise ProbationFailed(
+                f"{failed} of {total} requests failed ({failed / total:.0%}; at most "
+                f"{self.policy.max_error_rate:.0%} allowed)"
+            )
 
     def _prune(self, name: str) -> None:
         active = self.store.active_version(name)

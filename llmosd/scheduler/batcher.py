@@ -45,6 +45,8 @@ class BatchStats:
     items: int = 0
     batches: int = 0
     failed_batches: int = 0
+    completed: int = 0  # requests answered
+    failed: int = 0  # requests the backend failed (not those refused or cancelled)
     rejected: int = 0
     largest_batch: int = 0
     batch_sizes: Counter[int] = field(default_factory=Counter)
@@ -59,6 +61,8 @@ class BatchStats:
             "items": self.items,
             "batches": self.batches,
             "failed_batches": self.failed_batches,
+            "completed": self.completed,
+            "failed": self.failed,
             "rejected": self.rejected,
             "largest_batch": self.largest_batch,
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
@@ -245,9 +249,17 @@ class DynamicBatcher(Generic[P]):
             outputs = self.backend.run([it.prepared for it in batch])  # type: ignore[misc]
         except Exception as exc:
             self.stats.failed_batches += 1
+            groups: dict[int, list[_Item]] = {}
+            for it in batch:
+                groups.setdefault(id(it.request), []).append(it)
+            if len(groups) > 1:  # one request the model fails on must not fail its neighbours
+                for items in groups.values():
+                    self._run(loop, items)
+                return
             failed = list({id(it.request): it.request for it in batch if it.request.missing >= 0}.values())
             for req in failed:
                 req.missing = -1
+            self.stats.failed += len(failed)
             self._fail(loop, failed, exc)
             return
         # Statistics first: a client that sees its answer must also see the batch that produced it.
@@ -273,6 +285,7 @@ class DynamicBatcher(Generic[P]):
             req.missing -= 1
             if req.missing == 0:
                 done.append(req)
+        s.completed += len(done)
         if done:  # one wake-up of the loop per batch, not per request
             loop.call_soon_threadsafe(_resolve_all, done)
 

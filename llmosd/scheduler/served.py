@@ -48,6 +48,16 @@ class Instance:
             return self.batcher.queued_by_priority()
         return dict(self.engine.stats.waiting_by_priority) if self.engine is not None else {}
 
+    def outcomes(self) -> tuple[int, int]:
+        """Requests the engines here answered and failed (refused, cancelled and raw-tensor ones —
+        whose failures are mostly the client's tensors — are neither)."""
+        ok = failed = 0
+        if self.batcher is not None:
+            ok, failed = self.batcher.stats.completed, self.batcher.stats.failed
+        if self.engine is not None:
+            ok, failed = ok + self.engine.stats.completed, failed + self.engine.stats.failed
+        return ok, failed
+
     def busy(self) -> bool:
         queued = self.batcher is not None and self.batcher.queued > 0
         generating = self.engine is not None and (self.engine.stats.running + self.engine.stats.waiting) > 0
@@ -119,6 +129,11 @@ class ServedModel:
         self._turn += 1
         n = len(self.instances)
         return min(self.instances, key=lambda i: (i.load(), (self.instances.index(i) - self._turn) % n))
+
+    def outcomes(self) -> tuple[int, int]:
+        """(answered, failed) requests over every instance, since this version was loaded."""
+        counts = [i.outcomes() for i in self.instances]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
     def busy(self) -> bool:
         return self.in_use > 0 or any(i.busy() for i in self.instances)
