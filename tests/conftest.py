@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -193,6 +194,21 @@ def start_daemon(
         raise RuntimeError(f"daemon did not become ready:\n{log.read_text()[-4000:]}") from None
     token = (state_dir / "token").read_text().strip()
     return Daemon(proc, sock, port, state_dir, token, log)
+
+
+def unix_json(d: Daemon, path: str, body: dict[str, Any] | None = None) -> Any:
+    """GET (or POST ``body`` as JSON) over the daemon's Unix socket; the JSON answer, which must be a 200."""
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("localhost", timeout=60)
+    conn.sock = socket.socket(socket.AF_UNIX)
+    conn.sock.connect(str(d.socket))
+    data = json.dumps(body).encode() if body is not None else None
+    conn.request("POST" if body is not None else "GET", path, body=data, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200, response.read()
+    return json.loads(response.read())
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import DEFAULT, Daemon, start_daemon
+from tests.conftest import DEFAULT, Daemon, start_daemon, unix_json
 from tests.netns import A_ADDR, A_EXTRA, B_ADDR, Lan, sh
 
 NAME = "llmosd-test-box"
@@ -74,20 +74,6 @@ def store_copy(store_dir: Path, dst: Path, keep: tuple[str, ...]) -> Path:
         if model.name not in keep:
             shutil.rmtree(model)
     return dst
-
-
-def unix_json(d: Daemon, path: str, body: dict[str, Any] | None = None) -> Any:
-    import http.client
-    import socket
-
-    conn = http.client.HTTPConnection("localhost", timeout=60)
-    conn.sock = socket.socket(socket.AF_UNIX)
-    conn.sock.connect(str(d.socket))
-    data = json.dumps(body).encode() if body is not None else None
-    conn.request("POST" if body is not None else "GET", path, body=data, headers={"Content-Type": "application/json"})
-    response = conn.getresponse()
-    assert response.status == 200, response.read()
-    return json.loads(response.read())
 
 
 def advertising_daemon(

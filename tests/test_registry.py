@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ from llmosd.registry import (
 )
 from llmosd.registry.oci import ARTIFACT_TYPE, TITLE
 from llmosd.store import ModelStore
-from tests.conftest import DEFAULT, Daemon
+from tests.conftest import DEFAULT, Daemon, start_daemon, unix_json
 from tests.netns import A_ADDR, Lan
 from tests.registry import CuttingProxy, TokenIssuer, docker_registry, site_ca, start_proxy
 
@@ -276,11 +277,14 @@ async def test_a_forged_signature_is_refused(store_dir: Path, tmp_path: Path, mo
             assert result.status == "pulled"
 
 
-def test_kill_9_during_pulls_never_leaves_a_partial_version(store_dir: Path, tmp_path: Path) -> None:
-    """20 pulls of a new version killed at random moments (download, hashing, publishing, activating):
-    after each, every version the store lists is whole and the active one verifies."""
+def test_kill_9_of_the_daemon_during_pulls_never_leaves_a_partial_version(store_dir: Path, tmp_path: Path) -> None:
+    """20 times: a daemon serving version 1 pulls version 2 through its API (download, hashing,
+    publishing, activating and the swap of the served model) and is killed with SIGKILL at a random
+    moment. Every version the store then lists is whole, the active one verifies, and the next daemon
+    starts on that store and serves the active version."""
     import random
     import signal
+    import threading
     import time
 
     rng = random.Random(7)
@@ -298,6 +302,7 @@ def test_kill_9_during_pulls_never_leaves_a_partial_version(store_dir: Path, tmp
         cmd = [sys.executable, "-m", "llmosd", "models", "pull", "--state-dir", str(fresh), "--allow-unsigned"]
         r = subprocess.run([*cmd, ref, "--name", "m"], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr  # version 1, the one that must survive everything below
+        env = {"LLMOSD_SEED_DEFAULTS": "false", "LLMOSD_AUTOTUNE": "false", "LLMOSD_ALLOW_UNSIGNED_FROM": reg.host}
 
         def reset() -> None:  # back to version 1 alone and nothing half-fetched: the next pull is a whole one
             store = ModelStore(fresh)
@@ -307,26 +312,48 @@ def test_kill_9_during_pulls_never_leaves_a_partial_version(store_dir: Path, tmp
             for partial in store.tmp.iterdir():
                 shutil.rmtree(partial)
 
+        def serving_daemon() -> tuple[Daemon, str]:
+            """A daemon on the store, serving its active version (checked); that version."""
+            d = start_daemon(fresh, tmp_path, env=env)
+            body = {"model": "m", "input": "still serving"}
+            answer = unix_json(d, "/v1/embeddings", body)
+            assert len(answer["data"][0]["embedding"]) == 384
+            served = {m["name"]: m["version"] for m in unix_json(d, "/api/status")["models"]}
+            assert served["m"] == ModelStore(fresh).active_version("m")
+            return d, served["m"]
+
+        def pull_in_background(d: Daemon) -> None:
+            def post() -> None:
+                with contextlib.suppress(Exception):  # the daemon dies under it
+                    unix_json(d, "/api/models/pull", {"ref": fp32, "name": "m"})
+
+            threading.Thread(target=post, daemon=True).start()
+
+        d, _ = serving_daemon()
         t0 = time.monotonic()
-        r = subprocess.run([*cmd, fp32, "--name", "m"], capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr
-        whole = time.monotonic() - t0  # how long one pull takes here: the kills land inside it
+        assert unix_json(d, "/api/models/pull", {"ref": fp32, "name": "m"})["serving"] is True
+        whole = time.monotonic() - t0  # how long one pull and swap take here: the kills land inside it
+        assert d.stop() == 0
         outcomes = {"killed": 0, "finished": 0}
         for _ in range(20):
             reset()
-            proc = subprocess.Popen([*cmd, fp32, "--name", "m"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(rng.uniform(0.3, 0.95) * whole)
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-            outcomes["killed" if proc.wait() == -signal.SIGKILL else "finished"] += 1
+            d, version = serving_daemon()  # the store left by the last kill starts and serves
+            assert version == "1"
+            pull_in_background(d)
+            time.sleep(rng.uniform(0.05, 1.0) * whole)
             store = ModelStore(fresh)
+            outcomes["finished" if store.active_version("m") == "2" else "killed"] += 1
+            d.proc.send_signal(signal.SIGKILL)
+            assert d.proc.wait(10) == -signal.SIGKILL
             assert "1" in store.versions("m")
-            for version in store.versions("m"):
-                store.verify(store.manifest("m", version))  # whole, or not listed at all
+            for v in store.versions("m"):
+                store.verify(store.manifest("m", v))  # whole, or not listed at all
             active = store.active_version("m")
             assert active in ("1", "2")
             store.verify(store.manifest("m", active))
-        assert outcomes["killed"] >= 10, outcomes  # most runs really were cut somewhere
+        d, version = serving_daemon()
+        assert d.stop() == 0
+        assert outcomes["killed"] >= 10, outcomes  # most runs really were cut before the activation
 
 
 async def test_a_lan_peer_serves_the_blobs_and_a_lying_one_is_skipped(
