@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from llmosd import __version__
-from llmosd.config import Config, ConfigError, items, knobs, load_config
+from llmosd.config import Config, ConfigError, client_socket, items, knobs, load_config
 from llmosd.store.manifest import PRECISIONS, TASKS
 
 _FLAG_KEYS = ("config", "state_dir", "socket", "host", "port", "log_level", "device")
@@ -29,7 +29,7 @@ def _config(args: argparse.Namespace) -> Config:
 def cmd_serve(args: argparse.Namespace) -> int:
     from llmosd.daemon import serve
 
-    return asyncio.run(serve(_config(args)))
+    return asyncio.run(serve(_config(args), reload_config=lambda: _config(args)))
 
 
 def _store(args: argparse.Namespace) -> Any:
@@ -196,7 +196,7 @@ def _via_daemon(config: Config, path: str, body: dict[str, Any]) -> dict[str, An
     import aiohttp
 
     async def post() -> Any:
-        connector = aiohttp.UnixConnector(path=str(config.socket))
+        connector = aiohttp.UnixConnector(path=str(client_socket(Path(config.socket))))
         async with aiohttp.ClientSession(connector=connector) as s, s.post(f"http://llmosd{path}", json=body) as r:
             answer = await r.json()
             if r.status != 200:
@@ -345,7 +345,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     config = _config(args)
 
     async def fetch() -> Any:
-        connector = aiohttp.UnixConnector(path=str(config.socket))
+        connector = aiohttp.UnixConnector(path=str(client_socket(Path(config.socket))))
         async with aiohttp.ClientSession(connector=connector) as s, s.get("http://llmosd/api/status") as r:
             return await r.json()
 
@@ -423,6 +423,26 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_install_service(args: argparse.Namespace) -> int:
+    from llmosd.systemd.install import install
+
+    p = install(args.user, dry_run=args.dry_run)
+    for path, content in p.files.items():
+        if args.dry_run:
+            print(f"# {path}\n{content}")
+        else:
+            print(f"wrote {path}")
+    for cmd in p.commands:
+        print(("would run: " if args.dry_run else "ran: ") + " ".join(cmd))
+    if not args.dry_run:
+        where = "%t/llmosd/llmosd.sock" if args.user else "/run/llmosd/llmosd.sock"
+        print(
+            f"llmosd is enabled and listening on {where} and 127.0.0.1:11411; logs: journalctl "
+            + ("--user -u llmosd" if args.user else "-u llmosd")
+        )
+    return 0
+
+
 def cmd_discover(args: argparse.Namespace) -> int:
     """The appliances on the LAN (mDNS); ``--watch`` prints each change as it happens until interrupted."""
     from llmosd.discovery.browse import Browser, discover
@@ -490,6 +510,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--watch", action="store_true", help="keep listening; print appliances as they come and go")
     s.set_defaults(func=cmd_discover)
+    s = sub.add_parser("install-service", help="write the systemd units for this install, enable and start them")
+    s.add_argument("--user", action="store_true", help="your own user manager (systemctl --user), no root")
+    s.add_argument("--dry-run", action="store_true", help="print the files and commands, change nothing")
+    s.set_defaults(func=cmd_install_service)
     s = sub.add_parser("hardware", help="what the hardware probe sees on this box")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_hardware)
@@ -577,11 +601,21 @@ def main(argv: list[str] | None = None) -> int:
     from llmosd.store import StoreError
     from llmosd.store.manifest import ManifestError
     from llmosd.store.names import InvalidName
+    from llmosd.systemd.install import InstallError
 
     try:
         result: int = args.func(args)
         return result
-    except (ConfigError, ExportError, StoreError, ManifestError, InvalidName, ListenError, RegistryError) as exc:
+    except (
+        ConfigError,
+        ExportError,
+        StoreError,
+        ManifestError,
+        InvalidName,
+        ListenError,
+        RegistryError,
+        InstallError,
+    ) as exc:
         print(f"llmosd: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # a malformed registry reference

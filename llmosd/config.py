@@ -38,6 +38,17 @@ def default_state_dir() -> Path:
     return Path(base) / "llmosd"
 
 
+SYSTEM_SOCKET = Path("/run/llmosd/llmosd.sock")  # the system service's (llmosd.socket)
+
+
+def client_socket(configured: Path) -> Path:
+    """Where a local client connects: the configured socket if a daemon is there, else the system
+    service's (a non-root user's default is under $XDG_RUNTIME_DIR, the service's is not)."""
+    if configured.is_socket() or not SYSTEM_SOCKET.is_socket():
+        return configured
+    return SYSTEM_SOCKET
+
+
 def default_socket(state_dir: Path) -> Path:
     if d := os.environ.get("RUNTIME_DIRECTORY"):
         return Path(d.split(":")[0]) / "llmosd.sock"
@@ -110,6 +121,9 @@ class Config:
     allow_unsigned_from: str = _knob("", "registries (comma-separated hosts, or *) whose unsigned models may be pulled")
     seed_defaults: bool = _knob(True, "export the embedded default models into an empty store on start")
     default_precision: str = _knob("int8", "precision of seeded default models", choices=("fp32", "int8"))
+    debug_api: bool = _knob(
+        False, "enable POST /api/debug/block-loop, which blocks the event loop on purpose (to test the watchdog)"
+    )
     shutdown_timeout_s: float = _knob(30.0, "how long SIGTERM waits for in-flight requests")
 
     def __post_init__(self) -> None:

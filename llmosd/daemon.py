@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import socket
+import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +24,18 @@ from llmosd.discovery.txt import txt_records
 from llmosd.export import ExportError, export_model
 from llmosd.hardware import Hardware, probe
 from llmosd.listeners import bind_tcp, bind_unix, describe, remove_socket_file
-from llmosd.logs import setup_logging
+from llmosd.logs import set_level, setup_logging
 from llmosd.registry.peers import Peer
 from llmosd.registry.sync import Syncer, SyncPolicy, parse_subscriptions
 from llmosd.registry.throttle import Throttle
+from llmosd.reload import BATCHING, SYNC, reconcile
 from llmosd.runtime import ProviderSelector
 from llmosd.runtime.sampling import SamplingParams
 from llmosd.scheduler import BatchPolicy, GenerationLimits, GenerationRequest, ModelPool
 from llmosd.scheduler.tuning import Tuner, TuningPolicy
 from llmosd.seed import DEFAULT_MODELS
 from llmosd.store import ManifestError, ModelStore, StoreError, sweep_tmp
+from llmosd.systemd import Notifier, listen_fds
 from llmosd.token import ensure_token
 
 log = logging.getLogger("llmosd")
@@ -211,10 +216,103 @@ async def _after(first: asyncio.Task[None], then: Coroutine[Any, Any, None]) -> 
     await then
 
 
-async def serve(config: Config, probe_hardware: Callable[[], Hardware] = probe) -> int:
-    """Run until SIGTERM/SIGINT. ``probe_hardware`` is injectable: tests pass fakes (a 2-GPU box...)."""
-    setup_logging(config.log_level)
-    log.info("llmosd %s starting; effective config: %s", __version__, config.redacted())
+def _listeners(config: Config) -> tuple[list[socket.socket], bool]:
+    """The sockets systemd passed (socket activation), else the ones the config asks us to bind; and
+    whether they were passed (then systemd owns the socket file: it must outlive this process)."""
+    passed = [sock for _, sock in listen_fds() if sock.type == socket.SOCK_STREAM]
+    if passed:
+        return passed, True
+    socks: list[socket.socket] = []
+    if config.socket_enabled:
+        socks.append(bind_unix(config.socket))
+    if config.tcp_enabled:
+        socks.append(bind_tcp(config.host, config.port))
+    return socks, False
+
+
+@dataclass
+class _Loops:
+    """The daemon's background tasks that a reload may restart."""
+
+    reaping: asyncio.Task[None] | None = None
+    syncing: asyncio.Task[None] | None = None
+
+    def all(self) -> list[asyncio.Task[None]]:
+        return [t for t in (self.reaping, self.syncing) if t is not None]
+
+
+async def heartbeat(st: AppState, notifier: Notifier, preparing: asyncio.Task[None]) -> None:
+    """Driven by the event loop itself, so a blocked loop stops it: watchdog pings, the STATUS line as
+    it changes, READY=1 once the models are prepared, and more start-up time while a first-start export
+    runs."""
+    interval = min(1.0, notifier.watchdog_s / 4) if notifier.watchdog_s else 1.0
+    told_ready = False
+    last_extend = 0.0
+    while True:
+        if notifier.watchdog_s:
+            notifier.watchdog()
+        if not told_ready and preparing.done():
+            notifier.ready(st.status_line)
+            told_ready = True
+        else:
+            notifier.status(st.status_line)
+        now = time.monotonic()
+        if not told_ready and st.status_line.startswith("first start: exporting") and now - last_extend > 10:
+            notifier.extend_timeout(60)  # an export takes minutes; the start timeout is for a hang
+            last_extend = now
+        await asyncio.sleep(interval)
+
+
+async def apply_reload(
+    st: AppState, load: Callable[[], Config], selector: ProviderSelector, loops: _Loops, notifier: Notifier
+) -> None:
+    """Re-read the config (SIGHUP): apply what can change live, name what needs a restart."""
+    notifier.reloading()
+    try:
+        fresh = load()
+    except Exception as exc:  # a typo in the file must not take the box down: keep running as before
+        log.error("reload failed, the running config stays: %s", exc)
+        notifier.ready(f"{st.status_line}; reload failed: {exc}")
+        return
+    change = reconcile(st.config, dataclasses.replace(fresh, **st.passed))
+    st.config = config = change.config
+    applied = set(change.applied)
+    if "log_level" in applied:
+        set_level(config.log_level)
+    if "token_file" in applied:
+        st.token = ensure_token(config.token_file)
+    if "pull_bandwidth_mb_s" in applied:
+        st.throttle.rate = st.throttle.tokens = config.pull_bandwidth_mb_s * 1e6
+    if applied & BATCHING:
+        st.pool.policy = batch_policy(config)
+        for served in st.pool.served():
+            for instance in served.instances:
+                if instance.batcher is not None:  # a tuned size stays: it was measured on this device
+                    size = instance.profile.chosen if instance.profile else config.max_batch_size
+                    instance.batcher.policy = dataclasses.replace(st.pool.policy, max_batch=size)
+    if "keep_alive_s" in applied and loops.reaping is not None:
+        loops.reaping.cancel()
+        loops.reaping = asyncio.create_task(st.pool.async_keep_alive(config.keep_alive_s))
+    if applied & SYNC:
+        if loops.syncing is not None:
+            loops.syncing.cancel()
+            await asyncio.gather(loops.syncing, return_exceptions=True)
+        st.syncer = make_syncer(st, selector)
+        loops.syncing = asyncio.create_task(st.syncer.run()) if st.syncer else None
+    if change.need_restart:
+        log.warning("reload: %s changed but take effect only at a restart", ", ".join(change.need_restart))
+    log.info("reloaded %s: %s", config.config or "the config", ", ".join(change.applied) or "nothing changed")
+    notifier.ready(st.status_line)
+
+
+async def serve(
+    config: Config, probe_hardware: Callable[[], Hardware] = probe, reload_config: Callable[[], Config] | None = None
+) -> int:
+    """Run until SIGTERM/SIGINT; SIGHUP re-reads the config through ``reload_config``. ``probe_hardware``
+    is injectable: tests pass fakes (a 2-GPU box...)."""
+    where = setup_logging(config.log_level)
+    notifier = Notifier()
+    log.info("llmosd %s starting (logging to %s); effective config: %s", __version__, where, config.redacted())
     store = ModelStore(config.state_dir)
     selector = ProviderSelector(config.device, config.threads or None, config.ort_spinning)
     pool = ModelPool(
@@ -230,13 +328,16 @@ async def serve(config: Config, probe_hardware: Callable[[], Hardware] = probe) 
     st.install_id = install_id(config.state_dir)
     st.throttle = Throttle(config.pull_bandwidth_mb_s * 1e6)
     sweep_tmp(store)
-    socks: list[socket.socket] = []
-    if config.socket_enabled:
-        socks.append(bind_unix(config.socket))
-    tcp_port = 0
-    if config.tcp_enabled:
-        socks.append(bind_tcp(config.host, config.port))
-        tcp_port = socks[-1].getsockname()[1]  # the port really bound (port = 0 picks one)
+    socks, activated = _listeners(config)
+    tcp = [s for s in socks if s.family in (socket.AF_INET, socket.AF_INET6)]
+    tcp_port = tcp[0].getsockname()[1] if tcp else 0  # the port really bound (port = 0 picks one)
+    if activated:  # the socket unit chose the addresses: mDNS, the LAN checks and the status follow it
+        unix = [s for s in socks if s.family == socket.AF_UNIX]
+        passed: dict[str, Any] = {"socket": Path(unix[0].getsockname())} if unix else {"socket": Path("none")}
+        if tcp:
+            passed |= {"host": tcp[0].getsockname()[0], "port": tcp_port}
+        st.passed = passed
+        st.config = config = dataclasses.replace(config, **passed)
     runner = web.AppRunner(
         make_app(st),
         handle_signals=False,
@@ -248,7 +349,7 @@ async def serve(config: Config, probe_hardware: Callable[[], Hardware] = probe) 
     for sock in socks:
         await web.SockSite(runner, sock).start()
         st.listeners.append(describe(sock))
-    log.info("listening on %s", ", ".join(st.listeners))
+    log.info("listening on %s%s", ", ".join(st.listeners), " (sockets from systemd)" if activated else "")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -264,25 +365,36 @@ async def serve(config: Config, probe_hardware: Callable[[], Hardware] = probe) 
     pool.use_hardware(st.hardware, Tuner(store, st.hardware, policy))
     pool.pinned = set(defaults)
     preparing = asyncio.create_task(async_prepare_models(st))
-    reaping = asyncio.create_task(pool.async_keep_alive(config.keep_alive_s))
+    beating = asyncio.create_task(heartbeat(st, notifier, preparing))
+    loops = _Loops(reaping=asyncio.create_task(pool.async_keep_alive(config.keep_alive_s)))
     advertising = asyncio.create_task(async_advertise(st, tcp_port, preparing)) if tcp_port else None
     st.syncer = make_syncer(st, selector)
-    syncing = asyncio.create_task(_after(preparing, st.syncer.run())) if st.syncer else None
+    loops.syncing = asyncio.create_task(_after(preparing, st.syncer.run())) if st.syncer else None
+    reloads: set[asyncio.Task[None]] = set()
+    if reload_config is not None:
+
+        def on_hup() -> None:
+            task = asyncio.create_task(apply_reload(st, reload_config, selector, loops, notifier))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop.wait()
     log.info("stopping: refusing new connections, draining in-flight requests")
     st.ready = False
-    st.status_line = "stopping"
+    st.status_line = "stopping: draining in-flight requests"
+    notifier.stopping(st.status_line)
     if advertising is not None:  # the goodbye first, so LAN clients stop choosing this box
         advertising.cancel()
         await asyncio.gather(advertising, return_exceptions=True)
-    preparing.cancel()
-    reaping.cancel()
-    if syncing is not None:
-        syncing.cancel()
-    await asyncio.gather(preparing, reaping, *([syncing] if syncing else []), return_exceptions=True)
+    for task in (preparing, *loops.all(), *reloads):
+        task.cancel()
+    await asyncio.gather(preparing, *loops.all(), *reloads, return_exceptions=True)
     await runner.cleanup()  # closes listeners first, then waits for in-flight handlers
     await pool.close()
-    if config.socket_enabled:
+    beating.cancel()  # pings until the drain is done: a long drain is no hang
+    await asyncio.gather(beating, return_exceptions=True)
+    if config.socket_enabled and not activated:  # systemd's socket stays for the next start
         remove_socket_file(Path(config.socket))
     log.info("stopped")
     return 0

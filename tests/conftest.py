@@ -196,6 +196,22 @@ def start_daemon(
     return Daemon(proc, sock, port, state_dir, token, log)
 
 
+def store_with(store_dir: Path, dst: Path, names: tuple[str, ...]) -> Path:
+    """A new store holding only these models of ``store_dir`` (their blobs hard-linked: no copying)."""
+    from llmosd.store import ModelStore
+
+    src = ModelStore(store_dir)
+    for name in names:
+        shutil.copytree(store_dir / "models" / name, dst / "models" / name, symlinks=True)
+        for version in src.versions(name):
+            for f in src.manifest(name, version).files:
+                blob = dst / "blobs" / "sha256" / f.digest.removeprefix("sha256:")
+                blob.parent.mkdir(parents=True, exist_ok=True)
+                if not blob.exists():
+                    os.link(src.blob_path(f.digest), blob)
+    return dst
+
+
 def unix_json(d: Daemon, path: str, body: dict[str, Any] | None = None) -> Any:
     """GET (or POST ``body`` as JSON) over the daemon's Unix socket; the JSON answer, which must be a 200."""
     import http.client

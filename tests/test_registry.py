@@ -330,30 +330,40 @@ def test_kill_9_of_the_daemon_during_pulls_never_leaves_a_partial_version(store_
             threading.Thread(target=post, daemon=True).start()
 
         d, _ = serving_daemon()
-        t0 = time.monotonic()
-        assert unix_json(d, "/api/models/pull", {"ref": fp32, "name": "m"})["serving"] is True
-        whole = time.monotonic() - t0  # how long one pull and swap take here: the kills land inside it
-        assert d.stop() == 0
-        outcomes = {"killed": 0, "finished": 0}
-        for _ in range(20):
-            reset()
-            d, version = serving_daemon()  # the store left by the last kill starts and serves
-            assert version == "1"
-            pull_in_background(d)
-            time.sleep(rng.uniform(0.05, 1.0) * whole)
-            store = ModelStore(fresh)
-            outcomes["finished" if store.active_version("m") == "2" else "killed"] += 1
-            d.proc.send_signal(signal.SIGKILL)
-            assert d.proc.wait(10) == -signal.SIGKILL
-            assert "1" in store.versions("m")
-            for v in store.versions("m"):
-                store.verify(store.manifest("m", v))  # whole, or not listed at all
-            active = store.active_version("m")
-            assert active in ("1", "2")
-            store.verify(store.manifest("m", active))
-        d, version = serving_daemon()
-        assert d.stop() == 0
-        assert outcomes["killed"] >= 10, outcomes  # most runs really were cut before the activation
+        try:
+            times = []
+            for _ in range(2):  # how long one pull and swap take here, warm: the kills land inside it
+                t0 = time.monotonic()
+                assert unix_json(d, "/api/models/pull", {"ref": fp32, "name": "m"})["serving"] is True
+                times.append(time.monotonic() - t0)
+                assert d.stop() == 0
+                reset()
+                d, _ = serving_daemon()
+            whole = min(times)
+            assert d.stop() == 0
+            outcomes = {"killed": 0, "finished": 0}
+            for _ in range(20):
+                reset()
+                d, version = serving_daemon()  # the store left by the last kill starts and serves
+                assert version == "1"
+                pull_in_background(d)
+                time.sleep(rng.uniform(0.0, 0.9) * whole)
+                store = ModelStore(fresh)
+                outcomes["finished" if store.active_version("m") == "2" else "killed"] += 1
+                d.proc.send_signal(signal.SIGKILL)
+                assert d.proc.wait(10) == -signal.SIGKILL
+                assert "1" in store.versions("m")
+                for v in store.versions("m"):
+                    store.verify(store.manifest("m", v))  # whole, or not listed at all
+                active = store.active_version("m")
+                assert active in ("1", "2")
+                store.verify(store.manifest("m", active))
+            d, version = serving_daemon()
+            assert d.stop() == 0
+        finally:
+            if d.proc.poll() is None:
+                d.proc.kill()
+        assert outcomes["killed"] >= 8, outcomes  # many runs really were cut before the activation
 
 
 async def test_a_lan_peer_serves_the_blobs_and_a_lying_one_is_skipped(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from llmosd.api import admin, completions, lifecycle, metrics, oip, openai, ops
+from llmosd.api import admin, completions, debug, lifecycle, metrics, oip, openai, ops
 from llmosd.api.middleware import auth, errors, release_held
 from llmosd.api.state import STATE, AppState
 
@@ -28,4 +28,6 @@ def make_app(app_state: AppState) -> web.Application:
     )
     for family in families:  # lifecycle before admin: /api/models/pulls is not a model called "pulls"
         app.add_routes(family)
+    if app_state.config.debug_api:
+        app.add_routes(debug.routes)
     return app

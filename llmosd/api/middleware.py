@@ -13,6 +13,7 @@ from aiohttp import web
 
 from llmosd.api.errors import STATUS_TYPES, ApiError, error_response, kserve_error
 from llmosd.api.state import HELD, state
+from llmosd.logs import REQUEST_ID
 from llmosd.scheduler import BatcherClosed, QueueFull
 from llmosd.scheduler.errors import ModelUnavailable
 from llmosd.scheduler.placement import PlacementError
@@ -38,7 +39,9 @@ def is_local(request: web.Request) -> bool:
 
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
+    given = request.headers.get("X-Request-Id", "")[:64]
+    request_id = given if given.isprintable() and given.isascii() and given else uuid.uuid4().hex[:16]
+    REQUEST_ID.set(request_id)  # this handler's task only: its log records carry REQUEST_ID=
     # The Open Inference Protocol defines its own error body, a bare string: tritonclient reads that.
     render = kserve_error if request.path.startswith("/v2") else error_response
     try:

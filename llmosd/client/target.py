@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmosd.client.errors import ConnectionFailed
-from llmosd.config import default_socket, default_state_dir
+from llmosd.config import client_socket, default_socket, default_state_dir
 from llmosd.discovery.txt import Appliance
 
 
@@ -38,7 +38,7 @@ def local_target(url: str | None, socket: str | Path | None) -> Target | None:
         return Target(socket=str(socket))
     if url is not None:
         return Target(url=url if "://" in url else f"http://{url}")
-    local = Path(os.environ.get("LLMOSD_SOCKET") or default_socket(default_state_dir()))
+    local = client_socket(Path(os.environ.get("LLMOSD_SOCKET") or default_socket(default_state_dir())))
     if local.is_socket():
         return Target(socket=str(local))
     if env := os.environ.get("LLMOSD_URL"):

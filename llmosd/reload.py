@@ -1,0 +1,53 @@
+"""What a reload (SIGHUP, ``systemctl reload``) may change while the daemon runs. Values the handlers
+and loops read afresh take effect at once; those baked into listeners, sessions or the store's place
+need a restart, keep their running value, and are named in the log so nobody wonders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+from llmosd.config import Config
+
+BATCHING = frozenset({"max_batch_size", "max_batch_tokens", "batch_run_cost_tokens", "max_queue_delay_ms", "max_queue"})
+SYNC = frozenset(
+    {
+        "subscriptions",
+        "sync_interval_s",
+        "probation_s",
+        "probation_max_error_rate",
+        "keep_versions",
+        "insecure_registries",
+        "registry_ca_file",
+        "trust_dir",
+        "allow_unsigned_from",
+        "peer_cache",
+    }
+)
+# read per request or per pull from the config the handlers see
+READ_LIVE = frozenset(
+    {
+        "log_level",
+        "token_file",
+        "keep_alive_s",
+        "pull_bandwidth_mb_s",
+        "default_max_tokens",
+        "max_inputs",
+        "max_input_chars",
+    }
+)
+LIVE = BATCHING | SYNC | READ_LIVE
+
+
+@dataclass(frozen=True)
+class Reload:
+    config: Config  # what runs from now on: the new values where live, the old ones elsewhere
+    applied: tuple[str, ...]  # changed keys that take effect now
+    need_restart: tuple[str, ...]  # changed keys that keep their running value until a restart
+
+
+def reconcile(running: Config, new: Config) -> Reload:
+    changed = [f.name for f in fields(Config) if getattr(running, f.name) != getattr(new, f.name)]
+    applied = tuple(k for k in changed if k in LIVE)
+    need_restart = tuple(k for k in changed if k not in LIVE and k != "config")
+    effective = replace(running, **{k: getattr(new, k) for k in applied})
+    return Reload(effective, applied, need_restart)
