@@ -120,6 +120,9 @@ class Config:
     )
     allow_unsigned_from: str = _knob("", "registries (comma-separated hosts, or *) whose unsigned models may be pulled")
     seed_defaults: bool = _knob(True, "export the embedded default models into an empty store on start")
+    seed_archive: str = _knob(
+        "", "an OCI image-layout tar (models export-archive) the default models are imported from before exporting"
+    )
     default_precision: str = _knob("int8", "precision of seeded default models", choices=("fp32", "int8"))
     debug_api: bool = _knob(
         False, "enable POST /api/debug/block-loop, which blocks the event loop on purpose (to test the watchdog)"

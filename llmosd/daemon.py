@@ -63,8 +63,29 @@ def generation_limits(config: Config) -> GenerationLimits:
     )
 
 
+async def _import_seed(st: AppState, problems: list[str]) -> None:
+    """The default models from ``seed_archive`` (a package's own, installed by root: no signature asked)."""
+    path = Path(st.config.seed_archive)
+    if not st.config.seed_archive or all(st.store.versions(d.name) for d in DEFAULT_MODELS):
+        return
+    if not path.is_file():
+        log.warning("seed archive %s is not there; exporting the default models instead", path)
+        return
+    from llmosd.registry.airgap import import_archive
+
+    st.status_line = f"first start: importing the default models from {path}"
+    log.info("%s", st.status_line)
+    try:
+        for r in await import_archive(st.store, path, trust=None):
+            log.info("seeded %s from %s", r.manifest.ref, path)
+    except Exception as exc:
+        problems.append(f"failed to import {path}: {exc}")
+        log.error("%s", problems[-1])
+
+
 async def _async_seed(st: AppState, problems: list[str]) -> None:
-    """Export each default model missing from the store; one that fails does not stop the others."""
+    """Import or export each default model missing from the store; one that fails does not stop the others."""
+    await _import_seed(st, problems)
     for default in DEFAULT_MODELS:
         if st.store.versions(default.name):
             continue

@@ -127,3 +127,23 @@ def test_a_registry_tag_is_carried_with_its_signature(store_dir: Path, tmp_path:
     r = cli("import-archive", str(archive), "--state-dir", str(box))
     assert r.returncode == 0, r.stderr
     same_files(ModelStore(store_dir), ModelStore(box), DEFAULT)
+
+
+def test_a_first_start_seeds_the_default_models_from_an_archive(store_dir: Path, tmp_path: Path) -> None:
+    """What the .deb does: ``seed_archive`` names an archive of the default models, and an empty store
+    gets them from it on first start, without PyTorch or a network."""
+    from llmosd.seed import DEFAULT_MODELS
+    from tests.conftest import start_daemon, unix_json
+
+    names = [d.name for d in DEFAULT_MODELS]
+    archive = tmp_path / "models.tar"
+    assert cli("export-archive", *names, "-o", str(archive), "--state-dir", str(store_dir)).returncode == 0
+    env = {"LLMOSD_AUTOTUNE": "false", "LLMOSD_SEED_ARCHIVE": str(archive)}
+    d = start_daemon(tmp_path / "state", tmp_path, env=env)
+    try:
+        status = unix_json(d, "/api/status")
+        assert status["ready"] and sorted(m["name"] for m in status["models"]) == sorted(names)
+    finally:
+        assert d.stop() == 0
+    log = d.log.read_text()
+    assert "first start: importing the default models from" in log and "exporting" not in log

@@ -169,7 +169,8 @@ def test_the_service_under_systemd(store_dir: Path, tmp_path: Path) -> None:
         for outside in ("/etc/x", "/opt/x", "/usr/x", "/var/x", "/var/lib/x"):
             r = box.run(*as_root_inside, f"touch {outside} 2>&1; echo $?", check=False)
             assert "Read-only file system" in r and r.strip().endswith("1"), (outside, r)
-        assert box.run(*as_root_inside, "find /root /home -mindepth 1 2>/dev/null | wc -l").strip() == "0"  # ProtectHome
+        hidden = box.run(*as_root_inside, "find /root /home -mindepth 1 2>/dev/null | wc -l")
+        assert hidden.strip() == "0"  # ProtectHome
 
         # a hung event loop: no watchdog ping, systemd kills it and starts it again
         box.sh(
