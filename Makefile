@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv run test lint bench bench-generation bench-autotune bench-instances clean
+.PHONY: venv run test lint deb bench bench-generation bench-autotune bench-instances clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,10 +25,14 @@ run: $(STAMP)
 	$(BIN)/llmosd serve $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/ruff check llmosd exporters tests bench
-	$(BIN)/ruff format --check llmosd exporters tests bench
+	$(BIN)/ruff check llmosd exporters tests bench packaging
+	$(BIN)/ruff format --check llmosd exporters tests bench packaging
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+# build/deb/llmosd_<version>_<arch>.deb (packaging/build-deb.sh says what is in it)
+deb: $(STAMP)
+	packaging/build-deb.sh
 
 bench: $(STAMP)
 	$(BIN)/python bench/embeddings.py $(ARGS)

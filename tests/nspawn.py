@@ -68,9 +68,11 @@ class Container:
 
 
 @contextmanager
-def booted(workdir: Path, binds: Sequence[tuple[str, str]] = ()) -> Iterator[Container]:
+def booted(workdir: Path, binds: Sequence[tuple[str, str]] = (), volatile: str = "yes") -> Iterator[Container]:
     """Boot a container, wait until its systemd has finished starting up, and power it off at the end.
-    ``binds`` are (host path, container path) pairs, mounted read-only."""
+    ``binds`` are (host path, container path) pairs, mounted read-only. ``volatile="overlay"`` keeps this
+    machine's whole tree under a throw-away writable layer (to install a package into) instead of an
+    empty root over its /usr."""
     tool = require_nspawn()
     log = workdir / "nspawn.log"
     name = f"llmosd-test-{os.getpid()}"
@@ -81,7 +83,7 @@ def booted(workdir: Path, binds: Sequence[tuple[str, str]] = ()) -> Iterator[Con
         tool,
         "-D",
         "/",
-        "--volatile=yes",
+        f"--volatile={volatile}",
         "--private-network",
         "--keep-unit",
         "--register=no",
@@ -90,6 +92,19 @@ def booted(workdir: Path, binds: Sequence[tuple[str, str]] = ()) -> Iterator[Con
         *(f"--bind-ro={src}:{dst}" for src, dst in binds),
         "-b",
     ]
+    mounted: list[Path] = []
+    if volatile == "overlay":  # nspawn offers no overlay over "/" itself: we make one and boot that
+        layer = workdir / "overlay"
+        layer.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(layer)], check=True)
+        mounted.append(layer)
+        for d in ("upper", "work", "root"):
+            (layer / d).mkdir()
+        options = f"lowerdir=/,upperdir={layer / 'upper'},workdir={layer / 'work'}"
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(layer / "root")], check=True)
+        mounted.insert(0, layer / "root")
+        cmd[cmd.index("/")] = str(layer / "root")
+        cmd[cmd.index("--volatile=overlay")] = "--volatile=no"
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
         leader = _leader(proc, log)
@@ -111,6 +126,8 @@ def booted(workdir: Path, binds: Sequence[tuple[str, str]] = ()) -> Iterator[Con
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+        for path in mounted:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def _leader(proc: subprocess.Popen[bytes], log: Path) -> int:
