@@ -272,11 +272,13 @@ async def heartbeat(st: AppState, notifier: Notifier, preparing: asyncio.Task[No
     while True:
         if notifier.watchdog_s:
             notifier.watchdog()
+        syncing = st.syncer.describe() if st.syncer is not None else ""
+        status = f"{st.status_line}; {syncing}" if syncing else st.status_line
         if not told_ready and preparing.done():
-            notifier.ready(st.status_line)
+            notifier.ready(status)
             told_ready = True
         else:
-            notifier.status(st.status_line)
+            notifier.status(status)
         now = time.monotonic()
         if not told_ready and st.status_line.startswith("first start: exporting") and now - last_extend > 10:
             notifier.extend_timeout(60)  # an export takes minutes; the start timeout is for a hang

@@ -133,9 +133,14 @@ class Syncer:
         self.activate = activate
         self.probe = probe
         self.states = {str(s.ref): SubState(str(s.ref)) for s in subscriptions}
+        self.working: dict[str, str] = {}  # ref -> what is being done now (for the STATUS line)
 
     def status(self) -> list[dict[str, Any]]:
         return [s.as_dict() for s in self.states.values()]
+
+    def describe(self) -> str:
+        """What the sync is doing now, for a person ("" when idle)."""
+        return "; ".join(f"syncing {ref}: {what}" for ref, what in self.working.items())
 
     async def run(self) -> None:
         """Until cancelled."""
@@ -145,7 +150,10 @@ class Syncer:
                 for sub in self.subscriptions:
                     st = self.states[str(sub.ref)]
                     if now >= st.next_check:
-                        await self.check(session, sub, st)
+                        try:
+                            await self.check(session, sub, st)
+                        finally:
+                            self.working.pop(str(sub.ref), None)
                 wake = min(s.next_check for s in self.states.values())
                 await asyncio.sleep(max(0.2, wake - time.time()))
 
@@ -172,6 +180,7 @@ class Syncer:
                 self._schedule(st, ok=True)
                 return
             log.info("sync %s: new digest %s", ref, digest)
+            self.working[str(ref)] = "pulling"
             trust = trust_policy(self.policy.trust_dir, self.policy.allow_unsigned_from, ref.host)
             peers = await self.peers() if self.peers is not None else []
             result = await pull(self.store, ref, registry, name=sub.name, activate=False, trust=trust, peers=peers)
@@ -186,6 +195,7 @@ class Syncer:
         if self.store.active_version(manifest.name) == manifest.version:
             st.digest = digest
             return
+        self.working[str(ref)] = "smoke-testing"
         try:
             await asyncio.to_thread(self._smoke, manifest.name, manifest.version)
         except Exception as exc:
@@ -204,6 +214,7 @@ class Syncer:
 
     async def _activate(self, ref: Reference, st: SubState, digest: str, name: str, version: str) -> None:
         previous = self.store.active_version(name)
+        self.working[str(ref)] = f"{name}:{version} on probation"
         await asyncio.to_thread(self.store.activate, name, version)
         try:
             await self.activate(name)
