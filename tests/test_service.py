@@ -181,3 +181,66 @@ def test_the_service_under_systemd(store_dir: Path, tmp_path: Path) -> None:
         assert "watchdog" in box.run("journalctl", "--no-pager", "-o", "cat", "-u", "llmosd.service").lower()
         status, _ = http("GET", tcp + "healthz")
         assert status == 200 and restarted["NRestarts"] == "1"
+
+
+def test_install_service_user_runs_under_a_user_manager(store_dir: Path, tmp_path: Path) -> None:
+    """`llmosd install-service --user`, as a person without root: the units go to ~/.config/systemd/user,
+    the user's own systemd starts them, and the socket is in $XDG_RUNTIME_DIR."""
+    binds, python, pythonpath = python_binds()
+    seed = store_with(store_dir, tmp_path / "seed", (DEFAULT,))
+    (tmp_path / "client.py").write_text(CLIENT)
+    binds += [(str(seed), "/opt/llmosd-seed"), (str(tmp_path / "client.py"), "/opt/llmosd-client.py")]
+    with booted(tmp_path, binds, volatile="overlay") as box:  # the user manager needs /etc/pam.d
+        box.sh("chmod 0755 /root && useradd -m alice && loginctl enable-linger alice")
+        uid = box.run("id", "-u", "alice").strip()
+        runtime = f"/run/user/{uid}"
+        deadline = time.monotonic() + 60
+        while box.sh(f"test -S {runtime}/bus && echo up", check=False).strip() != "up":
+            assert time.monotonic() < deadline, box.run("systemctl", "status", f"user@{uid}", check=False)
+            time.sleep(0.3)
+        box.sh(
+            "mkdir -p /home/alice/.config/llmosd"
+            " && printf 'seed_defaults = false\\nautotune = false\\n' > /home/alice/.config/llmosd/config.toml"
+            " && chown -R alice: /home/alice"
+        )
+        as_alice = [
+            "setpriv",
+            "--reuid",
+            "alice",
+            "--regid",
+            "alice",
+            "--init-groups",
+            "env",
+            "HOME=/home/alice",
+            f"XDG_RUNTIME_DIR={runtime}",
+            f"DBUS_SESSION_BUS_ADDRESS=unix:path={runtime}/bus",
+            f"PYTHONPATH={pythonpath}",
+        ]
+        out = box.run(*as_alice, python, "-m", "llmosd", "install-service", "--user")
+        assert "wrote /home/alice/.config/systemd/user/llmosd.service" in out, out
+
+        def active() -> str:
+            deadline = time.monotonic() + 90
+            while True:
+                show = box.run(
+                    *as_alice, "systemctl", "--user", "show", "llmosd.service", "-p", "ActiveState,StatusText"
+                )
+                if "ActiveState=active" in show:
+                    return show
+                assert time.monotonic() < deadline, show + box.run("journalctl", "--no-pager", "-n", "40", check=False)
+                time.sleep(0.3)
+
+        assert "StatusText=serving 0 model(s)" in active()  # an empty store of alice's own
+        client = f"{python} /opt/llmosd-client.py"
+        sock = f"unix:{runtime}/llmosd/llmosd.sock:"
+        out = box.run(*as_alice, "/bin/sh", "-c", f"{client} GET {sock}/api/status")
+        assert out.startswith("200 "), out
+        state_dir = json.loads(out.split(" ", 1)[1])["state_dir"]  # where systemd put alice's state
+        assert state_dir.startswith("/home/alice/"), state_dir
+        box.sh(f"cp -a /opt/llmosd-seed/models /opt/llmosd-seed/blobs {state_dir}/ && chown -R alice: {state_dir}")
+        box.run(*as_alice, "systemctl", "--user", "restart", "llmosd.service")
+        assert "StatusText=serving 1 model(s) on cpu" in active()
+        body = json.dumps({"model": DEFAULT, "input": "mine"})
+        out = box.run(*as_alice, "/bin/sh", "-c", f"{client} POST {sock}/v1/embeddings '{body}'")
+        assert out.startswith("200 "), out
+        assert box.run("stat", "-c", "%U %a", f"{runtime}/llmosd/llmosd.sock").split() == ["alice", "600"]
