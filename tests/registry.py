@@ -168,15 +168,21 @@ class CuttingProxy:
             return out
 
 
-async def start_proxy(proxy: CuttingProxy) -> web.AppRunner:
-    app = web.Application(client_max_size=1 << 30)
-    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+async def serve_on_loopback(app: web.Application) -> tuple[web.AppRunner, int]:
+    """Run ``app`` on a free loopback port; the runner (to clean up) and the port."""
     runner = web.AppRunner(app)
     await runner.setup()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    proxy.port = sock.getsockname()[1]
+    port: int = sock.getsockname()[1]
     await web.SockSite(runner, sock).start()
+    return runner, port
+
+
+async def start_proxy(proxy: CuttingProxy) -> web.AppRunner:
+    app = web.Application(client_max_size=1 << 30)
+    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    runner, proxy.port = await serve_on_loopback(app)
     return runner
 
 
@@ -271,12 +277,7 @@ class TokenIssuer:
     async def start(self) -> web.AppRunner:
         app = web.Application()
         app.router.add_get("/token", self.handle)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        await web.SockSite(runner, sock).start()
+        runner, self.port = await serve_on_loopback(app)
         return runner
 
 

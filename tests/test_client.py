@@ -4,7 +4,6 @@ that answers 503 / 429 with Retry-After."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ from aiohttp import web
 from llmosd import AsyncClient, Client
 from llmosd.client import ApiError, ConnectionFailed
 from tests.conftest import DEFAULT, SMOLLM2, Daemon
+from tests.registry import serve_on_loopback
 
 QUESTION = "What is the capital of France? Answer in one word."
 
@@ -70,12 +70,7 @@ def flaky_server(request: pytest.FixtureRequest) -> Iterator[Flaky]:
     async def start() -> web.AppRunner:
         app = web.Application()
         app.router.add_get("/v1/models", flaky.handle)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        flaky.port = sock.getsockname()[1]
-        await web.SockSite(runner, sock).start()
+        runner, flaky.port = await serve_on_loopback(app)
         return runner
 
     runner = loop.run_until_complete(start())
