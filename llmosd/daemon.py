@@ -336,6 +336,10 @@ async def serve(
     where = setup_logging(config.log_level)
     notifier = Notifier()
     log.info("llmosd %s starting (logging to %s); effective config: %s", __version__, where, config.redacted())
+    if notifier.enabled:
+        log.info(
+            "sd_notify to %s (%s)%s", notifier.address, notifier.via, ", watchdog on" if notifier.watchdog_s else ""
+        )
     store = ModelStore(config.state_dir)
     selector = ProviderSelector(config.device, config.threads or None, config.ort_spinning)
     pool = ModelPool(

@@ -30,16 +30,17 @@ def _fallback_sender(address: str) -> Callable[[str], bool]:
     return send
 
 
-def _sender(address: str) -> Callable[[str], bool]:
+def _sender(address: str) -> tuple[Callable[[str], bool], str]:
+    """The sending function and what it is ("systemd-python" or "built-in")."""
     try:  # systemd-python (Debian's python3-systemd), by name: it has no type information
         daemon = importlib.import_module("systemd.daemon")
     except ImportError:
-        return _fallback_sender(address)
+        return _fallback_sender(address), "built-in"
 
     def send(message: str) -> bool:
         return bool(daemon.notify(message))
 
-    return send
+    return send, "systemd-python"
 
 
 class Notifier:
@@ -49,7 +50,10 @@ class Notifier:
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         env = os.environ if environ is None else environ
         self.address = env.get("NOTIFY_SOCKET", "")
-        self._send = _sender(self.address) if self.address else None
+        self._send: Callable[[str], bool] | None = None
+        self.via = ""  # "systemd-python" or "built-in"
+        if self.address:
+            self._send, self.via = _sender(self.address)
         self.watchdog_s = self._watchdog_interval(env)
         self.last_status = ""
 
