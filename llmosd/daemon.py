@@ -268,7 +268,7 @@ async def heartbeat(st: AppState, notifier: Notifier, preparing: asyncio.Task[No
     runs."""
     interval = min(1.0, notifier.watchdog_s / 4) if notifier.watchdog_s else 1.0
     told_ready = False
-    last_extend = 0.0
+    last_extend = float("-inf")  # monotonic time starts near 0 at boot
     while True:
         if notifier.watchdog_s:
             notifier.watchdog()
