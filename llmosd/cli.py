@@ -75,26 +75,29 @@ def cmd_models_rm(args: argparse.Namespace) -> int:
     return 0
 
 
-def _registry_run(args: argparse.Namespace, host: str, work: Any) -> Any:
-    """Run ``work(registry)`` with a session, the Docker config's credentials for ``host`` and the
-    configured CA file; plain HTTP with ``--insecure`` or when the config names the host."""
-    import aiohttp
-
+def _registry(config: Config, host: str, session: Any, insecure: bool = False) -> Any:
+    """A Registry for ``host`` with the Docker config's credentials and the configured CA file; plain
+    HTTP when asked (``--insecure``) or when the config names the host."""
     from llmosd.registry import Registry, docker_credentials
 
+    return Registry(
+        host,
+        session,
+        credentials=docker_credentials(host),
+        insecure=insecure or host in items(config.insecure_registries),
+        ca_file=config.registry_ca_file or None,
+    )
+
+
+def _registry_run(args: argparse.Namespace, host: str, work: Any) -> Any:
+    """Run ``work(registry)`` with a session and ``_registry``."""
+    import aiohttp
+
     config = _config(args)
-    insecure = args.insecure or host in items(config.insecure_registries)
 
     async def run() -> Any:
         async with aiohttp.ClientSession() as s:
-            registry = Registry(
-                host,
-                s,
-                credentials=docker_credentials(host),
-                insecure=insecure,
-                ca_file=config.registry_ca_file or None,
-            )
-            return await work(registry)
+            return await work(_registry(config, host, s, args.insecure))
 
     return asyncio.run(run())
 
@@ -229,22 +232,14 @@ def cmd_models_activate(args: argparse.Namespace) -> int:
 
 def _models_from(config: Config, sources: list[str], session: Any) -> list[Any]:
     """``NAME[:VERSION]`` from the store, or ``REGISTRY/REPO:TAG`` (copied with its signatures)."""
-    from llmosd.registry import Registry, docker_credentials, parse_reference
+    from llmosd.registry import parse_reference
     from llmosd.registry.airgap import RegistryModel, StoreModel
 
     out: list[Any] = []
     for text in sources:
         if "/" in text:
             ref = parse_reference(text)
-            insecure = ref.host in items(config.insecure_registries)
-            registry = Registry(
-                ref.host,
-                session,
-                credentials=docker_credentials(ref.host),
-                insecure=insecure,
-                ca_file=config.registry_ca_file or None,
-            )
-            out.append(RegistryModel(ref, registry))
+            out.append(RegistryModel(ref, _registry(config, ref.host, session)))
         else:
             name, _, version = text.partition(":")
             out.append(StoreModel(name, version or None))

@@ -77,17 +77,15 @@ async def export_archive(
             with store.tmpdir("archive-") as tmp:
                 if isinstance(m, StoreModel):
                     manifest = store.manifest(m.name, m.version)
-                    ref = Reference(archive.host, manifest.name, manifest.version)
-                    digest = (await push(store, manifest.name, manifest.version, ref, archive)).digest
-                    if key is not None:
-                        await sign(archive, ref.repo, digest, key, tmp)
-                    out.append((f"{manifest.name}:{manifest.version}", digest))
+                    repo, tag = manifest.name, manifest.version
+                    ref = Reference(archive.host, repo, tag)
+                    digest = (await push(store, repo, tag, ref, archive)).digest
                 else:
-                    tag = m.ref.tag or "latest"
-                    digest = await copy(m.registry, m.ref, archive, m.ref.repo, tag, tmp)
-                    if key is not None:
-                        await sign(archive, m.ref.repo, digest, key, tmp)
-                    out.append((f"{m.ref.repo}:{tag}", digest))
+                    repo, tag = m.ref.repo, m.ref.tag or "latest"
+                    digest = await copy(m.registry, m.ref, archive, repo, tag, tmp)
+                if key is not None:
+                    await sign(archive, repo, digest, key, tmp)
+                out.append((f"{repo}:{tag}", digest))
             log.info("archive %s: %s@%s", path.name, out[-1][0], out[-1][1])
     return out
 
