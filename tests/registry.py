@@ -270,7 +270,9 @@ class TokenIssuer:
         for scope in scopes:
             kind, name, actions = scope.split(":")
             access.append({"type": kind, "name": name, "actions": actions.split(",")})
-        self.granted.append(scopes)
+        # recorded with sorted actions: distribution 2.8 writes "push,pull" or "pull,push" from one
+        # challenge to the next (map order), and the order means nothing
+        self.granted.append([f"{k}:{n}:{','.join(sorted(a.split(',')))}" for k, n, a in (s.split(":") for s in scopes)])
         token = self._jwt(access)
         return web.json_response({"token": token, "access_token": token, "expires_in": 300})
 
