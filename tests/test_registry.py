@@ -363,7 +363,9 @@ def test_kill_9_of_the_daemon_during_pulls_never_leaves_a_partial_version(store_
         finally:
             if d.proc.poll() is None:
                 d.proc.kill()
-        assert outcomes["killed"] >= 8, outcomes  # many runs really were cut before the activation
+        # Here a run kills about 13 of 20 before the activation (binomial: fewer than 5 is ~1 in 50 000);
+        # the bounds only say both sides of the activation were really hit.
+        assert outcomes["killed"] >= 5 and outcomes["finished"] >= 1, outcomes
 
 
 async def test_a_lan_peer_serves_the_blobs_and_a_lying_one_is_skipped(
