@@ -4,8 +4,11 @@ and tiny random Llama / GPT-2 exports held to PyTorch's own greedy generate."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import TracebackType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,7 +18,15 @@ from llmosd.runtime.causal_lm import CausalLM
 from llmosd.runtime.chat import Message
 from llmosd.runtime.generator import TextGenerator
 from llmosd.runtime.sampling import SamplingParams
-from llmosd.scheduler import GenerationEngine, GenerationLimits, GenerationRequest, QueueFull, RequestTooLarge
+from llmosd.scheduler import (
+    Chunk,
+    GenerationEngine,
+    GenerationLimits,
+    GenerationRequest,
+    GenerationStream,
+    QueueFull,
+    RequestTooLarge,
+)
 from llmosd.store import ModelStore
 from tests.conftest import SMOLLM2, export
 from tests.test_export_generation import tiny_causal_lm
@@ -43,19 +54,68 @@ async def started(model: TextGenerator, limits: GenerationLimits | None = None) 
     return engine
 
 
+class StepGate:
+    """Parks the engine's worker before each decode step until the test lets one through, so rows that
+    must still be running when others join cannot finish first, however fast the model or slow the
+    event loop (CI's two shared cores finished a tiny model's 12 tokens before the third row joined).
+    Only ``lm.decode`` is wrapped, on the instance; the engine runs as it does in service."""
+
+    def __init__(self, lm: CausalLM) -> None:
+        self.lm = lm
+        self.decode = lm.decode
+        self.permits = threading.Semaphore(0)
+        self.parked = threading.Event()
+        self.open = False
+
+    def __enter__(self) -> StepGate:
+        self.lm.decode = self._gated  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.release()
+        del self.lm.decode
+
+    def _gated(self, cache: Any, tokens: list[int]) -> Any:
+        if not self.open:
+            self.parked.set()
+            self.permits.acquire()
+        return self.decode(cache, tokens)
+
+    async def until(self, reached: Callable[[], bool]) -> None:
+        """Let parked decode steps through one at a time until ``reached()``."""
+        for _ in range(4000):
+            if reached():
+                return
+            if self.parked.is_set():
+                self.parked.clear()
+                self.permits.release()
+            await asyncio.sleep(0.005)
+        raise AssertionError("the engine never got there")
+
+    async def first_chunk(self, stream: GenerationStream) -> Chunk:
+        task = asyncio.ensure_future(anext(aiter(stream)))
+        await self.until(task.done)
+        return task.result()
+
+    def release(self) -> None:
+        self.open = True
+        self.permits.release(1000)
+
+
 async def test_rows_joining_a_running_batch_generate_what_they_generate_alone(smol: TextGenerator) -> None:
     engine = await started(smol)
     try:
         alone = [await engine.submit(chat(smol, p)).text() for p in PROMPTS]
-        first = engine.submit(chat(smol, PROMPTS[0]))
-        pieces = []
-        async for chunk in first:  # the others join only once the first is decoding
-            pieces.append(chunk.text)
-            if len(pieces) == 3:
-                break
-        late = [engine.submit(chat(smol, p)) for p in PROMPTS[1:]]
-        rest = await asyncio.gather(first.text(), *(s.text() for s in late))
-        assert ["".join(pieces) + rest[0], *rest[1:]] == alone
+        with StepGate(smol.lm) as gate:
+            first = engine.submit(chat(smol, PROMPTS[0]))
+            pieces = [(await gate.first_chunk(first)).text]
+            while len(pieces) < 3:  # the others join only once the first is decoding
+                pieces.append((await gate.first_chunk(first)).text)
+            late = [engine.submit(chat(smol, p)) for p in PROMPTS[1:]]
+            heads = [(await gate.first_chunk(s)).text for s in late]
+            gate.release()
+            rest = await asyncio.gather(first.text(), *(s.text() for s in late))
+        assert ["".join(pieces) + rest[0], *(h + r for h, r in zip(heads, rest[1:], strict=True))] == alone
         assert engine.stats.largest_batch == 3
         assert all(s.finish_reason in ("stop", "length") for s in (first, *late))
     finally:
@@ -203,10 +263,12 @@ async def test_continuous_batching_reproduces_pytorch_greedy_generate(
     engine = await started(model)
     try:
         streams = []
-        for p in ids:  # each joins once the previous one is decoding
-            streams.append(engine.submit(GenerationRequest(tuple(p), GREEDY, 12, ignore_eos=True)))
-            await anext(aiter(streams[-1]))
-        await asyncio.gather(*(s.text() for s in streams))
+        with StepGate(model.lm) as gate:
+            for p in ids:  # each joins once the previous one is decoding
+                streams.append(engine.submit(GenerationRequest(tuple(p), GREEDY, 12, ignore_eos=True)))
+                await gate.first_chunk(streams[-1])
+            gate.release()
+            await asyncio.gather(*(s.text() for s in streams))
         assert engine.stats.largest_batch == 3
     finally:
         await engine.close()
@@ -237,10 +299,12 @@ async def test_an_fp16_export_runs_with_an_fp16_kv_cache(tmp_path: Path) -> None
             await stream.text()
             alone.append(stream.token_ids)
         streams = []
-        for request in requests:  # each joins once the previous one is decoding
-            streams.append(engine.submit(request))
-            await anext(aiter(streams[-1]))
-        await asyncio.gather(*(s.text() for s in streams))
+        with StepGate(model.lm) as gate:
+            for request in requests:  # each joins once the previous one is decoding
+                streams.append(engine.submit(request))
+                await gate.first_chunk(streams[-1])
+            gate.release()
+            await asyncio.gather(*(s.text() for s in streams))
         assert engine.stats.largest_batch == 3
     finally:
         await engine.close()
@@ -287,8 +351,6 @@ async def test_high_priority_sequences_are_admitted_first(smol: TextGenerator) -
 
     engine = await started(smol, GenerationLimits(max_sequences=1))
     try:
-        running = engine.submit(chat(smol, "Tell me a story.", 40, ignore_eos=True))
-        await anext(aiter(running))
         base = chat(smol, "Hi", 2, ignore_eos=True)
         order: list[str] = []
 
@@ -297,15 +359,17 @@ async def test_high_priority_sequences_are_admitted_first(smol: TextGenerator) -
             await stream.text()
             order.append(name)
 
-        tasks = [asyncio.create_task(run(f"low{i}", LOW)) for i in range(2)]
-        await asyncio.sleep(0.01)
-        tasks.append(asyncio.create_task(run("high", HIGH)))
-        for _ in range(100):  # the worker publishes its counts after each step
-            if engine.stats.waiting_by_priority["high"]:
-                break
-            await asyncio.sleep(0.005)
-        assert engine.stats.waiting_by_priority == {"high": 1, "normal": 0, "low": 2}
-        await asyncio.gather(running.text(), *tasks)
+        with StepGate(smol.lm) as gate:  # the running row cannot finish before all three wait
+            running = engine.submit(chat(smol, "Tell me a story.", 40, ignore_eos=True))
+            await gate.first_chunk(running)
+            tasks = [asyncio.create_task(run(f"low{i}", LOW)) for i in range(2)]
+            await asyncio.sleep(0.01)
+            tasks.append(asyncio.create_task(run("high", HIGH)))
+            await gate.until(lambda: engine.stats.waiting_by_priority["high"] == 1)  # published after a step
+            assert engine.stats.waiting_by_priority == {"high": 1, "normal": 0, "low": 2}
+            assert running.finish_reason is None
+            gate.release()
+            await asyncio.gather(running.text(), *tasks)
         assert order == ["high", "low0", "low1"]
     finally:
         await engine.close()
