@@ -28,6 +28,7 @@ class WordBackend:
     def __init__(self, gate: threading.Event | None = None) -> None:
         self.batches: list[list[str]] = []
         self.gate = gate
+        self.entered = threading.Event()  # run() was called: the worker is busy
 
     def prepare(self, inputs: Sequence[str]) -> list[Words]:
         if any(t == "bad-prepare" for t in inputs):
@@ -35,6 +36,7 @@ class WordBackend:
         return [Words(t) for t in inputs]
 
     def run(self, batch: Sequence[Words]) -> list[Output]:
+        self.entered.set()
         if self.gate is not None:
             self.gate.wait(5)
         self.batches.append([w.text for w in batch])
@@ -73,7 +75,7 @@ async def test_concurrent_requests_are_merged_and_split_back() -> None:
     b.start()
     try:
         first = asyncio.create_task(b.submit(["hold the worker"]))
-        await asyncio.sleep(0.05)  # the worker is now busy inside run(): the rest queue up
+        assert await asyncio.to_thread(backend.entered.wait, 10)  # the worker is busy inside run(): the rest queue up
         texts = [" ".join(["w"] * (i % 5 + 1)) + f" {i}" for i in range(20)]
         rest = [asyncio.create_task(b.submit([t, t + " x"])) for t in texts]
         gate.set()
@@ -95,7 +97,7 @@ async def test_a_failing_batch_fails_only_its_own_requests() -> None:
     b.start()
     try:
         hold = asyncio.create_task(b.submit(["hold"]))
-        await asyncio.sleep(0.05)
+        assert await asyncio.to_thread(backend.entered.wait, 10)  # the worker is busy with it
         good = asyncio.create_task(b.submit(["one two three"]))
         bad = asyncio.create_task(b.submit(["boom"]))
         neighbour = asyncio.create_task(b.submit(["one", "two"]))  # the same length as "boom": batched with it
@@ -117,11 +119,12 @@ async def test_a_failing_batch_fails_only_its_own_requests() -> None:
 
 async def test_full_queue_is_refused_at_once() -> None:
     gate = threading.Event()
-    b = DynamicBatcher("t", WordBackend(gate), BatchPolicy(max_batch=4, max_queue=8))
+    backend = WordBackend(gate)
+    b = DynamicBatcher("t", backend, BatchPolicy(max_batch=4, max_queue=8))
     b.start()
     try:
         hold = asyncio.create_task(b.submit(["hold"]))
-        await asyncio.sleep(0.05)
+        assert await asyncio.to_thread(backend.entered.wait, 10)  # the worker is busy with it
         queued = [asyncio.create_task(b.submit(["a", "b", "c", "d"])) for _ in range(2)]
         await asyncio.sleep(0)
         with pytest.raises(QueueFull) as info:
@@ -140,7 +143,7 @@ async def test_cancelled_requests_are_skipped() -> None:
     b.start()
     try:
         hold = asyncio.create_task(b.submit(["hold"]))
-        await asyncio.sleep(0.05)
+        assert await asyncio.to_thread(backend.entered.wait, 10)  # the worker is busy with it
         gone = asyncio.create_task(b.submit(["client went away"]))
         await asyncio.sleep(0)
         gone.cancel()
@@ -154,10 +157,11 @@ async def test_cancelled_requests_are_skipped() -> None:
 
 async def test_close_fails_waiting_requests_and_stops_the_thread() -> None:
     gate = threading.Event()
-    b = DynamicBatcher("t", WordBackend(gate), BatchPolicy())
+    backend = WordBackend(gate)
+    b = DynamicBatcher("t", backend, BatchPolicy())
     b.start()
     hold = asyncio.create_task(b.submit(["hold"]))
-    await asyncio.sleep(0.05)
+    assert await asyncio.to_thread(backend.entered.wait, 10)
     waiting = asyncio.create_task(b.submit(["waiting"]))
     await asyncio.sleep(0)
     closing = asyncio.create_task(b.close())
@@ -181,7 +185,7 @@ async def test_a_high_request_queued_behind_100_low_ones_runs_in_the_next_batch(
     b.start()
     try:
         hold = asyncio.create_task(b.submit(["hold"]))
-        await asyncio.sleep(0.05)  # the worker is inside run(), behind the gate
+        assert await asyncio.to_thread(backend.entered.wait, 10)  # the worker is inside run(), behind the gate
         lows = [asyncio.create_task(b.submit([f"low {i}"], LOW)) for i in range(100)]
         await asyncio.sleep(0)
         high = asyncio.create_task(b.submit(["high one"], HIGH))
