@@ -86,8 +86,20 @@ def test_sigterm_drains_in_flight_requests(store_dir: Path, tmp_path: Path) -> N
                     await r.read()
                     return r.status
 
+            async def received() -> int:
+                async with s.get("http://x/api/status") as r:
+                    models = {m["name"]: m for m in (await r.json())["models"]}
+                fp32 = models.get("minilm-fp32", {"instances": []})  # not loaded yet: nothing received
+                return sum(int(i["batcher"]["requests"]) for i in fp32["instances"])
+
+            before = await received()
             tasks = [asyncio.create_task(one(t)) for t in SENTENCES[:24]]
-            await asyncio.sleep(0.3)  # all connected and queued behind each other
+            for _ in range(600):  # until the daemon holds all 24 (a fixed sleep raced a loaded box)
+                if await received() - before == 24:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the daemon never held all 24 requests")
             d.proc.terminate()
             return await asyncio.gather(*tasks)
 
