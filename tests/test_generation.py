@@ -128,9 +128,11 @@ async def test_a_short_request_overtakes_a_long_one(smol: TextGenerator) -> None
         with StepGate(smol.lm) as gate:  # decode steps only as the short one needs them
             long = engine.submit(chat(smol, "Tell me a long story.", 300, ignore_eos=True))
             await gate.first_chunk(long)
-            short = asyncio.ensure_future(engine.submit(chat(smol, "Hi", 3)).text())
-            await gate.until(short.done)
-            await short
+            short = engine.submit(chat(smol, "Hi", 3))
+            text = asyncio.ensure_future(short.text())
+            await gate.until(text.done)
+            await text
+            assert short.finish_reason == "length" and short.completion_tokens == 3
             assert long.finish_reason is None  # still generating: no head-of-line blocking
             long.cancel()
         assert engine.stats.largest_batch == 2  # side by side, not one after the other
