@@ -93,6 +93,14 @@ class Config:
     max_body_bytes: int = _knob(8 << 20, "largest request body")
     max_inputs: int = _knob(2048, "most inputs in one request")
     max_input_chars: int = _knob(65536, "longest single input string")
+    header_timeout_s: float = _knob(10.0, "time to send a request's headers once its first byte arrived")
+    body_timeout_s: float = _knob(10.0, "grace for a request body; past it the body must arrive at body_min_rate_kb_s")
+    body_min_rate_kb_s: float = _knob(16.0, "slowest request-body upload accepted after the grace (0: no minimum)")
+    keepalive_timeout_s: float = _knob(30.0, "an idle connection (no request started) is closed after this long")
+    write_timeout_s: float = _knob(30.0, "a client that takes none of a response (streams too) this long is dropped")
+    max_connections_per_client: int = _knob(
+        256, "open TCP connections one client address may hold; more are refused with 429 (Unix socket: no limit)"
+    )
     mdns: bool = _knob(True, "advertise on the LAN over mDNS (_llmosd._tcp) when the TCP listener is not loopback")
     mdns_name: str = _knob("", "mDNS instance name (default: the host name)")
     mdns_interfaces: str = _knob("", "comma-separated interfaces to advertise on (default: every one that is up)")
@@ -221,6 +229,10 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
             "max_queue",
             "max_inputs",
             "max_body_bytes",
+            "max_connections_per_client",
+            "header_timeout_s",
+            "keepalive_timeout_s",
+            "write_timeout_s",
             "instances",
             "keep_versions",
         )

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from llmosd import __version__
 from llmosd.api import AppState, make_app
+from llmosd.api.connections import CONNECTIONS, GuardedSite
 from llmosd.api.lifecycle import lan_peers
 from llmosd.config import Config, items
 from llmosd.discovery.advertise import Advertiser, install_id, is_loopback
@@ -365,16 +366,19 @@ async def serve(
             passed |= {"host": tcp[0].getsockname()[0], "port": tcp_port}
         st.passed = passed
         st.config = config = dataclasses.replace(config, **passed)
+    app = make_app(st)
     runner = web.AppRunner(
-        make_app(st),
+        app,
         handle_signals=False,
         access_log=None,
         shutdown_timeout=config.shutdown_timeout_s,
         handler_cancellation=True,  # a client that hangs up cancels its handler, freeing generation rows
+        keepalive_timeout=config.keepalive_timeout_s,  # aiohttp's default is an hour
+        lingering_time=2.0,  # after a 408/413, read what the client still sends this long, then close
     )
     await runner.setup()
     for sock in socks:
-        await web.SockSite(runner, sock).start()
+        await GuardedSite(runner, sock, app[CONNECTIONS]).start()
         st.listeners.append(describe(sock))
     log.info("listening on %s%s", ", ".join(st.listeners), " (sockets from systemd)" if activated else "")
     stop = asyncio.Event()

@@ -33,6 +33,11 @@ READ_LIVE = frozenset(
         "default_max_tokens",
         "max_inputs",
         "max_input_chars",
+        "header_timeout_s",
+        "body_timeout_s",
+        "body_min_rate_kb_s",
+        "write_timeout_s",
+        "max_connections_per_client",
     }
 )
 LIVE = BATCHING | SYNC | READ_LIVE

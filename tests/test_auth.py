@@ -39,6 +39,7 @@ CLIENT = textwrap.dedent(
         "right": call("/v1/embeddings", token, body)[0],
         "health": call("/healthz")[0],
         "models_without": call("/v1/models")[0],
+        "forged": call("/v1/models/x%0A2026-12-01%2000:00:00,000%20INFO%20llmosd:%20forged%00%1B[2J")[0],
     }))
 """
 )
@@ -100,6 +101,11 @@ def test_non_local_clients_need_the_token(netns: str, store_dir: Path, tmp_path:
     assert got["right"] == 200
     assert got["health"] == 200  # probes reveal nothing and need no token
     assert got["models_without"] == 401
+    assert got["forged"] == 401
     log = d.log.read_text()
     assert "refused POST /v1/embeddings from 10.203.71.2: wrong bearer token" in log
+    # The unauthenticated path with a newline, a NUL and an escape sequence is logged escaped on one line.
+    assert not any(line.startswith("2026-12-01 00:00:00,000 INFO llmosd: forged") for line in log.splitlines())
+    assert "\x00" not in log and "\x1b" not in log
+    assert "refused GET /v1/models/x\\x0a2026-12-01 00:00:00,000 INFO llmosd: forged\\x00\\x1b[2J from" in log
     assert "wrong-token-value" not in log and d.token not in log

@@ -5,18 +5,25 @@ from __future__ import annotations
 from aiohttp import web
 
 from llmosd.api import admin, completions, debug, lifecycle, metrics, oip, openai, ops
+from llmosd.api.connections import CONNECTIONS, Connections, Limits, mark
 from llmosd.api.middleware import auth, errors, release_held
 from llmosd.api.state import STATE, AppState
 
 
 def make_app(app_state: AppState) -> web.Application:
     app = web.Application(
-        middlewares=[metrics.track, errors, auth, release_held],
+        middlewares=[mark, metrics.track, errors, auth, release_held],
         client_max_size=app_state.config.max_body_bytes,
     )
     app[STATE] = app_state
     app[metrics.METRICS] = metrics.Metrics(app_state)
     app[lifecycle.PULLS] = lifecycle.Pulls()
+
+    def limits() -> Limits:  # the config of the moment: a reload changes them for every connection
+        c = app_state.config
+        return Limits(c.header_timeout_s, c.write_timeout_s, c.max_connections_per_client)
+
+    app[CONNECTIONS] = Connections(limits)
     families = (
         openai.routes,
         completions.routes,

@@ -14,8 +14,10 @@ class ApiError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         headers: dict[str, str] | None = None,
+        close: bool = False,
     ) -> None:
         super().__init__(message)
+        self.close = close  # answer, then close the connection (an unread or unreadable body)
         self.status = status
         self.message = message
         self.type = type

@@ -3,6 +3,7 @@ plus vLLM's ``top_k``, ``repetition_penalty``, ``stop_token_ids`` and ``ignore_e
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float
         return default
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise bad_request(f"'{key}' must be a number", key)
-    if value < lo or value > hi or (open_lo and value == lo):
+    if not math.isfinite(value) or value < lo or value > hi or (open_lo and value == lo):
         left = "(" if open_lo else "["
         raise bad_request(f"'{key}' must be in {left}{lo}, {hi}]", key)
     return float(value)

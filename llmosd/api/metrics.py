@@ -17,7 +17,7 @@ from prometheus_client import Histogram as PromHistogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from llmosd.api.state import AppState
+from llmosd.api.state import STATE, AppState
 from llmosd.hardware.gpu import gpu_usage
 from llmosd.scheduler.histogram import SECONDS, Snapshot
 
@@ -74,8 +74,14 @@ class SchedulerCollector(Collector):
         prompt = CounterMetricFamily("llmosd_prompt_tokens", "Prompt tokens prefilled", labels=["model"])
         running = GaugeMetricFamily("llmosd_running_sequences", "Sequences decoding", labels=["model"])
         kv = GaugeMetricFamily("llmosd_kv_cache_reserved_bytes", "KV cache reserved by running rows", labels=["model"])
+        ready = GaugeMetricFamily("llmosd_model_ready", "1 while every worker of the model runs", labels=["model"])
+        restarts = CounterMetricFamily(
+            "llmosd_worker_restarts", "Worker threads restarted after dying (this version)", labels=["model"]
+        )
         for s in served:
             m = s.manifest
+            ready.add_metric([m.name], 1 if s.healthy() else 0)
+            restarts.add_metric([m.name], sum(i.restarts() for i in s.instances))
             for device in dict.fromkeys(s.devices):
                 info.add_metric([m.name, str(m.version), m.task, m.precision, device], s.devices.count(device))
             batchers = [(i.device, i.batcher.stats) for i in s.instances if i.batcher is not None]
@@ -100,7 +106,8 @@ class SchedulerCollector(Collector):
                 prompt.add_metric([m.name], sum(g.prefill_tokens for _, g in engines))
                 running.add_metric([m.name], sum(g.running for _, g in engines))
                 kv.add_metric([m.name], sum(g.kv_reserved_bytes for _, g in engines))
-        yield from (loaded, info, depth, rejected, wait, infer, sizes, items, generated, prompt, running, kv)
+        yield from (loaded, info, depth, rejected, wait, infer, sizes, items, generated, prompt, running, kv, ready)
+        yield restarts
         yield from self._devices()
 
     def _devices(self) -> Iterator[Metric]:
@@ -160,8 +167,18 @@ async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
         metrics = request.app[METRICS]
-        metrics.requests.labels(route, str(request.get(MODEL_KEY, "")), str(status)).inc()
+        metrics.requests.labels(route, _model_label(request), str(status)).inc()
         metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+
+def _model_label(request: web.Request) -> str:
+    """The model a request named, as a label only when this box serves it: a client's free text would
+    make one series per name it invents (and one unencodable name broke the whole exposition)."""
+    name = request.get(MODEL_KEY)
+    if not isinstance(name, str) or not name:
+        return ""
+    served = {s.name for s in request.app[STATE].pool.served()}
+    return name if name in served else "(not served)"
 
 
 @routes.get("/metrics")

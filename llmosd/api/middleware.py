@@ -13,7 +13,7 @@ from aiohttp import web
 
 from llmosd.api.errors import STATUS_TYPES, ApiError, error_response, kserve_error
 from llmosd.api.state import HELD, state
-from llmosd.logs import REQUEST_ID
+from llmosd.logs import REQUEST_ID, printable
 from llmosd.scheduler import BatcherClosed, QueueFull
 from llmosd.scheduler.errors import ModelUnavailable
 from llmosd.scheduler.placement import PlacementError
@@ -48,6 +48,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = await handler(request)
     except ApiError as exc:
         response = render(exc.status, exc.message, exc.type, exc.param, exc.headers)
+        if exc.close:
+            response.force_close()
     except NotFound as exc:
         response = render(404, str(exc), "not_found_error", "model")
     except InvalidName as exc:
@@ -66,7 +68,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             message = f"request body too large (limit {state(request).config.max_body_bytes} bytes)"
         response = render(exc.status, message or exc.reason, STATUS_TYPES.get(exc.status, "error"))
     except Exception:
-        log.exception("internal error in %s %s (request %s)", request.method, request.path, request_id)
+        log.exception("internal error in %s %s (request %s)", request.method, printable(request.path), request_id)
         response = render(500, f"internal error (request id {request_id})", "server_error")
     if not response.prepared:  # a stream sent its headers already
         response.headers["X-Request-Id"] = request_id
@@ -85,8 +87,8 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         log.warning(
             "refused %s %s from %s: %s bearer token",
             request.method,
-            request.path,
-            request.remote,
+            printable(request.path),
+            printable(request.remote),
             "missing" if not presented else "wrong",
         )
         raise ApiError(

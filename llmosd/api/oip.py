@@ -5,6 +5,7 @@ model, JSON or Triton's binary tensor extension (``Inference-Header-Content-Leng
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -12,14 +13,18 @@ import numpy.typing as npt
 from aiohttp import web
 
 from llmosd import __version__
+from llmosd.api.decode import decode_json
 from llmosd.api.errors import ApiError, bad_request, kserve_error
 from llmosd.api.metrics import MODEL_KEY
+from llmosd.api.ops import worker_problems
+from llmosd.api.requests import read_body
 from llmosd.api.state import hold, state
 from llmosd.runtime.tensors import NUMPY_TYPES, TensorError, TensorModel
 from llmosd.scheduler import ServedModel
 
 routes = web.RouteTableDef()
 HEADER_LENGTH = "Inference-Header-Content-Length"
+MAX_ELEMENTS = 1 << 24  # per tensor: a shape can promise far more than a body of max_body_bytes holds
 
 
 async def _served(request: web.Request) -> ServedModel:
@@ -47,6 +52,8 @@ async def ready(request: web.Request) -> web.Response:
     st = state(request)
     if not st.ready:
         return kserve_error(503, f"not ready: {st.status_line}", "unavailable_error")
+    if problems := worker_problems(st):
+        return kserve_error(503, f"not ready: {'; '.join(problems)}", "unavailable_error")
     return web.json_response({"ready": True})
 
 
@@ -71,7 +78,7 @@ async def model_metadata(request: web.Request) -> web.Response:
 @routes.get("/v2/models/{name}/versions/{version}/ready")
 async def model_ready(request: web.Request) -> web.Response:
     served = await _served(request)
-    return web.json_response({"name": served.loaded.name, "ready": True})
+    return web.json_response({"name": served.loaded.name, "ready": served.healthy()})
 
 
 @routes.post("/v2/models/{name}/infer")
@@ -79,7 +86,7 @@ async def model_ready(request: web.Request) -> web.Response:
 async def infer(request: web.Request) -> web.Response:
     st = state(request)
     served = await _served(request)
-    header, binary = _split_body(await request.read(), request.headers.get(HEADER_LENGTH))
+    header, binary = _split_body(await read_body(request), request.headers.get(HEADER_LENGTH))
     feeds, wanted, binary_out = _parse(header, binary)
     try:  # every instance runs the same graph: the first one's signature checks the request
         TensorModel(served.loaded.session).check(feeds, [name for name, _ in wanted] if wanted else None)
@@ -128,17 +135,22 @@ def _datatype(array: npt.NDArray[Any]) -> str:
 def _split_body(raw: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
     if header_length is None:
         size = len(raw)
-    elif not header_length.isdigit() or int(header_length) > len(raw):
+    elif not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(raw):
         raise bad_request(f"{HEADER_LENGTH} must be a byte count within the body")
     else:
         size = int(header_length)
-    try:
-        header = json.loads(raw[:size])
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad_request(f"the inference request header is not valid JSON: {exc}") from None
+    header = decode_json(raw[:size], "the inference request header")
     if not isinstance(header, dict):
         raise bad_request("the inference request must be a JSON object")
     return header, raw[size:]
+
+
+def _parameters(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise bad_request(f"{where}: 'parameters' must be an object", where)
+    return value
 
 
 def _parse(header: dict[str, Any], binary: bytes) -> tuple[dict[str, npt.NDArray[Any]], list[tuple[str, bool]], bool]:
@@ -152,32 +164,75 @@ def _parse(header: dict[str, Any], binary: bytes) -> tuple[dict[str, npt.NDArray
         where = f"inputs[{i}]"
         if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
             raise bad_request(f"{where} must be an object with name, shape, datatype and data", where)
-        dtype = NUMPY_TYPES.get(str(tensor.get("datatype")))
-        shape = tensor.get("shape")
-        if dtype is None:
-            raise bad_request(f"{where}: datatype must be one of {', '.join(NUMPY_TYPES)}", where)
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise bad_request(f"{where}: shape must be a list of non-negative integers", where)
-        count = int(np.prod(shape)) if shape else 1
-        size = (tensor.get("parameters") or {}).get("binary_data_size")
-        try:
-            if size is not None:
-                if not isinstance(size, int) or offset + size > len(binary):
-                    raise bad_request(f"{where}: binary_data_size runs past the body", where)
-                array = np.frombuffer(binary[offset : offset + size], dtype=np.dtype(dtype).newbyteorder("<"))
-                offset += size
-            else:
-                array = np.asarray(tensor.get("data"), dtype=dtype).ravel()
-            if array.size != count:
-                raise bad_request(f"{where}: shape holds {count} elements, the data has {array.size}", where)
-            feeds[tensor["name"]] = array.astype(dtype, copy=False).reshape(shape)
-        except (ValueError, TypeError) as exc:
-            raise bad_request(f"{where}: data does not match its datatype and shape: {exc}", where) from None
-    params = header.get("parameters") or {}
-    binary_out = bool(params.get("binary_data_output", False))
+        array, offset = _tensor(tensor, where, binary, offset)
+        feeds[tensor["name"]] = array
+    params = _parameters(header.get("parameters"), "the request")
+    binary_out = params.get("binary_data_output", False)
+    if not isinstance(binary_out, bool):
+        raise bad_request("'binary_data_output' must be true or false", "parameters")
+    outputs = header.get("outputs")
+    if outputs is not None and not isinstance(outputs, list):
+        raise bad_request("'outputs' must be a list of objects with a name", "outputs")
     wanted = []
-    for out in header.get("outputs") or []:
+    for k, out in enumerate(outputs or []):
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise bad_request("'outputs' must be a list of objects with a name", "outputs")
-        wanted.append((out["name"], bool((out.get("parameters") or {}).get("binary_data", binary_out))))
+        flag = _parameters(out.get("parameters"), f"outputs[{k}]").get("binary_data", binary_out)
+        if not isinstance(flag, bool):
+            raise bad_request(f"outputs[{k}]: 'binary_data' must be true or false", "outputs")
+        wanted.append((out["name"], flag))
     return feeds, wanted, binary_out
+
+
+def _tensor(tensor: dict[str, Any], where: str, binary: bytes, offset: int) -> tuple[npt.NDArray[Any], int]:
+    """One input tensor, checked before any conversion; and the offset of the next binary input."""
+    dtype = NUMPY_TYPES.get(str(tensor.get("datatype")))
+    shape = tensor.get("shape")
+    if dtype is None:
+        raise bad_request(f"{where}: datatype must be one of {', '.join(NUMPY_TYPES)}", where)
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise bad_request(f"{where}: shape must be a list of non-negative integers", where)
+    count = math.prod(shape)
+    if count > MAX_ELEMENTS:
+        raise bad_request(f"{where}: shape holds {count} elements, more than {MAX_ELEMENTS}", where)
+    size = _parameters(tensor.get("parameters"), where).get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
+            raise bad_request(f"{where}: binary_data_size runs past the body", where)
+        if size != count * np.dtype(dtype).itemsize:
+            raise bad_request(f"{where}: binary_data_size is {size} bytes, the shape needs {count} elements", where)
+        array = np.frombuffer(binary[offset : offset + size], dtype=np.dtype(dtype).newbyteorder("<"))
+        return array.astype(dtype, copy=False).reshape(shape), offset + size
+    data = tensor.get("data")
+    flat = _flatten(data, where)
+    if len(flat) != count:
+        raise bad_request(f"{where}: shape holds {count} elements, the data has {len(flat)}", where)
+    kind = np.dtype(dtype).kind
+    if kind == "b":
+        ok = all(isinstance(x, bool) for x in flat)
+    elif kind in "iu":
+        info = np.iinfo(np.dtype(dtype))
+        ok = all(isinstance(x, int) and not isinstance(x, bool) and info.min <= x <= info.max for x in flat)
+    else:  # floats: NUMPY_TYPES offers no other kind
+        limit = float(np.finfo(np.dtype(dtype)).max)
+        ok = all(isinstance(x, int | float) and not isinstance(x, bool) and abs(x) <= limit for x in flat)
+    if not ok:
+        raise bad_request(f"{where}: data does not fit datatype {tensor.get('datatype')}", where)
+    return np.array(flat, dtype=dtype).reshape(shape), offset
+
+
+def _flatten(data: Any, where: str) -> list[Any]:
+    """KServe allows data flat or nested as the shape; either way, the scalars in order."""
+    if not isinstance(data, list):
+        raise bad_request(f"{where}: 'data' must be a list (or binary_data_size given)", where)
+    out: list[Any] = []
+    stack: list[Any] = [iter(data)]
+    while stack:  # iterative: the decoder bounds the depth, this keeps order without recursion
+        for x in stack[-1]:
+            if isinstance(x, list):
+                stack.append(iter(x))
+                break
+            out.append(x)
+        else:
+            stack.pop()
+    return out

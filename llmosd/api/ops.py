@@ -11,7 +11,7 @@ from aiohttp import web
 from llmosd import __version__
 from llmosd.api.errors import error_response
 from llmosd.api.openapi import spec
-from llmosd.api.state import state
+from llmosd.api.state import AppState, state
 
 routes = web.RouteTableDef()
 
@@ -26,7 +26,17 @@ async def readyz(request: web.Request) -> web.Response:
     st = state(request)
     if not st.ready:
         return error_response(503, f"not ready: {st.status_line}", "unavailable_error")
+    if problems := worker_problems(st):
+        return error_response(503, f"not ready: {'; '.join(problems)}", "unavailable_error")
     return web.json_response({"status": "ready"})
+
+
+def worker_problems(st: AppState) -> list[str]:
+    """Models whose worker is down (restarting) or was given up on: the box does not fully serve."""
+    down = [f"model {s.name}: a worker died and is restarting" for s in st.pool.served() if not s.healthy()]
+    pinned = st.pool.pinned
+    lost = [f"model {n} unloaded: {why}" for n, why in sorted(st.pool.failures.items()) if n in pinned]
+    return down + lost
 
 
 @routes.get("/api/status")
@@ -47,6 +57,7 @@ async def status(request: web.Request) -> web.Response:
             "state_dir": str(st.config.state_dir),
             "default_models": list(st.default_models),
             "models": st.pool.status(),
+            "failed_models": dict(st.pool.failures),
             "sync": st.syncer.status() if st.syncer is not None else [],
         }
     )

@@ -4,31 +4,63 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
+from llmosd.api.decode import decode_json
 from llmosd.api.errors import ApiError, bad_request
+from llmosd.api.state import STATE
 from llmosd.config import Config
 from llmosd.scheduler.priority import NORMAL, parse_priority
 
 
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, refused early when it cannot fit and cut off when it arrives too slowly.
+
+    A body gets ``body_timeout_s`` of grace, and past it must keep arriving at ``body_min_rate_kb_s``
+    on average (nginx's client_body_timeout, as a rate): a stalled or trickled upload is a 408, not a
+    descriptor held for minutes. A ``Content-Length`` over the limit is a 413 before anything is read.
+    """
+    config: Config = request.app[STATE].config
+    limit = config.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large(limit)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    rate = config.body_min_rate_kb_s * 1000
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        allowed = config.body_timeout_s + (size / rate if rate else float("inf"))
+        try:
+            async with asyncio.timeout_at(started + allowed):
+                chunk = await request.content.readany()
+        except TimeoutError:
+            raise ApiError(
+                408,
+                f"the request body did not arrive in time ({size} bytes in {loop.time() - started:.0f} s; "
+                f"the minimum rate is {config.body_min_rate_kb_s:g} KB/s after {config.body_timeout_s:g} s)",
+                type="timeout_error",
+                close=True,
+            ) from None
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, f"request body too large (limit {limit} bytes)", close=True)
+
+
 async def json_body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()  # aiohttp enforces client_max_size here (413)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise bad_request("request body is not valid UTF-8") from None
-    if not text.strip():
-        raise bad_request("request body is empty; send a JSON object")
-    try:
-        body = json.loads(text)
-    except json.JSONDecodeError as exc:
-        where = f"line {exc.lineno} column {exc.colno}"
-        raise bad_request(f"request body is not valid JSON: {exc.msg} at {where}") from None
+    body = decode_json(await read_body(request))
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object")
     return body
@@ -146,14 +178,14 @@ def keep_alive_of(body: dict[str, Any]) -> float | None:
     value = body.get("keep_alive")
     if value is None:
         return None
+    seconds = math.nan
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
+        with contextlib.suppress(OverflowError):  # an integer past any float
+            seconds = float(value)
+    elif isinstance(value, str):
         text = value.strip().lower()
-        try:
-            if text and text[-1] in _UNITS:
-                return float(text[:-1]) * _UNITS[text[-1]]
-            return float(text)
-        except ValueError:
-            pass
+        with contextlib.suppress(ValueError, OverflowError):
+            seconds = float(text[:-1]) * _UNITS[text[-1]] if text and text[-1] in _UNITS else float(text)
+    if math.isfinite(seconds):
+        return seconds
     raise bad_request('\'keep_alive\' must be seconds or a duration like "30s", "5m", "1h" (-1: forever)', "keep_alive")

@@ -14,10 +14,9 @@ import asyncio
 import itertools
 import logging
 import queue
-import threading
 import time
 from collections import Counter
-from collections.abc import Sequence, Sized
+from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Generic
 
@@ -26,6 +25,7 @@ from llmosd.scheduler.errors import BatcherClosed, QueueFull
 from llmosd.scheduler.histogram import SIZES, Histogram
 from llmosd.scheduler.planning import choose_batch, retry_after_s
 from llmosd.scheduler.priority import NORMAL, PRIORITIES, rank
+from llmosd.scheduler.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,9 @@ class DynamicBatcher(Generic[P]):
         self._pool: list[_Item] = []  # worker thread only: prepared items
         self._backlog: list[_Request] = []  # worker thread only: arrived, not yet prepared
         self._order = itertools.count()
-        self._thread = threading.Thread(target=self._work, name=f"batch-{name}", daemon=True)
+        self._open: set[asyncio.Future[list[Output]]] = set()  # loop side: submitted, not answered
+        self.gave_up: Callable[[str], None] | None = None  # the pool's: unload and report the model
+        self.supervisor = Supervisor(f"batch-{name}", self._work, self._reset, self._give_up)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
@@ -117,16 +119,20 @@ class DynamicBatcher(Generic[P]):
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread.start()
+        self.supervisor.start(self._loop)
 
     async def submit(self, inputs: Sequence[str], priority: int = NORMAL) -> list[Output]:
         if self._closed or self._loop is None:
             raise BatcherClosed(f"model {self.name!r} is unloading")
+        if not self.supervisor.healthy:
+            raise self.supervisor.unavailable()
         queued = self.queued
         if queued and queued + len(inputs) > self.policy.max_queue:
             self.stats.rejected += 1
             raise QueueFull(self.name, retry_after_s(queued, self.stats.items_per_s))
         future: asyncio.Future[list[Output]] = self._loop.create_future()
+        self._open.add(future)
+        future.add_done_callback(self._open.discard)
         self._submitted_items[priority] += len(inputs)
         self.stats.requests += 1
         self._inbox.put(_Request(inputs, future, time.monotonic(), priority))
@@ -135,25 +141,39 @@ class DynamicBatcher(Generic[P]):
     async def close(self) -> None:
         """Refuse new work; the thread finishes its step, fails what is left, and exits."""
         self._closed = True
-        if self._thread.is_alive():
-            self._inbox.put(None)
-            await asyncio.to_thread(self._thread.join)
+        self._inbox.put(None)
+        await self.supervisor.join()
+        self._reset(BatcherClosed(f"model {self.name!r} is unloading"))  # a worker that was down held these
+
+    def _reset(self, exc: BaseException) -> None:
+        """On the loop, with no worker thread running: fail everything submitted and not answered (what
+        the thread held and what still queues), and start the next thread from nothing."""
+        while True:
+            try:
+                self._inbox.get_nowait()
+            except queue.Empty:
+                break
+        for future in list(self._open):
+            if not future.done():
+                future.set_exception(exc)
+        self._pool, self._backlog = [], []
+        self._finished_items = list(self._submitted_items)
+
+    def _give_up(self, reason: str) -> None:
+        if self.gave_up is not None:
+            self.gave_up(reason)
 
     # ---- worker thread ----
     def _work(self) -> None:
+        """Run by the supervisor: whatever escapes from here (a bug anywhere, not a model error, which
+        fails only its requests) kills the thread, and the supervisor fails, resets and restarts."""
         assert self._loop is not None
         loop = self._loop
         while True:
             arrived, running = self._collect()
             if not running:
                 break
-            try:
-                self._step(loop, arrived)
-            except Exception as exc:  # a bug, not a model error: fail what the pool holds, keep serving
-                log.exception("batch worker for %s failed a step", self.name)
-                self._fail(loop, _owners(self._pool), exc)
-                self._finish_items(self._pool)
-                self._pool.clear()
+            self._step(loop, arrived)
         # Closing: whatever is not running yet is failed at once (the caller is unloading the model).
         left = _owners(self._pool) + arrived + self._backlog
         self._backlog = []
@@ -286,6 +306,9 @@ class DynamicBatcher(Generic[P]):
             if req.missing == 0:
                 done.append(req)
         s.completed += len(done)
+        self._deliver(loop, done)
+
+    def _deliver(self, loop: asyncio.AbstractEventLoop, done: list[_Request]) -> None:
         if done:  # one wake-up of the loop per batch, not per request
             loop.call_soon_threadsafe(_resolve_all, done)
 

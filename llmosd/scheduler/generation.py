@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import queue
-import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -29,6 +28,7 @@ from llmosd.scheduler.errors import BatcherClosed, QueueFull
 from llmosd.scheduler.histogram import Histogram
 from llmosd.scheduler.planning import retry_after_s
 from llmosd.scheduler.priority import NORMAL, PRIORITIES, rank
+from llmosd.scheduler.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +76,17 @@ class GenerationStream:
         self.token_ids: list[int] = []
         self.cancelled = False  # read by the worker thread at its next step
         self._queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
+        self.on_done: Callable[[GenerationStream], None] | None = None  # the engine's: no longer open
 
     def _deliver(self, item: Chunk | BaseException) -> None:
         self._queue.put_nowait(item)
+        if (isinstance(item, BaseException) or item.finish_reason is not None) and self.on_done is not None:
+            self.on_done(self)
 
     def cancel(self) -> None:
         self.cancelled = True
+        if self.on_done is not None:
+            self.on_done(self)
 
     async def __aiter__(self) -> AsyncIterator[Chunk]:
         while self.finish_reason is None:
@@ -180,19 +185,22 @@ class GenerationEngine:
         self.stats = GenerationStats()
         self._inbox: queue.SimpleQueue[_Sequence | None] = queue.SimpleQueue()
         self._waiting_count = 0  # loop-side count of sequences not yet running, for admission
+        self._open: set[GenerationStream] = set()  # loop side: submitted, not finished
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self.gave_up: Callable[[str], None] | None = None  # the pool's: unload and report the model
+        self.supervisor = Supervisor(f"generate-{name}", self._work, self._reset, self._give_up)
         self._closed = False
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._work, name=f"generate-{self.name}", daemon=True)
-        self._thread.start()
+        self.supervisor.start(self._loop)
 
     def submit(self, request: GenerationRequest) -> GenerationStream:
         """Queue one sequence (on the loop). Raises RequestTooLarge, QueueFull or BatcherClosed at once."""
         if self._closed or self._loop is None:
             raise BatcherClosed(f"model {self.name!r} is unloading")
+        if not self.supervisor.healthy:
+            raise self.supervisor.unavailable()
         n = len(request.prompt_ids)
         if n == 0:
             raise RequestTooLarge("the prompt is empty after tokenisation")
@@ -220,6 +228,8 @@ class GenerationEngine:
         seq = _Sequence(request, stream, sampler, TextStream(self.model.tokenizer, request.stop), reserve, time.time())
         self._waiting_count += 1
         self.stats.requests += 1
+        self._open.add(stream)
+        stream.on_done = self._open.discard
         self._inbox.put(seq)
         return stream
 
@@ -238,12 +248,35 @@ class GenerationEngine:
         """Stop admitting, fail what is still waiting or running, join the worker."""
         self._closed = True
         self._inbox.put(None)
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+        await self.supervisor.join()
+        self._reset(BatcherClosed(f"model {self.name!r} is unloading"))  # a worker that was down held these
+
+    def _reset(self, exc: BaseException) -> None:
+        """On the loop, no worker running: fail every sequence not finished, queued ones included, and
+        let the next thread start from nothing (its cache and rows were the dead thread's locals)."""
+        while True:
+            try:
+                self._inbox.get_nowait()
+            except queue.Empty:
+                break
+        for stream in list(self._open):
+            stream._deliver(exc)
+        self._open.clear()
+        self._waiting_count = 0
+        st = self.stats
+        st.running = st.waiting = st.kv_reserved_bytes = 0
+        st.waiting_by_priority = dict.fromkeys(PRIORITIES, 0)
+        st.cancelled = st.requests - st.completed - st.failed  # what ``load`` counts is over
+
+    def _give_up(self, reason: str) -> None:
+        if self.gave_up is not None:
+            self.gave_up(reason)
 
     # --- worker thread ---------------------------------------------------------------------------
 
     def _work(self) -> None:
+        """Run by the supervisor. A step that fails (a runtime fault) fails its rows and the engine goes
+        on; whatever escapes from elsewhere kills the thread, and the supervisor fails, resets, restarts."""
         waiting: deque[_Sequence] = deque()
         rows: list[_Sequence] = []
         cache: KVCache = self.model.lm.empty_cache()
@@ -251,21 +284,24 @@ class GenerationEngine:
             if not self._take(waiting, block=not rows and not waiting):
                 self._fail([*waiting, *rows], BatcherClosed(f"model {self.name!r} is unloading"))
                 return
+            joining: list[tuple[_Sequence, KVCache]] = []
             try:
-                joining = self._admit(waiting, rows)
+                self._admit(waiting, rows, joining)
                 if joining:
                     cache = merge(cache, [c for _, c in joining])
                     rows.extend(s for s, _ in joining)
+                    joining = []
                 if rows:
                     cache = self._step(rows, cache)
                 keep = [i for i, s in enumerate(rows) if not (s.done or s.stream.cancelled)]
-                self._count_leavers([s for s in rows if s.done or s.stream.cancelled])
+                self._count_leavers([s for s in rows if s.stream.cancelled and not s.done])  # done: in _step
                 cache = keep_rows(cache, keep)
                 rows = [rows[i] for i in keep]
-            except Exception as exc:  # a bug or a runtime fault: fail the batch, keep serving the rest
+            except Exception as exc:  # a runtime fault: fail the batch (and who was joining it), keep serving
                 log.exception("generation step failed for %s", self.name)
-                self.stats.failed += len(rows)
-                self._fail(rows, RuntimeError(f"generation failed: {exc}"))
+                failed = [*rows, *(s for s, _ in joining)]
+                self.stats.failed += len(failed)
+                self._fail(failed, RuntimeError(f"generation failed: {exc}"))
                 rows, cache = [], self.model.lm.empty_cache()
             self._publish_counts(waiting, rows)
 
@@ -281,8 +317,10 @@ class GenerationEngine:
         except queue.Empty:
             return True
 
-    def _admit(self, waiting: deque[_Sequence], rows: list[_Sequence]) -> list[tuple[_Sequence, KVCache]]:
-        joining: list[tuple[_Sequence, KVCache]] = []
+    def _admit(
+        self, waiting: deque[_Sequence], rows: list[_Sequence], joining: list[tuple[_Sequence, KVCache]]
+    ) -> None:
+        """Prefill what fits into ``joining`` (the caller's list, so a fault midway loses none of them)."""
         now = time.time()
         ordered = sorted(waiting, key=lambda s: (rank(s.request.priority, now - s.enqueued, 0), s.enqueued))
         waiting.clear()
@@ -314,13 +352,12 @@ class GenerationEngine:
                 self._fail([seq], RuntimeError(f"generation failed: {exc}"))
                 continue
             self.stats.prefill_tokens += len(seq.request.prompt_ids)
+            if seq.done:  # counted before its last chunk goes out, as in _step
+                self._count_leavers([seq])
             if chunk is not None:
                 self._deliver([(seq, chunk)])  # the first token goes out before the next decode step
-            if seq.done:
-                self._count_leavers([seq])
-            else:
+            if not seq.done:
                 joining.append((seq, cache))
-        return joining
 
     def _fits(self, seq: _Sequence, running: list[_Sequence]) -> bool:
         if len(running) >= self.limits.max_sequences:
@@ -332,7 +369,8 @@ class GenerationEngine:
         started = time.perf_counter()
         logits, cache = self.model.lm.decode(cache, [s.tokens[-1] for s in rows])
         chunks = [(s, s.advance(s.sampler.pick(logits[i]), self.model.eos_token_ids)) for i, s in enumerate(rows)]
-        self._deliver([(s, c) for s, c in chunks if c is not None])
+        # Counters before delivery: a client that has its tokens must find them counted (a scrape right
+        # after a response read one token short when this ran after the hand-off).
         elapsed = time.perf_counter() - started
         st = self.stats
         st.step_time.observe(elapsed)
@@ -342,6 +380,8 @@ class GenerationEngine:
         st.largest_batch = max(st.largest_batch, len(rows))
         rate = len(rows) / max(elapsed, 1e-6)
         st.tokens_per_s = rate if st.tokens_per_s == 0 else 0.9 * st.tokens_per_s + 0.1 * rate
+        self._count_leavers([s for s, _ in chunks if s.done])
+        self._deliver([(s, c) for s, c in chunks if c is not None])
         return cache
 
     def _count_leavers(self, leaving: list[_Sequence]) -> None:

@@ -52,6 +52,8 @@ class ModelPool:
         self.drain_s = 60.0  # how long a replaced version may finish its requests
         self._models: dict[str, ServedModel] = {}
         self._lock = asyncio.Lock()
+        self.failures: dict[str, str] = {}  # models unloaded because a worker kept dying, and why
+        self._giving_up: set[asyncio.Task[None]] = set()
 
     def use_hardware(self, hardware: Hardware, tuner: Tuner | None) -> None:
         self.hardware = hardware
@@ -121,6 +123,7 @@ class ModelPool:
             need, targets = await self._make_room(manifest)
             instances = await self._instances(manifest, need, targets)
             served = self._models[name] = ServedModel(instances)
+            self.failures.pop(name, None)
         if current:  # new requests already go to the new version; the old one finishes what it holds
             log.info("activated %s; %s drains, then unloads", served.manifest.ref, current.manifest.ref)
             task = asyncio.create_task(self._retire(current))
@@ -248,13 +251,35 @@ class ModelPool:
         return next(p for p in profiles if p.device == served.instances[0].device)
 
     def _serve(self, loaded: LoadedModel) -> Instance:
+        def gave_up(reason: str) -> None:
+            self._give_up(loaded.manifest.ref, loaded.name, reason)
+
         if isinstance(loaded.backend, TextGenerator):
             engine = GenerationEngine(loaded.name, loaded.backend, self.limits)
+            engine.gave_up = gave_up
             engine.start()
-            return Instance(loaded, engine=engine)
+            return Instance(loaded, engine=engine, gave_up=gave_up)
         batcher: DynamicBatcher[Any] = DynamicBatcher(loaded.name, loaded.backend, self.policy)
+        batcher.gave_up = gave_up
         batcher.start()
-        return Instance(loaded, batcher=batcher)
+        return Instance(loaded, batcher=batcher, gave_up=gave_up)
+
+    def _give_up(self, ref: str, name: str, reason: str) -> None:
+        """A worker of ``ref`` died too often: unload it and say so (status, readiness). A later request
+        or activation loads it afresh."""
+        served = self._models.get(name)
+        if served is None or served.manifest.ref != ref:
+            return  # already replaced or unloaded
+        self.failures[name] = reason
+        log.error("unloading %s: %s", ref, reason)
+
+        async def unload() -> None:
+            if self._models.get(name) is served:
+                await self.unload(name)
+
+        task = asyncio.create_task(unload())
+        self._giving_up.add(task)
+        task.add_done_callback(self._giving_up.discard)
 
     async def unload(self, name: str) -> None:
         async with self._lock:
@@ -269,7 +294,7 @@ class ModelPool:
     async def close(self) -> None:
         for task in list(self._tuning):  # a calibration in its thread finishes on its own
             task.cancel()
-        await asyncio.gather(*self._retiring, return_exceptions=True)
+        await asyncio.gather(*self._retiring, *self._giving_up, return_exceptions=True)
         for name in list(self._models):
             await self.unload(name)
 

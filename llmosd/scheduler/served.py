@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,7 @@ from llmosd.runtime.tensors import TensorModel
 from llmosd.scheduler.batcher import DynamicBatcher
 from llmosd.scheduler.generation import GenerationEngine
 from llmosd.scheduler.priority import NORMAL, PRIORITIES
+from llmosd.scheduler.supervisor import Supervisor
 from llmosd.scheduler.tensor_batcher import TensorBatcher
 from llmosd.store import Manifest
 
@@ -30,6 +31,7 @@ class Instance:
     tensors: TensorBatcher | None = None  # raw tensors (/v2), started on first use
     profile: BatchProfile | None = None  # the autotuned batch size on this device, once known
     outstanding: int = 0  # inputs or tensor requests submitted here and not answered yet (loop-side)
+    gave_up: Callable[[str], None] | None = None  # the pool's: a worker died too often, unload the model
 
     @property
     def device(self) -> str:
@@ -37,6 +39,16 @@ class Instance:
 
     def load(self) -> int:
         return self.outstanding + (self.engine.load if self.engine is not None else 0)
+
+    def supervisors(self) -> list[Supervisor]:
+        return [w.supervisor for w in (self.batcher, self.engine, self.tensors) if w is not None]
+
+    def healthy(self) -> bool:
+        """Every worker here is running (one that died is restarting or was given up on)."""
+        return all(s.healthy for s in self.supervisors())
+
+    def restarts(self) -> int:
+        return sum(s.restarts for s in self.supervisors())
 
     def queued(self) -> int:
         if self.batcher is not None:
@@ -71,6 +83,10 @@ class Instance:
         if self.engine is not None:  # rows decoded together
             self.engine.limits = dataclasses.replace(self.engine.limits, max_sequences=profile.chosen)
 
+    def _workers(self) -> dict[str, DynamicBatcher[Any] | GenerationEngine | TensorBatcher]:
+        parts = {"batcher": self.batcher, "generation": self.engine, "tensors": self.tensors}
+        return {kind: w for kind, w in parts.items() if w is not None}
+
     async def close(self) -> None:
         for part in (self.batcher, self.engine, self.tensors):
             if part is not None:
@@ -85,6 +101,8 @@ class Instance:
             "note": p.note,
             "tuned": self.profile.reason if self.profile else None,
             "queued": self.queued(),
+            "healthy": self.healthy(),
+            "workers": {kind: w.supervisor.status() for kind, w in self._workers().items()},
         }
         if self.batcher is not None:
             out |= {"max_batch": self.batcher.policy.max_batch, "batcher": self.batcher.stats.as_dict()}
@@ -124,11 +142,16 @@ class ServedModel:
     def generates(self) -> bool:
         return self.instances[0].engine is not None
 
+    def healthy(self) -> bool:
+        return all(i.healthy() for i in self.instances)
+
     def pick(self) -> Instance:
-        """The instance with the least outstanding work; equals in turn."""
+        """The healthy instance with the least outstanding work; equals in turn. One whose worker is
+        down is passed over while another can serve (its own requests then get its 503)."""
         self._turn += 1
         n = len(self.instances)
-        return min(self.instances, key=lambda i: (i.load(), (self.instances.index(i) - self._turn) % n))
+        up = [i for i in self.instances if i.healthy()] or self.instances
+        return min(up, key=lambda i: (i.load(), (self.instances.index(i) - self._turn) % n))
 
     def outcomes(self) -> tuple[int, int]:
         """(answered, failed) requests over every instance, since this version was loaded."""
@@ -168,6 +191,7 @@ class ServedModel:
         instance = self.pick()
         if instance.tensors is None:
             instance.tensors = TensorBatcher(self.name, TensorModel(instance.loaded.session), max_rows, max_queue)
+            instance.tensors.gave_up = instance.gave_up
             instance.tensors.start()
         instance.outstanding += 1
         try:

@@ -9,9 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
-import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +21,7 @@ from llmosd.runtime.tensors import TensorModel
 from llmosd.scheduler.errors import BatcherClosed, QueueFull
 from llmosd.scheduler.histogram import SIZES, Histogram
 from llmosd.scheduler.planning import retry_after_s
+from llmosd.scheduler.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 Arrays = dict[str, npt.NDArray[Any]]
@@ -68,21 +68,27 @@ class TensorBatcher:
         self.stats = TensorStats()
         self._inbox: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._waiting = 0  # loop side
+        self._open: set[asyncio.Future[Arrays]] = set()  # loop side: submitted, not answered
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = threading.Thread(target=self._work, name=f"tensors-{name}", daemon=True)
+        self.gave_up: Callable[[str], None] | None = None  # the pool's: unload and report the model
+        self.supervisor = Supervisor(f"tensors-{name}", self._work, self._reset, self._give_up)
         self._closed = False
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread.start()
+        self.supervisor.start(self._loop)
 
     async def submit(self, feeds: Mapping[str, npt.NDArray[Any]]) -> Arrays:
         if self._closed or self._loop is None:
             raise BatcherClosed(f"model {self.name!r} is unloading")
+        if not self.supervisor.healthy:
+            raise self.supervisor.unavailable()
         if self._waiting >= self.max_queue:
             self.stats.rejected += 1
             raise QueueFull(self.name, retry_after_s(self._waiting, self.stats.rows_per_s))
         future: asyncio.Future[Arrays] = self._loop.create_future()
+        self._open.add(future)
+        future.add_done_callback(self._open.discard)
         self._waiting += 1
         self.stats.requests += 1
         self._inbox.put(_Request(dict(feeds), future))
@@ -93,12 +99,28 @@ class TensorBatcher:
 
     async def close(self) -> None:
         self._closed = True
-        if self._thread.is_alive():
-            self._inbox.put(None)
-            await asyncio.to_thread(self._thread.join)
+        self._inbox.put(None)
+        await self.supervisor.join()
+        self._reset(BatcherClosed(f"model {self.name!r} is unloading"))
+
+    def _reset(self, exc: BaseException) -> None:
+        """On the loop, no worker running: fail every request not answered, queued ones included."""
+        while True:
+            try:
+                self._inbox.get_nowait()
+            except queue.Empty:
+                break
+        for future in list(self._open):
+            if not future.done():
+                future.set_exception(exc)
+
+    def _give_up(self, reason: str) -> None:
+        if self.gave_up is not None:
+            self.gave_up(reason)
 
     # ---- worker thread ----
     def _work(self) -> None:
+        """Run by the supervisor: anything that escapes kills the thread, which is then restarted."""
         pending: list[_Request] = []
         while True:
             try:
@@ -155,6 +177,9 @@ class TensorBatcher:
         s.run_time.observe(elapsed)
         rate = sum(r.rows for r in batch) / max(elapsed, 1e-6)
         s.rows_per_s = rate if s.rows_per_s == 0 else 0.9 * s.rows_per_s + 0.1 * rate
+        self._deliver(batch, results)
+
+    def _deliver(self, batch: list[_Request], results: list[Arrays]) -> None:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(_resolve, batch, results)
 
