@@ -265,6 +265,31 @@ def no_leaked_threads() -> Iterator[None]:
     pytest.fail(f"test leaked threads: {[t.name for t in leaked]}")
 
 
+WORKER_THREADS = ("batch-", "tensors-", "generate-")  # the schedulers' workers (daemon threads)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_leaked_workers() -> Iterator[None]:
+    """Fail a module that leaves scheduler workers running once its fixtures are gone: a worker is a
+    daemon thread, so the fixture above cannot see one, and a worker nobody closes holds its futures.
+    (Per module, not per test: a module's shared pool keeps its workers, and restarts them, until its
+    teardown.)"""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 5
+    while True:
+        leaked = [
+            t.name
+            for t in threading.enumerate()
+            if t not in before and t.is_alive() and t.name.startswith(WORKER_THREADS)
+        ]
+        if not leaked:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"module leaked scheduler workers: {leaked}")
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def lan() -> Iterator[Lan]:
     """Two network namespaces joined by a veth pair (tests/netns.py)."""

@@ -8,8 +8,10 @@ import time
 
 from aiohttp import web
 
-from llmosd.api.errors import bad_request
+from llmosd.api.errors import ApiError, bad_request
 from llmosd.api.requests import json_body
+from llmosd.api.state import state
+from llmosd.scheduler.faults import STAGES, inject
 
 log = logging.getLogger("llmosd.api")
 routes = web.RouteTableDef()
@@ -27,3 +29,23 @@ async def block_loop(request: web.Request) -> web.Response:
     log.warning("debug: blocking the event loop for %g s on purpose", seconds)
     time.sleep(seconds)  # on the loop thread, deliberately
     return web.json_response({"blocked_s": seconds})
+
+
+@routes.post("/api/debug/fault")
+async def fault(request: web.Request) -> web.Response:
+    """Kill a model's worker at a stage of its loop: ``{"model", "worker": "batcher" | "generation" |
+    "tensors", "stage": "collect" | "run" | "deliver", "times": 1}``, to watch supervision work."""
+    body = await json_body(request)
+    served = state(request).pool.get(str(body.get("model")))
+    kind, stage, times = body.get("worker"), body.get("stage"), body.get("times", 1)
+    if stage not in STAGES:
+        raise bad_request(f"stage must be one of {', '.join(STAGES)}", "stage")
+    if isinstance(times, bool) or not isinstance(times, int) or not 1 <= times <= 100:
+        raise bad_request("times must be an integer from 1 to 100", "times")
+    instance = served.instances[0]
+    worker = {"batcher": instance.batcher, "generation": instance.engine, "tensors": instance.tensors}.get(str(kind))
+    if worker is None:
+        raise ApiError(409, f"model {served.name!r} has no {kind!r} worker running", type="conflict_error")
+    log.warning("debug: injecting %d fault(s) into the %s stage of %s's %s worker", times, stage, served.name, kind)
+    inject(worker, stage, times)
+    return web.json_response({"model": served.name, "worker": kind, "stage": stage, "times": times})

@@ -203,6 +203,8 @@ async def rollback(request: web.Request) -> web.Response:
     """Activate the newest version older than the active one."""
     st = state(request)
     name = check_name(request.match_info["name"])
+    if not st.store.versions(name):
+        raise ApiError(404, f"model {name!r} is not in the store", type="not_found_error", param="name")
     active = st.store.active_version(name)
     previous = st.store.previous_version(name)
     if previous is None:

@@ -15,17 +15,82 @@ _TEXTS = {
 }
 
 
+_KSERVE_ERROR = {"$ref": "#/components/schemas/KServeError"}
+_JSON = "application/json"
+# Every status a route can answer besides its own: a LAN client without the token (401), and the
+# per-address connection cap (429, answered before any route is chosen).
+_COMMON = (401, 429)
+_BODY = (400, 408, 413)  # a route that reads a JSON body: not JSON / invalid, too slow, too large
+_MODEL = (400, 404, 503)  # a route that names a model: invalid name, unknown, cannot be loaded now
+_REASONS = {
+    200: "OK",
+    206: "Partial content (a Range request)",
+    400: "The request is invalid: the message says which field and why",
+    401: "A non-local client sent no valid bearer token",
+    403: "Refused by policy (an untrusted signature)",
+    404: "No such model, version or file",
+    408: "The request body did not arrive in time",
+    409: "The request conflicts with the store's state",
+    413: "The request body is larger than max_body_bytes",
+    416: "The Range cannot be satisfied",
+    429: "Busy: the model's queue is full, or this address holds too many connections (see Retry-After)",
+    502: "The registry failed",
+    503: "Not ready, or the model is unavailable (loading failed, its worker is restarting)",
+    504: "The request did not finish within its X-Request-Timeout",
+    507: "Not enough disk space",
+}
+_TIMEOUT_HEADER = {
+    "name": "X-Request-Timeout",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "seconds in (0, 3600]; past it the request is dropped and answered 504",
+}
+_PRIORITY_HEADER = {
+    "name": "X-Priority",
+    "in": "header",
+    "required": False,
+    "schema": {"enum": ["high", "normal", "low"]},
+}
+
+
+def _path_params(path: str) -> list[dict[str, Any]]:
+    names = [part[1:-1] for part in path.split("/") if part.startswith("{")]
+    return [{"name": n, "in": "path", "required": True, "schema": _PARAM_SCHEMAS[n]} for n in names]
+
+
+_NAME = {"type": "string", "minLength": 1}
+_PARAM_SCHEMAS: dict[str, dict[str, Any]] = {"name": _NAME, "model": _NAME, "version": _NAME, "digest": _NAME}
+
+
 def _op(
-    summary: str, ok: dict[str, Any] | None = None, body: dict[str, Any] | None = None, errors: tuple[int, ...] = ()
+    summary: str,
+    ok: dict[str, Any] | None = None,
+    body: dict[str, Any] | None = None,
+    errors: tuple[int, ...] = (),
+    *,
+    ok_types: tuple[str, ...] = (_JSON,),
+    kserve: bool = False,
+    public: bool = False,
+    extra: dict[int, dict[str, Any]] | None = None,
+    headers: tuple[dict[str, Any], ...] = (),
 ) -> dict[str, Any]:
-    responses: dict[str, Any] = {
-        "200": {"description": "OK", "content": {"application/json": {"schema": ok or {"type": "object"}}}}
-    }
-    for code in (400, 401, 413, 429, 503, *errors) if body else (401, *errors):
-        responses[str(code)] = {"description": "error", "content": {"application/json": {"schema": _ERROR}}}
+    """One operation: its 200 (a JSON schema, or other media types) and every error it can answer,
+    each in the error shape of its family (KServe's string on /v2)."""
+    ok_schema = ok or {"type": "object"}
+    content = {t: {"schema": ok_schema if t == _JSON else {"type": "string"}} for t in ok_types}
+    responses: dict[str, Any] = {"200": {"description": "OK", "content": content}}
+    for code, response in (extra or {}).items():
+        responses[str(code)] = response
+    statuses = set(errors) | {429} | (set() if public else {401}) | (set(_BODY) if body else set())
+    schema = _KSERVE_ERROR if kserve else _ERROR
+    for code in sorted(statuses):
+        responses[str(code)] = {"description": _REASONS[code], "content": {_JSON: {"schema": schema}}}
     op: dict[str, Any] = {"summary": summary, "responses": responses}
+    if headers:
+        op["parameters"] = list(headers)
     if body:
-        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+        op["requestBody"] = {"required": True, "content": {_JSON: {"schema": body}}}
     return op
 
 
@@ -72,23 +137,30 @@ _OIP = {
 }
 _STREAM_NOTE = " With stream: true, text/event-stream of OpenAI chunks ending with data: [DONE]."
 
+_OBJECT = {"type": "object"}
+_GEN_OK = {"type": "object", "required": ["id", "object", "choices", "usage"]}
+_GEN_HEADERS = (_TIMEOUT_HEADER, _PRIORITY_HEADER)
+_OCTETS = "application/octet-stream"
+
 PATHS: dict[str, dict[str, Any]] = {
     "/v1/completions": {
         "post": _op(
             "Complete a prompt (OpenAI shape)." + _STREAM_NOTE,
-            ok={"type": "object", "required": ["id", "object", "choices", "usage"]},
+            ok=_GEN_OK,
             body={
                 "type": "object",
                 "required": ["model", "prompt"],
                 "properties": {**_SAMPLING, "prompt": {}, "echo": {"type": "boolean"}},
             },
-            errors=(404,),
+            errors=(*_MODEL, 504),
+            ok_types=(_JSON, "text/event-stream"),
+            headers=_GEN_HEADERS,
         )
     },
     "/v1/chat/completions": {
         "post": _op(
             "Answer a chat with the model's own template (OpenAI shape)." + _STREAM_NOTE,
-            ok={"type": "object", "required": ["id", "object", "choices", "usage"]},
+            ok=_GEN_OK,
             body={
                 "type": "object",
                 "required": ["model", "messages"],
@@ -98,11 +170,17 @@ PATHS: dict[str, dict[str, Any]] = {
                     "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1},
                 },
             },
-            errors=(404,),
+            errors=(*_MODEL, 504),
+            ok_types=(_JSON, "text/event-stream"),
+            headers=_GEN_HEADERS,
         )
     },
-    "/v1/models": {"get": _op("List the served models (OpenAI shape)")},
-    "/v1/models/{model}": {"get": _op("One served model", errors=(404,))},
+    "/v1/models": {
+        "get": _op("List the served models (OpenAI shape)", ok={"type": "object", "required": ["object", "data"]})
+    },
+    "/v1/models/{model}": {
+        "get": _op("One served model", ok={"type": "object", "required": ["id", "object"]}, errors=_MODEL)
+    },
     "/v1/embeddings": {
         "post": _op(
             "Embed text (OpenAI shape)",
@@ -112,37 +190,58 @@ PATHS: dict[str, dict[str, Any]] = {
                 dimensions={"type": "integer"},
                 user={"type": "string"},
             ),
-            errors=(404,),
+            errors=(*_MODEL, 504),
+            headers=_GEN_HEADERS,
         )
     },
     "/v1/classify": {
         "post": _op(
             "Classify text: labels and scores",
             body=_text_request(top_k={"type": "integer", "minimum": 1}),
-            errors=(404,),
+            errors=(*_MODEL, 504),
+            headers=_GEN_HEADERS,
         )
     },
-    "/v2": {"get": _op("Open Inference Protocol: server metadata")},
-    "/v2/health/live": {"get": _op("OIP liveness")},
-    "/v2/health/ready": {"get": _op("OIP readiness: the default models are loaded", errors=(503,))},
-    "/v2/models/{name}": {"get": _op("OIP model metadata: tensor names, datatypes, shapes", errors=(404,))},
-    "/v2/models/{name}/versions/{version}": {"get": _op("OIP model metadata of one version", errors=(404,))},
-    "/v2/models/{name}/ready": {"get": _op("OIP model readiness", errors=(404,))},
-    "/v2/models/{name}/versions/{version}/ready": {"get": _op("OIP readiness of one version", errors=(404,))},
+    "/v2": {"get": _op("Open Inference Protocol: server metadata", kserve=True)},
+    "/v2/health/live": {"get": _op("OIP liveness", kserve=True)},
+    "/v2/health/ready": {"get": _op("OIP readiness: the default models are loaded", errors=(503,), kserve=True)},
+    "/v2/models/{name}": {
+        "get": _op("OIP model metadata: tensor names, datatypes, shapes", errors=_MODEL, kserve=True)
+    },
+    "/v2/models/{name}/versions/{version}": {
+        "get": _op("OIP model metadata of one version", errors=_MODEL, kserve=True)
+    },
+    "/v2/models/{name}/ready": {"get": _op("OIP model readiness", errors=_MODEL, kserve=True)},
+    "/v2/models/{name}/versions/{version}/ready": {
+        "get": _op("OIP readiness of one version", errors=_MODEL, kserve=True)
+    },
     "/v2/models/{name}/infer": {
-        "post": _op("OIP inference on raw tensors (JSON or binary extension), batched", body=_OIP, errors=(404,))
+        "post": _op(
+            "OIP inference on raw tensors (JSON or binary extension), batched",
+            body=_OIP,
+            errors=_MODEL,
+            ok_types=(_JSON, _OCTETS),
+            kserve=True,
+        )
     },
     "/v2/models/{name}/versions/{version}/infer": {
-        "post": _op("OIP inference on one version", body=_OIP, errors=(404,))
+        "post": _op("OIP inference on one version", body=_OIP, errors=_MODEL, ok_types=(_JSON, _OCTETS), kserve=True)
     },
-    "/api/models/{name}/tune": {"post": _op("Autotune the model's batch size now (encoders)", errors=(400, 404))},
-    "/healthz": {"get": _op("Liveness: the process answers")},
-    "/metrics": {"get": _op("Prometheus metrics (text format)")},
-    "/api/hardware": {"get": _op("The hardware probe: CPU, GPUs, ORT providers that load, and placements")},
-    "/readyz": {"get": _op("Readiness: default models loaded and warm", errors=(503,))},
+    "/api/models/{name}/tune": {"post": _op("Autotune the model's batch size now", errors=_MODEL)},
+    "/healthz": {"get": _op("Liveness: the process answers", public=True)},
+    "/metrics": {"get": _op("Prometheus metrics (text exposition format)", ok_types=("text/plain",))},
+    "/api/hardware": {
+        "get": _op("The hardware probe: CPU, GPUs, ORT providers that load, and placements", errors=(503,))
+    },
+    "/readyz": {"get": _op("Readiness: default models loaded and warm, every worker up", errors=(503,), public=True)},
     "/api/status": {"get": _op("Daemon status: models, batcher statistics, listeners, memory")},
     "/api/models": {"get": _op("Models in the store, their versions and which is active")},
-    "/api/models/{name}": {"get": _op("A model version's manifest (active unless ?version=)", errors=(404,))},
+    "/api/models/{name}": {
+        "get": {
+            **_op("A model version's manifest (active unless ?version=)", errors=(400, 404)),
+            "parameters": [{"name": "version", "in": "query", "required": False, "schema": {"type": "string"}}],
+        }
+    },
     "/api/models/pull": {
         "post": _op(
             "Pull REGISTRY/REPO:TAG into the store (signature checked), activate and serve it",
@@ -151,23 +250,34 @@ PATHS: dict[str, dict[str, Any]] = {
                 "required": ["ref"],
                 "properties": {"ref": {"type": "string"}, "name": {"type": "string"}, "activate": {"type": "boolean"}},
             },
-            errors=(403, 502, 507),
+            errors=(403, 404, 409, 502, 503, 507),
         )
     },
-    "/api/blobs/{digest}": {"get": _op("A verified store file, for LAN peers (Range supported)", errors=(400, 404))},
+    "/api/blobs/{digest}": {
+        "get": _op(
+            "A verified store file, for LAN peers (Range supported)",
+            errors=(400, 404, 416),
+            ok_types=(_OCTETS,),
+            extra={206: {"description": _REASONS[206], "content": {_OCTETS: {"schema": {"type": "string"}}}}},
+        )
+    },
     "/api/models/pulls": {"get": _op("Pulls running and recently finished, with bytes per layer")},
     "/api/models/{name}/activate": {
         "post": _op(
             "Activate a stored version; the old one drains",
             body={"type": "object", "required": ["version"], "properties": {"version": {"type": "string"}}},
-            errors=(404,),
+            errors=_MODEL,
         )
     },
     "/api/models/{name}/rollback": {
-        "post": _op("Activate the newest version older than the active one", errors=(404, 409))
+        "post": _op("Activate the newest version older than the active one", errors=(*_MODEL, 409))
     },
     "/openapi.json": {"get": _op("This document")},
 }
+for _path, _ops in PATHS.items():  # every templated path declares its parameters
+    for _operation in _ops.values():
+        if params := _path_params(_path):
+            _operation["parameters"] = [*params, *_operation.get("parameters", [])]
 
 
 def spec() -> dict[str, Any]:
@@ -191,7 +301,12 @@ def spec() -> dict[str, Any]:
                             },
                         }
                     },
-                }
+                },
+                "KServeError": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {"error": {"type": "string"}},
+                },
             },
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
