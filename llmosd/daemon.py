@@ -31,6 +31,7 @@ from llmosd.registry.sync import Syncer, SyncPolicy, parse_subscriptions
 from llmosd.registry.throttle import Throttle
 from llmosd.reload import BATCHING, SYNC, reconcile
 from llmosd.runtime import ProviderSelector
+from llmosd.runtime.memory import fix_mmap_threshold
 from llmosd.runtime.sampling import SamplingParams
 from llmosd.scheduler import BatchPolicy, GenerationLimits, GenerationRequest, ModelPool
 from llmosd.scheduler.tuning import Tuner, TuningPolicy
@@ -335,8 +336,9 @@ async def serve(
     """Run until SIGTERM/SIGINT; SIGHUP re-reads the config through ``reload_config``. ``probe_hardware``
     is injectable: tests pass fakes (a 2-GPU box...)."""
     where = setup_logging(config.log_level)
+    heap = "large allocations mapped on their own" if fix_mmap_threshold() else "the C library's default heap"
     notifier = Notifier()
-    log.info("llmosd %s starting (logging to %s); effective config: %s", __version__, where, config.redacted())
+    log.info("llmosd %s starting (logging to %s; %s); config: %s", __version__, where, heap, config.redacted())
     if notifier.enabled:
         log.info(
             "sd_notify to %s (%s)%s", notifier.address, notifier.via, ", watchdog on" if notifier.watchdog_s else ""

@@ -47,6 +47,9 @@ class WordBackend:
     def warmup(self) -> None:
         pass
 
+    def release(self) -> None:
+        pass
+
 
 def test_choose_batch_keeps_the_oldest_and_groups_similar_lengths() -> None:
     lengths = [5, 5, 6, 29, 30, 31, 60]  # sorted, as the pool keeps them

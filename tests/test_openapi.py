@@ -1,6 +1,7 @@
 """The OpenAPI document is complete and true: schemathesis (its own CLI, as a user would run it) drives a
 real daemon serving the real models for a bounded time, with the checks that the spec's statuses,
-content types and response schemas are what the daemon answers, and that nothing is a server error."""
+content types and response schemas are what the daemon answers, and that nothing is a server error.
+Meanwhile the model is retuned 50 times, and the daemon's memory must come back to where it was."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from tests.conftest import DEFAULT, SMOLLM2, start_daemon, store_with
+import psutil
+
+from tests.conftest import DEFAULT, SMOLLM2, Daemon, start_daemon, store_with, unix_json
 
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
 # Not fuzzed: a pull would send the daemon to whatever registry host the fuzzer invents (this machine
@@ -29,7 +33,8 @@ def test_schemathesis_finds_nothing_against_a_real_daemon(store_dir: Path, tmp_p
     d = start_daemon(store, tmp_path, env=env)
     report = tmp_path / "report"
     try:
-        run = subprocess.run(
+        baseline = settled_rss(d)
+        fuzz = subprocess.Popen(
             [
                 str(Path(sys.executable).parent / "schemathesis"),
                 "run",
@@ -48,9 +53,9 @@ def test_schemathesis_finds_nothing_against_a_real_daemon(store_dir: Path, tmp_p
                 "--report-dir",
                 str(report),
             ],
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             text=True,
-            timeout=240,
             cwd=tmp_path,
             env=dict(
                 os.environ,
@@ -59,10 +64,26 @@ def test_schemathesis_finds_nothing_against_a_real_daemon(store_dir: Path, tmp_p
                 LLMOSD_FUZZ_MODELS=f"{DEFAULT},{SMOLLM2}",
             ),
         )
+        for i in range(50):  # each one calibrates batches far larger than the traffic's
+            unix_json(d, f"/api/models/{(DEFAULT, SMOLLM2)[i % 2]}/tune", {})
+        output, _ = fuzz.communicate(timeout=240)
+        after = settled_rss(d)
     finally:
         assert d.stop() == 0, d.log.read_text()[-3000:]
     results = json.loads(next(report.glob("*.json")).read_text())
     cases = results["test_cases"]
-    assert run.returncode == 0 and cases["with_failures"] == 0 and not results["errors"], run.stdout[-6000:]
+    assert fuzz.returncode == 0 and cases["with_failures"] == 0 and not results["errors"], output[-6000:]
     assert cases["generated"] >= 1000, cases
+    # Whatever the tuning and the fuzzing held (ORT's arenas, the C heap) was given back once idle.
+    assert after <= 1.10 * baseline, f"RSS {baseline >> 20} MB before, {after >> 20} MB after"
     assert "internal error in" not in d.log.read_text()  # no handler raised (the errors middleware logs it)
+
+
+def settled_rss(d: Daemon) -> int:
+    """The daemon's resident memory once it has served each model and been idle past the workers'
+    release delay (runtime.memory.IDLE_RELEASE_S, 2 s)."""
+    unix_json(d, "/v1/embeddings", {"model": DEFAULT, "input": ["warm", "a second input"]})
+    unix_json(d, "/v1/completions", {"model": SMOLLM2, "prompt": "Hello", "max_tokens": 4})
+    time.sleep(4)
+    rss: int = psutil.Process(d.proc.pid).memory_info().rss
+    return rss

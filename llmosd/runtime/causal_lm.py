@@ -18,6 +18,8 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from llmosd.runtime.memory import shrink_options, trim_heap
+
 FloatArray = npt.NDArray[np.float32]
 _DTYPES: dict[str, type[np.floating[Any]]] = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -116,6 +118,14 @@ class CausalLM:
         if self._has_positions:
             feeds["position_ids"] = np.ascontiguousarray(positions, dtype=np.int64)
         return feeds
+
+    def release(self) -> None:
+        """Give the arena's spare memory back: a one-token prefill that shrinks it as it ends."""
+        shape = (1, self.layout.kv_heads, 0, self.layout.head_dim)
+        past = [np.zeros(shape, dtype=self.layout.dtype) for _ in self.layout.past_names]
+        feeds = self._feeds(np.array([[0]], dtype=np.int64), past, np.ones((1, 1), np.int64), np.zeros((1, 1)))
+        self.session.run(self._outputs, {k: np.asarray(v) for k, v in feeds.items()}, shrink_options(self.session))
+        trim_heap()
 
     def _run(self, feeds: dict[str, Any]) -> tuple[FloatArray, list[Any]]:
         """One session run. With IO binding the present key/values stay where the provider wrote them

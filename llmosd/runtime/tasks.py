@@ -9,6 +9,7 @@ import numpy as np
 from tokenizers import Encoding
 
 from llmosd.runtime.backend import Output
+from llmosd.runtime.memory import shrink_options, trim_heap
 from llmosd.runtime.pooling import normalize, pool, sigmoid, softmax
 from llmosd.runtime.tokenizer import TextTokenizer
 
@@ -26,15 +27,20 @@ class _EncoderModel:
     def prepare(self, inputs: Sequence[str]) -> list[Encoding]:
         return self.tokenizer.encode(inputs)
 
-    def _forward(self, batch: Sequence[Encoding]) -> tuple[np.ndarray, np.ndarray]:
+    def _forward(self, batch: Sequence[Encoding], options: Any = None) -> tuple[np.ndarray, np.ndarray]:
         padded = self.tokenizer.pad(batch)
         feeds = {
             "input_ids": padded.input_ids,
             "attention_mask": padded.attention_mask,
             "token_type_ids": padded.token_type_ids,
         }
-        out = self.session.run(None, {k: v for k, v in feeds.items() if k in self._inputs})
+        out = self.session.run(None, {k: v for k, v in feeds.items() if k in self._inputs}, options)
         return out[0], padded.attention_mask
+
+    def release(self) -> None:
+        """Give the arena's spare memory back (a one-token run that shrinks it as it ends)."""
+        self._forward(self.prepare(["x"]), shrink_options(self.session))
+        trim_heap()
 
     def run(self, batch: Sequence[Encoding]) -> list[Output]:
         values = self._values(batch)

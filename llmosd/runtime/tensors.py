@@ -90,6 +90,6 @@ class TensorModel:
             if name not in outputs:
                 raise TensorError(f"unknown output {name!r}; the model gives {sorted(outputs)}")
 
-    def run(self, feeds: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+    def run(self, feeds: Mapping[str, npt.NDArray[Any]], options: Any = None) -> dict[str, npt.NDArray[Any]]:
         names = [s.name for s in self.outputs]
-        return dict(zip(names, self.session.run(names, dict(feeds)), strict=True))
+        return dict(zip(names, self.session.run(names, dict(feeds), options), strict=True))

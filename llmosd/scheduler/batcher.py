@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Generic
 
 from llmosd.runtime.backend import Backend, Output, P
+from llmosd.runtime.memory import IDLE_RELEASE_S
 from llmosd.scheduler.errors import BatcherClosed, QueueFull
 from llmosd.scheduler.histogram import SIZES, Histogram
 from llmosd.scheduler.planning import choose_batch, retry_after_s
@@ -101,6 +102,7 @@ class DynamicBatcher(Generic[P]):
         self._submitted_items = [0, 0, 0]  # per priority class; event loop
         self._finished_items = [0, 0, 0]  # per class; worker thread: items taken to run, failed or dropped
         self._pool: list[_Item] = []  # worker thread only: prepared items
+        self._ran_since_release = False  # worker thread only: the arena may hold a batch's peak
         self._backlog: list[_Request] = []  # worker thread only: arrived, not yet prepared
         self._order = itertools.count()
         self._open: set[asyncio.Future[list[Output]]] = set()  # loop side: submitted, not answered
@@ -191,7 +193,7 @@ class DynamicBatcher(Generic[P]):
         a high-priority request never waits behind a backlog of low ones."""
         go_on = True
         if not self._pool and not self._backlog:
-            first = self._inbox.get()
+            first = self._next_when_idle()
             if first is None:
                 return [], False
             self._backlog.append(first)
@@ -222,6 +224,16 @@ class DynamicBatcher(Generic[P]):
             arrived.append(req)
             room -= len(req.inputs)
         return arrived, go_on
+
+    def _next_when_idle(self) -> _Request | None:
+        """The next request, blocking; idle a moment after work, the backend gives its memory back first."""
+        if self._ran_since_release:
+            try:
+                return self._inbox.get(timeout=IDLE_RELEASE_S)
+            except queue.Empty:
+                self._ran_since_release = False
+                self.backend.release()
+        return self._inbox.get()
 
     def _admit(self, loop: asyncio.AbstractEventLoop, requests: list[_Request]) -> None:
         for req in requests:
@@ -265,6 +277,7 @@ class DynamicBatcher(Generic[P]):
 
     def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
         started = time.perf_counter()
+        self._ran_since_release = True
         try:
             outputs = self.backend.run([it.prepared for it in batch])  # type: ignore[misc]
         except Exception as exc:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from llmosd.runtime.causal_lm import KVCache, keep_rows, merge
 from llmosd.runtime.generator import TextGenerator
+from llmosd.runtime.memory import IDLE_RELEASE_S
 from llmosd.runtime.sampling import Sampler, SamplingParams
 from llmosd.runtime.textstream import TextStream
 from llmosd.scheduler.errors import BatcherClosed, QueueFull
@@ -186,6 +187,7 @@ class GenerationEngine:
         self._inbox: queue.SimpleQueue[_Sequence | None] = queue.SimpleQueue()
         self._waiting_count = 0  # loop-side count of sequences not yet running, for admission
         self._open: set[GenerationStream] = set()  # loop side: submitted, not finished
+        self._ran_since_release = False  # worker thread only
         self._loop: asyncio.AbstractEventLoop | None = None
         self.gave_up: Callable[[str], None] | None = None  # the pool's: unload and report the model
         self.supervisor = Supervisor(f"generate-{name}", self._work, self._reset, self._give_up)
@@ -285,6 +287,7 @@ class GenerationEngine:
                 self._fail([*waiting, *rows], BatcherClosed(f"model {self.name!r} is unloading"))
                 return
             joining: list[tuple[_Sequence, KVCache]] = []
+            self._ran_since_release = self._ran_since_release or bool(rows or waiting)
             try:
                 self._admit(waiting, rows, joining)
                 if joining:
@@ -306,9 +309,18 @@ class GenerationEngine:
             self._publish_counts(waiting, rows)
 
     def _take(self, waiting: deque[_Sequence], block: bool) -> bool:
-        """Move arrivals into ``waiting``; False once close() was called."""
+        """Move arrivals into ``waiting``; False once close() was called. Idle a moment after work, the
+        session gives its spare arena memory back before the worker blocks."""
         try:
-            item = self._inbox.get(block=block)
+            if block and self._ran_since_release:
+                try:
+                    item = self._inbox.get(timeout=IDLE_RELEASE_S)
+                except queue.Empty:
+                    self._ran_since_release = False
+                    self.model.lm.release()
+                    item = self._inbox.get()
+            else:
+                item = self._inbox.get(block=block)
             while True:
                 if item is None:
                     return False

@@ -7,6 +7,7 @@ bounded queue (429 at once), one loop wake-up per batch, a failure fails only it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import time
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from llmosd.runtime.memory import IDLE_RELEASE_S, shrink_options, trim_heap
 from llmosd.runtime.tensors import TensorModel
 from llmosd.scheduler.errors import BatcherClosed, QueueFull
 from llmosd.scheduler.histogram import SIZES, Histogram
@@ -69,6 +71,7 @@ class TensorBatcher:
         self._inbox: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._waiting = 0  # loop side
         self._open: set[asyncio.Future[Arrays]] = set()  # loop side: submitted, not answered
+        self._last_row: Arrays | None = None  # worker thread only: set after a run, for the idle release
         self._loop: asyncio.AbstractEventLoop | None = None
         self.gave_up: Callable[[str], None] | None = None  # the pool's: unload and report the model
         self.supervisor = Supervisor(f"tensors-{name}", self._work, self._reset, self._give_up)
@@ -124,7 +127,7 @@ class TensorBatcher:
         pending: list[_Request] = []
         while True:
             try:
-                item = self._inbox.get(block=not pending)
+                item = self._next(block=not pending)
                 while item is not None:
                     pending.append(item)
                     item = self._inbox.get_nowait()
@@ -136,6 +139,19 @@ class TensorBatcher:
             if pending:
                 batch, pending = self._take(pending)
                 self._run(batch)
+
+    def _next(self, block: bool) -> _Request | None:
+        """The next arrival (queue.Empty when not blocking and none). Idle a moment after work, the
+        session gives its spare arena memory back, on one row of a real request (no input to invent)."""
+        if block and self._last_row is not None:
+            try:
+                return self._inbox.get(timeout=IDLE_RELEASE_S)
+            except queue.Empty:
+                feeds, self._last_row = self._last_row, None
+                with contextlib.suppress(Exception):  # it ran once already; nothing to fail here
+                    self.model.run(feeds, shrink_options(self.model.session))
+                trim_heap()
+        return self._inbox.get(block=block)
 
     def _take(self, pending: list[_Request]) -> tuple[list[_Request], list[_Request]]:
         """The oldest request and the later ones that stack with it, up to ``max_rows``."""
@@ -170,6 +186,8 @@ class TensorBatcher:
             self._settle(batch, exc)
             return
         elapsed = time.perf_counter() - started
+        first = batch[0].feeds
+        self._last_row = {k: v[:1] for k, v in first.items()} if self.model.batchable else first
         s = self.stats
         s.batches += 1
         s.largest_batch = max(s.largest_batch, len(batch))

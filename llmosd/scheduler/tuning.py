@@ -72,6 +72,7 @@ class Tuner:
         encoding = backend.prepare([_TEXT * (1 + seq_len // 8)])[0]
         encoding.truncate(seq_len)  # exactly the calibrated length
         trials = calibrate(lambda b: backend.run([encoding] * b), bound, budget, repeats=5)
+        backend.release()  # the calibration's largest batches stayed in the arena
         chosen, reason = choose(trials, budget)
         return self._keep(loaded, len(encoding), budget, bound, trials, chosen, reason)
 
@@ -93,6 +94,7 @@ class Tuner:
 
         trials = calibrate(step, bound, budget, repeats=5)
         caches.clear()
+        model.lm.release()
         chosen, reason = choose(trials, budget)
         return self._keep(loaded, width, budget, bound, trials, chosen, reason.replace("inputs/s", "tokens/s"))
 
