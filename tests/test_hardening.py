@@ -297,3 +297,30 @@ async def test_a_client_that_reads_nothing_is_dropped(strict: Daemon) -> None:
         assert served < 40  # it stopped answering the connection that read nothing
     finally:
         sock.close()
+
+
+def test_log_records_are_one_line_in_text_and_in_the_journal() -> None:
+    import logging
+
+    from llmosd.logs import EscapeFilter, TextFormatter
+    from llmosd.systemd.journal import JournalHandler
+
+    path = "/v1/models/x\n2026-12-01 00:00:00,000 INFO llmosd: forged\x00\x1b[2J\u2028"
+    record = logging.LogRecord("llmosd.api", logging.WARNING, __file__, 1, "refused GET %s", (path,), None)
+    assert EscapeFilter().filter(record)
+    text = TextFormatter("%(levelname)s %(name)s: %(message)s").format(record)
+    escaped = "/v1/models/x\\x0a2026-12-01 00:00:00,000 INFO llmosd: forged\\x00\\x1b[2J\\u2028"
+    assert text == f"WARNING llmosd.api: refused GET {escaped}"
+    journal = JournalHandler(path="/nonexistent")
+    message = journal.fields(record)["MESSAGE"]
+    journal.sock.close()
+    assert "\n" not in message and "\x00" not in message and message.endswith("forged\\x00\\x1b[2J\\u2028")
+    # A traceback stays readable but cannot pass for a record of its own: its lines are indented.
+    try:
+        raise ValueError("bad\nINFO llmosd: forged")
+    except ValueError:
+        import sys
+
+        failed = logging.LogRecord("llmosd", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    lines = TextFormatter("%(levelname)s %(name)s: %(message)s").format(failed).splitlines()
+    assert lines[0] == "ERROR llmosd: failed" and all(line.startswith("    ") for line in lines[1:])

@@ -26,7 +26,7 @@ from llmosd.scheduler.errors import BatcherClosed, QueueFull
 from llmosd.scheduler.histogram import SIZES, Histogram
 from llmosd.scheduler.planning import choose_batch, retry_after_s
 from llmosd.scheduler.priority import NORMAL, PRIORITIES, rank
-from llmosd.scheduler.supervisor import Supervisor
+from llmosd.scheduler.supervisor import Supervisor, WorkerDied
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +155,11 @@ class DynamicBatcher(Generic[P]):
                 self._inbox.get_nowait()
             except queue.Empty:
                 break
-        for future in list(self._open):
-            if not future.done():
-                future.set_exception(exc)
+        held = [f for f in self._open if not f.done()]
+        for future in held:
+            future.set_exception(exc)
+        if isinstance(exc, WorkerDied):  # the model's own worker failed them: probation counts these
+            self.stats.failed += len(held)
         self._pool, self._backlog = [], []
         self._finished_items = list(self._submitted_items)
 

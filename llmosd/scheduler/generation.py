@@ -29,7 +29,7 @@ from llmosd.scheduler.errors import BatcherClosed, QueueFull
 from llmosd.scheduler.histogram import Histogram
 from llmosd.scheduler.planning import retry_after_s
 from llmosd.scheduler.priority import NORMAL, PRIORITIES, rank
-from llmosd.scheduler.supervisor import Supervisor
+from llmosd.scheduler.supervisor import Supervisor, WorkerDied
 
 log = logging.getLogger(__name__)
 
@@ -261,14 +261,17 @@ class GenerationEngine:
                 self._inbox.get_nowait()
             except queue.Empty:
                 break
-        for stream in list(self._open):
+        held = list(self._open)
+        for stream in held:
             stream._deliver(exc)
         self._open.clear()
         self._waiting_count = 0
         st = self.stats
+        if isinstance(exc, WorkerDied):  # the model's own worker failed them: probation counts these
+            st.failed += len(held)
         st.running = st.waiting = st.kv_reserved_bytes = 0
         st.waiting_by_priority = dict.fromkeys(PRIORITIES, 0)
-        st.cancelled = st.requests - st.completed - st.failed  # what ``load`` counts is over
+        st.cancelled = st.requests - st.completed - st.failed  # the rest left unseen: ``load`` is 0 again
 
     def _give_up(self, reason: str) -> None:
         if self.gave_up is not None:
