@@ -157,14 +157,14 @@ async def test_readiness_status_and_metrics_follow_a_dying_worker(
     d = start_daemon(store, tmp_path_factory.mktemp("sup-daemon"), env=env)
     try:
         async with aiohttp.ClientSession(d.url) as s:
-            fault = {"model": DEFAULT, "worker": "batcher", "stage": "collect", "times": 4}
+            fault = {"model": DEFAULT, "worker": "batcher", "stage": "collect", "times": 5}
             async with s.post("/api/debug/fault", json=fault) as r:
                 assert r.status == 200, await r.text()
             async with s.post("/v1/embeddings", json={"model": DEFAULT, "input": "wake it"}) as r:
                 assert r.status in (200, 503)  # the worker dies at its next collect, after this batch
             seen_down = {"readyz": False, "status": False, "metrics": False}
             deadline = time.monotonic() + TIMEOUT
-            while not all(seen_down.values()):  # four deaths, backoffs 0.1 + 0.2 + 0.4 + 0.8 s
+            while not all(seen_down.values()):  # five deaths, backoffs 0.1 + 0.2 + 0.4 + 0.8 + 1.6 s
                 assert time.monotonic() < deadline, f"never seen down: {seen_down}"
                 async with s.get("/readyz") as r:
                     if r.status == 503:
@@ -193,11 +193,11 @@ async def test_readiness_status_and_metrics_follow_a_dying_worker(
                 text = await r.text()
             assert _ready_gauge(text, DEFAULT) == 1
             restarts = _sample(text, "llmosd_worker_restarts_total", DEFAULT)
-            assert restarts == 4
+            assert restarts == 5
     finally:
         assert d.stop() == 0, d.log.read_text()[-3000:]
     log = d.log.read_text()
-    assert log.count("worker batch-all-minilm-l6-v2 died: InjectedFault") == 4
+    assert log.count("worker batch-all-minilm-l6-v2 died: InjectedFault") == 5
 
 
 def _sample(text: str, name: str, model: str) -> float | None:

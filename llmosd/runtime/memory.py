@@ -14,10 +14,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import onnxruntime as ort
 
+log = logging.getLogger(__name__)
 IDLE_RELEASE_S = 2.0  # idle this long after work, a worker gives its session's spare arena memory back
 
 
@@ -59,3 +62,12 @@ def fix_mmap_threshold(size: int = MMAP_THRESHOLD) -> bool:
     at start, before the large allocations; False where the C library has no mallopt."""
     mallopt = getattr(_libc(), "mallopt", None)
     return bool(mallopt is not None and mallopt(M_MMAP_THRESHOLD, size) == 1)
+
+
+def release_quietly(release: Callable[[], None], what: str) -> None:
+    """Run an idle worker's ``release``; a failure there is logged, never the death of the worker (a
+    worker that died each time it idled would be given up on, for a memory nicety)."""
+    try:
+        release()
+    except Exception as exc:
+        log.warning("could not give %s's spare memory back: %r", what, exc)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Generic
 
 from llmosd.runtime.backend import Backend, Output, P
-from llmosd.runtime.memory import IDLE_RELEASE_S
+from llmosd.runtime.memory import IDLE_RELEASE_S, release_quietly
 from llmosd.scheduler.errors import BatcherClosed, QueueFull
 from llmosd.scheduler.histogram import SIZES, Histogram
 from llmosd.scheduler.planning import choose_batch, retry_after_s
@@ -234,7 +234,7 @@ class DynamicBatcher(Generic[P]):
                 return self._inbox.get(timeout=IDLE_RELEASE_S)
             except queue.Empty:
                 self._ran_since_release = False
-                self.backend.release()
+                release_quietly(self.backend.release, self.name)
         return self._inbox.get()
 
     def _admit(self, loop: asyncio.AbstractEventLoop, requests: list[_Request]) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from llmosd.runtime.causal_lm import KVCache, keep_rows, merge
 from llmosd.runtime.generator import TextGenerator
-from llmosd.runtime.memory import IDLE_RELEASE_S
+from llmosd.runtime.memory import IDLE_RELEASE_S, release_quietly
 from llmosd.runtime.sampling import Sampler, SamplingParams
 from llmosd.runtime.textstream import TextStream
 from llmosd.scheduler.errors import BatcherClosed, QueueFull
@@ -320,7 +320,7 @@ class GenerationEngine:
                     item = self._inbox.get(timeout=IDLE_RELEASE_S)
                 except queue.Empty:
                     self._ran_since_release = False
-                    self.model.lm.release()
+                    release_quietly(self.model.lm.release, self.name)
                     item = self._inbox.get()
             else:
                 item = self._inbox.get(block=block)

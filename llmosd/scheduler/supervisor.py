@@ -91,11 +91,11 @@ class Supervisor:
         log.error("worker %s died: %s", self.thread_name, self.last_error, exc_info=exc)
         if self._thread is not None:
             self._thread.join(timeout=1)  # it is past its last line: this returns at once
+        self.dead_for_good = len(self._deaths) > MAX_DEATHS and not self._closing
         self._reset(self.unavailable())
         if self._closing:
             return
-        if len(self._deaths) > MAX_DEATHS:
-            self.dead_for_good = True
+        if self.dead_for_good:
             reason = f"its worker died {len(self._deaths)} times in {WINDOW_S:.0f} s (last: {self.last_error})"
             log.error("worker %s: giving up: %s", self.thread_name, reason)
             if self._gave_up is not None:

@@ -7,7 +7,6 @@ bounded queue (429 at once), one loop wake-up per batch, a failure fails only it
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import queue
 import time
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from llmosd.runtime.memory import IDLE_RELEASE_S, shrink_options, trim_heap
+from llmosd.runtime.memory import IDLE_RELEASE_S, release_quietly, shrink_options, trim_heap
 from llmosd.runtime.tensors import TensorModel
 from llmosd.scheduler.errors import BatcherClosed, QueueFull
 from llmosd.scheduler.histogram import SIZES, Histogram
@@ -148,9 +147,12 @@ class TensorBatcher:
                 return self._inbox.get(timeout=IDLE_RELEASE_S)
             except queue.Empty:
                 feeds, self._last_row = self._last_row, None
-                with contextlib.suppress(Exception):  # it ran once already; nothing to fail here
+
+                def release() -> None:  # on one row of a request that ran: no input to invent
                     self.model.run(feeds, shrink_options(self.model.session))
-                trim_heap()
+                    trim_heap()
+
+                release_quietly(release, self.name)
         return self._inbox.get(block=block)
 
     def _take(self, pending: list[_Request]) -> tuple[list[_Request], list[_Request]]:

@@ -25,6 +25,7 @@ from llmosd.hardware.autotune import (
 from llmosd.runtime import LoadedModel
 from llmosd.runtime.causal_lm import KVCache, merge
 from llmosd.runtime.generator import TextGenerator
+from llmosd.runtime.memory import release_quietly
 from llmosd.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class Tuner:
         encoding = backend.prepare([_TEXT * (1 + seq_len // 8)])[0]
         encoding.truncate(seq_len)  # exactly the calibrated length
         trials = calibrate(lambda b: backend.run([encoding] * b), bound, budget, repeats=5)
-        backend.release()  # the calibration's largest batches stayed in the arena
+        release_quietly(backend.release, m.ref)  # the calibration's largest batches stayed in the arena
         chosen, reason = choose(trials, budget)
         return self._keep(loaded, len(encoding), budget, bound, trials, chosen, reason)
 
@@ -94,7 +95,7 @@ class Tuner:
 
         trials = calibrate(step, bound, budget, repeats=5)
         caches.clear()
-        model.lm.release()
+        release_quietly(model.lm.release, m.ref)
         chosen, reason = choose(trials, budget)
         return self._keep(loaded, width, budget, bound, trials, chosen, reason.replace("inputs/s", "tokens/s"))
 
