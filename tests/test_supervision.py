@@ -210,3 +210,35 @@ def _sample(text: str, name: str, model: str) -> float | None:
 
 def _ready_gauge(text: str, model: str) -> float | None:
     return _sample(text, "llmosd_model_ready", model)
+
+
+async def test_counters_are_updated_before_the_tokens_are_delivered(pool: ModelPool) -> None:
+    """Issue 12's race: a scrape right after a response read one token fewer than it had. At every
+    hand-off of chunks to the loop the engine's counters must already hold them."""
+    engine = worker_of(pool.get(SMOLLM2), "generation")
+    delivered: dict[int, int] = {}
+    finished = 0
+    behind: list[str] = []
+    original = engine._deliver
+
+    def checked(items: list[Any]) -> None:
+        nonlocal finished
+        for seq, chunk in items:
+            delivered[id(seq)] = chunk.completion_tokens
+            finished += chunk.finish_reason is not None
+        if engine.stats.generated_tokens < sum(delivered.values()):
+            behind.append(f"{engine.stats.generated_tokens} tokens counted, {sum(delivered.values())} delivered")
+        if engine.stats.completed < finished:
+            behind.append(f"{engine.stats.completed} completed counted, {finished} delivered")
+        original(items)
+
+    base_tokens, base_completed = engine.stats.generated_tokens, engine.stats.completed
+    delivered[0] = base_tokens  # what earlier tests generated
+    finished = base_completed
+    engine._deliver = checked
+    try:
+        await asyncio.wait_for(asyncio.gather(*(generate(pool.get(SMOLLM2)) for _ in range(4))), TIMEOUT)
+    finally:
+        del engine._deliver
+    assert not behind, behind[:3]
+    assert engine.stats.generated_tokens == base_tokens + 4 * 8
