@@ -11,7 +11,7 @@ from typing import Any
 
 from llmosd.api.errors import bad_request
 
-MAX_DEPTH = 32  # OpenAI's deepest documented shape (tools with nested JSON schemas) stays well inside
+MAX_DEPTH = 64  # a chat with tools or a JSON schema nests far less; Python's own decoder stops near 1,000
 _SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's \uXXXX escapes can name half a pair; UTF-8 cannot hold one
 
 
