@@ -26,7 +26,7 @@ from llmosd.scheduler.errors import BatcherClosed, QueueFull
 from llmosd.scheduler.histogram import SIZES, Histogram
 from llmosd.scheduler.planning import choose_batch, retry_after_s
 from llmosd.scheduler.priority import NORMAL, PRIORITIES, rank
-from llmosd.scheduler.supervisor import Supervisor, WorkerDied
+from llmosd.scheduler.supervisor import Supervisor, WorkerDied, drain
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +150,7 @@ class DynamicBatcher(Generic[P]):
     def _reset(self, exc: BaseException) -> None:
         """On the loop, with no worker thread running: fail everything submitted and not answered (what
         the thread held and what still queues), and start the next thread from nothing."""
-        while True:
-            try:
-                self._inbox.get_nowait()
-            except queue.Empty:
-                break
+        drain(self._inbox)
         held = [f for f in self._open if not f.done()]
         for future in held:
             future.set_exception(exc)

@@ -29,7 +29,7 @@ from llmosd.scheduler.errors import BatcherClosed, QueueFull
 from llmosd.scheduler.histogram import Histogram
 from llmosd.scheduler.planning import retry_after_s
 from llmosd.scheduler.priority import NORMAL, PRIORITIES, rank
-from llmosd.scheduler.supervisor import Supervisor, WorkerDied
+from llmosd.scheduler.supervisor import Supervisor, WorkerDied, drain
 
 log = logging.getLogger(__name__)
 
@@ -256,11 +256,7 @@ class GenerationEngine:
     def _reset(self, exc: BaseException) -> None:
         """On the loop, no worker running: fail every sequence not finished, queued ones included, and
         let the next thread start from nothing (its cache and rows were the dead thread's locals)."""
-        while True:
-            try:
-                self._inbox.get_nowait()
-            except queue.Empty:
-                break
+        drain(self._inbox)
         held = list(self._open)
         for stream in held:
             stream._deliver(exc)

@@ -41,7 +41,7 @@ class Instance:
         return self.outstanding + (self.engine.load if self.engine is not None else 0)
 
     def supervisors(self) -> list[Supervisor]:
-        return [w.supervisor for w in (self.batcher, self.engine, self.tensors) if w is not None]
+        return [w.supervisor for w in self._workers().values()]
 
     def healthy(self) -> bool:
         """Every worker here is running (one that died is restarting or was given up on)."""

@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from llmosd.scheduler.errors import BatcherClosed
 
@@ -27,6 +29,15 @@ MAX_DEATHS = 5  # in WINDOW_S: more, and the model is unloaded and reported inst
 WINDOW_S = 60.0
 FIRST_BACKOFF_S = 0.1
 MAX_BACKOFF_S = 5.0
+
+
+def drain(inbox: queue.SimpleQueue[Any]) -> None:
+    """Empty a dead worker's inbox (its requests are failed through the worker's open futures)."""
+    while True:
+        try:
+            inbox.get_nowait()
+        except queue.Empty:
+            return
 
 
 class WorkerDied(BatcherClosed):

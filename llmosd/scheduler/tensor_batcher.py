@@ -22,7 +22,7 @@ from llmosd.runtime.tensors import TensorModel
 from llmosd.scheduler.errors import BatcherClosed, QueueFull
 from llmosd.scheduler.histogram import SIZES, Histogram
 from llmosd.scheduler.planning import retry_after_s
-from llmosd.scheduler.supervisor import Supervisor
+from llmosd.scheduler.supervisor import Supervisor, drain
 
 log = logging.getLogger(__name__)
 Arrays = dict[str, npt.NDArray[Any]]
@@ -107,11 +107,7 @@ class TensorBatcher:
 
     def _reset(self, exc: BaseException) -> None:
         """On the loop, no worker running: fail every request not answered, queued ones included."""
-        while True:
-            try:
-                self._inbox.get_nowait()
-            except queue.Empty:
-                break
+        drain(self._inbox)
         for future in list(self._open):
             if not future.done():
                 future.set_exception(exc)
