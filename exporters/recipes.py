@@ -46,13 +46,15 @@ RECIPES = {
         task="text-generation",
         optimum_task="text-generation-with-past",
         int8_scheme="weight-only",
+        # One gate for every precision (issue 13): teacher-forced top-1 agreement with PyTorch fp32 on the
+        # decisive positions of a fixed text >= 0.95, perplexity within 5 % either way. fp32 must match.
         tolerances={
             "fp32": Tolerance(top1_agreement=0.99, perplexity_ratio=1.01),
-            "fp16": Tolerance(top1_agreement=0.95, perplexity_ratio=1.02),  # CUDA's precision; CPU validates it
-            "int8": Tolerance(top1_agreement=0.85, perplexity_ratio=1.15),
-            # Weight-only, asymmetric blocks of 32 (the grid of GGUF's Q4_1). SmolLM2: top-1 0.73 against
-            # the dequantised fp32, perplexity x1.004; symmetric blocks give 0.63 and x0.98.
-            "int4": Tolerance(top1_agreement=0.65, perplexity_ratio=1.10),
+            "fp16": Tolerance(top1_agreement=0.95, perplexity_ratio=1.05),  # CUDA's precision; CPU validates it
+            "int8": Tolerance(top1_agreement=0.95, perplexity_ratio=1.05),
+            # SmolLM2-135M (itself a Q4_1 GGUF, dequantised as the reference): the fused recipe's
+            # k_quant_mixed reaches 0.75, optimum's asymmetric blocks of 32 0.73. int4 is refused there.
+            "int4": Tolerance(top1_agreement=0.95, perplexity_ratio=1.05),
         },
     ),
     "text-classification": Recipe(

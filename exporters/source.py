@@ -79,7 +79,22 @@ def generation_settings(src: Path, config: dict[str, Any]) -> dict[str, Any]:
         "eos_token_ids": eos if isinstance(eos, list) else ([] if eos is None else [eos]),
         "bos_token_id": gen.get("bos_token_id", config.get("bos_token_id")),
         "chat_template": template if isinstance(template, str) else None,
+        "sampling": sampling_defaults(gen),
     }
+
+
+_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def sampling_defaults(gen: dict[str, Any]) -> dict[str, Any]:
+    """The sampling a model's authors set in generation_config.json (vLLM's defaults too); a config
+    that says ``do_sample: false`` means greedy, as in transformers."""
+    out = {k: gen[k] for k in _SAMPLING_KEYS if isinstance(gen.get(k), int | float) and not isinstance(gen[k], bool)}
+    if gen.get("do_sample") is False:
+        out = {"temperature": 0.0}
+    if "max_new_tokens" in gen and isinstance(gen["max_new_tokens"], int):
+        out["max_tokens"] = gen["max_new_tokens"]
+    return out
 
 
 def from_gguf(gguf: Path, dst: Path) -> Path:

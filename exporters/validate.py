@@ -109,8 +109,12 @@ def check(figs: dict[str, Any], tol: Tolerance) -> list[str]:
         problems.append(f"label agreement {figs['label_agreement']:.3f} < {tol.label_agreement}")
     if tol.top1_agreement is not None and figs["top1_agreement"] < tol.top1_agreement:
         problems.append(f"top-1 agreement {figs['top1_agreement']:.3f} < {tol.top1_agreement}")
-    if tol.perplexity_ratio is not None and figs["perplexity_ratio"] > tol.perplexity_ratio:
-        problems.append(f"perplexity ratio {figs['perplexity_ratio']:.4f} > {tol.perplexity_ratio}")
+    ratio = float(figs.get("perplexity_ratio", 1.0))
+    if tol.perplexity_ratio is not None and not 1 / tol.perplexity_ratio <= ratio <= tol.perplexity_ratio:
+        # both ways: a perplexity well below the reference's is a different model too
+        problems.append(
+            f"perplexity ratio {ratio:.4f} outside [{1 / tol.perplexity_ratio:.4f}, {tol.perplexity_ratio}]"
+        )
     return problems
 
 

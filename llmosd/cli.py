@@ -68,6 +68,36 @@ def cmd_models_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_set(args: argparse.Namespace) -> int:
+    """Default sampling of a model (``KEY=VALUE``; ``KEY=`` unsets): through the daemon, which applies it
+    at once, else in the store."""
+    from llmosd.runtime.sampling import merge_defaults
+    from llmosd.store import ModelStore
+
+    changes: dict[str, object] = {}
+    for item in args.values:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"models set takes KEY=VALUE (KEY= unsets), e.g. temperature=0.7 (got {item!r})")
+        try:
+            changes[key] = None if text == "" else int(text) if text.lstrip("-").isdigit() else float(text)
+        except ValueError:
+            raise ConfigError(f"{key}={text}: not a number") from None
+    config = _config(args)
+    answer = _via_daemon(config, f"/api/models/{args.name}/sampling", {"sampling": changes})
+    if answer is None:
+        store = ModelStore(config.state_dir)
+        try:
+            values = merge_defaults(store.sampling(args.name), changes)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        store.set_sampling(args.name, values)
+        own = dict(store.manifest(args.name).runtime.get("sampling") or {})
+        answer = {"defaults": own | values}
+    print(f"{args.name}: " + " ".join(f"{k}={v}" for k, v in sorted(answer["defaults"].items())))
+    return 0
+
+
 def cmd_models_rm(args: argparse.Namespace) -> int:
     name, version = _split_ref(args.ref)
     removed = _store(args).remove(name, version)
@@ -318,10 +348,19 @@ def cmd_export(args: argparse.Namespace) -> int:
             version=args.version,
             activate=not args.no_activate,
             tolerances=dict(_tolerance(t) for t in args.tolerance),
+            exporter=args.exporter,
+            options=dict(_option(o) for o in args.option),
         )
     )
     print(f"stored {manifest.ref}: {json.dumps(manifest.validation.get('figures', {}))}")
     return 0
+
+
+def _option(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--option takes KEY=VALUE, e.g. int4_block_size=16 (got {item!r})")
+    return key, value
 
 
 def _tolerance(item: str) -> tuple[str, float]:
@@ -525,7 +564,21 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a validation tolerance (min_cosine, mean_cosine, max_abs_diff, label_agreement)",
+        help="override a validation tolerance (min_cosine, mean_cosine, max_abs_diff, label_agreement, "
+        "top1_agreement, perplexity_ratio)",
+    )
+    s.add_argument(
+        "--exporter",
+        default="auto",
+        choices=("auto", "fused", "optimum"),
+        help="causal LMs: the fused graph (onnxruntime-genai's builder) where it builds the architecture, or optimum's",
+    )
+    s.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe option (fused int4: int4_algo_config, int4_block_size, int4_is_symmetric, int4_accuracy_level)",
     )
     s.set_defaults(func=cmd_export)
     models = sub.add_parser("models", help="inspect the model store").add_subparsers(dest="models", required=True)
@@ -577,6 +630,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--key", required=True, help="the private key (from llmosd models keygen)")
     s.add_argument("--insecure", action="store_true", help="plain HTTP (loopback registries use it anyway)")
     s.set_defaults(func=cmd_models_sign)
+    s = models.add_parser("set", help="set a model's default sampling (KEY=VALUE; KEY= unsets), as a Modelfile")
+    _add_config_flags(s)
+    s.add_argument("name")
+    s.add_argument("values", nargs="+", metavar="KEY=VALUE", help="temperature, top_p, top_k, repetition_penalty, …")
+    s.set_defaults(func=cmd_models_set)
     for name, func, help in (
         ("show", cmd_models_show, "print a manifest"),
         ("rm", cmd_models_rm, "remove a model or one version"),

@@ -106,6 +106,7 @@ async def _async_seed(st: AppState, problems: list[str]) -> None:
                 precision=st.config.default_precision,
                 name=default.name,
                 source_id=default.source_id,
+                sampling=dict(default.sampling),
             )
         except Exception as exc:  # the daemon keeps answering health/status with the reason
             problems.append(f"failed to seed {default.name}: {exc}")

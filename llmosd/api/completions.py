@@ -40,9 +40,11 @@ def _start(
     try:
         for ids in prompts:
             room = engine.model.context_length - len(ids)
-            max_tokens = s.max_tokens if s.max_tokens is not None else min(st.config.default_max_tokens, room)
+            defaults = engine.model.sampling_defaults
+            fallback = int(defaults.get("max_tokens", st.config.default_max_tokens))
+            max_tokens = s.max_tokens if s.max_tokens is not None else min(fallback, room)
             for i in range(s.n):
-                params = s.params
+                params = s.params_for(defaults)
                 if params.seed is not None and i:  # n choices from one seed must differ, reproducibly
                     params = type(params)(**{**params.__dict__, "seed": (params.seed + i) % 2**64})
                 request = GenerationRequest(

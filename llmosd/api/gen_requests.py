@@ -10,7 +10,7 @@ from typing import Any
 from llmosd.api.errors import bad_request
 from llmosd.config import Config
 from llmosd.runtime.chat import ROLES, Message
-from llmosd.runtime.sampling import SamplingParams
+from llmosd.runtime.sampling import DEFAULT_RANGES, SamplingParams, with_defaults
 
 MAX_N = 16
 MAX_STOPS = 16
@@ -85,6 +85,10 @@ class Sampling:
     stop: tuple[str, ...]
     stop_token_ids: frozenset[int]
     ignore_eos: bool
+    given: frozenset[str] = frozenset()  # the sampling fields the request set (the rest: the model's defaults)
+
+    def params_for(self, defaults: dict[str, float | int]) -> SamplingParams:
+        return with_defaults(self.params, self.given, defaults)
 
     @classmethod
     def parse(cls, body: dict[str, Any], max_tokens_key: str = "max_tokens") -> Sampling:
@@ -117,6 +121,7 @@ class Sampling:
             stop=_stops(body),
             stop_token_ids=_token_ids(body, "stop_token_ids"),
             ignore_eos=_flag(body, "ignore_eos"),
+            given=frozenset(k for k in DEFAULT_RANGES if body.get(k) is not None),
         )
 
 

@@ -51,6 +51,9 @@ async def export_model(
     source_id: str | None = None,
     activate: bool = True,
     tolerances: dict[str, float] | None = None,
+    exporter: str = "auto",
+    options: dict[str, str] | None = None,
+    sampling: dict[str, float | int] | None = None,
 ) -> Manifest:
     check_name(name)
     if version is not None:
@@ -85,6 +88,11 @@ async def export_model(
             cmd += ["--source-id", source_id]
         for key, value in (tolerances or {}).items():
             cmd += ["--tolerance", f"{key}={value}"]
+        cmd += ["--exporter", exporter]
+        for key, text in (options or {}).items():
+            cmd += ["--option", f"{key}={text}"]
+        for key, number in (sampling or {}).items():
+            cmd += ["--sampling", f"{key}={number}"]
         log.info("exporting %s from %s (%s, %s) in a child process", name, src, task, precision)
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         proc = await asyncio.create_subprocess_exec(

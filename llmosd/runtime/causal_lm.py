@@ -185,3 +185,64 @@ def keep_rows(cache: KVCache, keep: Sequence[int]) -> KVCache:
     index = np.array(keep, dtype=np.int64)
     arrays = [np.ascontiguousarray(_host(a)[index, :, start:]) for a in cache.arrays]
     return KVCache(arrays, lengths)
+
+
+class RightAlignedRows:
+    """The engine's ``Decoder`` over a ``CausalLM``: the running rows are one right-aligned cache that
+    joining rows are merged into, and leaving ones cut out of, at the next step (one copy per change)."""
+
+    def __init__(self, lm: CausalLM) -> None:
+        self.lm = lm
+        self.vocab_size = lm.vocab_size
+        self.bytes_per_token = lm.layout.bytes_per_token
+        self.dtype = lm.layout.dtype
+        self.capacity = 1 << 30  # only the KV budget bounds it
+        self._order: list[int] = []  # the rows of ``_cache``, in its order
+        self._cache = lm.empty_cache()
+        self._joining: dict[int, KVCache] = {}
+        self._live: set[int] = set()  # rows not freed
+        self._next = 0
+
+    def prefill(self, ids: Sequence[int]) -> tuple[FloatArray, int]:
+        logits, cache = self.lm.prefill(ids)
+        return logits, self._add(cache)
+
+    def _add(self, cache: KVCache) -> int:
+        row, self._next = self._next, self._next + 1
+        self._joining[row] = cache
+        self._live.add(row)
+        return row
+
+    def decode(self, rows: Sequence[int], tokens: Sequence[int]) -> FloatArray:
+        joining = [r for r in rows if r in self._joining]
+        if joining:
+            self._cache = merge(self._cache, [self._joining.pop(r) for r in joining])
+            self._order.extend(joining)
+        if list(rows) != self._order:  # rows left (or the engine asks in another order): one copy
+            where = {r: i for i, r in enumerate(self._order)}
+            self._cache = keep_rows(self._cache, [where[r] for r in rows])
+            self._order = list(rows)
+        logits, self._cache = self.lm.decode(self._cache, tokens)
+        return logits
+
+    def fork(self, row: int) -> int:
+        if row in self._joining:
+            return self._add(self._joining[row])
+        i = self._order.index(row)
+        return self._add(keep_rows(self._cache, [i]) if self._cache.rows > 1 else self._cache)
+
+    def free(self, row: int) -> None:
+        self._joining.pop(row, None)  # a running row is cut out at the next decode
+        self._live.discard(row)
+
+    def reset(self) -> None:
+        self._order, self._cache, self._joining, self._live = [], self.lm.empty_cache(), {}, set()
+
+    def reserved_bytes(self, reserves: Sequence[int]) -> int:
+        """Every row is as wide as the widest: the layout right-aligns them in one array."""
+        return len(reserves) * max(reserves, default=0) * self.bytes_per_token
+
+    def release(self) -> None:
+        if not self._live:  # the last rows left: their cache is garbage
+            self.reset()
+        self.lm.release()

@@ -7,21 +7,41 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from llmosd.runtime.causal_lm import CausalLM, merge
+from llmosd.runtime.causal_lm import CausalLM, RightAlignedRows
 from llmosd.runtime.chat import ChatTemplate, Message
+from llmosd.runtime.decoder import Decoder
+from llmosd.runtime.fused_lm import FusedLM, is_fused
 
 
 class TextGenerator:
-    def __init__(self, session: Any, tokenizer_path: Path, runtime: dict[str, Any], max_context: int = 0) -> None:
+    def __init__(
+        self,
+        session: Any,
+        tokenizer_path: Path,
+        runtime: dict[str, Any],
+        max_context: int = 0,
+        max_sequences: int = 16,
+    ) -> None:
         self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()  # a prompt longer than the context is refused, never cut silently
-        self.lm = CausalLM(session, self.tokenizer.get_vocab_size())
         model_context = int(runtime.get("max_seq_length") or 2048)
         self.context_length = min(model_context, max_context) if max_context > 0 else model_context
+        self.session = session
+        # A fused graph's cache is preallocated: a slot per row decoded together, the context long.
+        self.lm = self.decoder(max_sequences, self.context_length)
+        # What a request's absent sampling fields take (the manifest's, then `llmosd models set`).
+        self.sampling_defaults: dict[str, float | int] = dict(runtime.get("sampling") or {})
         self.eos_token_ids = frozenset(int(i) for i in runtime.get("eos_token_ids") or [])
         template = runtime.get("chat_template")
         self.chat = ChatTemplate(template, self._token(runtime.get("bos_token_id")), self._eos()) if template else None
+
+    def decoder(self, rows: int, positions: int) -> Decoder:
+        """A cache of its own over this model's session (the engine's; the tuner's, beside it)."""
+        vocab = self.tokenizer.get_vocab_size()
+        if is_fused(self.session):
+            return FusedLM(self.session, vocab, rows, positions)
+        return RightAlignedRows(CausalLM(self.session, vocab))
 
     def _token(self, token_id: object) -> str:
         return (self.tokenizer.id_to_token(token_id) or "") if isinstance(token_id, int) else ""
@@ -42,6 +62,8 @@ class TextGenerator:
     def warmup(self) -> None:
         """One prefill and a decode step at one and two rows, so the first request pays no set-up."""
         logits, one = self.lm.prefill(self.encode("warm up", special=False) or [0])
+        self.lm.decode([one], [int(logits.argmax())])
         _, two = self.lm.prefill(self.encode("warm up a second row", special=False) or [0])
-        self.lm.decode(one, [int(logits.argmax())])
-        self.lm.decode(merge(one, [two]), [0, 0])
+        self.lm.decode([one, two], [0, 0])
+        self.lm.free(one)
+        self.lm.free(two)

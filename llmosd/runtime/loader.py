@@ -43,29 +43,32 @@ def load(
     target: str | None = None,
     threads: int | None = None,
     verify: bool = True,
+    max_sequences: int = 16,
 ) -> LoadedModel:
     """Verify every file's digest, create the session and the task adapter, warm it up. Blocking.
 
     ``max_context`` caps a causal LM's context (0: the model's own); ``target`` and ``threads`` are
     placement's choice for this instance; ``verify`` False skips hashing (a further instance of a
-    version just verified)."""
+    version just verified); ``max_sequences`` is the rows a causal LM's cache is laid out for."""
     if manifest.task not in ("feature-extraction", "text-classification", "text-generation"):
         raise ManifestError(f"{manifest.ref}: task {manifest.task!r} cannot be served")
     if verify:
         store.verify(manifest)
     session, placement = selector.create(store.file_path(manifest, "model"), manifest.devices, target, threads)
-    backend = _adapter(store, manifest, session, max_context)
+    backend = _adapter(store, manifest, session, max_context, max_sequences)
     backend.warmup()
     log.info("loaded %s (%s, %s) on %s", manifest.ref, manifest.task, manifest.precision, placement.device)
     return LoadedModel(manifest, placement, backend, session)
 
 
 def _adapter(
-    store: ModelStore, manifest: Manifest, session: Any, max_context: int
+    store: ModelStore, manifest: Manifest, session: Any, max_context: int, max_sequences: int
 ) -> EmbeddingModel | ClassifierModel | TextGenerator:
     tokenizer_path = store.file_path(manifest, "tokenizer")
     if manifest.task == "text-generation":
-        return TextGenerator(session, tokenizer_path, manifest.runtime, max_context)
+        generator = TextGenerator(session, tokenizer_path, manifest.runtime, max_context, max_sequences)
+        generator.sampling_defaults |= store.sampling(manifest.name)  # `llmosd models set`, over the manifest's
+        return generator
     tokenizer = TextTokenizer(tokenizer_path, int(_runtime_setting(manifest, "max_seq_length")))
     if manifest.task == "feature-extraction":
         pooling = _runtime_setting(manifest, "pooling")

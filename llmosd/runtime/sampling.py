@@ -6,7 +6,8 @@ reproduces a sequence whatever else is in the batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -98,3 +99,61 @@ def _top_p(ids: npt.NDArray[np.int64], probs: FloatArray, top_p: float) -> tuple
     keep = int(np.searchsorted(np.cumsum(probs[order], dtype=np.float64), top_p)) + 1
     chosen = order[: min(keep, order.size)]
     return ids[chosen], probs[chosen]
+
+
+# A model's default sampling parameters (its generation_config.json, its recipe, `llmosd models set`):
+# the keys and the ranges a request's own fields are held to, plus max_tokens.
+DEFAULT_RANGES: dict[str, tuple[float, float]] = {
+    "temperature": (0.0, 2.0),
+    "top_p": (0.0, 1.0),  # open below
+    "top_k": (-1, 1 << 20),  # -1 or 0: no cut
+    "repetition_penalty": (0.0, 10.0),  # open below
+    "frequency_penalty": (-2.0, 2.0),
+    "presence_penalty": (-2.0, 2.0),
+    "max_tokens": (1, 1 << 24),
+}
+_INTEGERS = frozenset({"top_k", "max_tokens"})
+_OPEN_BELOW = frozenset({"top_p", "repetition_penalty"})
+
+
+def check_defaults(values: dict[str, object]) -> dict[str, float | int]:
+    """Validated defaults; ValueError names the first bad key."""
+    out: dict[str, float | int] = {}
+    for key, value in values.items():
+        if key not in DEFAULT_RANGES:
+            raise ValueError(f"unknown sampling parameter {key!r}; choose from {', '.join(DEFAULT_RANGES)}")
+        lo, hi = DEFAULT_RANGES[key]
+        integer = key in _INTEGERS
+        number = value if isinstance(value, int | float) and not isinstance(value, bool) else None
+        if (
+            number is None
+            or (integer and not isinstance(number, int))
+            or not lo <= number <= hi
+            or (key in _OPEN_BELOW and number == lo)
+        ):
+            kind = "an integer" if integer else "a number"
+            above = " above the lower end" if key in _OPEN_BELOW else ""
+            raise ValueError(f"{key} must be {kind} in [{lo}, {hi}]{above}")
+        out[key] = int(number) if integer else float(number)
+    return out
+
+
+def merge_defaults(current: dict[str, float | int], changes: dict[str, object]) -> dict[str, float | int]:
+    """``current`` with ``changes`` applied (None unsets a key), validated."""
+    out: dict[str, object] = dict(current)
+    for key, value in changes.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return check_defaults(out)
+
+
+def with_defaults(params: SamplingParams, given: frozenset[str], defaults: dict[str, float | int]) -> SamplingParams:
+    """``params`` with each field the request did not give taken from the model's defaults."""
+    fields: dict[str, Any] = {
+        k: v for k, v in defaults.items() if k not in given and k in SamplingParams.__dataclass_fields__
+    }
+    if "top_k" in fields:
+        fields["top_k"] = max(int(fields["top_k"]), 0)
+    return replace(params, **fields) if fields else params

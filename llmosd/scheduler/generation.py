@@ -2,11 +2,12 @@
 leave as soon as they finish, so a long generation never holds a short one behind it.
 
 One worker thread per model owns the cache and every sequence's state. Each step it admits waiting
-sequences while the KV budget allows (each prompt is prefilled alone, then its cache is merged into the
-batch), runs one decode step for every running row, samples, detokenises, checks stops, and hands all
-the new text to the event loop in one wake-up. A request the client abandoned is dropped at the next
-step. Admission reserves each sequence's worst case (prompt + max_tokens positions) against the budget,
-so a batch can never outgrow it; what does not fit waits, and a full wait queue answers 429 at once.
+sequences while the KV budget allows (each prompt is prefilled alone into a row of the model's cache,
+which joins the batch at the next step), runs one decode step for every running row, samples,
+detokenises, checks stops, and hands all the new text to the event loop in one wake-up. A request the
+client abandoned is dropped at the next step. Admission reserves each sequence's worst case (prompt +
+max_tokens positions) against the budget, so a batch can never outgrow it; what does not fit waits,
+and a full wait queue answers 429 at once.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from llmosd.runtime.causal_lm import KVCache, keep_rows, merge
 from llmosd.runtime.generator import TextGenerator
 from llmosd.runtime.memory import IDLE_RELEASE_S, release_quietly
 from llmosd.runtime.sampling import Sampler, SamplingParams
@@ -122,6 +122,7 @@ class _Sequence:
     tokens: list[int] = field(default_factory=list)
     sent: int = 0  # tokens already handed out in chunks
     done: bool = False
+    row: int = -1  # its row in the model's cache, once prefilled
 
     def advance(self, token: int, eos: frozenset[int]) -> Chunk | None:
         """Take one sampled token; return the chunk to deliver, None while there is nothing to say."""
@@ -216,7 +217,7 @@ class GenerationEngine:
                 f"context of {self.model.context_length} tokens of model {self.name!r}"
             )
         reserve = n + request.max_tokens
-        need = reserve * self.model.lm.layout.bytes_per_token
+        need = reserve * self.model.lm.bytes_per_token
         if need > self.limits.kv_cache_bytes:
             raise RequestTooLarge(
                 f"the request needs {need >> 20} MiB of KV cache ({reserve} positions); the limit is "
@@ -278,33 +279,34 @@ class GenerationEngine:
     def _work(self) -> None:
         """Run by the supervisor. A step that fails (a runtime fault) fails its rows and the engine goes
         on; whatever escapes from elsewhere kills the thread, and the supervisor fails, resets, restarts."""
+        lm = self.model.lm
+        lm.reset()  # a restarted worker starts from nothing: the dead one's rows were its locals
         waiting: deque[_Sequence] = deque()
         rows: list[_Sequence] = []
-        cache: KVCache = self.model.lm.empty_cache()
         while True:
             if not self._take(waiting, block=not rows and not waiting):
                 self._fail([*waiting, *rows], BatcherClosed(f"model {self.name!r} is unloading"))
                 return
-            joining: list[tuple[_Sequence, KVCache]] = []
+            joining: list[_Sequence] = []
             self._ran_since_release = self._ran_since_release or bool(rows or waiting)
             try:
                 self._admit(waiting, rows, joining)
-                if joining:
-                    cache = merge(cache, [c for _, c in joining])
-                    rows.extend(s for s, _ in joining)
-                    joining = []
+                rows.extend(joining)
+                joining = []
                 if rows:
-                    cache = self._step(rows, cache)
-                keep = [i for i, s in enumerate(rows) if not (s.done or s.stream.cancelled)]
+                    self._step(rows)
                 self._count_leavers([s for s in rows if s.stream.cancelled and not s.done])  # done: in _step
-                cache = keep_rows(cache, keep)
-                rows = [rows[i] for i in keep]
+                for s in rows:
+                    if s.done or s.stream.cancelled:
+                        lm.free(s.row)  # its slot is the next joiner's
+                rows = [s for s in rows if not (s.done or s.stream.cancelled)]
             except Exception as exc:  # a runtime fault: fail the batch (and who was joining it), keep serving
                 log.exception("generation step failed for %s", self.name)
-                failed = [*rows, *(s for s, _ in joining)]
+                failed = [*rows, *joining]
                 self.stats.failed += len(failed)
                 self._fail(failed, RuntimeError(f"generation failed: {exc}"))
-                rows, cache = [], self.model.lm.empty_cache()
+                rows = []
+                lm.reset()
             self._publish_counts(waiting, rows)
 
     def _take(self, waiting: deque[_Sequence], block: bool) -> bool:
@@ -328,9 +330,7 @@ class GenerationEngine:
         except queue.Empty:
             return True
 
-    def _admit(
-        self, waiting: deque[_Sequence], rows: list[_Sequence], joining: list[tuple[_Sequence, KVCache]]
-    ) -> None:
+    def _admit(self, waiting: deque[_Sequence], rows: list[_Sequence], joining: list[_Sequence]) -> None:
         """Prefill what fits into ``joining`` (the caller's list, so a fault midway loses none of them)."""
         now = time.time()
         ordered = sorted(waiting, key=lambda s: (rank(s.request.priority, now - s.enqueued, 0), s.enqueued))
@@ -344,7 +344,7 @@ class GenerationEngine:
                 self._left_queue(1)
                 self.stats.cancelled += 1
                 continue
-            running = [*rows, *(s for s, _ in joining)]
+            running = [*rows, *joining]
             if not self._fits(seq, running) or (joining and budget < len(seq.request.prompt_ids)):
                 break
             waiting.popleft()
@@ -353,12 +353,14 @@ class GenerationEngine:
             self.stats.queue_wait.observe(time.time() - seq.enqueued)
             try:
                 started = time.perf_counter()
-                logits, cache = self.model.lm.prefill(seq.request.prompt_ids)
+                logits, seq.row = self.model.lm.prefill(seq.request.prompt_ids)
                 self.stats.prefill_time.observe(time.perf_counter() - started)
                 self.stats.generated_tokens += 1
                 chunk = seq.advance(seq.sampler.pick(logits), self.model.eos_token_ids)
             except Exception as exc:
                 log.exception("prefill failed for %s", self.name)
+                if seq.row >= 0:
+                    self.model.lm.free(seq.row)
                 self.stats.failed += 1
                 self._fail([seq], RuntimeError(f"generation failed: {exc}"))
                 continue
@@ -367,18 +369,20 @@ class GenerationEngine:
                 self._count_leavers([seq])
             if chunk is not None:
                 self._deliver([(seq, chunk)])  # the first token goes out before the next decode step
-            if not seq.done:
-                joining.append((seq, cache))
+            if seq.done:
+                self.model.lm.free(seq.row)
+            else:
+                joining.append(seq)
 
     def _fits(self, seq: _Sequence, running: list[_Sequence]) -> bool:
-        if len(running) >= self.limits.max_sequences:
+        if len(running) >= min(self.limits.max_sequences, self.model.lm.capacity):
             return False
-        width = max([seq.reserve, *(s.reserve for s in running)])
-        return (len(running) + 1) * width * self.model.lm.layout.bytes_per_token <= self.limits.kv_cache_bytes
+        reserves = [*(s.reserve for s in running), seq.reserve]
+        return self.model.lm.reserved_bytes(reserves) <= self.limits.kv_cache_bytes
 
-    def _step(self, rows: list[_Sequence], cache: KVCache) -> KVCache:
+    def _step(self, rows: list[_Sequence]) -> None:
         started = time.perf_counter()
-        logits, cache = self.model.lm.decode(cache, [s.tokens[-1] for s in rows])
+        logits = self.model.lm.decode([s.row for s in rows], [s.tokens[-1] for s in rows])
         chunks = [(s, s.advance(s.sampler.pick(logits[i]), self.model.eos_token_ids)) for i, s in enumerate(rows)]
         # Counters before delivery: a client that has its tokens must find them counted (a scrape right
         # after a response read one token short when this ran after the hand-off).
@@ -393,7 +397,6 @@ class GenerationEngine:
         st.tokens_per_s = rate if st.tokens_per_s == 0 else 0.9 * st.tokens_per_s + 0.1 * rate
         self._count_leavers([s for s, _ in chunks if s.done])
         self._deliver([(s, c) for s, c in chunks if c is not None])
-        return cache
 
     def _count_leavers(self, leaving: list[_Sequence]) -> None:
         for s in leaving:
@@ -409,8 +412,7 @@ class GenerationEngine:
         for s in waiting:
             counts[s.request.priority] += 1
         self.stats.waiting_by_priority = dict(zip(PRIORITIES, counts, strict=True))
-        width = max((s.reserve for s in rows), default=0)
-        self.stats.kv_reserved_bytes = len(rows) * width * self.model.lm.layout.bytes_per_token
+        self.stats.kv_reserved_bytes = self.model.lm.reserved_bytes([s.reserve for s in rows])
 
     def _left_queue(self, n: int) -> None:
         self._call(lambda: setattr(self, "_waiting_count", self._waiting_count - n))

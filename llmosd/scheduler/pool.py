@@ -159,7 +159,15 @@ class ModelPool:
             threads = max(1, self.selector.threads // on_cpu) if target == "cpu" and on_cpu > 1 else None
             try:
                 loaded = await asyncio.to_thread(
-                    load, self.store, manifest, self.selector, self.max_context, target, threads, i == 0
+                    load,
+                    self.store,
+                    manifest,
+                    self.selector,
+                    self.max_context,
+                    target,
+                    threads,
+                    i == 0,
+                    self.limits.max_sequences,
                 )
             except Exception as exc:
                 if not out:

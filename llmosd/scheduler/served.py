@@ -223,6 +223,6 @@ class ServedModel:
         if engine is not None:
             out |= {
                 "context_length": engine.model.context_length,
-                "kv_bytes_per_token": engine.model.lm.layout.bytes_per_token,
+                "kv_bytes_per_token": engine.model.lm.bytes_per_token,
             }
         return out

@@ -23,7 +23,6 @@ from llmosd.hardware.autotune import (
     memory_bound,
 )
 from llmosd.runtime import LoadedModel
-from llmosd.runtime.causal_lm import KVCache, merge
 from llmosd.runtime.generator import TextGenerator
 from llmosd.runtime.memory import release_quietly
 from llmosd.store import ModelStore
@@ -82,20 +81,22 @@ class Tuner:
         best tokens/s whose decode step stays within the budget (the inter-token latency each stream sees)."""
         m = loaded.manifest
         budget = self.policy.latency_budget_ms or BUDGETS_MS.get(m.task, 100.0)
-        width = min(self.policy.kv_width, model.context_length - 1)
-        per_row = width * model.lm.layout.bytes_per_token
-        bound = max(1, min(self.policy.max_sequences, self.policy.kv_cache_bytes // per_row))
-        _, row = model.lm.prefill([1 + i % 100 for i in range(width)])
-        caches: dict[int, KVCache] = {}
+        width = min(self.policy.kv_width, model.context_length // 2)  # room for the steps
+        per_row = width * model.lm.bytes_per_token
+        bound = max(1, min(self.policy.max_sequences, self.policy.kv_cache_bytes // per_row, model.lm.capacity))
+        # A cache of its own: the engine serves beside the calibration, on the same session.
+        lm = model.decoder(bound, min(width + 256, model.context_length))
+        _, first = lm.prefill([1 + i % 100 for i in range(width)])
+        rows = [first]
 
-        def step(rows: int) -> None:
-            if rows not in caches:
-                caches[rows] = merge(model.lm.empty_cache(), [row] * rows)
-            model.lm.decode(caches[rows], [1] * rows)  # the same cache every time: the same work
+        def step(n: int) -> None:
+            while len(rows) < n:
+                rows.append(lm.fork(first))
+            lm.decode(rows[:n], [1] * n)  # each step adds a position: ~50 steps fit the 256 spare
 
         trials = calibrate(step, bound, budget, repeats=5)
-        caches.clear()
-        release_quietly(model.lm.release, m.ref)
+        lm.reset()
+        release_quietly(lm.release, m.ref)
         chosen, reason = choose(trials, budget)
         return self._keep(loaded, width, budget, bound, trials, chosen, reason.replace("inputs/s", "tokens/s"))
 

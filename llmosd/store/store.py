@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -125,6 +126,27 @@ class ModelStore:
         if (manifest.name, manifest.version) != (name, version):
             raise ManifestError(f"{path} describes {manifest.ref}, not {name}:{version}")
         return manifest
+
+    def sampling(self, name: str) -> dict[str, float | int]:
+        """Sampling defaults set for a model (``llmosd models set``), over its manifest's: every version."""
+        path = self.models / check_name(name) / "settings.json"
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        values = raw.get("sampling") if isinstance(raw, dict) else None
+        return {k: v for k, v in values.items() if isinstance(v, int | float)} if isinstance(values, dict) else {}
+
+    def set_sampling(self, name: str, values: dict[str, float | int]) -> None:
+        """Replace a model's sampling defaults (checked by the caller), atomically."""
+        model_dir = self.models / check_name(name)
+        if not self.versions(name):
+            raise NotFound(f"model {name!r} not found")
+        staging = model_dir / f".settings-{os.getpid()}"
+        staging.write_text(json.dumps({"sampling": values}, indent=2, sort_keys=True))
+        _fsync_file(staging)
+        os.replace(staging, model_dir / "settings.json")
+        _fsync_dir(model_dir)
 
     def verify(self, manifest: Manifest) -> None:
         """Hash every file of a version; raise IntegrityError naming the first file that differs."""

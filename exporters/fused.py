@@ -1,0 +1,107 @@
+"""The fused causal-LM recipe: onnxruntime-genai's model builder writes one decoder graph
+(GroupQueryAttention with rotary inside, packed QKV, SkipSimplifiedLayerNormalization, MatMulNBits),
+about 150 nodes a step where optimum's export of the same Llama runs about 3,150.
+
+The builder is an export-time tool only. onnxruntime-genai 0.12.2 is the last whose builder runs on
+transformers < 4.58 (the pin optimum-onnx sets); its wheel depends on the CPU ``onnxruntime``, which must
+never share an environment with ``onnxruntime-gpu``, so it is installed ``--no-deps`` and run as a child
+process. Nothing of it is imported on the serving path (the daemon runs the graph with plain ORT).
+
+Precisions: ``fp32`` (the builder's), ``int8`` (the builder's fp32 graph, every MatMul then weight-only
+int8 through onnxruntime's MatMulNBitsQuantizer: builder 0.12.2 has no int8 of its own), ``int4`` (the
+builder's, ``k_quant_mixed`` by default: llama.cpp's mix of int8 layers, int8 LM head and embedding).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+# model_type values whose builders 0.12.2 has and that this project has run through it.
+ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "phi3", "gemma", "gemma2"})
+PRECISIONS = ("fp32", "int8", "int4")
+PROTOBUF_LIMIT = 2_000_000_000  # one ONNX file; beyond it weights need an external data file
+
+# Measured on SmolLM2-135M against PyTorch fp32 (teacher-forced, 64 positions): rtn 0.63 top-1, rtn
+# with an int8 LM head 0.70, k_quant_mixed 0.75 (blocks of 16: 0.81, and slower than int8).
+INT4_DEFAULTS = {
+    "int4_algo_config": "k_quant_mixed",
+    "int4_block_size": "32",
+    "int4_is_symmetric": "false",
+    "int4_accuracy_level": "4",  # int8 compute on CPU: 4x faster than dequantising to fp32
+}
+
+
+def available() -> bool:
+    return importlib.util.find_spec("onnxruntime_genai") is not None
+
+
+def supports(config: dict[str, Any], precision: str) -> bool:
+    return config.get("model_type") in ARCHITECTURES and precision in PRECISIONS
+
+
+def build(src: Path, out: Path, precision: str, options: dict[str, str]) -> tuple[Path, dict[str, Any]]:
+    """Run the builder into ``out``; return the graph (one file) and what was done."""
+    builder_precision = "fp32" if precision == "int8" else precision
+    extra = {"prune_lm_head": "true"}  # prefill computes the last position's logits only
+    if precision == "int4":
+        extra |= INT4_DEFAULTS
+    extra |= {k: v for k, v in options.items() if k.startswith("int4_")} if precision == "int4" else {}
+    raw = out / "builder"
+    cmd = [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        str(src),
+        "-o",
+        str(raw),
+        "-p",
+        builder_precision,
+        "-e",
+        "cpu",
+        "-c",
+        str(out / "builder-cache"),
+        "--extra_options",
+        *(f"{k}={v}" for k, v in sorted(extra.items())),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+        raise RuntimeError(f"the model builder failed: {tail}")
+    steps: dict[str, Any] = {"builder": "onnxruntime-genai " + _version(), "builder_options": extra}
+    graph = raw / "model.onnx"
+    final = out / "fused.onnx"
+    if precision == "int8":
+        steps["quantize"] = _int8(graph, final, options)
+    else:
+        _single_file(graph, final)
+    return final, steps
+
+
+def _int8(graph: Path, final: Path, options: dict[str, str]) -> dict[str, Any]:
+    from exporters.quantize import quantize_weight_only
+
+    block = int(options.get("int8_block_size", "32"))
+    return quantize_weight_only(graph, final, bits=8, block_size=block, symmetric=True)
+
+
+def _single_file(graph: Path, final: Path) -> None:
+    """The weights inside the graph file: the store keeps one file per role."""
+    import onnx
+
+    size = sum(p.stat().st_size for p in graph.parent.iterdir() if p.name.startswith(graph.name))
+    if size >= PROTOBUF_LIMIT:
+        raise ValueError(
+            f"the graph and its weights are {size / 1e9:.1f} GB: models over 2 GB (external data) are not stored yet"
+        )
+    onnx.save(onnx.load(str(graph)), str(final))
+
+
+def _version() -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version("onnxruntime-genai")
