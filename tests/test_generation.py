@@ -15,9 +15,9 @@ import pytest
 
 from llmosd.runtime import LoadedModel, ProviderSelector, load
 from llmosd.runtime.causal_lm import CausalLM, RightAlignedRows
+from llmosd.runtime.chat import Message
 from llmosd.runtime.decoder import Decoder
 from llmosd.runtime.fused_lm import FusedLM
-from llmosd.runtime.chat import Message
 from llmosd.runtime.generator import TextGenerator
 from llmosd.runtime.sampling import SamplingParams
 from llmosd.scheduler import (
