@@ -350,10 +350,28 @@ def cmd_export(args: argparse.Namespace) -> int:
             tolerances=dict(_tolerance(t) for t in args.tolerance),
             exporter=args.exporter,
             options=dict(_option(o) for o in args.option),
+            sampling=_sampling(args.sampling),
         )
     )
     print(f"stored {manifest.ref}: {json.dumps(manifest.validation.get('figures', {}))}")
     return 0
+
+
+def _sampling(items: list[str]) -> dict[str, float | int]:
+    """``KEY=VALUE`` sampling defaults, checked here so that a typo fails before an export runs."""
+    from llmosd.runtime.sampling import check_defaults
+
+    values: dict[str, object] = {}
+    for item in items:
+        key, value = _option(item)
+        try:
+            values[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            raise ConfigError(f"{key}={value}: not a number") from None
+    try:
+        return check_defaults(values)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _option(item: str) -> tuple[str, str]:
@@ -555,7 +573,9 @@ def parser() -> argparse.ArgumentParser:
     _add_config_flags(s)
     s.add_argument("src", help="Hugging Face model folder")
     s.add_argument("--task", required=True, choices=TASKS)
-    s.add_argument("--precision", default="int8", choices=PRECISIONS)
+    s.add_argument(
+        "--precision", default="auto", choices=("auto", *PRECISIONS), help="auto: the fastest the gate passes"
+    )
     s.add_argument("--name", required=True)
     s.add_argument("--version", default=None, help="positive integer (default: next)")
     s.add_argument("--no-activate", action="store_true", help="store without making it the active version")
@@ -579,6 +599,13 @@ def parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="a recipe option (fused int4: int4_algo_config, int4_block_size, int4_is_symmetric, int4_accuracy_level)",
+    )
+    s.add_argument(
+        "--sampling",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a default sampling parameter (temperature, top_p, top_k, repetition_penalty, …), over the model's own",
     )
     s.set_defaults(func=cmd_export)
     models = sub.add_parser("models", help="inspect the model store").add_subparsers(dest="models", required=True)

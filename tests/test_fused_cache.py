@@ -1,0 +1,87 @@
+"""The fused graph's KV cache, written in place (SmolLM2 int8 from the session store, built by
+onnxruntime-genai's model builder): rows are slots of one preallocated buffer, reused when rows leave,
+and the pages a row used go back to the system when it leaves."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from llmosd.runtime import ProviderSelector, load
+from llmosd.runtime.fused_lm import FusedLM
+from llmosd.runtime.generator import TextGenerator
+from llmosd.store import ModelStore
+from tests.conftest import SMOLLM2
+
+
+@pytest.fixture(scope="module")
+def smol(store_dir: Path) -> Iterator[TextGenerator]:
+    store = ModelStore(store_dir)
+    loaded = load(store, store.manifest(SMOLLM2), ProviderSelector("cpu", 2, False), max_sequences=4)
+    assert isinstance(loaded.backend, TextGenerator)
+    yield loaded.backend
+
+
+def greedy(lm: FusedLM, rows: list[int], first: list[int], steps: int) -> list[list[int]]:
+    out = [[t] for t in first]
+    for _ in range(steps):
+        logits = lm.decode(rows, [o[-1] for o in out])
+        for o, t in zip(out, logits.argmax(-1), strict=True):
+            o.append(int(t))
+    return out
+
+
+def test_rows_are_slots_written_in_place_and_a_leaving_rows_slot_is_reused(smol: TextGenerator) -> None:
+    lm = smol.lm
+    assert isinstance(lm, FusedLM) and lm.slots == 4
+    prompts = [smol.encode(t, special=False) for t in ("The capital of France is", "def fib(n):", "Once upon a")]
+    alone = []
+    for p in prompts:
+        logits, row = lm.prefill(p)
+        alone.append(greedy(lm, [row], [int(logits.argmax())], 6)[0])
+        lm.free(row)
+    base = [a.ctypes.data for a in lm._arrays]
+    rows, first = [], []
+    for p in prompts:
+        logits, row = lm.prefill(p)
+        rows.append(row)
+        first.append(int(logits.argmax()))
+    assert rows == [0, 1, 2]
+    together = greedy(lm, rows, first, 6)
+    assert together == alone  # rows at different lengths in one run: each as it runs alone
+    assert [a.ctypes.data for a in lm._arrays] == base  # the same memory throughout: nothing re-laid out
+    lm.free(rows[1])  # the middle row leaves; its slot is a hole the others decode around
+    tail = greedy(lm, [rows[0], rows[2]], [together[0][-1], together[2][-1]], 2)
+    logits, joined = lm.prefill(prompts[1])
+    assert joined == 1  # the freed slot is the next joiner's
+    assert greedy(lm, [joined], [int(logits.argmax())], 6)[0] == alone[1]
+    assert len(tail) == 2 and lm.lengths[rows[0]] == len(prompts[0]) + 8
+    lm.reset()
+    assert lm.lengths == [0, 0, 0, 0]
+
+
+def test_a_long_rows_cache_pages_go_back_when_it_leaves(smol: TextGenerator) -> None:
+    lm = smol.lm
+    assert isinstance(lm, FusedLM)
+    prompt = [1 + i % 500 for i in range(1500)]  # 1,500 positions x 46 KB (30 layers, fp32) = 69 MB
+    process = psutil.Process()
+    before = process.memory_info().rss
+    _, row = lm.prefill(prompt)
+    grown = process.memory_info().rss - before
+    lm.free(row)
+    after = process.memory_info().rss - before
+    cache = len(prompt) * lm.bytes_per_token
+    assert grown >= 0.8 * cache, (grown, cache)  # the pages exist once written...
+    assert after <= grown - 0.8 * cache, (after, grown)  # ...and are returned when the row leaves
+
+
+def test_prefill_computes_the_last_positions_logits_only(smol: TextGenerator) -> None:
+    out = next(o for o in smol.lm.session.get_outputs() if o.name == "logits")  # type: ignore[attr-defined]
+    assert out.shape[1] == 1  # the builder's pruned LM head
+    logits, row = smol.lm.prefill(smol.encode("hello there", special=False))
+    smol.lm.free(row)
+    assert logits.shape == (smol.lm.vocab_size,) and np.isfinite(logits).all()
