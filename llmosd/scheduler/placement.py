@@ -12,8 +12,8 @@ from llmosd.store import Manifest
 
 log = logging.getLogger(__name__)
 
-# Resident bytes per byte of model file once ORT has loaded it: measured 530 MB for SmolLM2's 234 MB int8
-# file (initializers plus MatMulNBits' packed copies), so 2.3.
+# Resident bytes per byte of model file once ORT has loaded it, for manifests that carry no measurement
+# (exported before the exporter measured it): 530 MB for optimum's 234 MB SmolLM2 int8 file, so 2.3.
 LOAD_FACTOR = 2.3
 WORKSPACE = 64 << 20  # activations of an encoder batch, the session's arena
 
@@ -23,11 +23,14 @@ class PlacementError(Exception):
 
 
 def need_bytes(manifest: Manifest, kv_cache_bytes: int) -> int:
-    """Memory a model takes once loaded: its weights as ORT holds them, plus its KV-cache budget
+    """Memory a model takes once loaded: its weights as ORT holds them (what the exporter measured a
+    session of it to keep resident, else the file's size times LOAD_FACTOR), plus its KV-cache budget
     (generation) or a workspace for its batches (encoders)."""
+    measured = manifest.recipe.get("resident_bytes")
     weights = sum(f.size for f in manifest.files if f.role == "model")
+    held = int(measured) if isinstance(measured, int) and measured > 0 else int(weights * LOAD_FACTOR)
     extra = kv_cache_bytes if manifest.task == "text-generation" else WORKSPACE
-    return int(weights * LOAD_FACTOR) + extra
+    return held + extra
 
 
 def candidates(manifest: Manifest, hardware: Hardware) -> list[str]:
