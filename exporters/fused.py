@@ -26,6 +26,7 @@ import numpy as np
 ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "phi3", "gemma", "gemma2"})
 PRECISIONS = ("fp32", "int8", "int4")
 PROTOBUF_LIMIT = 2_000_000_000  # one ONNX file; beyond it weights need an external data file
+EXTERNAL_DATA = "model.onnx.data"  # the store's model-data role; the graph names its weights by it
 
 # Measured on SmolLM2-135M against PyTorch fp32 (teacher-forced, 64 positions): rtn 0.63 top-1, rtn
 # with an int8 LM head 0.70, k_quant_mixed 0.75 (blocks of 16: 0.81, and slower than int8).
@@ -75,27 +76,31 @@ def build(src: Path, out: Path, precision: str, options: dict[str, str]) -> tupl
         tail = "\n".join(done.stderr.strip().splitlines()[-5:])
         raise RuntimeError(f"the model builder failed: {tail}")
     steps: dict[str, Any] = {"builder": "onnxruntime-genai " + _version(), "builder_options": extra}
-    graph = raw / "model.onnx"
-    final = out / "fused.onnx"
-    if precision == "int8":
-        steps["quantize"] = _int8(graph, final, options)
-    else:
-        _single_file(graph, final)
+    model = _int8(raw / "model.onnx", out, steps, options) if precision == "int8" else _load(raw / "model.onnx")
+    final = out / "model.onnx"
+    # Weights inside the graph file, or past protobuf's 2 GB (or when asked: the tests) in a file of their own.
+    steps["weights"] = _save(model, final, external=options.get("external_data") == "true")
     return final, steps
 
 
-def _int8(graph: Path, final: Path, options: dict[str, str]) -> dict[str, Any]:
+def _load(graph: Path) -> Any:
     import onnx
 
+    return onnx.load(str(graph))  # with its external data, wherever the builder put it
+
+
+def _int8(graph: Path, out: Path, steps: dict[str, Any], options: dict[str, str]) -> Any:
     from exporters.quantize import quantize_weight_only
 
     block = int(options.get("int8_block_size", "32"))
-    done = quantize_weight_only(graph, final, bits=8, block_size=block, symmetric=True)
-    model = onnx.load(str(final))
+    staged = out / "quantized.onnx"
+    steps["quantize"] = quantize_weight_only(graph, staged, bits=8, block_size=block, symmetric=True, external=True)
+    model = _load(staged)
+    for path in out.glob("quantized.onnx*"):
+        path.unlink()
     if share_embedding(model):
-        onnx.save(model, str(final))
-        done["embedding"] = "int8, the LM head's blocks (tied weights kept once)"
-    return done
+        steps["quantize"]["embedding"] = "int8, the LM head's blocks (tied weights kept once)"
+    return model
 
 
 def share_embedding(model: Any) -> bool:
@@ -143,16 +148,16 @@ def share_embedding(model: Any) -> bool:
     return True
 
 
-def _single_file(graph: Path, final: Path) -> None:
-    """The weights inside the graph file: the store keeps one file per role."""
+def _save(model: Any, final: Path, external: bool) -> str:
+    """Write the graph as the store keeps it; say where its weights went."""
     import onnx
 
-    size = sum(p.stat().st_size for p in graph.parent.iterdir() if p.name.startswith(graph.name))
-    if size >= PROTOBUF_LIMIT:
-        raise ValueError(
-            f"the graph and its weights are {size / 1e9:.1f} GB: models over 2 GB (external data) are not stored yet"
-        )
-    onnx.save(onnx.load(str(graph)), str(final))
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    if external or size >= PROTOBUF_LIMIT:
+        onnx.save(model, str(final), save_as_external_data=True, all_tensors_to_one_file=True, location=EXTERNAL_DATA)
+        return f"external data ({EXTERNAL_DATA}, {size / 1e9:.2f} GB)"
+    onnx.save(model, str(final))
+    return "inside the graph file"
 
 
 def _version() -> str:

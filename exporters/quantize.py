@@ -29,7 +29,7 @@ ACCURACY_LEVEL = 4
 
 
 def quantize_weight_only(
-    model: Path, out: Path, bits: int = 8, block_size: int = 32, symmetric: bool = True
+    model: Path, out: Path, bits: int = 8, block_size: int = 32, symmetric: bool = True, external: bool = False
 ) -> dict[str, Any]:
     """Blockwise quantisation of every MatMul's weights (ORT's MatMulNBits), int8 compute on CPU."""
     import onnx
@@ -39,7 +39,7 @@ def quantize_weight_only(
         onnx.load(str(model)), block_size=block_size, is_symmetric=symmetric, bits=bits, accuracy_level=ACCURACY_LEVEL
     )
     quantizer.process()
-    quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+    quantizer.model.save_model_to_file(str(out), use_external_data_format=external)
     kind = "symmetric" if symmetric else "asymmetric"
     return {
         "scheme": "weight-only",

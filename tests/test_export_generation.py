@@ -99,3 +99,46 @@ def test_smollm2_from_its_gguf_file_exports_int8_within_tolerance(store_dir: Pat
     assert len([t for t in m["inputs"] if t["name"].startswith("past_key_values.")]) == 60  # 30 layers
     assert m["source"]["path"].endswith(".gguf")
     assert not list((store_dir / "tmp").iterdir())  # the dequantised folder went with the export's tmp
+
+
+async def test_weights_as_external_data_export_store_push_pull_and_serve(tmp_path: Path) -> None:
+    """Past protobuf's 2 GB (a 1.1B model's fp32 graph) the fused recipe writes its weights to
+    model.onnx.data, a file of its own role; forced here on a tiny model, the same path end to end: the
+    store keeps both, a real registry carries both, and the pulled version serves what the one-file
+    export serves."""
+    import aiohttp
+
+    from llmosd.registry import Registry, parse_reference, pull, push
+    from llmosd.runtime import ProviderSelector, load
+    from llmosd.runtime.generator import TextGenerator
+    from llmosd.store import ModelStore
+    from tests.registry import docker_registry
+
+    src = tiny_causal_lm("llama", tmp_path / "src")
+    state = tmp_path / "state"
+    for name, extra in (("inline", ()), ("split", ("--option", "external_data=true"))):
+        r = export(src, "text-generation", "int8", name, state, *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+    store = ModelStore(state)
+    split = store.manifest("split")
+    assert {f.role: f.path for f in split.files}["model-data"] == "model.onnx.data"
+    assert "external data" in split.recipe["steps"]["weights"]
+    assert "model-data" not in {f.role for f in store.manifest("inline").files}
+    with docker_registry(tmp_path / "registry") as reg:
+        ref = parse_reference(f"{reg.host}/models/split:1")
+        async with aiohttp.ClientSession() as s:
+            registry = Registry(reg.host, s)
+            await push(store, "split", None, ref, registry)
+            pulled = ModelStore(tmp_path / "pulled")
+            await pull(pulled, ref, registry)
+    pulled.verify(pulled.manifest("split"))
+    outputs = []
+    for where, name in ((store, "inline"), (pulled, "split")):
+        model = load(where, where.manifest(name), ProviderSelector("cpu", 2, False)).backend
+        assert isinstance(model, TextGenerator)
+        logits, row = model.lm.prefill(model.encode("hello world, the weather", special=False))
+        tokens = [int(logits.argmax())]
+        for _ in range(8):
+            tokens.append(int(model.lm.decode([row], [tokens[-1]])[0].argmax()))
+        outputs.append(tokens)
+    assert outputs[0] == outputs[1]

@@ -79,7 +79,8 @@ def smoke_test(loaded: LoadedModel) -> None:
     """Run the loaded version on a sample input; raise unless every output is finite."""
     backend = loaded.backend
     if isinstance(backend, TextGenerator):
-        logits, _ = backend.lm.prefill(backend.encode("smoke test", special=False) or [0])
+        logits, row = backend.lm.prefill(backend.encode("smoke test", special=False) or [0])
+        backend.lm.free(row)
         values = np.asarray(logits)
     else:
         values = np.stack([o.values for o in backend.run(backend.prepare(["smoke test", "a second input"]))])

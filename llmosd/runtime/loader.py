@@ -54,7 +54,8 @@ def load(
         raise ManifestError(f"{manifest.ref}: task {manifest.task!r} cannot be served")
     if verify:
         store.verify(manifest)
-    session, placement = selector.create(store.file_path(manifest, "model"), manifest.devices, target, threads)
+    data = {f.path: store.blob_path(f.digest) for f in manifest.files if f.role == "model-data"}
+    session, placement = selector.create(store.file_path(manifest, "model"), manifest.devices, target, threads, data)
     backend = _adapter(store, manifest, session, max_context, max_sequences)
     backend.warmup()
     log.info("loaded %s (%s, %s) on %s", manifest.ref, manifest.task, manifest.precision, placement.device)

@@ -10,13 +10,15 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
+import mmap
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,11 @@ def default_threads() -> int:
         return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
     except Exception:  # psutil cannot read the topology in some containers
         return max(1, os.cpu_count() or 1)
+
+
+def _mapped(path: Path) -> mmap.mmap:
+    with path.open("rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
 def session_options(threads: int, spinning: bool = True) -> ort.SessionOptions:
@@ -115,29 +122,43 @@ class ProviderSelector:
         devices: tuple[str, ...] = ("cpu", "cuda"),
         target: str | None = None,
         threads: int | None = None,
+        external: Mapping[str, Path] | None = None,
     ) -> tuple[Any, Placement]:
         """Return ``(InferenceSession, Placement)`` for an ONNX file meant for ``devices``.
 
         ``target`` is where placement wants it ("cpu" or "cuda:<n>"; None: the best that loads);
-        ``threads`` overrides the intra-op pool size (instances sharing the CPU split its cores)."""
+        ``threads`` overrides the intra-op pool size (instances sharing the CPU split its cores);
+        ``external`` maps the external-data file names the graph uses to where those files are (the
+        store names its files by digest, so ORT could not find them beside the graph)."""
         src = str(model) if isinstance(model, Path) else model
         threads = threads or self.threads
+        maps = [_mapped(path) for path in (external or {}).values()]
+
+        def options() -> ort.SessionOptions:
+            so = session_options(threads, self.spinning)
+            if maps:  # read in place from the page cache: no copy of the weights' file in the heap first
+                buffers = [np.frombuffer(m, dtype=np.uint8) for m in maps]
+                so.add_external_initializers_from_files_in_memory(list(external or {}), buffers, [len(m) for m in maps])
+            return so
+
         gpu = 0 if target is None or target == "cpu" else int(target.partition(":")[2] or 0)
         with self._lock:
             wants_cuda = self.device != "cpu" and "cuda" in devices and target != "cpu"
             if wants_cuda and self.cuda_loads():
                 providers: list[Any] = [(CUDA, {"device_id": gpu}), CPU]
-                session = ort.InferenceSession(src, session_options(threads, self.spinning), providers=providers)
+                session = ort.InferenceSession(src, options(), providers=providers)
                 if CUDA in session.get_providers():
+                    session._llmosd_external = maps  # ORT may read them for as long as the session lives
                     return session, Placement(f"cuda:{gpu}", tuple(session.get_providers()))
                 log.warning("CUDA loaded for the probe but not for this model; it runs on CPU")
             if self.device == "cuda":
                 raise RuntimeError("device = cuda, but the CUDA execution provider does not load here")
             if "cpu" not in devices:
                 raise RuntimeError(f"this artifact runs only on {', '.join(devices)}, and no such device loads")
-            session = ort.InferenceSession(src, session_options(threads, self.spinning), providers=[CPU])
+            session = ort.InferenceSession(src, options(), providers=[CPU])
             broken = self.device != "cpu" and self._cuda_ok is False and CUDA in self._available()
             note = "cuda listed but does not load" if broken else ""
             if target is not None and target != "cpu":
                 note = f"placed on {target}, but the CUDA provider does not load: running on cpu"
+            session._llmosd_external = maps
             return session, Placement("cpu", (CPU,), note, threads)

@@ -27,7 +27,7 @@ def need_bytes(manifest: Manifest, kv_cache_bytes: int) -> int:
     session of it to keep resident, else the file's size times LOAD_FACTOR), plus its KV-cache budget
     (generation) or a workspace for its batches (encoders)."""
     measured = manifest.recipe.get("resident_bytes")
-    weights = sum(f.size for f in manifest.files if f.role == "model")
+    weights = sum(f.size for f in manifest.files if f.role in ("model", "model-data"))
     held = int(measured) if isinstance(measured, int) and measured > 0 else int(weights * LOAD_FACTOR)
     extra = kv_cache_bytes if manifest.task == "text-generation" else WORKSPACE
     return held + extra

@@ -127,10 +127,11 @@ class Tuner:
         return profile
 
     def _digest(self, loaded: LoadedModel) -> str:
-        return next(f.digest for f in loaded.manifest.files if f.role == "model")
+        # the graph's, and its weights' where they are a file of their own (one graph may name many)
+        return "+".join(f.digest for f in loaded.manifest.files if f.role in ("model", "model-data"))
 
     def _weights(self, loaded: LoadedModel) -> int:
-        return sum(f.size for f in loaded.manifest.files if f.role == "model")
+        return sum(f.size for f in loaded.manifest.files if f.role in ("model", "model-data"))
 
     def _free_bytes(self, device: str) -> int:
         gpu = next((g for g in self.hardware.gpus if g.device_id == device), None)

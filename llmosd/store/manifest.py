@@ -11,7 +11,9 @@ from llmosd.store.names import check_digest, check_name, check_title, check_vers
 SCHEMA = 1
 TASKS = ("feature-extraction", "text-classification", "text-generation")
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
-ROLES = ("model", "tokenizer", "config", "generation-config")
+# model-data: the weights of a graph stored with external data (``model.onnx.data``, past protobuf's 2 GB)
+ROLES = ("model", "model-data", "tokenizer", "config", "generation-config")
+EXTERNAL_DATA = "model.onnx.data"  # the location the graph names its weights by
 
 
 class ManifestError(ValueError):
