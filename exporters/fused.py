@@ -100,7 +100,57 @@ def _int8(graph: Path, out: Path, steps: dict[str, Any], options: dict[str, str]
         path.unlink()
     if share_embedding(model):
         steps["quantize"]["embedding"] = "int8, the LM head's blocks (tied weights kept once)"
+    elif quantize_embedding(model):
+        steps["quantize"]["embedding"] = "int8, symmetric blocks of 32 (GatherBlockQuantized)"
     return model
+
+
+def quantize_embedding(model: Any, block: int = 32) -> bool:
+    """An untied fp32 embedding table, gathered instead from int8 blocks of its rows (GatherBlockQuantized,
+    symmetric, the implicit zero point 128 MatMulNBits' 8-bit blocks use): a 1.17B Llama's 49,152 x 2,048
+    table is 403 MB in fp32, 104 MB so. False, untouched, where there is no such table."""
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    tables = {t.name: t for t in g.initializer}
+    gather = next(
+        (n for n in g.node if n.op_type == "Gather" and n.input[0] in tables and n.input[1] == "input_ids"), None
+    )
+    if gather is None:
+        return False
+    table = numpy_helper.to_array(tables[gather.input[0]])
+    if table.dtype != np.float32 or table.ndim != 2 or table.shape[1] % block:
+        return False
+    rows, width = table.shape
+    blocks = table.reshape(rows, width // block, block)
+    scales = np.abs(blocks).max(axis=2) / 127.0
+    scales[scales == 0] = 1.0
+    quantized = (np.clip(np.rint(blocks / scales[..., None]), -127, 127) + 128).astype(np.uint8).reshape(rows, width)
+    name = gather.input[0]
+    kept = [t for t in g.initializer if t.name != name]
+    del g.initializer[:]
+    g.initializer.extend(
+        [
+            *kept,
+            numpy_helper.from_array(quantized, name + "_Q8"),
+            numpy_helper.from_array(scales.astype(np.float32), name + "_scales"),
+        ]
+    )
+    lookup = helper.make_node(
+        "GatherBlockQuantized",
+        [name + "_Q8", gather.input[1], name + "_scales"],
+        list(gather.output),
+        name="/model/embed_tokens/GatherBlockQuantized",
+        domain="com.microsoft",
+        bits=8,
+        block_size=block,
+        gather_axis=0,
+        quantize_axis=1,
+    )
+    at = list(g.node).index(gather)
+    g.node.remove(gather)
+    g.node.insert(at, lookup)
+    return True
 
 
 def share_embedding(model: Any) -> bool:
