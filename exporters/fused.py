@@ -77,6 +77,8 @@ def build(src: Path, out: Path, precision: str, options: dict[str, str]) -> tupl
         raise RuntimeError(f"the model builder failed: {tail}")
     steps: dict[str, Any] = {"builder": "onnxruntime-genai " + _version(), "builder_options": extra}
     model = _int8(raw / "model.onnx", out, steps, options) if precision == "int8" else _load(raw / "model.onnx")
+    if precision == "int4" and quantize_embedding(model):  # the builder quantises only a tied one
+        steps["embedding"] = "int8, symmetric blocks of 32 (GatherBlockQuantized)"
     final = out / "model.onnx"
     # Weights inside the graph file, or past protobuf's 2 GB (or when asked: the tests) in a file of their own.
     steps["weights"] = _save(model, final, external=options.get("external_data") == "true")
