@@ -181,14 +181,10 @@ def _fused(args: argparse.Namespace, config: dict[str, Any]) -> bool:
 
 def _sampling(found: dict[str, Any], items: list[str]) -> dict[str, Any]:
     """generation_config.json's sampling, then ``--sampling KEY=VALUE`` (the recipe's or a person's)."""
-    from llmosd.runtime.sampling import check_defaults
+    from llmosd.runtime.sampling import check_defaults, parse_number
 
     values: dict[str, object] = dict(found)
-    for key, text in _options(items).items():
-        try:
-            values[key] = int(text) if key in ("top_k", "max_tokens") else float(text)
-        except ValueError:
-            raise ValueError(f"--sampling {key}={text}: not a number") from None
+    values |= {key: parse_number(key, text) for key, text in _options(items).items()}
     return check_defaults(values)
 
 

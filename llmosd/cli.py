@@ -71,7 +71,7 @@ def cmd_models_show(args: argparse.Namespace) -> int:
 def cmd_models_set(args: argparse.Namespace) -> int:
     """Default sampling of a model (``KEY=VALUE``; ``KEY=`` unsets): through the daemon, which applies it
     at once, else in the store."""
-    from llmosd.runtime.sampling import merge_defaults
+    from llmosd.runtime.sampling import merge_defaults, parse_number
     from llmosd.store import ModelStore
 
     changes: dict[str, object] = {}
@@ -80,9 +80,9 @@ def cmd_models_set(args: argparse.Namespace) -> int:
         if not sep or not key:
             raise ConfigError(f"models set takes KEY=VALUE (KEY= unsets), e.g. temperature=0.7 (got {item!r})")
         try:
-            changes[key] = None if text == "" else int(text) if text.lstrip("-").isdigit() else float(text)
-        except ValueError:
-            raise ConfigError(f"{key}={text}: not a number") from None
+            changes[key] = None if text == "" else parse_number(key, text)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     config = _config(args)
     answer = _via_daemon(config, f"/api/models/{args.name}/sampling", {"sampling": changes})
     if answer is None:
@@ -359,17 +359,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _sampling(items: list[str]) -> dict[str, float | int]:
     """``KEY=VALUE`` sampling defaults, checked here so that a typo fails before an export runs."""
-    from llmosd.runtime.sampling import check_defaults
+    from llmosd.runtime.sampling import check_defaults, parse_number
 
-    values: dict[str, object] = {}
-    for item in items:
-        key, value = _option(item)
-        try:
-            values[key] = int(value) if value.lstrip("-").isdigit() else float(value)
-        except ValueError:
-            raise ConfigError(f"{key}={value}: not a number") from None
     try:
-        return check_defaults(values)
+        return check_defaults({key: parse_number(key, value) for key, value in map(_option, items)})
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

@@ -138,6 +138,14 @@ def check_defaults(values: dict[str, object]) -> dict[str, float | int]:
     return out
 
 
+def parse_number(key: str, text: str) -> float | int:
+    """A default's value as a command line types it ("40", "0.7"); ValueError names it."""
+    try:
+        return int(text) if text.lstrip("-").isdigit() else float(text)
+    except ValueError:
+        raise ValueError(f"{key}={text}: not a number") from None
+
+
 def merge_defaults(current: dict[str, float | int], changes: dict[str, object]) -> dict[str, float | int]:
     """``current`` with ``changes`` applied (None unsets a key), validated."""
     out: dict[str, object] = dict(current)
