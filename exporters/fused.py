@@ -8,8 +8,10 @@ never share an environment with ``onnxruntime-gpu``, so it is installed ``--no-d
 process. Nothing of it is imported on the serving path (the daemon runs the graph with plain ORT).
 
 Precisions: ``fp32`` (the builder's), ``int8`` (the builder's fp32 graph, every MatMul then weight-only
-int8 through onnxruntime's MatMulNBitsQuantizer: builder 0.12.2 has no int8 of its own), ``int4`` (the
-builder's, ``k_quant_mixed`` by default: llama.cpp's mix of int8 layers, int8 LM head and embedding).
+int8 through onnxruntime's MatMulNBitsQuantizer: builder 0.12.2 has no int8 of its own), ``int4``: where
+the source's weights already lie on a 4-bit grid (a GGUF Q4 file), the builder's fp32 graph with those
+weights carried exactly (exporters.grid) and the rest int8; otherwise the builder's own int4,
+``k_quant_mixed`` by default (llama.cpp's mix of int8 layers, int8 LM head and embedding).
 """
 
 from __future__ import annotations
@@ -48,12 +50,40 @@ def supports(config: dict[str, Any], precision: str) -> bool:
 
 def build(src: Path, out: Path, precision: str, options: dict[str, str]) -> tuple[Path, dict[str, Any]]:
     """Run the builder into ``out``; return the graph (one file) and what was done."""
-    builder_precision = "fp32" if precision == "int8" else precision
+    carry = precision == "int4" and _carries(src, options)
+    builder_precision = "fp32" if precision == "int8" or carry else precision
     extra = {"prune_lm_head": "true"}  # prefill computes the last position's logits only
-    if precision == "int4":
-        extra |= INT4_DEFAULTS
-    extra |= {k: v for k, v in options.items() if k.startswith("int4_")} if precision == "int4" else {}
+    if builder_precision == "int4":
+        extra |= INT4_DEFAULTS | {k: v for k, v in options.items() if k.startswith("int4_")}
     raw = out / "builder"
+    _builder(src, raw, out / "builder-cache", builder_precision, extra)
+    steps: dict[str, Any] = {"builder": "onnxruntime-genai " + _version(), "builder_options": extra}
+    if precision == "int8":
+        model = _int8(raw / "model.onnx", out, steps, options)
+    elif carry:
+        model = _carry(raw / "model.onnx", steps)
+    else:
+        model = _load(raw / "model.onnx")
+    if precision == "int4" and not carry and quantize_embedding(model):  # the builder quantises only a tied one
+        steps["embedding"] = "int8, symmetric blocks of 32 (GatherBlockQuantized)"
+    final = out / "model.onnx"
+    # Weights inside the graph file, or past protobuf's 2 GB (or when asked: the tests) in a file of their own.
+    steps["weights"] = _save(model, final, external=options.get("external_data") == "true")
+    return final, steps
+
+
+def _carries(src: Path, options: dict[str, str]) -> bool:
+    """int4 from the source's own 4-bit blocks (exporters.grid) unless asked otherwise: ``int4_carry=false``
+    or any of the builder's ``int4_*`` knobs choose the builder's re-quantisation."""
+    from exporters.grid import source_on_grid
+
+    asked = {k: v for k, v in options.items() if k.startswith("int4_")}
+    if asked.pop("int4_carry", "true") == "false" or asked:
+        return False
+    return source_on_grid(src)
+
+
+def _builder(src: Path, raw: Path, cache: Path, precision: str, extra: dict[str, str]) -> None:
     cmd = [
         sys.executable,
         "-m",
@@ -63,11 +93,11 @@ def build(src: Path, out: Path, precision: str, options: dict[str, str]) -> tupl
         "-o",
         str(raw),
         "-p",
-        builder_precision,
+        precision,
         "-e",
         "cpu",
         "-c",
-        str(out / "builder-cache"),
+        str(cache),
         "--extra_options",
         *(f"{k}={v}" for k, v in sorted(extra.items())),
     ]
@@ -75,14 +105,24 @@ def build(src: Path, out: Path, precision: str, options: dict[str, str]) -> tupl
     if done.returncode != 0:
         tail = "\n".join(done.stderr.strip().splitlines()[-5:])
         raise RuntimeError(f"the model builder failed: {tail}")
-    steps: dict[str, Any] = {"builder": "onnxruntime-genai " + _version(), "builder_options": extra}
-    model = _int8(raw / "model.onnx", out, steps, options) if precision == "int8" else _load(raw / "model.onnx")
-    if precision == "int4" and quantize_embedding(model):  # the builder quantises only a tied one
-        steps["embedding"] = "int8, symmetric blocks of 32 (GatherBlockQuantized)"
-    final = out / "model.onnx"
-    # Weights inside the graph file, or past protobuf's 2 GB (or when asked: the tests) in a file of their own.
-    steps["weights"] = _save(model, final, external=options.get("external_data") == "true")
-    return final, steps
+
+
+def _carry(graph: Path, steps: dict[str, Any]) -> Any:
+    """The builder's fp32 graph with its on-grid weights carried exactly and the rest (the LM head) int8."""
+    from exporters import grid
+    from exporters.quantize import weight_only
+
+    model = _load(graph)
+    carried = grid.carry(model)
+    if carried is None:
+        raise RuntimeError("the source's weights are not on a 4-bit grid after all: export with int4_carry=false")
+    model, rest = weight_only(model, bits=8, block_size=32, symmetric=True)
+    steps["quantize"] = {"scheme": "grid carry", **{k: v for k, v in carried.items() if v}, "rest": rest["weights"]}
+    if share_embedding(model):
+        steps["quantize"]["embedding"] = "int8, the LM head's blocks (tied weights kept once)"
+    elif quantize_embedding(model):
+        steps["quantize"]["embedding"] = "int8, symmetric blocks of 32 (GatherBlockQuantized)"
+    return model
 
 
 def _load(graph: Path) -> Any:

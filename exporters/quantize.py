@@ -33,17 +33,28 @@ def quantize_weight_only(
 ) -> dict[str, Any]:
     """Blockwise quantisation of every MatMul's weights (ORT's MatMulNBits), int8 compute on CPU."""
     import onnx
+
+    quantized, done = weight_only(onnx.load(str(model)), bits, block_size, symmetric)
+    onnx.save(
+        quantized, str(out), save_as_external_data=external, all_tensors_to_one_file=True, location=out.name + ".data"
+    )
+    return done
+
+
+def weight_only(model: Any, bits: int = 8, block_size: int = 32, symmetric: bool = True) -> tuple[Any, dict[str, Any]]:
+    """``quantize_weight_only`` on a ModelProto in memory (MatMuls with constant weights only)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     quantizer = MatMulNBitsQuantizer(
-        onnx.load(str(model)), block_size=block_size, is_symmetric=symmetric, bits=bits, accuracy_level=ACCURACY_LEVEL
+        model, block_size=block_size, is_symmetric=symmetric, bits=bits, accuracy_level=ACCURACY_LEVEL
     )
     quantizer.process()
-    quantizer.model.save_model_to_file(str(out), use_external_data_format=external)
+    quantizer.model.topological_sort()
     kind = "symmetric" if symmetric else "asymmetric"
-    return {
+    done = {
         "scheme": "weight-only",
         "weights": f"int{bits} {kind}, blocks of {block_size}",
         "ops": ["MatMul"],
         "accuracy_level": ACCURACY_LEVEL,
     }
+    return quantizer.model.model, done

@@ -99,14 +99,14 @@ def make_tiny_classifier(dst: Path) -> Path:
 @pytest.fixture(scope="session")
 def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A store exported by the CLI: MiniLM int8 (the default name), MiniLM fp32, a tiny classifier and
-    SmolLM2 int8 (the default generation model)."""
+    SmolLM2 int4 (the default generation model, the precision "auto" picks for it)."""
     state = tmp_path_factory.mktemp("state")
     clf = make_tiny_classifier(tmp_path_factory.mktemp("tiny-clf"))
     jobs = [
         (minilm_path(), "feature-extraction", "int8", DEFAULT),
         (minilm_path(), "feature-extraction", "fp32", "minilm-fp32"),
         (clf, "text-classification", "fp32", "tiny-clf"),
-        (smollm2_gguf(), "text-generation", "int8", SMOLLM2),
+        (smollm2_gguf(), "text-generation", "int4", SMOLLM2),
     ]
     for src, task, precision, name in jobs:
         r = export(src, task, precision, name, state)

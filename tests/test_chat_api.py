@@ -1,4 +1,4 @@
-"""/v1/completions and /v1/chat/completions on the real daemon process serving SmolLM2 int8: the
+"""/v1/completions and /v1/chat/completions on the real daemon process serving SmolLM2 int4: the
 official openai client (sync, async, streaming, TCP and Unix socket), the exact SSE format, errors,
 disconnects, and the llmosd Python client."""
 

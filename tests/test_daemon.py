@@ -89,7 +89,7 @@ def test_first_start_seeds_the_default_models_and_never_imports_torch(tmp_path: 
     assert manifest["validation"]["figures"]["min_cosine"] >= 0.97
     smol = json.loads((state / "models" / "smollm2-135m-instruct" / "1" / "manifest.json").read_text())
     assert smol["task"] == "text-generation" and smol["validation"]["passed"]
-    assert smol["precision"] == "int8"  # "auto": int4 was tried first and refused by the quality gate
+    assert smol["precision"] == "int4"  # "auto": the fastest that passes (its Q4_1 blocks, carried)
     assert not sock.exists()  # removed on shutdown
     assert stat.S_IMODE((state / "token").stat().st_mode) == 0o600
 
@@ -208,7 +208,7 @@ def test_manifests_record_validation_figures(store_dir: Path) -> None:
 def test_cli_status_and_rm(daemon: Daemon, store_dir: Path, tmp_path: Path) -> None:
     r = llmosd("status", "--socket", str(daemon.socket))
     assert r.returncode == 0 and "serving 4 model(s) on cpu" in r.stdout and "minilm-fp32:1" in r.stdout
-    assert f"{SMOLLM2}:1 text-generation int8 on cpu" in r.stdout and "tokens decoded" in r.stdout
+    assert f"{SMOLLM2}:1 text-generation int4 on cpu" in r.stdout and "tokens decoded" in r.stdout
     state = tmp_path / "state"
     shutil.copytree(store_dir, state, symlinks=True)
     before = len(list((state / "blobs" / "sha256").iterdir()))

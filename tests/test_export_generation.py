@@ -17,7 +17,7 @@ def tiny_causal_lm(kind: str, dst: Path) -> Path:
 
     torch.manual_seed(0)
     model: LlamaForCausalLM | GPT2LMHeadModel
-    if kind == "llama":
+    if kind.startswith("llama"):
         model = LlamaForCausalLM(
             LlamaConfig(
                 vocab_size=30522,
@@ -43,6 +43,15 @@ def tiny_causal_lm(kind: str, dst: Path) -> Path:
                 eos_token_id=102,
             )
         )
+    if kind == "llama-q4_1":  # its linear layers as a Q4_1 GGUF would give them back (SmolLM2's case)
+        from gguf import GGMLQuantizationType, quants
+
+        with torch.no_grad():
+            for layer in model.model.layers.modules():
+                if isinstance(layer, torch.nn.Linear):
+                    w = layer.weight.numpy()
+                    back = quants.dequantize(quants.quantize(w, GGMLQuantizationType.Q4_1), GGMLQuantizationType.Q4_1)
+                    layer.weight.copy_(torch.from_numpy(back.astype("float32")))
     model.eval().save_pretrained(dst)
     GenerationConfig(bos_token_id=101, eos_token_id=102).save_pretrained(dst)
     copy_minilm_tokenizer(dst)
@@ -72,6 +81,39 @@ def test_causal_lm_export_is_validated(kind: str, precision: str, tmp_path: Path
     assert {"input_ids", "attention_mask", "past_key_values.0.key", "past_key_values.1.value"} <= names
     assert m["runtime"]["eos_token_ids"] == [102]
     assert {f["role"] for f in m["files"]} == {"model", "tokenizer", "config", "generation-config"}
+    if fused and precision == "int4":  # random weights: the builder's re-quantisation (k_quant_mixed)
+        assert m["recipe"]["steps"]["builder_options"]["int4_algo_config"] == "k_quant_mixed"
+
+
+def test_int4_of_weights_already_on_a_4_bit_grid_carries_them_exactly(tmp_path: Path) -> None:
+    """A Llama whose linear layers are Q4_1 blocks (as every GGUF Q4 source is) exports int4 from those
+    blocks, not from a second rounding: the builder's fp32 graph, each weight written exactly into
+    MatMulNBits with its offsets, the tied embedding gathered from the LM head's int8 blocks."""
+    import onnx
+
+    from llmosd.store import ModelStore
+
+    src = tiny_causal_lm("llama-q4_1", tmp_path / "src")
+    state = tmp_path / "state"
+    r = export(src, "text-generation", "int4", "q4", state)
+    assert r.returncode == 0, r.stderr[-3000:]
+    version = state / "models" / "q4" / "1"
+    m = json.loads((version / "manifest.json").read_text())
+    steps = m["recipe"]["steps"]
+    assert steps["quantize"]["scheme"] == "grid carry"
+    assert steps["quantize"]["carried"] == "10 of 10 weights on the source's 4-bit grid, written exactly"
+    assert "int4_algo_config" not in steps["builder_options"]  # the builder wrote fp32; nothing re-rounded
+    figures = m["validation"]["figures"]
+    # measured: top-1 1.0 and perplexity x1.000 against PyTorch on the same (dequantised) weights
+    assert figures["top1_agreement"] >= 0.99 and abs(figures["perplexity_ratio"] - 1) <= 0.01
+    store = ModelStore(state)
+    graph = onnx.load(str(store.file_path(store.manifest("q4"), "model")), load_external_data=False).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in nbits}
+    # 2 layers: packed QKV, o, gate, up, down; a block-sum matmul per input (QKV, o, gate+up, down)
+    assert sum(b == 4 for b in bits.values()) == 10 + 8
+    assert [b for name, b in bits.items() if "lm_head" in name] == [8]
+    assert not [n for n in graph.node if n.op_type == "MatMul"]
 
 
 def test_precisions_without_a_recipe_are_refused_clearly(tmp_path: Path) -> None:
@@ -82,16 +124,17 @@ def test_precisions_without_a_recipe_are_refused_clearly(tmp_path: Path) -> None
     assert r.returncode == 2 and "feature-extraction has no int4 recipe" in r.stderr
 
 
-def test_smollm2_from_its_gguf_file_exports_int8_within_tolerance(store_dir: Path) -> None:
-    """The session store exported SmolLM2's GGUF with `llmosd export ... --precision int8`."""
+def test_smollm2_from_its_gguf_file_exports_int4_within_tolerance(store_dir: Path) -> None:
+    """The session store exported SmolLM2's GGUF with `llmosd export ... --precision int4`."""
     m = json.loads((store_dir / "models" / SMOLLM2 / "1" / "manifest.json").read_text())
     figures = m["validation"]["figures"]
-    # Measured here (the fused recipe): top-1 0.983, perplexity x1.022, greedy identical for 16 tokens
-    # (builder fp32 graph, every MatMul weight-only int8 with int8 compute).
+    # Measured here: top-1 0.983, perplexity x1.008 (the builder's k_quant_mixed: 0.746, refused). Its
+    # Q4_1 blocks are carried exactly into MatMulNBits, the tied Q8_0 embedding/LM head as int8 blocks.
     assert figures["top1_agreement"] >= 0.95 and abs(figures["perplexity_ratio"] - 1) <= 0.05
     assert m["recipe"]["exporter"] == "onnxruntime-genai model builder" and m["runtime"]["kv_cache"] == "in-place"
-    assert m["recipe"]["steps"]["quantize"]["scheme"] == "weight-only"
-    assert m["recipe"]["steps"]["quantize"]["accuracy_level"] == 4
+    quantize = m["recipe"]["steps"]["quantize"]
+    assert quantize["scheme"] == "grid carry" and quantize["carried"].startswith("150 of 150 ")
+    assert quantize["embedding"] == "int8, the LM head's blocks (tied weights kept once)"
     logits = next(t for t in m["outputs"] if t["name"] == "logits")
     assert logits["shape"][1] == 1  # the pruned LM head: prefill computes the last position only
     assert "position_ids" not in {t["name"] for t in m["inputs"]}  # rotary inside GroupQueryAttention

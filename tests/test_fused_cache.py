@@ -1,4 +1,4 @@
-"""The fused graph's KV cache, written in place (SmolLM2 int8 from the session store, built by
+"""The fused graph's KV cache, written in place (SmolLM2 int4 from the session store, built by
 onnxruntime-genai's model builder): rows are slots of one preallocated buffer, reused when rows leave,
 and the pages a row used go back to the system when it leaves."""
 

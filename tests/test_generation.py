@@ -1,4 +1,4 @@
-"""The generation engine in process, on real ONNX Runtime sessions: SmolLM2 int8 from the session store,
+"""The generation engine in process, on real ONNX Runtime sessions: SmolLM2 int4 from the session store,
 and tiny random Llama / GPT-2 exports held to PyTorch's own greedy generate."""
 
 from __future__ import annotations

@@ -41,7 +41,8 @@ def missing_export_extra() -> list[str]:
 
 
 # "auto": the fastest precision whose artifact passes the task's quality gate, tried fastest first (on
-# CPU MatMulNBits int4 decodes faster than int8; SmolLM2's int4 fails the gate, so it gets int8).
+# CPU MatMulNBits int4 decodes faster than int8; a GGUF Q4 source passes at int4 by its own blocks, a
+# re-quantised one often does not and gets int8).
 AUTO_ORDER = {"text-generation": ("int4", "int8", "fp32"), "feature-extraction": ("int8", "fp32")}
 
 
