@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _tokenizer_json(src, out / "tokenizer.json")
     shutil.copyfile(src / "config.json", out / "config.json")
     files = {"model.onnx": "model", "tokenizer.json": "tokenizer", "config.json": "config"}
-    if (out / "model.onnx.data").is_file():  # the fused recipe's weights past 2 GB
+    if (out / "model.onnx.data").is_file():  # the fused recipe's weights
         files["model.onnx.data"] = "model-data"
     if args.task == "text-generation" and (src / "generation_config.json").is_file():
         shutil.copyfile(src / "generation_config.json", out / "generation_config.json")

@@ -67,8 +67,9 @@ def build(src: Path, out: Path, precision: str, options: dict[str, str]) -> tupl
     if precision == "int4" and not carry and quantize_embedding(model):  # the builder quantises only a tied one
         steps["embedding"] = "int8, symmetric blocks of 32 (GatherBlockQuantized)"
     final = out / "model.onnx"
-    # Weights inside the graph file, or past protobuf's 2 GB (or when asked: the tests) in a file of their own.
-    steps["weights"] = _save(model, final, external=options.get("external_data") == "true")
+    # Weights in a file of their own unless asked (or past protobuf's 2 GB, always): ORT then maps them and
+    # keeps less (SmolLM2 int4: resident 190 MB instead of 239, load peak 271 instead of 319).
+    steps["weights"] = _save(model, final, external=options.get("external_data", "true") != "false")
     return final, steps
 
 
