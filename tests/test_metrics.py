@@ -59,7 +59,7 @@ async def test_metrics_count_requests_tokens_and_describe_the_process(daemon: Da
             model=SMOLLM2,
             version="1",
             task="text-generation",
-            precision="int8",
+            precision="int4",
             device="cpu",
         )
         == 1
