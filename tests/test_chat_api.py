@@ -8,6 +8,7 @@ import asyncio
 import json
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -148,6 +149,11 @@ BAD = [
     ({"messages": QUESTION, "stop": [1]}, "'stop'"),
     ({"messages": QUESTION, "stream_options": {"include_usage": True}}, "stream_options"),
     ({"messages": QUESTION, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": QUESTION, "logit_bias": {"abc": 1}}, "keys must be token ids"),
+    ({"messages": QUESTION, "logit_bias": {"5": 101}}, "[-100, 100]"),
+    ({"messages": QUESTION, "logit_bias": [5]}, "'logit_bias'"),
+    ({"messages": QUESTION, "logit_bias": {"999999": 5}}, "outside the vocabulary"),
+    ({"messages": QUESTION, "min_p": 1.5}, "'min_p'"),
     ({"messages": QUESTION, "max_tokens": 8190}, "together more than the context of 8192"),
     ({"messages": [{"role": "user", "content": "word " * 9000}]}, "context"),
 ]
@@ -164,6 +170,33 @@ async def test_bad_chat_requests_get_a_400_and_change_nothing(
         assert r.status == 400 and message in body["error"]["message"] + str(body["error"].get("param")), body
         after = await status(s, daemon)
         assert after["requests"] == before["requests"] and after["running"] == 0
+
+
+async def test_logit_bias_and_min_p_steer_sampling(daemon: Daemon, store_dir: Path) -> None:
+    """logit_bias +100 forces a token even when greedy, -100 bans one; min_p 1 keeps only the best token,
+    so at temperature 1 it decodes what greedy decodes."""
+    from tokenizers import Tokenizer
+
+    from llmosd.store import ModelStore
+
+    store = ModelStore(store_dir)
+    tokenizer = Tokenizer.from_file(str(store.file_path(store.manifest(SMOLLM2), "tokenizer")))
+    banana = tokenizer.encode(" banana", add_special_tokens=False).ids[0]
+    prompt = "The capital of France is"
+
+    async def complete(s: aiohttp.ClientSession, **extra: Any) -> str:
+        body = {"model": SMOLLM2, "prompt": prompt, "max_tokens": 4, **extra}
+        async with s.post(daemon.url + "/v1/completions", json=body) as r:
+            assert r.status == 200, await r.text()
+            return str((await r.json())["choices"][0]["text"])
+
+    async with aiohttp.ClientSession() as s:
+        greedy = await complete(s, temperature=0)
+        assert await complete(s, temperature=0, logit_bias={str(banana): 100}) == tokenizer.decode([banana] * 4)
+        first = tokenizer.encode(greedy, add_special_tokens=False).ids[0]
+        banned = await complete(s, temperature=0, logit_bias={str(first): -100})
+        assert tokenizer.encode(banned, add_special_tokens=False).ids[0] != first
+        assert await complete(s, temperature=1.0, min_p=1.0, seed=3) == greedy
 
 
 async def test_wrong_task_and_unknown_model(daemon: Daemon) -> None:

@@ -70,6 +70,26 @@ def test_a_seed_reproduces_and_different_seeds_differ() -> None:
     assert len(set(a)) == 1
 
 
+def test_min_p_keeps_the_tokens_near_the_best_one() -> None:
+    x = np.full(VOCAB, -20.0, dtype=np.float32)
+    x[[3, 4, 5, 6]] = [2.0, 1.9, 0.0, -1.0]  # probabilities relative to token 3: 1, 0.90, 0.14, 0.05
+    assert set(draws(SamplingParams(min_p=0.5, seed=8), x, 600)) == {3, 4}
+    assert set(draws(SamplingParams(min_p=0.1, seed=8), x, 600)) == {3, 4, 5}
+    # after temperature: a hot row flattens the ratios, so the same min_p keeps more
+    assert set(draws(SamplingParams(min_p=0.1, temperature=2.0, seed=8), x, 600)) == {3, 4, 5, 6}
+
+
+def test_logit_bias_forces_and_bans_tokens_greedy_or_not() -> None:
+    x = logits(9)
+    best, other = int(np.argmax(x)), int(np.argmin(x))
+    forced = SamplingParams(temperature=0, logit_bias=((other, 100.0),))
+    assert Sampler(forced, VOCAB, []).pick(x) == other  # bias comes before the argmax
+    banned = SamplingParams(temperature=0, logit_bias=((best, -100.0),))
+    assert Sampler(banned, VOCAB, []).pick(x) != best
+    assert best not in draws(SamplingParams(temperature=1.0, top_k=3, seed=10, logit_bias=((best, -100.0),)), x)
+    assert Sampler(forced, VOCAB, []).pick(x) == other and x[other] == x.min()  # the caller's row is untouched
+
+
 def test_penalties_push_repeated_tokens_down() -> None:
     x = np.zeros(VOCAB, dtype=np.float32)
     x[7], x[8] = 5.0, 4.0

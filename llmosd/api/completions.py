@@ -36,6 +36,9 @@ def _start(
     st: AppState, engine: GenerationEngine, s: Sampling, prompts: list[list[int]], priority: int
 ) -> list[GenerationStream]:
     """Submit n sequences per prompt (choice index = prompt * n + i), all or none."""
+    vocab = engine.model.lm.vocab_size
+    if any(t >= vocab for t, _ in s.params.logit_bias):
+        raise bad_request(f"'logit_bias' names token ids outside the vocabulary (it has {vocab})", "logit_bias")
     streams: list[GenerationStream] = []
     try:
         for ids in prompts:

@@ -1,5 +1,5 @@
 """Typed /v1/completions and /v1/chat/completions requests, validated field by field (OpenAI's names,
-plus vLLM's ``top_k``, ``repetition_penalty``, ``stop_token_ids`` and ``ignore_eos``)."""
+plus vLLM's ``top_k``, ``min_p``, ``repetition_penalty``, ``stop_token_ids`` and ``ignore_eos``)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from llmosd.runtime.sampling import DEFAULT_RANGES, SamplingParams, with_default
 
 MAX_N = 16
 MAX_STOPS = 16
+MAX_LOGIT_BIAS = 1024  # entries; OpenAI documents the map without a count, vLLM takes any
 
 
 def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float, *, open_lo: bool = False) -> float:
@@ -66,6 +67,26 @@ def _token_ids(body: dict[str, Any], key: str) -> frozenset[int]:
     return frozenset(value)
 
 
+def _logit_bias(body: dict[str, Any]) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias``: token ids (as JSON object keys, so strings) to a bias in [-100, 100]. Whether
+    each id is in the model's vocabulary is checked where the model is known (api.completions)."""
+    value = body.get("logit_bias")
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
+        raise bad_request(
+            f"'logit_bias' must be an object of at most {MAX_LOGIT_BIAS} token ids to biases", "logit_bias"
+        )
+    out = []
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 9):
+            raise bad_request("'logit_bias' keys must be token ids, such as \"50256\"", "logit_bias")
+        if not isinstance(bias, int | float) or isinstance(bias, bool) or not -100 <= bias <= 100:
+            raise bad_request(f"'logit_bias' values must be numbers in [-100, 100] (token {key})", "logit_bias")
+        out.append((int(key), float(bias)))
+    return tuple(sorted(out))
+
+
 def _refuse_unsupported(body: dict[str, Any], keys: dict[str, str]) -> None:
     for key, why in keys.items():
         if body.get(key) not in (None, False, [], {}, ""):
@@ -108,6 +129,8 @@ class Sampling:
             repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, open_lo=True),
             frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
             presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+            min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
+            logit_bias=_logit_bias(body),
             seed=None if seed is None else seed % 2**64,
         )
         max_tokens = _integer(body, max_tokens_key, 1)
@@ -138,7 +161,6 @@ class CompletionRequest:
             {
                 "suffix": "no fill-in-the-middle model is served",
                 "logprobs": "log probabilities are not returned yet",
-                "logit_bias": "logit bias is not applied yet",
             },
         )
         best_of = _integer(body, "best_of", 1)
@@ -183,7 +205,6 @@ class ChatRequest:
                 "functions": "function calling is not supported",
                 "logprobs": "log probabilities are not returned yet",
                 "top_logprobs": "log probabilities are not returned yet",
-                "logit_bias": "logit bias is not applied yet",
                 "audio": "audio output is not supported",
             },
         )

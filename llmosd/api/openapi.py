@@ -116,6 +116,13 @@ _SAMPLING: dict[str, Any] = {
     "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
     "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
     "repetition_penalty": {"type": "number", "exclusiveMinimum": 0},
+    "min_p": {"type": "number", "minimum": 0, "maximum": 1},
+    "logit_bias": {
+        "type": "object",
+        "maxProperties": 1024,
+        "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+        "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+    },
     "ignore_eos": {"type": "boolean"},
 }
 _MESSAGE = {

@@ -1,4 +1,5 @@
-"""Choosing the next token from a row of logits: penalties, temperature, top-k, top-p, a seeded RNG.
+"""Choosing the next token from a row of logits: logit bias, penalties, temperature, top-k, min-p, top-p,
+a seeded RNG.
 
 One ``Sampler`` per sequence holds that sequence's random generator and token counts, so a seed
 reproduces a sequence whatever else is in the batch.
@@ -24,6 +25,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # HF/CTRL style, over prompt and output
     frequency_penalty: float = 0.0  # OpenAI style, over the output only
     presence_penalty: float = 0.0
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one (after temperature)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's: (token id, added to its logit), sorted
     seed: int | None = None
 
     @property
@@ -38,6 +41,8 @@ class Sampler:
         self._penalised = params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
         self._counts = np.zeros(vocab_size, dtype=np.float32) if self._penalised else None
         self._seen: set[int] | None = set(prompt_ids) if params.repetition_penalty != 1.0 else None
+        self._bias_ids = np.array([t for t, _ in params.logit_bias], dtype=np.int64)
+        self._bias = np.array([b for _, b in params.logit_bias], dtype=np.float32)
 
     def observe(self, token: int) -> None:
         """Record an emitted token for the penalties."""
@@ -53,6 +58,9 @@ class Sampler:
             return int(np.argmax(x))
         x = x / np.float32(p.temperature)
         ids, probs = _top_k(x, p.top_k)
+        if p.min_p > 0.0:  # llama.cpp's and vLLM's min-p: relative to the best token, so it scales with confidence
+            keep = probs >= np.float32(p.min_p) * probs.max()
+            ids, probs = ids[keep], probs[keep]
         if p.top_p < 1.0:
             ids, probs = _top_p(ids, probs, p.top_p)
         cdf = np.cumsum(probs, dtype=np.float64)
@@ -61,9 +69,11 @@ class Sampler:
 
     def _penalise(self, logits: FloatArray) -> FloatArray:
         p = self.params
-        if self._seen is None and self._counts is None:
+        if self._seen is None and self._counts is None and not self._bias_ids.size:
             return logits
         x = logits.astype(np.float32, copy=True)
+        if self._bias_ids.size:  # first, as OpenAI applies it: to the logits the model gave, greedy included
+            x[self._bias_ids] += self._bias
         if self._seen:
             seen = np.fromiter(self._seen, dtype=np.int64, count=len(self._seen))
             v = x[seen]
@@ -110,6 +120,7 @@ DEFAULT_RANGES: dict[str, tuple[float, float]] = {
     "repetition_penalty": (0.0, 10.0),  # open below
     "frequency_penalty": (-2.0, 2.0),
     "presence_penalty": (-2.0, 2.0),
+    "min_p": (0.0, 1.0),
     "max_tokens": (1, 1 << 24),
 }
 _INTEGERS = frozenset({"top_k", "max_tokens"})
