@@ -54,7 +54,7 @@ def build(src: Path, out: Path, precision: str, options: dict[str, str]) -> tupl
     builder_precision = "fp32" if precision == "int8" or carry else precision
     extra = {"prune_lm_head": "true"}  # prefill computes the last position's logits only
     if builder_precision == "int4":
-        extra |= INT4_DEFAULTS | {k: v for k, v in options.items() if k.startswith("int4_")}
+        extra |= INT4_DEFAULTS | {k: v for k, v in options.items() if k.startswith("int4_") and k != "int4_carry"}
     raw = out / "builder"
     _builder(src, raw, out / "builder-cache", builder_precision, extra)
     steps: dict[str, Any] = {"builder": "onnxruntime-genai " + _version(), "builder_options": extra}
