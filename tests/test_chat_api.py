@@ -154,6 +154,9 @@ BAD = [
     ({"messages": QUESTION, "logit_bias": [5]}, "'logit_bias'"),
     ({"messages": QUESTION, "logit_bias": {"999999": 5}}, "outside the vocabulary"),
     ({"messages": QUESTION, "min_p": 1.5}, "'min_p'"),
+    ({"messages": QUESTION, "logprobs": True, "top_logprobs": 21}, "'top_logprobs'"),
+    ({"messages": QUESTION, "top_logprobs": 2}, "needs 'logprobs': true"),
+    ({"messages": QUESTION, "logprobs": 3}, "'logprobs'"),
     ({"messages": QUESTION, "max_tokens": 8190}, "together more than the context of 8192"),
     ({"messages": [{"role": "user", "content": "word " * 9000}]}, "context"),
 ]
@@ -197,6 +200,41 @@ async def test_logit_bias_and_min_p_steer_sampling(daemon: Daemon, store_dir: Pa
         banned = await complete(s, temperature=0, logit_bias={str(first): -100})
         assert tokenizer.encode(banned, add_special_tokens=False).ids[0] != first
         assert await complete(s, temperature=1.0, min_p=1.0, seed=3) == greedy
+
+
+def test_logprobs_through_the_openai_client_chat_and_completions(daemon: Daemon) -> None:
+    """The SDK's own types parse both shapes; the tokens spell the answer; greedy picks the likeliest."""
+    import openai
+
+    with openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="x") as client:
+        kw: dict[str, Any] = {"model": SMOLLM2, "messages": QUESTION, "max_tokens": 12, "temperature": 0}
+        r = client.chat.completions.create(**kw, logprobs=True, top_logprobs=3)
+        content = r.choices[0].logprobs.content
+        assert "".join(e.token for e in content) == r.choices[0].message.content and len(content) <= 12
+        for e in content:
+            assert e.logprob <= 0 and len(e.top_logprobs) == 3 and e.token == e.top_logprobs[0].token
+            assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True)
+            assert bytes(e.bytes) == e.token.encode()
+        streamed = [
+            e
+            for chunk in client.chat.completions.create(**kw, logprobs=True, top_logprobs=3, stream=True)
+            if chunk.choices and chunk.choices[0].logprobs
+            for e in chunk.choices[0].logprobs.content or []
+        ]
+        assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
+        assert client.chat.completions.create(**kw).choices[0].logprobs is None  # only when asked
+        c = client.completions.create(
+            model=SMOLLM2, prompt="The capital of France is", max_tokens=6, temperature=0, logprobs=2
+        )
+        lp = c.choices[0].logprobs
+        assert "".join(lp.tokens) == c.choices[0].text and len(lp.token_logprobs) == 6
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+        assert all(
+            len(top) <= 2 and max(top.values()) >= v - 1e-6
+            for top, v in zip(lp.top_logprobs, lp.token_logprobs, strict=True)
+        )
+        with pytest.raises(openai.BadRequestError, match="echo"):
+            client.completions.create(model=SMOLLM2, prompt="Hi", max_tokens=2, logprobs=1, echo=True)
 
 
 async def test_wrong_task_and_unknown_model(daemon: Daemon) -> None:

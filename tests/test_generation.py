@@ -283,6 +283,40 @@ async def test_continuous_batching_reproduces_pytorch_greedy_generate(
     assert [s.token_ids for s in streams] == expected
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+async def test_logprobs_are_pytorchs_log_softmax_of_the_tokens_sampled(
+    kind: str, tiny_lms: dict[str, tuple[Path, LoadedModel]]
+) -> None:
+    """Each sampled token's log-probability and its position's 5 likeliest, against PyTorch's
+    log-softmax over the same prompt and tokens (fp32: within 1e-4), sampled at temperature 1."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    src, loaded = tiny_lms[kind]
+    model = loaded.backend
+    assert isinstance(model, TextGenerator)
+    prompt = model.encode("a prompt about the weather in the mountains", special=False)
+    engine = await started(model)
+    try:
+        stream = engine.submit(
+            GenerationRequest(tuple(prompt), SamplingParams(seed=7), 10, ignore_eos=True, logprobs=5)
+        )
+        await stream.text()
+    finally:
+        await engine.close()
+    tokens = stream.token_ids
+    assert [e.token for e in stream.logprobs] == tokens and len(tokens) == 10
+    reference = AutoModelForCausalLM.from_pretrained(src).eval()
+    with torch.no_grad():
+        logits = reference(torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1 :]
+    expected = torch.log_softmax(logits.double(), dim=-1).numpy()
+    for entry, row in zip(stream.logprobs, expected, strict=True):
+        assert abs(entry.logprob - row[entry.token]) < 1e-4
+        best = np.argsort(-row)[:5]
+        assert [t for t, _ in entry.top] == best.tolist()
+        assert np.allclose([lp for _, lp in entry.top], row[best], atol=1e-4)
+
+
 async def test_an_fp16_export_runs_with_an_fp16_kv_cache(tmp_path: Path) -> None:
     """fp16 is marked CUDA-only for serving, but its graph (fp16 past/present) runs on ORT's CPU provider
     too: the engine must carry an fp16 cache through joins and leaves, each row generating what it

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from llmosd.api.errors import ApiError, bad_request
 from llmosd.api.gen_requests import ChatRequest, CompletionRequest, Sampling
+from llmosd.api.logprobs import chat_content, completion_logprobs, shown
 from llmosd.api.metrics import MODEL_KEY
 from llmosd.api.requests import deadline, json_body, keep_alive_of, priority_of, timeout_of
 from llmosd.api.state import AppState, hold, state
@@ -51,7 +52,7 @@ def _start(
                 if params.seed is not None and i:  # n choices from one seed must differ, reproducibly
                     params = type(params)(**{**params.__dict__, "seed": (params.seed + i) % 2**64})
                 request = GenerationRequest(
-                    tuple(ids), params, max(max_tokens, 1), s.stop, s.stop_token_ids, s.ignore_eos, priority
+                    tuple(ids), params, max(max_tokens, 1), s.stop, s.stop_token_ids, s.ignore_eos, priority, s.logprobs
                 )
                 streams.append(engine.submit(request))
     except RequestTooLarge as exc:
@@ -153,6 +154,11 @@ async def _stream(
     return response
 
 
+def _stop_ids(engine: GenerationEngine, s: Sampling) -> frozenset[int]:
+    """The ids a sequence stops on without showing them: its stop_token_ids, and end of sequence."""
+    return s.stop_token_ids | (frozenset() if s.ignore_eos else engine.model.eos_token_ids)
+
+
 async def _encode(model: TextGenerator, prompts: list[str | list[int]]) -> list[list[int]]:
     def run() -> list[list[int]]:
         out = []
@@ -179,9 +185,15 @@ async def completions(request: web.Request) -> web.StreamResponse:
     prompt_tokens = sum(len(p) for p in prompts)
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     echo = [engine.model.tokenizer.decode(p) if req.echo else "" for p in prompts]
+    tokenizer, stop_ids = engine.model.tokenizer, _stop_ids(engine, s)
+    offsets = [0] * len(streams)  # where each choice's next token's text starts (a stream's chunks)
 
-    def choice(i: int, text: str, finish: str | None) -> dict[str, Any]:
-        return {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+    def choice(i: int, text: str, finish: str | None, ids: Any = (), lps: Any = ()) -> dict[str, Any]:
+        logprobs = None
+        if s.logprobs is not None:
+            logprobs = completion_logprobs(tokenizer, shown(ids, lps, finish, stop_ids), offsets[i])
+            offsets[i] += sum(len(t) for t in logprobs["tokens"])
+        return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
     def envelope(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {"id": ident, "object": "text_completion", "created": created, "model": s.model, "choices": choices} | (
@@ -191,7 +203,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if not s.stream:
         async with deadline(timeout):
             texts = await _collect(streams)
-        choices = [choice(i, echo[i // s.n] + t, streams[i].finish_reason) for i, t in enumerate(texts)]
+        choices = [
+            choice(i, echo[i // s.n] + t, streams[i].finish_reason, streams[i].token_ids, streams[i].logprobs)
+            for i, t in enumerate(texts)
+        ]
         return web.json_response(envelope(choices, usage=_usage(streams, prompt_tokens)))
 
     started: set[int] = set()
@@ -203,7 +218,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             text = echo[i // s.n] + text
         if not text and chunk.finish_reason is None:
             return []
-        return [envelope([choice(i, text, chunk.finish_reason)])]
+        return [envelope([choice(i, text, chunk.finish_reason, chunk.token_ids, chunk.logprobs)])]
 
     return await _stream(
         request, s, streams, frame, lambda: envelope([], usage=_usage(streams, prompt_tokens)), timeout
@@ -226,6 +241,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise bad_request(str(exc), "model") from None
     streams = _start(st, engine, s, [prompt], priority)
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    tokenizer, stop_ids = engine.model.tokenizer, _stop_ids(engine, s)
+
+    def logprobs(ids: Any, lps: Any, finish: str | None) -> dict[str, Any] | None:
+        if s.logprobs is None:
+            return None
+        return {"content": chat_content(tokenizer, shown(ids, lps, finish, stop_ids)), "refusal": None}
 
     def envelope(choices: list[dict[str, Any]], obj: str, **extra: Any) -> dict[str, Any]:
         return {"id": ident, "object": obj, "created": created, "model": s.model, "choices": choices} | extra
@@ -237,7 +258,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             {
                 "index": i,
                 "message": {"role": "assistant", "content": t},
-                "logprobs": None,
+                "logprobs": logprobs(streams[i].token_ids, streams[i].logprobs, streams[i].finish_reason),
                 "finish_reason": streams[i].finish_reason,
             }
             for i, t in enumerate(texts)
@@ -247,16 +268,17 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     started: set[int] = set()
 
     def frame(i: int, chunk: Any) -> list[dict[str, Any]]:
-        def event(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+        def event(delta: dict[str, Any], finish: str | None = None, lps: Any = None) -> dict[str, Any]:
+            choice = {"index": i, "delta": delta, "logprobs": lps, "finish_reason": finish}
             return envelope([choice], "chat.completion.chunk")
 
         events = []
+        lps = logprobs(chunk.token_ids, chunk.logprobs, chunk.finish_reason)
         if i not in started:  # OpenAI's first chunk of a choice names the role
             started.add(i)
-            events.append(event({"role": "assistant", "content": chunk.text}))
-        elif chunk.text:
-            events.append(event({"content": chunk.text}))
+            events.append(event({"role": "assistant", "content": chunk.text}, lps=lps))
+        elif chunk.text or (lps and lps["content"]):
+            events.append(event({"content": chunk.text}, lps=lps))
         if chunk.finish_reason is not None:  # and the last one carries only the reason
             events.append(event({}, chunk.finish_reason))
         return events

@@ -4,13 +4,13 @@ plus vLLM's ``top_k``, ``min_p``, ``repetition_penalty``, ``stop_token_ids`` and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from llmosd.api.errors import bad_request
 from llmosd.config import Config
 from llmosd.runtime.chat import ROLES, Message
-from llmosd.runtime.sampling import DEFAULT_RANGES, SamplingParams, with_defaults
+from llmosd.runtime.sampling import DEFAULT_RANGES, MAX_TOP_LOGPROBS, SamplingParams, with_defaults
 
 MAX_N = 16
 MAX_STOPS = 16
@@ -107,6 +107,7 @@ class Sampling:
     stop_token_ids: frozenset[int]
     ignore_eos: bool
     given: frozenset[str] = frozenset()  # the sampling fields the request set (the rest: the model's defaults)
+    logprobs: int | None = None  # None: not asked; n: each token's log-probability and the n likeliest
 
     def params_for(self, defaults: dict[str, float | int]) -> SamplingParams:
         return with_defaults(self.params, self.given, defaults)
@@ -156,17 +157,16 @@ class CompletionRequest:
 
     @classmethod
     def parse(cls, body: dict[str, Any], limits: Config) -> CompletionRequest:
-        _refuse_unsupported(
-            body,
-            {
-                "suffix": "no fill-in-the-middle model is served",
-                "logprobs": "log probabilities are not returned yet",
-            },
-        )
+        _refuse_unsupported(body, {"suffix": "no fill-in-the-middle model is served"})
         best_of = _integer(body, "best_of", 1)
         if best_of not in (None, 1) and best_of != body.get("n", 1):
             raise bad_request("'best_of' other than 'n' is not supported", "best_of")
-        return cls(Sampling.parse(body), _prompts(body.get("prompt"), limits), _flag(body, "echo"))
+        logprobs = _integer(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+        echo = _flag(body, "echo")
+        if echo and logprobs is not None:
+            raise bad_request("'logprobs' with 'echo' (the prompt's log-probabilities) is not supported yet", "echo")
+        sampling = replace(Sampling.parse(body), logprobs=logprobs)
+        return cls(sampling, _prompts(body.get("prompt"), limits), echo)
 
 
 def _prompts(value: Any, limits: Config) -> list[str | list[int]]:
@@ -203,8 +203,6 @@ class ChatRequest:
             {
                 "tools": "tool calling is not supported",
                 "functions": "function calling is not supported",
-                "logprobs": "log probabilities are not returned yet",
-                "top_logprobs": "log probabilities are not returned yet",
                 "audio": "audio output is not supported",
             },
         )
@@ -212,7 +210,12 @@ class ChatRequest:
         if fmt is not None and fmt != {"type": "text"}:
             raise bad_request('\'response_format\' supports only {"type": "text"}', "response_format")
         max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        return cls(Sampling.parse(body, max_key), _messages(body.get("messages"), limits))
+        top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+        wanted = _flag(body, "logprobs")
+        if top is not None and not wanted:
+            raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        sampling = replace(Sampling.parse(body, max_key), logprobs=(top or 0) if wanted else None)
+        return cls(sampling, _messages(body.get("messages"), limits))
 
 
 def _messages(value: Any, limits: Config) -> list[Message]:

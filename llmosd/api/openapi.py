@@ -158,7 +158,12 @@ PATHS: dict[str, dict[str, Any]] = {
             body={
                 "type": "object",
                 "required": ["model", "prompt"],
-                "properties": {**_SAMPLING, "prompt": {}, "echo": {"type": "boolean"}},
+                "properties": {
+                    **_SAMPLING,
+                    "prompt": {},
+                    "echo": {"type": "boolean"},
+                    "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 20},
+                },
             },
             errors=(*_MODEL, 504),
             ok_types=(_JSON, "text/event-stream"),
@@ -176,6 +181,8 @@ PATHS: dict[str, dict[str, Any]] = {
                     **_SAMPLING,
                     "messages": {"type": "array", "items": _MESSAGE, "minItems": 1},
                     "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1},
+                    "logprobs": {"type": ["boolean", "null"]},
+                    "top_logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 20},
                 },
             },
             errors=(*_MODEL, 504),

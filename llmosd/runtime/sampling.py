@@ -34,6 +34,31 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's top_logprobs bound; vLLM's default max_logprobs too
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability under the model (its raw logits: before bias, penalties or
+    temperature, as vLLM reports by default), and the most likely tokens at that position, best first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprob(logits: FloatArray, token: int, top: int = 0) -> TokenLogprob:
+    x = logits.astype(np.float64)
+    peak = x.max()
+    lp = x - (peak + np.log(np.exp(x - peak).sum()))
+    best: tuple[tuple[int, float], ...] = ()
+    if top > 0:
+        ids = np.argpartition(-lp, min(top, lp.size - 1))[:top]
+        ids = ids[np.argsort(-lp[ids], kind="stable")]
+        best = tuple((int(i), float(lp[i])) for i in ids)
+    return TokenLogprob(token, float(lp[token]), best)
+
+
 class Sampler:
     def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: list[int]) -> None:
         self.params = params

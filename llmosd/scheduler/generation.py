@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from llmosd.runtime.generator import TextGenerator
 from llmosd.runtime.memory import IDLE_RELEASE_S, release_quietly
-from llmosd.runtime.sampling import Sampler, SamplingParams
+from llmosd.runtime.sampling import FloatArray, Sampler, SamplingParams, TokenLogprob, token_logprob
 from llmosd.runtime.textstream import TextStream
 from llmosd.scheduler.errors import BatcherClosed, QueueFull
 from llmosd.scheduler.histogram import Histogram
@@ -55,6 +55,7 @@ class GenerationRequest:
     stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
     priority: int = NORMAL
+    logprobs: int | None = None  # None: none; n: each sampled token's log-probability and the n likeliest
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class Chunk:
     completion_tokens: int
     finish_reason: str | None = None
     token_ids: tuple[int, ...] = ()  # sampled since the previous chunk (those of the text, and a stop id)
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, where the request asked
 
 
 class GenerationStream:
@@ -75,6 +77,7 @@ class GenerationStream:
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
         self.cancelled = False  # read by the worker thread at its next step
         self._queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
         self.on_done: Callable[[GenerationStream], None] | None = None  # the engine's: no longer open
@@ -97,6 +100,7 @@ class GenerationStream:
             self.completion_tokens = item.completion_tokens
             self.finish_reason = item.finish_reason
             self.token_ids.extend(item.token_ids)
+            self.logprobs.extend(item.logprobs)
             yield item
 
     async def text(self) -> str:
@@ -120,17 +124,23 @@ class _Sequence:
     reserve: int  # positions reserved: prompt + max_tokens (within the context)
     enqueued: float
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, where asked
     sent: int = 0  # tokens already handed out in chunks
     done: bool = False
     row: int = -1  # its row in the model's cache, once prefilled
 
-    def advance(self, token: int, eos: frozenset[int]) -> Chunk | None:
-        """Take one sampled token; return the chunk to deliver, None while there is nothing to say."""
+    def advance(self, logits: FloatArray, eos: frozenset[int]) -> Chunk | None:
+        """Sample from this row's logits and take the token; return the chunk to deliver, None while there
+        is nothing to say."""
+        token = self.sampler.pick(logits)
+        if self.request.logprobs is not None:
+            self.logprobs.append(token_logprob(logits, token, self.request.logprobs))
         chunk = self._advance(token, eos)
         if not chunk.text and chunk.finish_reason is None:
             return None
-        ids, self.sent = tuple(self.tokens[self.sent :]), len(self.tokens)
-        return Chunk(chunk.text, chunk.completion_tokens, chunk.finish_reason, ids)
+        ids, lps = tuple(self.tokens[self.sent :]), tuple(self.logprobs[self.sent :])
+        self.sent = len(self.tokens)
+        return Chunk(chunk.text, chunk.completion_tokens, chunk.finish_reason, ids, lps)
 
     def _advance(self, token: int, eos: frozenset[int]) -> Chunk:
         req = self.request
@@ -356,7 +366,7 @@ class GenerationEngine:
                 logits, seq.row = self.model.lm.prefill(seq.request.prompt_ids)
                 self.stats.prefill_time.observe(time.perf_counter() - started)
                 self.stats.generated_tokens += 1
-                chunk = seq.advance(seq.sampler.pick(logits), self.model.eos_token_ids)
+                chunk = seq.advance(logits, self.model.eos_token_ids)
             except Exception as exc:
                 log.exception("prefill failed for %s", self.name)
                 if seq.row >= 0:
@@ -383,7 +393,7 @@ class GenerationEngine:
     def _step(self, rows: list[_Sequence]) -> None:
         started = time.perf_counter()
         logits = self.model.lm.decode([s.row for s in rows], [s.tokens[-1] for s in rows])
-        chunks = [(s, s.advance(s.sampler.pick(logits[i]), self.model.eos_token_ids)) for i, s in enumerate(rows)]
+        chunks = [(s, s.advance(logits[i], self.model.eos_token_ids)) for i, s in enumerate(rows)]
         # Counters before delivery: a client that has its tokens must find them counted (a scrape right
         # after a response read one token short when this ran after the hand-off).
         elapsed = time.perf_counter() - started

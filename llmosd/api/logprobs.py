@@ -1,0 +1,48 @@
+"""Log-probabilities in OpenAI's two shapes: chat's ``logprobs.content`` and completions' ``logprobs``
+(tokens, token_logprobs, top_logprobs, text_offset). A token's text is its own decoding; where it is part
+of a character (byte-level BPE), that is U+FFFD, and ``bytes`` are those of that text, as vLLM gives them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from llmosd.runtime.sampling import TokenLogprob
+
+
+def shown(
+    token_ids: Sequence[int], logprobs: Sequence[TokenLogprob], finish: str | None, stop_ids: frozenset[int]
+) -> Sequence[TokenLogprob]:
+    """The entries of the tokens the answer holds: a sequence that ended on a stop id (end of sequence,
+    ``stop_token_ids``) has that id in its tokens but not in its text."""
+    if finish == "stop" and token_ids and token_ids[-1] in stop_ids and logprobs:
+        return logprobs[:-1]
+    return logprobs
+
+
+def _text(tokenizer: Any, token: int) -> str:
+    return str(tokenizer.decode([token], skip_special_tokens=False))
+
+
+def chat_content(tokenizer: Any, entries: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
+    def one(token: int, logprob: float) -> dict[str, Any]:
+        text = _text(tokenizer, token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return [one(e.token, e.logprob) | {"top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries]
+
+
+def completion_logprobs(tokenizer: Any, entries: Sequence[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+    """``offset``: where the first token's text starts in the choice's text (a stream's later chunks)."""
+    tokens = [_text(tokenizer, e.token) for e in entries]
+    offsets = []
+    for text in tokens:
+        offsets.append(offset)
+        offset += len(text)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e.logprob for e in entries],
+        # one object per position, as OpenAI's; tokens whose texts coincide keep the likelier
+        "top_logprobs": [{_text(tokenizer, t): lp for t, lp in reversed(e.top)} for e in entries],
+        "text_offset": offsets,
+    }
