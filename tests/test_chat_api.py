@@ -233,8 +233,44 @@ def test_logprobs_through_the_openai_client_chat_and_completions(daemon: Daemon)
             len(top) <= 2 and max(top.values()) >= v - 1e-6
             for top, v in zip(lp.top_logprobs, lp.token_logprobs, strict=True)
         )
-        with pytest.raises(openai.BadRequestError, match="echo"):
-            client.completions.create(model=SMOLLM2, prompt="Hi", max_tokens=2, logprobs=1, echo=True)
+
+
+async def test_echo_scores_the_prompt_as_lm_evaluation_harness_asks(daemon: Daemon, store_dir: Path) -> None:
+    """``echo`` + ``logprobs`` + ``max_tokens: 0`` (local-completions' loglikelihood request): the prompt's
+    tokens with their log-probabilities, the first null; a greedy continuation scored so matches what
+    generating it reported."""
+    from tokenizers import Tokenizer
+
+    from llmosd.store import ModelStore
+
+    store = ModelStore(store_dir)
+    tokenizer = Tokenizer.from_file(str(store.file_path(store.manifest(SMOLLM2), "tokenizer")))
+    prompt = tokenizer.encode("The capital of France is", add_special_tokens=False).ids
+    async with aiohttp.ClientSession() as s:
+
+        async def complete(**body: Any) -> dict[str, Any]:
+            async with s.post(daemon.url + "/v1/completions", json={"model": SMOLLM2, "temperature": 0, **body}) as r:
+                assert r.status == 200, await r.text()
+                return dict((await r.json())["choices"][0])
+
+        generated = await complete(prompt=prompt, max_tokens=3, logprobs=1)
+        continuation = tokenizer.encode(generated["text"], add_special_tokens=False).ids
+        scored = await complete(prompt=prompt + continuation, max_tokens=0, echo=True, logprobs=1)
+        lp = scored["logprobs"]
+        assert scored["text"] == tokenizer.decode(prompt + continuation) == "".join(lp["tokens"])
+        assert len(lp["tokens"]) == len(prompt) + len(continuation) and scored["finish_reason"] == "length"
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert all(v <= 0 for v in lp["token_logprobs"][1:])
+        tail = lp["token_logprobs"][len(prompt) :]
+        assert lp["tokens"][len(prompt) :] == generated["logprobs"]["tokens"]  # the same three tokens
+        # Scored one position a run, generated after one prefill: the same model, but int8 compute rounds the
+        # two paths' activations apart (measured: 2e-4 at the first token, 0.02-0.07 later); the exact check
+        # against PyTorch is tests/test_generation.py's, at fp32.
+        assert all(abs(a - b) < 0.15 for a, b in zip(tail, generated["logprobs"]["token_logprobs"], strict=True))
+        async with s.post(
+            daemon.url + "/v1/completions", json={"model": SMOLLM2, "prompt": "Hi", "max_tokens": 0}
+        ) as r:
+            assert r.status == 400 and "max_tokens" in (await r.json())["error"]["message"]  # 0 only with echo
 
 
 async def test_wrong_task_and_unknown_model(daemon: Daemon) -> None:

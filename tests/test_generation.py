@@ -317,6 +317,39 @@ async def test_logprobs_are_pytorchs_log_softmax_of_the_tokens_sampled(
         assert np.allclose([lp for _, lp in entry.top], row[best], atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+async def test_the_prompts_own_logprobs_are_pytorchs(kind: str, tiny_lms: dict[str, tuple[Path, LoadedModel]]) -> None:
+    """echo's scoring (lm-evaluation-harness's loglikelihood): each prompt token's log-probability given
+    the ones before it, the first none; with max_tokens 0 nothing is generated and the row goes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    src, loaded = tiny_lms[kind]
+    model = loaded.backend
+    assert isinstance(model, TextGenerator)
+    prompt = model.encode("the weather in the mountains is cold today", special=False)
+    engine = await started(model)
+    try:
+        scored = engine.submit(GenerationRequest(tuple(prompt), GREEDY, 0, logprobs=2, prompt_logprobs=True))
+        assert await scored.text() == "" and scored.finish_reason == "length" and scored.token_ids == []
+        both = engine.submit(GenerationRequest(tuple(prompt), GREEDY, 3, logprobs=2, prompt_logprobs=True))
+        await both.text()
+        assert engine.stats.running == 0
+    finally:
+        await engine.close()
+    reference = AutoModelForCausalLM.from_pretrained(src).eval()
+    with torch.no_grad():
+        expected = torch.log_softmax(reference(torch.tensor([prompt])).logits[0].double(), dim=-1).numpy()
+    for stream in (scored, both):
+        entries = stream.prompt_logprobs
+        assert len(entries) == len(prompt) and entries[0] is None
+        for position, (token, entry) in enumerate(zip(prompt[1:], entries[1:], strict=True)):
+            assert entry is not None and entry.token == token
+            assert abs(entry.logprob - expected[position, token]) < 1e-4
+            assert [t for t, _ in entry.top] == np.argsort(-expected[position])[:2].tolist()
+    assert len(both.token_ids) == 3 and len(both.logprobs) == 3  # and then it generated
+
+
 async def test_an_fp16_export_runs_with_an_fp16_kv_cache(tmp_path: Path) -> None:
     """fp16 is marked CUDA-only for serving, but its graph (fp16 past/present) runs on ORT's CPU provider
     too: the engine must carry an fp16 cache through joins and leaves, each row generating what it

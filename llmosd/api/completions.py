@@ -52,7 +52,15 @@ def _start(
                 if params.seed is not None and i:  # n choices from one seed must differ, reproducibly
                     params = type(params)(**{**params.__dict__, "seed": (params.seed + i) % 2**64})
                 request = GenerationRequest(
-                    tuple(ids), params, max(max_tokens, 1), s.stop, s.stop_token_ids, s.ignore_eos, priority, s.logprobs
+                    tuple(ids),
+                    params,
+                    max_tokens if s.max_tokens == 0 else max(max_tokens, 1),  # 0: echo only
+                    s.stop,
+                    s.stop_token_ids,
+                    s.ignore_eos,
+                    priority,
+                    s.logprobs,
+                    s.prompt_logprobs,
                 )
                 streams.append(engine.submit(request))
     except RequestTooLarge as exc:
@@ -154,6 +162,10 @@ async def _stream(
     return response
 
 
+def _finished(stream: GenerationStream) -> tuple[str | None, list[int], list[Any], tuple[Any, ...]]:
+    return stream.finish_reason, stream.token_ids, stream.logprobs, stream.prompt_logprobs
+
+
 def _stop_ids(engine: GenerationEngine, s: Sampling) -> frozenset[int]:
     """The ids a sequence stops on without showing them: its stop_token_ids, and end of sequence."""
     return s.stop_token_ids | (frozenset() if s.ignore_eos else engine.model.eos_token_ids)
@@ -188,10 +200,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
     tokenizer, stop_ids = engine.model.tokenizer, _stop_ids(engine, s)
     offsets = [0] * len(streams)  # where each choice's next token's text starts (a stream's chunks)
 
-    def choice(i: int, text: str, finish: str | None, ids: Any = (), lps: Any = ()) -> dict[str, Any]:
+    def choice(i: int, text: str, finish: str | None, ids: Any = (), lps: Any = (), prompt: Any = ()) -> dict[str, Any]:
         logprobs = None
         if s.logprobs is not None:
-            logprobs = completion_logprobs(tokenizer, shown(ids, lps, finish, stop_ids), offsets[i])
+            scored = list(zip(prompts[i // s.n], prompt, strict=True)) if prompt else []
+            scored += [(e.token, e) for e in shown(ids, lps, finish, stop_ids)]
+            logprobs = completion_logprobs(tokenizer, scored, offsets[i])
             offsets[i] += sum(len(t) for t in logprobs["tokens"])
         return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
@@ -203,10 +217,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if not s.stream:
         async with deadline(timeout):
             texts = await _collect(streams)
-        choices = [
-            choice(i, echo[i // s.n] + t, streams[i].finish_reason, streams[i].token_ids, streams[i].logprobs)
-            for i, t in enumerate(texts)
-        ]
+        choices = [choice(i, echo[i // s.n] + t, *_finished(streams[i])) for i, t in enumerate(texts)]
         return web.json_response(envelope(choices, usage=_usage(streams, prompt_tokens)))
 
     started: set[int] = set()
@@ -218,7 +229,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
             text = echo[i // s.n] + text
         if not text and chunk.finish_reason is None:
             return []
-        return [envelope([choice(i, text, chunk.finish_reason, chunk.token_ids, chunk.logprobs)])]
+        return [
+            envelope([choice(i, text, chunk.finish_reason, chunk.token_ids, chunk.logprobs, chunk.prompt_logprobs)])
+        ]
 
     return await _stream(
         request, s, streams, frame, lambda: envelope([], usage=_usage(streams, prompt_tokens)), timeout

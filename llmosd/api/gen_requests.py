@@ -108,12 +108,13 @@ class Sampling:
     ignore_eos: bool
     given: frozenset[str] = frozenset()  # the sampling fields the request set (the rest: the model's defaults)
     logprobs: int | None = None  # None: not asked; n: each token's log-probability and the n likeliest
+    prompt_logprobs: bool = False  # the prompt's tokens' too (completions' echo)
 
     def params_for(self, defaults: dict[str, float | int]) -> SamplingParams:
         return with_defaults(self.params, self.given, defaults)
 
     @classmethod
-    def parse(cls, body: dict[str, Any], max_tokens_key: str = "max_tokens") -> Sampling:
+    def parse(cls, body: dict[str, Any], max_tokens_key: str = "max_tokens", least_tokens: int = 1) -> Sampling:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise bad_request("'model' is required and must be a non-empty string", "model")
@@ -134,7 +135,7 @@ class Sampling:
             logit_bias=_logit_bias(body),
             seed=None if seed is None else seed % 2**64,
         )
-        max_tokens = _integer(body, max_tokens_key, 1)
+        max_tokens = _integer(body, max_tokens_key, least_tokens)
         return cls(
             model=model,
             params=params,
@@ -163,9 +164,9 @@ class CompletionRequest:
             raise bad_request("'best_of' other than 'n' is not supported", "best_of")
         logprobs = _integer(body, "logprobs", 0, MAX_TOP_LOGPROBS)
         echo = _flag(body, "echo")
-        if echo and logprobs is not None:
-            raise bad_request("'logprobs' with 'echo' (the prompt's log-probabilities) is not supported yet", "echo")
-        sampling = replace(Sampling.parse(body), logprobs=logprobs)
+        # max_tokens 0 with echo: the prompt back, and its log-probabilities (lm-evaluation-harness's loglikelihood)
+        sampling = Sampling.parse(body, least_tokens=0 if echo else 1)
+        sampling = replace(sampling, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
         return cls(sampling, _prompts(body.get("prompt"), limits), echo)
 
 

@@ -32,17 +32,22 @@ def chat_content(tokenizer: Any, entries: Sequence[TokenLogprob]) -> list[dict[s
     return [one(e.token, e.logprob) | {"top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries]
 
 
-def completion_logprobs(tokenizer: Any, entries: Sequence[TokenLogprob], offset: int = 0) -> dict[str, Any]:
-    """``offset``: where the first token's text starts in the choice's text (a stream's later chunks)."""
-    tokens = [_text(tokenizer, e.token) for e in entries]
+def completion_logprobs(
+    tokenizer: Any, scored: Sequence[tuple[int, TokenLogprob | None]], offset: int = 0
+) -> dict[str, Any]:
+    """``scored``: (token id, its entry) in order; the prompt's first token has none (null, as OpenAI's).
+    ``offset``: where the first token's text starts in the choice's text (a stream's later chunks)."""
+    tokens = [_text(tokenizer, token) for token, _ in scored]
     offsets = []
     for text in tokens:
         offsets.append(offset)
         offset += len(text)
     return {
         "tokens": tokens,
-        "token_logprobs": [e.logprob for e in entries],
+        "token_logprobs": [None if e is None else e.logprob for _, e in scored],
         # one object per position, as OpenAI's; tokens whose texts coincide keep the likelier
-        "top_logprobs": [{_text(tokenizer, t): lp for t, lp in reversed(e.top)} for e in entries],
+        "top_logprobs": [
+            None if e is None else {_text(tokenizer, t): lp for t, lp in reversed(e.top)} for _, e in scored
+        ],
         "text_offset": offsets,
     }

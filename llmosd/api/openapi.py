@@ -163,6 +163,7 @@ PATHS: dict[str, dict[str, Any]] = {
                     "prompt": {},
                     "echo": {"type": "boolean"},
                     "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 20},
+                    "max_tokens": {"type": ["integer", "null"], "minimum": 0},  # 0 only with echo
                 },
             },
             errors=(*_MODEL, 504),

@@ -56,6 +56,7 @@ class GenerationRequest:
     ignore_eos: bool = False
     priority: int = NORMAL
     logprobs: int | None = None  # None: none; n: each sampled token's log-probability and the n likeliest
+    prompt_logprobs: bool = False  # and the prompt's own tokens' (completions' echo; max_tokens may be 0)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class Chunk:
     finish_reason: str | None = None
     token_ids: tuple[int, ...] = ()  # sampled since the previous chunk (those of the text, and a stop id)
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, where the request asked
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = ()  # on the first chunk, where asked: None for the first
 
 
 class GenerationStream:
@@ -78,6 +80,7 @@ class GenerationStream:
         self.finish_reason: str | None = None
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
         self.cancelled = False  # read by the worker thread at its next step
         self._queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
         self.on_done: Callable[[GenerationStream], None] | None = None  # the engine's: no longer open
@@ -101,6 +104,7 @@ class GenerationStream:
             self.finish_reason = item.finish_reason
             self.token_ids.extend(item.token_ids)
             self.logprobs.extend(item.logprobs)
+            self.prompt_logprobs = self.prompt_logprobs or item.prompt_logprobs
             yield item
 
     async def text(self) -> str:
@@ -125,6 +129,7 @@ class _Sequence:
     enqueued: float
     tokens: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, where asked
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = ()  # until the first chunk takes them
     sent: int = 0  # tokens already handed out in chunks
     done: bool = False
     row: int = -1  # its row in the model's cache, once prefilled
@@ -140,7 +145,8 @@ class _Sequence:
             return None
         ids, lps = tuple(self.tokens[self.sent :]), tuple(self.logprobs[self.sent :])
         self.sent = len(self.tokens)
-        return Chunk(chunk.text, chunk.completion_tokens, chunk.finish_reason, ids, lps)
+        prompt, self.prompt_logprobs = self.prompt_logprobs, ()
+        return Chunk(chunk.text, chunk.completion_tokens, chunk.finish_reason, ids, lps, prompt)
 
     def _advance(self, token: int, eos: frozenset[int]) -> Chunk:
         req = self.request
@@ -363,10 +369,14 @@ class GenerationEngine:
             self.stats.queue_wait.observe(time.time() - seq.enqueued)
             try:
                 started = time.perf_counter()
-                logits, seq.row = self.model.lm.prefill(seq.request.prompt_ids)
+                logits, seq.row = self._prefill(seq)
                 self.stats.prefill_time.observe(time.perf_counter() - started)
-                self.stats.generated_tokens += 1
-                chunk = seq.advance(logits, self.model.eos_token_ids)
+                if seq.request.max_tokens == 0:  # the prompt scored, nothing to generate
+                    seq.done = True
+                    chunk: Chunk | None = Chunk("", 0, "length", prompt_logprobs=seq.prompt_logprobs)
+                else:
+                    self.stats.generated_tokens += 1
+                    chunk = seq.advance(logits, self.model.eos_token_ids)
             except Exception as exc:
                 log.exception("prefill failed for %s", self.name)
                 if seq.row >= 0:
@@ -383,6 +393,25 @@ class GenerationEngine:
                 self.model.lm.free(seq.row)
             else:
                 joining.append(seq)
+
+    def _prefill(self, seq: _Sequence) -> tuple[FloatArray, int]:
+        """Prefill a row. Where the prompt's log-probabilities are asked, one position a run: the fused
+        graph computes the last position's logits only (lm-evaluation-harness's loglikelihood requests
+        are short; the other rows wait those runs)."""
+        req = seq.request
+        if not (req.prompt_logprobs and req.logprobs is not None):
+            return self.model.lm.prefill(req.prompt_ids)
+        logits, row = self.model.lm.prefill(req.prompt_ids[:1])
+        entries: list[TokenLogprob | None] = [None]
+        try:
+            for token in req.prompt_ids[1:]:
+                entries.append(token_logprob(logits, token, req.logprobs))
+                logits = self.model.lm.decode([row], [token])[0]
+        except BaseException:
+            self.model.lm.free(row)
+            raise
+        seq.prompt_logprobs = tuple(entries)
+        return logits, row
 
     def _fits(self, seq: _Sequence, running: list[_Sequence]) -> bool:
         if len(running) >= min(self.limits.max_sequences, self.model.lm.capacity):
