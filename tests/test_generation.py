@@ -283,6 +283,12 @@ async def test_continuous_batching_reproduces_pytorch_greedy_generate(
     assert [s.token_ids for s in streams] == expected
 
 
+def tiny_generator(tiny_lms: dict[str, tuple[Path, LoadedModel]], kind: str) -> tuple[Path, TextGenerator]:
+    src, loaded = tiny_lms[kind]
+    assert isinstance(loaded.backend, TextGenerator)
+    return src, loaded.backend
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 async def test_logprobs_are_pytorchs_log_softmax_of_the_tokens_sampled(
     kind: str, tiny_lms: dict[str, tuple[Path, LoadedModel]]
@@ -292,9 +298,7 @@ async def test_logprobs_are_pytorchs_log_softmax_of_the_tokens_sampled(
     import torch
     from transformers import AutoModelForCausalLM
 
-    src, loaded = tiny_lms[kind]
-    model = loaded.backend
-    assert isinstance(model, TextGenerator)
+    src, model = tiny_generator(tiny_lms, kind)
     prompt = model.encode("a prompt about the weather in the mountains", special=False)
     engine = await started(model)
     try:
@@ -324,9 +328,7 @@ async def test_the_prompts_own_logprobs_are_pytorchs(kind: str, tiny_lms: dict[s
     import torch
     from transformers import AutoModelForCausalLM
 
-    src, loaded = tiny_lms[kind]
-    model = loaded.backend
-    assert isinstance(model, TextGenerator)
+    src, model = tiny_generator(tiny_lms, kind)
     prompt = model.encode("the weather in the mountains is cold today", special=False)
     engine = await started(model)
     try:
