@@ -78,9 +78,13 @@ def test_first_start_seeds_the_default_models_and_never_imports_torch(tmp_path: 
     # ends by itself, short of the 1,024-token default limit, and does not loop. (What it says is the
     # model's: its first token here is a near tie even in fp32, "The" 0.152 against "L" 0.140.)
     assert lines[0]["sampling"] == {"temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.1}
+    # A 135M model at temperature 0.2 still rambles now and then: of 64 answers to this question at these
+    # defaults, int4 gave none over 300 words (4 over 150), int8 2 (bench stores, in process). So one long
+    # answer of the three is the model's; two would be ours (a false alarm about once in a thousand runs).
+    lengths = [len(answer.split()) for answer in lines[0]["answers"]]
+    assert min(lengths) > 0 and sorted(lengths)[1] < 300, lines[0]["answers"]
     for answer in lines[0]["answers"]:
         words = answer.split()
-        assert 0 < len(words) < 300, answer
         grams = [" ".join(words[i : i + 4]) for i in range(len(words) - 3)]
         assert not grams or max(grams.count(g) for g in grams) <= 3, answer  # "la France, la France, ..."
     assert lines[1]["exit"] == 0
