@@ -151,18 +151,17 @@ def carry(model: Any, skip: tuple[str, ...] = ("lm_head.",)) -> dict[str, Any] |
 
     g = model.graph
     tables = {t.name: t for t in g.initializer}
-    candidates = [
-        n for n in g.node if n.op_type == "MatMul" and n.input[1] in tables and not n.input[1].startswith(skip)
-    ]
-    grids = {n.name: find_grid(numpy_helper.to_array(tables[n.input[1]])) for n in candidates}
-    if not any(grid is not None for grid in grids.values()):
-        return None
     augmented: dict[str, str] = {}  # an input -> itself with its block sums appended (shared by consumers)
     nodes: list[Any] = []
     added: list[Any] = []
     dropped: set[str] = set()
-    for node in g.node:
-        grid = grids.get(node.name)
+    candidates = exact = 0
+    for node in g.node:  # one weight's grid at a time: a 1.1B model's would hold a byte per weight at once
+        weight = node.input[1] if node.op_type == "MatMul" and len(node.input) > 1 else ""
+        grid = None
+        if weight in tables and not weight.startswith(skip):
+            candidates += 1
+            grid = find_grid(numpy_helper.to_array(tables[weight]))
         if grid is None:
             nodes.append(node)
             continue
@@ -174,19 +173,21 @@ def carry(model: Any, skip: tuple[str, ...] = ("lm_head.",)) -> dict[str, Any] |
             if x not in augmented:
                 augmented[x] = _augment(x, grid.q.shape[1], nodes, added)
             nodes.append(_exact(node, grid, augmented[x], added))
-        dropped.add(node.input[1])
+        dropped.add(weight)
+        exact += 1
+    if not exact:
+        return None  # nothing rewritten: the graph is as it was
     del g.node[:]
     g.node.extend(nodes)
     kept = [t for t in g.initializer if t.name not in dropped]
     del g.initializer[:]
     g.initializer.extend(kept + added)
-    exact = sum(grid is not None for grid in grids.values())
     return {
-        "carried": f"{exact} of {len(grids)} weights on the source's 4-bit grid, written exactly",
+        "carried": f"{exact} of {candidates} weights on the source's 4-bit grid, written exactly",
         "offsets": f"{DIGITS} 4-bit digit blocks per block of 32, against the activations' block sums"
         if augmented
         else None,
-        "others": "int8 (weight-only, symmetric blocks of 32)" if exact < len(grids) else None,
+        "others": "int8 (weight-only, symmetric blocks of 32)" if exact < candidates else None,
     }
 
 

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from llmosd.api.errors import ApiError, bad_request
 from llmosd.api.gen_requests import ChatRequest, CompletionRequest, Sampling
-from llmosd.api.logprobs import chat_content, completion_logprobs, shown
+from llmosd.api.logprobs import Logprobs
 from llmosd.api.metrics import MODEL_KEY
 from llmosd.api.requests import deadline, json_body, keep_alive_of, priority_of, timeout_of
 from llmosd.api.state import AppState, hold, state
@@ -166,9 +166,14 @@ def _finished(stream: GenerationStream) -> tuple[str | None, list[int], list[Any
     return stream.finish_reason, stream.token_ids, stream.logprobs, stream.prompt_logprobs
 
 
-def _stop_ids(engine: GenerationEngine, s: Sampling) -> frozenset[int]:
-    """The ids a sequence stops on without showing them: its stop_token_ids, and end of sequence."""
-    return s.stop_token_ids | (frozenset() if s.ignore_eos else engine.model.eos_token_ids)
+def _logprobs(engine: GenerationEngine, s: Sampling) -> Logprobs | None:
+    """How the answers show log-probabilities, where the request asked: its stop_token_ids and end of
+    sequence are ids a sequence stops on without showing them."""
+    if s.logprobs is None:
+        return None
+    return Logprobs(
+        engine.model.tokenizer, s.stop_token_ids | (frozenset() if s.ignore_eos else engine.model.eos_token_ids)
+    )
 
 
 async def _encode(model: TextGenerator, prompts: list[str | list[int]]) -> list[list[int]]:
@@ -197,15 +202,13 @@ async def completions(request: web.Request) -> web.StreamResponse:
     prompt_tokens = sum(len(p) for p in prompts)
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     echo = [engine.model.tokenizer.decode(p) if req.echo else "" for p in prompts]
-    tokenizer, stop_ids = engine.model.tokenizer, _stop_ids(engine, s)
+    shape = _logprobs(engine, s)
     offsets = [0] * len(streams)  # where each choice's next token's text starts (a stream's chunks)
 
     def choice(i: int, text: str, finish: str | None, ids: Any = (), lps: Any = (), prompt: Any = ()) -> dict[str, Any]:
         logprobs = None
-        if s.logprobs is not None:
-            scored = list(zip(prompts[i // s.n], prompt, strict=True)) if prompt else []
-            scored += [(e.token, e) for e in shown(ids, lps, finish, stop_ids)]
-            logprobs = completion_logprobs(tokenizer, scored, offsets[i])
+        if shape is not None:
+            logprobs = shape.completion(prompts[i // s.n], prompt, ids, lps, finish, offsets[i])
             offsets[i] += sum(len(t) for t in logprobs["tokens"])
         return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
@@ -254,12 +257,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise bad_request(str(exc), "model") from None
     streams = _start(st, engine, s, [prompt], priority)
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    tokenizer, stop_ids = engine.model.tokenizer, _stop_ids(engine, s)
-
-    def logprobs(ids: Any, lps: Any, finish: str | None) -> dict[str, Any] | None:
-        if s.logprobs is None:
-            return None
-        return {"content": chat_content(tokenizer, shown(ids, lps, finish, stop_ids)), "refusal": None}
+    shape = _logprobs(engine, s)
 
     def envelope(choices: list[dict[str, Any]], obj: str, **extra: Any) -> dict[str, Any]:
         return {"id": ident, "object": obj, "created": created, "model": s.model, "choices": choices} | extra
@@ -271,10 +269,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             {
                 "index": i,
                 "message": {"role": "assistant", "content": t},
-                "logprobs": logprobs(streams[i].token_ids, streams[i].logprobs, streams[i].finish_reason),
-                "finish_reason": streams[i].finish_reason,
+                "logprobs": shape.chat(stream.token_ids, stream.logprobs, stream.finish_reason) if shape else None,
+                "finish_reason": stream.finish_reason,
             }
-            for i, t in enumerate(texts)
+            for i, (t, stream) in enumerate(zip(texts, streams, strict=True))
         ]
         return web.json_response(envelope(choices, "chat.completion", usage=_usage(streams, len(prompt))))
 
@@ -286,7 +284,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             return envelope([choice], "chat.completion.chunk")
 
         events = []
-        lps = logprobs(chunk.token_ids, chunk.logprobs, chunk.finish_reason)
+        lps = shape.chat(chunk.token_ids, chunk.logprobs, chunk.finish_reason) if shape else None
         if i not in started:  # OpenAI's first chunk of a choice names the role
             started.add(i)
             events.append(event({"role": "assistant", "content": chunk.text}, lps=lps))

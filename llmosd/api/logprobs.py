@@ -5,6 +5,7 @@ of a character (byte-level BPE), that is U+FFFD, and ``bytes`` are those of that
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from llmosd.runtime.sampling import TokenLogprob
@@ -51,3 +52,28 @@ def completion_logprobs(
         ],
         "text_offset": offsets,
     }
+
+
+@dataclass(frozen=True)
+class Logprobs:
+    """What one request's answers show of their tokens' log-probabilities, in either route's shape."""
+
+    tokenizer: Any
+    stop_ids: frozenset[int]  # ids a sequence stops on without showing them
+
+    def chat(self, ids: Sequence[int], entries: Sequence[TokenLogprob], finish: str | None) -> dict[str, Any]:
+        return {"content": chat_content(self.tokenizer, shown(ids, entries, finish, self.stop_ids)), "refusal": None}
+
+    def completion(
+        self,
+        prompt_ids: Sequence[int],
+        prompt: Sequence[TokenLogprob | None],
+        ids: Sequence[int],
+        entries: Sequence[TokenLogprob],
+        finish: str | None,
+        offset: int,
+    ) -> dict[str, Any]:
+        """``prompt``: the prompt's entries where echo scored it (else empty), then the answer's."""
+        scored: list[tuple[int, TokenLogprob | None]] = list(zip(prompt_ids, prompt, strict=True)) if prompt else []
+        scored += [(e.token, e) for e in shown(ids, entries, finish, self.stop_ids)]
+        return completion_logprobs(self.tokenizer, scored, offset)
