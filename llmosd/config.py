@@ -88,6 +88,7 @@ class Config:
     keep_alive_s: float = _knob(300.0, "unload a model loaded on demand after this long idle (negative: never)")
     max_sequences: int = _knob(16, "generation: sequences decoded together per model (continuous batching)")
     kv_cache_mb: int = _knob(1024, "generation: KV-cache memory per model; worst case reserved per sequence")
+    prefix_cache_mb: int = _knob(128, "generation: prompts' KV kept for reuse, within what kv_cache_mb leaves (0: off)")
     context_length: int = _knob(0, "generation: context cap in tokens (0: the model's own)")
     default_max_tokens: int = _knob(1024, "generation: max_tokens when a request names none (OpenAI: to the end)")
     max_body_bytes: int = _knob(8 << 20, "largest request body")

@@ -61,7 +61,10 @@ def describe_hardware(hw: Hardware) -> str:
 
 def generation_limits(config: Config) -> GenerationLimits:
     return GenerationLimits(
-        max_sequences=config.max_sequences, kv_cache_bytes=config.kv_cache_mb << 20, max_queue=config.max_queue
+        max_sequences=config.max_sequences,
+        kv_cache_bytes=config.kv_cache_mb << 20,
+        max_queue=config.max_queue,
+        prefix_cache_bytes=config.prefix_cache_mb << 20,
     )
 
 

@@ -141,14 +141,70 @@ BAD = [
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "text"),
-    ({"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool calling"),
+    ({"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "no spaces"}}]}, "function.name"),
+    ({"messages": QUESTION, "tools": [{"type": "retrieval"}]}, "tools[0]"),
+    ({"messages": QUESTION, "tool_choice": "required"}, "needs 'tools'"),
+    (
+        {
+            "messages": QUESTION,
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": {"type": "function", "function": {"name": "g"}},
+        },
+        "not one of the tools",
+    ),
+    ({"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}] * 2}, "two tools"),
+    (
+        {
+            "messages": QUESTION,
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "strin"}}}],
+            "tool_choice": "required",
+        },
+        "cannot be compiled",
+    ),
+    (
+        {
+            "messages": QUESTION,
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": "required",
+            "response_format": {"type": "json_object"},
+        },
+        "both constrain",
+    ),
+    ({"messages": [*QUESTION, {"role": "tool", "content": "21 C"}]}, "tool_call_id"),
+    (
+        {
+            "messages": [
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{oops"}}],
+                }
+            ]
+        },
+        "not valid JSON",
+    ),
+    ({"messages": QUESTION, "functions": [{"name": "f"}]}, "legacy"),
     ({"messages": QUESTION, "temperature": 3}, "'temperature'"),
     ({"messages": QUESTION, "top_p": 0}, "'top_p'"),
     ({"messages": QUESTION, "max_tokens": 0}, "'max_tokens'"),
     ({"messages": QUESTION, "n": 100}, "'n'"),
     ({"messages": QUESTION, "stop": [1]}, "'stop'"),
     ({"messages": QUESTION, "stream_options": {"include_usage": True}}, "stream_options"),
-    ({"messages": QUESTION, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": QUESTION, "response_format": {"type": "xml"}}, "response_format.type"),
+    ({"messages": QUESTION, "response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "name"),
+    (
+        {
+            "messages": QUESTION,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}},
+        },
+        "cannot be compiled: Invalid type: strin",
+    ),
+    ({"messages": QUESTION, "guided_regex": "[0-9"}, "cannot be compiled"),
+    ({"messages": QUESTION, "guided_grammar": "root ::= missing"}, "cannot be compiled"),
+    ({"messages": QUESTION, "guided_choice": []}, "'guided_choice'"),
+    ({"messages": QUESTION, "guided_json": "{not json"}, "not valid JSON"),
+    ({"messages": QUESTION, "structured_outputs": {"json": {}, "regex": "a"}}, "structured_outputs"),
+    ({"messages": QUESTION, "response_format": {"type": "json_object"}, "guided_regex": "a"}, "both constrain"),
     ({"messages": QUESTION, "logit_bias": {"abc": 1}}, "keys must be token ids"),
     ({"messages": QUESTION, "logit_bias": {"5": 101}}, "[-100, 100]"),
     ({"messages": QUESTION, "logit_bias": [5]}, "'logit_bias'"),

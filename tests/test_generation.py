@@ -19,6 +19,7 @@ from llmosd.runtime.chat import Message
 from llmosd.runtime.decoder import Decoder
 from llmosd.runtime.fused_lm import FusedLM
 from llmosd.runtime.generator import TextGenerator
+from llmosd.runtime.grammar import GrammarSpec
 from llmosd.runtime.sampling import SamplingParams
 from llmosd.scheduler import (
     Chunk,
@@ -319,6 +320,93 @@ async def test_logprobs_are_pytorchs_log_softmax_of_the_tokens_sampled(
         best = np.argsort(-row)[:5]
         assert [t for t, _ in entry.top] == best.tolist()
         assert np.allclose([lp for _, lp in entry.top], row[best], atol=1e-4)
+
+
+async def test_a_constrained_greedy_row_takes_pytorchs_best_allowed_token(
+    tiny_lms: dict[str, tuple[Path, LoadedModel]],
+) -> None:
+    """Under a grammar, greedy decoding takes at each step the token PyTorch's logits rank first among
+    those a fresh matcher (replaying the same tokens) allows; an unconstrained row decodes beside it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    src, model = tiny_generator(tiny_lms, "llama")
+    spec = GrammarSpec("regex", "[a-z#]{4,40}")  # MiniLM's WordPiece pieces: letters, and ## for the rest
+    prompt = model.encode("the weather in the mountains", special=False)
+    engine = await started(model)
+    try:
+        free = engine.submit(GenerationRequest(tuple(prompt), GREEDY, 12, ignore_eos=True))
+        bound = engine.submit(GenerationRequest(tuple(prompt), GREEDY, 12), model.grammars.compile(spec))
+        await asyncio.gather(free.text(), bound.text())
+    finally:
+        await engine.close()
+    tokens = bound.token_ids
+    reference = AutoModelForCausalLM.from_pretrained(src).eval()
+    with torch.no_grad():
+        logits = reference(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 :].numpy()
+    replay = model.grammars.compile(spec)
+    overruled = 0
+    for step, token in enumerate(tokens):
+        allowed = model.grammars.fill_masks([replay], logits.shape[-1])[0]
+        row = np.where(allowed, logits[step], -np.inf)
+        assert token == int(np.argmax(row)), step
+        overruled += int(np.argmax(logits[step])) != token
+        if token not in model.eos_token_ids:
+            replay.consume(token)
+    assert overruled > 0 and len(free.token_ids) == 12  # the grammar decided some tokens; the free row ran on
+
+
+async def test_a_prefix_hit_copies_the_cached_kv_and_changes_nothing(
+    tiny_lms: dict[str, tuple[Path, LoadedModel]],
+) -> None:
+    """Prompts that share a long start: the second and third copy its cached blocks instead of prefilling
+    them, and decode exactly what a cold cache (one with no prefix cache) decodes; the cache gives way to
+    running rows' reservations."""
+    _, model = tiny_generator(tiny_lms, "llama")
+    shared = "the weather in the mountains changes fast and the hikers watch the sky " * 6
+    prompts = [model.encode(shared + tail, special=False) for tail in ("so they turn back", "and keep going", "so")]
+    cold = model.decoder(2, model.context_length)  # no prefix cache: every prompt prefilled whole
+    assert cold.prefix is None and model.lm.prefix is not None
+    expected = []
+    for ids in prompts:
+        logits, row = cold.prefill(ids)
+        expected.append(logits)
+        cold.free(row)
+    engine = await started(model)
+    try:
+        before = (model.lm.prefix.stats.hits, model.lm.prefix.stats.hit_tokens)
+        streams = []
+        for ids in prompts:  # one after another: each finds what the previous ones left
+            streams.append(engine.submit(GenerationRequest(tuple(ids), GREEDY, 6, ignore_eos=True, logprobs=0)))
+            await streams[-1].text()
+        hits = model.lm.prefix.stats.hits - before[0]
+        hit_tokens = model.lm.prefix.stats.hit_tokens - before[1]
+    finally:
+        await engine.close()
+    shared_blocks = min(len(p) for p in prompts) // 32
+    assert hits == 2 and hit_tokens >= 2 * (shared_blocks - 1) * 32 > 0
+    for stream, logits in zip(streams, expected, strict=True):
+        # the first token's log-probability is the prefill's logits: equal, cached or not
+        lp = stream.logprobs[0]
+        ref = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64) - logits.max()).sum()) - logits.max()
+        assert lp.token == int(np.argmax(logits)) and abs(lp.logprob - ref[lp.token]) < 1e-5
+    for ids, stream in zip(prompts, streams, strict=True):
+        ref_stream = cold_greedy(cold, ids, 6)
+        assert stream.token_ids == ref_stream
+    cache = model.lm.prefix
+    cache.limit = cache.block_bytes  # what a long running row would leave: the cache gives way
+    cache.shrink(cache.limit)
+    assert cache.bytes <= cache.block_bytes
+
+
+def cold_greedy(lm: Decoder, ids: list[int], n: int) -> list[int]:
+    logits, row = lm.prefill(ids)
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(logits)))
+        logits = lm.decode([row], [out[-1]])[0]
+    lm.free(row)
+    return out
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

@@ -90,6 +90,23 @@ def test_logit_bias_forces_and_bans_tokens_greedy_or_not() -> None:
     assert Sampler(forced, VOCAB, []).pick(x) == other and x[other] == x.min()  # the caller's row is untouched
 
 
+def test_a_grammar_mask_rules_tokens_out_whatever_else_asks_for_them() -> None:
+    """Masked tokens are never drawn: not by greedy, not at temperature 2 over the whole vocabulary, not
+    when logit_bias pushes one by +100; the allowed ones keep their relative odds."""
+    x = logits(11)
+    allowed = np.zeros(VOCAB, dtype=np.bool_)
+    few = np.argsort(x)[:5]  # the five least likely tokens: nothing would pick them unmasked
+    allowed[few] = True
+    best_allowed = int(few[np.argmax(x[few])])
+    assert Sampler(SamplingParams(temperature=0), VOCAB, []).pick(x, allowed) == best_allowed
+    pushed = SamplingParams(temperature=2.0, seed=3, logit_bias=((int(np.argmax(x)), 100.0),))
+    s = Sampler(pushed, VOCAB, [])
+    picked = Counter(s.pick(x, allowed) for _ in range(600))
+    assert set(picked) <= set(few.tolist()) and len(picked) > 1
+    with pytest.raises(ValueError, match="allows no token"):
+        Sampler(SamplingParams(), VOCAB, []).pick(x, np.zeros(VOCAB, dtype=np.bool_))
+
+
 def test_penalties_push_repeated_tokens_down() -> None:
     x = np.zeros(VOCAB, dtype=np.float32)
     x[7], x[8] = 5.0, 4.0
@@ -138,3 +155,16 @@ def test_stop_strings_cut_the_text_and_are_never_released(tokenizer: Tokenizer) 
     # a partial match is held back and released when it turns out not to be a stop
     pieces, ts = stream_all(tokenizer, "a fou fourteen", stop=("four!",))
     assert not ts.stopped and "".join(pieces) == "a fou fourteen"
+
+
+def test_the_grammar_engine_reads_each_tokens_bytes(tokenizer: Tokenizer) -> None:
+    """SmolLM2's tokenizer.json (as transformers converts a GGUF) writes byte-level decoding as a decoder
+    sequence; the vocabulary llguidance gets must still hold each token's bytes: a text's tokens, joined,
+    are its UTF-8, multi-byte characters split across tokens included."""
+    from llmosd.runtime.grammar import _Vocabulary
+
+    vocab = _Vocabulary(tokenizer, frozenset({2}))
+    for text in ['{"name": "Zoë", "age": 42}', "naïve café — 東京 🙂", "  two  spaces\n\ttab"]:
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        assert b"".join(vocab.tokens[i] for i in ids) == text.encode()
+    assert vocab.tokens[2] == b"<|im_end|>" and 2 in vocab.special_token_ids

@@ -12,15 +12,23 @@ from typing import Any
 
 from aiohttp import web
 
+from llmosd.api.chat_answers import Deltas, message
 from llmosd.api.errors import ApiError, bad_request
 from llmosd.api.gen_requests import ChatRequest, CompletionRequest, Sampling
 from llmosd.api.logprobs import Logprobs
 from llmosd.api.metrics import MODEL_KEY
 from llmosd.api.requests import deadline, json_body, keep_alive_of, priority_of, timeout_of
-from llmosd.api.state import AppState, hold, state
-from llmosd.runtime.chat import ChatTemplateError
-from llmosd.runtime.generator import TextGenerator
-from llmosd.scheduler import GenerationEngine, GenerationRequest, GenerationStream, RequestTooLarge
+from llmosd.api.state import hold, state
+from llmosd.scheduler import (
+    GenerationEngine,
+    GenerationStream,
+    GrammarFailed,
+    InvalidRequest,
+    Prepared,
+    prepare_chat,
+    prepare_completion,
+    start,
+)
 
 routes = web.RouteTableDef()
 
@@ -31,47 +39,6 @@ async def _engine(request: web.Request, model: str, body: dict[str, Any]) -> Gen
     if not served.generates:
         raise ApiError(400, f"model {model!r} is a {served.manifest.task} model: it does not generate text")
     return served.generator
-
-
-def _start(
-    st: AppState, engine: GenerationEngine, s: Sampling, prompts: list[list[int]], priority: int
-) -> list[GenerationStream]:
-    """Submit n sequences per prompt (choice index = prompt * n + i), all or none."""
-    vocab = engine.model.lm.vocab_size
-    if any(t >= vocab for t, _ in s.params.logit_bias):
-        raise bad_request(f"'logit_bias' names token ids outside the vocabulary (it has {vocab})", "logit_bias")
-    streams: list[GenerationStream] = []
-    try:
-        for ids in prompts:
-            room = engine.model.context_length - len(ids)
-            defaults = engine.model.sampling_defaults
-            fallback = int(defaults.get("max_tokens", st.config.default_max_tokens))
-            max_tokens = s.max_tokens if s.max_tokens is not None else min(fallback, room)
-            for i in range(s.n):
-                params = s.params_for(defaults)
-                if params.seed is not None and i:  # n choices from one seed must differ, reproducibly
-                    params = type(params)(**{**params.__dict__, "seed": (params.seed + i) % 2**64})
-                request = GenerationRequest(
-                    tuple(ids),
-                    params,
-                    max_tokens if s.max_tokens == 0 else max(max_tokens, 1),  # 0: echo only
-                    s.stop,
-                    s.stop_token_ids,
-                    s.ignore_eos,
-                    priority,
-                    s.logprobs,
-                    s.prompt_logprobs,
-                )
-                streams.append(engine.submit(request))
-    except RequestTooLarge as exc:
-        for stream in streams:
-            stream.cancel()
-        raise bad_request(str(exc), "max_tokens") from None
-    except BaseException:
-        for stream in streams:
-            stream.cancel()
-        raise
-    return streams
 
 
 def _usage(streams: list[GenerationStream], prompt_tokens: int) -> dict[str, int]:
@@ -108,9 +75,11 @@ async def _merged(streams: list[GenerationStream]) -> AsyncIterator[tuple[int, A
             t.cancel()
 
 
-async def _collect(streams: list[GenerationStream]) -> list[str]:
+async def _collect(streams: list[GenerationStream], sampling: Sampling) -> list[str]:
     try:
         return list(await asyncio.gather(*(s.text() for s in streams)))
+    except GrammarFailed as exc:
+        raise bad_request(str(exc), sampling.grammar_param) from None
     finally:
         for s in streams:
             if s.finish_reason is None:
@@ -167,26 +136,17 @@ def _finished(stream: GenerationStream) -> tuple[str | None, list[int], list[Any
 
 
 def _logprobs(engine: GenerationEngine, s: Sampling) -> Logprobs | None:
-    """How the answers show log-probabilities, where the request asked: its stop_token_ids and end of
-    sequence are ids a sequence stops on without showing them."""
+    """How the answers show log-probabilities, where the request asked."""
     if s.logprobs is None:
         return None
-    return Logprobs(
-        engine.model.tokenizer, s.stop_token_ids | (frozenset() if s.ignore_eos else engine.model.eos_token_ids)
-    )
+    return Logprobs(lambda ids: engine.decode(ids, special=True), engine.stop_ids(s.stop_token_ids, s.ignore_eos))
 
 
-async def _encode(model: TextGenerator, prompts: list[str | list[int]]) -> list[list[int]]:
-    def run() -> list[list[int]]:
-        out = []
-        for i, p in enumerate(prompts):
-            ids = model.encode(p, special=True) if isinstance(p, str) else list(p)
-            if any(t < 0 or t >= model.lm.vocab_size for t in ids):
-                raise bad_request(f"prompt {i} holds token ids outside the vocabulary", "prompt")
-            out.append(ids)
-        return out
-
-    return await asyncio.to_thread(run)
+def _started(engine: GenerationEngine, prepared: Prepared) -> list[GenerationStream]:
+    try:
+        return start(engine, prepared)
+    except InvalidRequest as exc:
+        raise bad_request(str(exc), exc.param) from None
 
 
 @routes.post("/v1/completions")
@@ -197,11 +157,14 @@ async def completions(request: web.Request) -> web.StreamResponse:
     priority, timeout = priority_of(request, body), timeout_of(request)
     s = req.sampling
     engine = await _engine(request, s.model, body)
-    prompts = await _encode(engine.model, req.prompts)
-    streams = _start(st, engine, s, prompts, priority)
-    prompt_tokens = sum(len(p) for p in prompts)
+    try:
+        prepared = await prepare_completion(engine, s.options(priority, st.config), req.prompts)
+    except InvalidRequest as exc:
+        raise bad_request(str(exc), exc.param) from None
+    streams = _started(engine, prepared)
+    prompts, prompt_tokens = prepared.prompts, prepared.prompt_tokens
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    echo = [engine.model.tokenizer.decode(p) if req.echo else "" for p in prompts]
+    echo = [engine.decode(p) if req.echo else "" for p in prompts]
     shape = _logprobs(engine, s)
     offsets = [0] * len(streams)  # where each choice's next token's text starts (a stream's chunks)
 
@@ -219,7 +182,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
     if not s.stream:
         async with deadline(timeout):
-            texts = await _collect(streams)
+            texts = await _collect(streams, s)
         choices = [choice(i, echo[i // s.n] + t, *_finished(streams[i])) for i, t in enumerate(texts)]
         return web.json_response(envelope(choices, usage=_usage(streams, prompt_tokens)))
 
@@ -250,49 +213,36 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     s = req.sampling
     engine = await _engine(request, s.model, body)
     try:
-        prompt = await asyncio.to_thread(engine.model.render_chat, req.messages)
-    except ChatTemplateError as exc:
-        raise bad_request(str(exc), "messages") from None
-    except ValueError as exc:
-        raise bad_request(str(exc), "model") from None
-    streams = _start(st, engine, s, [prompt], priority)
+        prepared = await prepare_chat(engine, s.options(priority, st.config), req.messages, req.tools.offered)
+    except InvalidRequest as exc:
+        raise bad_request(str(exc), exc.param) from None
+    streams = _started(engine, prepared)
+    prompt = prepared.prompts[0]
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     shape = _logprobs(engine, s)
+    names = req.tools.names
 
     def envelope(choices: list[dict[str, Any]], obj: str, **extra: Any) -> dict[str, Any]:
         return {"id": ident, "object": obj, "created": created, "model": s.model, "choices": choices} | extra
 
     if not s.stream:
         async with deadline(timeout):
-            texts = await _collect(streams)
-        choices = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": t},
-                "logprobs": shape.chat(stream.token_ids, stream.logprobs, stream.finish_reason) if shape else None,
-                "finish_reason": stream.finish_reason,
-            }
-            for i, (t, stream) in enumerate(zip(texts, streams, strict=True))
-        ]
+            texts = await _collect(streams, s)
+        choices = []
+        for i, (text, stream) in enumerate(zip(texts, streams, strict=True)):
+            said, finish = message(text, stream.finish_reason, names)
+            lps = shape.chat(stream.token_ids, stream.logprobs, stream.finish_reason) if shape else None
+            choices.append({"index": i, "message": said, "logprobs": lps, "finish_reason": finish})
         return web.json_response(envelope(choices, "chat.completion", usage=_usage(streams, len(prompt))))
 
-    started: set[int] = set()
+    deltas = [Deltas(names) for _ in streams]
 
     def frame(i: int, chunk: Any) -> list[dict[str, Any]]:
-        def event(delta: dict[str, Any], finish: str | None = None, lps: Any = None) -> dict[str, Any]:
-            choice = {"index": i, "delta": delta, "logprobs": lps, "finish_reason": finish}
-            return envelope([choice], "chat.completion.chunk")
-
-        events = []
         lps = shape.chat(chunk.token_ids, chunk.logprobs, chunk.finish_reason) if shape else None
-        if i not in started:  # OpenAI's first chunk of a choice names the role
-            started.add(i)
-            events.append(event({"role": "assistant", "content": chunk.text}, lps=lps))
-        elif chunk.text or (lps and lps["content"]):
-            events.append(event({"content": chunk.text}, lps=lps))
-        if chunk.finish_reason is not None:  # and the last one carries only the reason
-            events.append(event({}, chunk.finish_reason))
-        return events
+        return [
+            envelope([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}], "chat.completion.chunk")
+            for delta, finish, lp in deltas[i](chunk.text, chunk.finish_reason, lps)
+        ]
 
     def usage() -> dict[str, Any]:
         return envelope([], "chat.completion.chunk", usage=_usage(streams, len(prompt)))

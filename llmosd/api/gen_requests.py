@@ -1,20 +1,36 @@
 """Typed /v1/completions and /v1/chat/completions requests, validated field by field (OpenAI's names,
-plus vLLM's ``top_k``, ``min_p``, ``repetition_penalty``, ``stop_token_ids`` and ``ignore_eos``)."""
+plus vLLM's ``top_k``, ``min_p``, ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos`` and its
+structured outputs: ``structured_outputs`` and the older ``guided_*`` fields)."""
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, replace
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from llmosd.api.errors import bad_request
+from llmosd.api.tool_requests import ToolUse, tool_calls
 from llmosd.config import Config
-from llmosd.runtime.chat import ROLES, Message
-from llmosd.runtime.sampling import DEFAULT_RANGES, MAX_TOP_LOGPROBS, SamplingParams, with_defaults
+from llmosd.scheduler import (
+    DEFAULT_RANGES,
+    MAX_TOP_LOGPROBS,
+    ROLES,
+    GenerationOptions,
+    GrammarSpec,
+    Message,
+    SamplingParams,
+    json_schema,
+)
 
 MAX_N = 16
 MAX_STOPS = 16
 MAX_LOGIT_BIAS = 1024  # entries; OpenAI documents the map without a count, vLLM takes any
+MAX_GRAMMAR_CHARS = 100_000  # a schema, regex or grammar as sent; llguidance bounds the compiled size itself
+MAX_CHOICES = 1024
+_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's json_schema.name
 
 
 def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float, *, open_lo: bool = False) -> float:
@@ -93,6 +109,97 @@ def _refuse_unsupported(body: dict[str, Any], keys: dict[str, str]) -> None:
             raise bad_request(f"'{key}' is not supported: {why}", key)
 
 
+def _sized(spec: GrammarSpec, param: str) -> GrammarSpec:
+    if len(spec.source) > MAX_GRAMMAR_CHARS:
+        raise bad_request(f"'{param}' is longer than {MAX_GRAMMAR_CHARS} characters", param)
+    return spec
+
+
+def _schema(value: Any, param: str) -> GrammarSpec:
+    """A JSON schema as an object, or as a JSON string (vLLM's guided_json takes either)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise bad_request(f"'{param}' is not valid JSON", param) from None
+    if not isinstance(value, dict | bool):
+        raise bad_request(f"'{param}' must be a JSON schema (an object)", param)
+    return _sized(json_schema(value), param)
+
+
+def _text(value: Any, param: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise bad_request(f"'{param}' must be a non-empty string", param)
+    return value
+
+
+def _choices(value: Any, param: str) -> GrammarSpec:
+    if not (isinstance(value, list) and 0 < len(value) <= MAX_CHOICES and all(isinstance(c, str) and c for c in value)):
+        raise bad_request(f"'{param}' must be a list of 1 to {MAX_CHOICES} non-empty strings", param)
+    return _sized(GrammarSpec("choice", json.dumps(value)), param)
+
+
+def _response_format(value: Any) -> GrammarSpec | None:
+    """OpenAI's ``response_format``: text, any JSON object, or JSON that matches a schema."""
+    param = "response_format"
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_schema({"type": "object"})
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise bad_request("'response_format.json_schema' must be an object with 'name' and 'schema'", param)
+        name, strict = spec.get("name"), spec.get("strict")
+        if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
+            raise bad_request("'response_format.json_schema.name' must be 1 to 64 of a-z, A-Z, 0-9, _ and -", param)
+        if strict is not None and not isinstance(strict, bool):
+            raise bad_request("'response_format.json_schema.strict' must be true or false", param)
+        # Strict or not, decoding is constrained: the answer always follows the schema.
+        return _schema(spec.get("schema", {}), "response_format.json_schema.schema")
+    raise bad_request('\'response_format.type\' must be "text", "json_object" or "json_schema"', param)
+
+
+def _structured(value: Any) -> GrammarSpec:
+    """vLLM's ``structured_outputs``: one of json, regex, choice, grammar, json_object."""
+    param = "structured_outputs"
+    given = {k: v for k, v in value.items() if v not in (None, False)} if isinstance(value, dict) else None
+    if given is None or len(given) != 1 or not set(given) <= {"json", "regex", "choice", "grammar", "json_object"}:
+        raise bad_request(f"'{param}' must name one of json, regex, choice, grammar or json_object", param)
+    (key, v), where = next(iter(given.items())), f"{param}.{next(iter(given))}"
+    if key == "json":
+        return _schema(v, where)
+    if key == "json_object":
+        return json_schema({"type": "object"})
+    if key == "choice":
+        return _choices(v, where)
+    return _sized(GrammarSpec("regex" if key == "regex" else "grammar", _text(v, where)), where)
+
+
+_CONSTRAINTS: dict[str, Callable[[Any, str], GrammarSpec | None]] = {
+    "response_format": lambda v, _: _response_format(v),
+    "structured_outputs": lambda v, _: _structured(v),
+    "guided_json": _schema,
+    "guided_regex": lambda v, p: _sized(GrammarSpec("regex", _text(v, p)), p),
+    "guided_choice": _choices,
+    "guided_grammar": lambda v, p: _sized(GrammarSpec("grammar", _text(v, p)), p),
+}
+
+
+def _grammar(body: dict[str, Any]) -> tuple[GrammarSpec | None, str]:
+    """The one constraint a request may set on its output, and the field that set it."""
+    found = [
+        (spec, key)
+        for key, parse in _CONSTRAINTS.items()
+        if body.get(key) is not None and (spec := parse(body[key], key)) is not None
+    ]
+    if len(found) > 1:
+        names = " and ".join(f"'{p}'" for _, p in found)
+        raise bad_request(f"{names} both constrain the output: send one", found[1][1])
+    return found[0] if found else (None, "response_format")
+
+
 @dataclass(frozen=True)
 class Sampling:
     """What both endpoints share."""
@@ -109,9 +216,25 @@ class Sampling:
     given: frozenset[str] = frozenset()  # the sampling fields the request set (the rest: the model's defaults)
     logprobs: int | None = None  # None: not asked; n: each token's log-probability and the n likeliest
     prompt_logprobs: bool = False  # the prompt's tokens' too (completions' echo)
+    grammar: GrammarSpec | None = None  # the output must follow it
+    grammar_param: str = "response_format"
 
-    def params_for(self, defaults: dict[str, float | int]) -> SamplingParams:
-        return with_defaults(self.params, self.given, defaults)
+    def options(self, priority: int, limits: Config) -> GenerationOptions:
+        return GenerationOptions(
+            params=self.params,
+            given=self.given,
+            max_tokens=self.max_tokens,
+            default_max_tokens=limits.default_max_tokens,
+            n=self.n,
+            stop=self.stop,
+            stop_token_ids=self.stop_token_ids,
+            ignore_eos=self.ignore_eos,
+            priority=priority,
+            logprobs=self.logprobs,
+            prompt_logprobs=self.prompt_logprobs,
+            grammar=self.grammar,
+            grammar_param=self.grammar_param,
+        )
 
     @classmethod
     def parse(cls, body: dict[str, Any], max_tokens_key: str = "max_tokens", least_tokens: int = 1) -> Sampling:
@@ -136,6 +259,7 @@ class Sampling:
             seed=None if seed is None else seed % 2**64,
         )
         max_tokens = _integer(body, max_tokens_key, least_tokens)
+        grammar, grammar_param = _grammar(body)
         return cls(
             model=model,
             params=params,
@@ -147,6 +271,8 @@ class Sampling:
             stop_token_ids=_token_ids(body, "stop_token_ids"),
             ignore_eos=_flag(body, "ignore_eos"),
             given=frozenset(k for k in DEFAULT_RANGES if body.get(k) is not None),
+            grammar=grammar,
+            grammar_param=grammar_param,
         )
 
 
@@ -196,27 +322,34 @@ def _prompts(value: Any, limits: Config) -> list[str | list[int]]:
 class ChatRequest:
     sampling: Sampling
     messages: list[Message]
+    tools: ToolUse = field(default_factory=ToolUse)
 
     @classmethod
     def parse(cls, body: dict[str, Any], limits: Config) -> ChatRequest:
         _refuse_unsupported(
             body,
             {
-                "tools": "tool calling is not supported",
-                "functions": "function calling is not supported",
+                "functions": "the legacy 'functions' are not supported: send 'tools'",
+                "function_call": "the legacy 'function_call' is not supported: send 'tool_choice'",
                 "audio": "audio output is not supported",
             },
         )
-        fmt = body.get("response_format")
-        if fmt is not None and fmt != {"type": "text"}:
-            raise bad_request('\'response_format\' supports only {"type": "text"}', "response_format")
+        tools = ToolUse.parse(body)
         max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
         wanted = _flag(body, "logprobs")
         if top is not None and not wanted:
             raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
         sampling = replace(Sampling.parse(body, max_key), logprobs=(top or 0) if wanted else None)
-        return cls(sampling, _messages(body.get("messages"), limits))
+        forced = tools.grammar()
+        if forced is not None:
+            if sampling.grammar is not None:
+                raise bad_request(
+                    f"'tool_choice' {tools.choice!r} and '{sampling.grammar_param}' both constrain the output",
+                    "tool_choice",
+                )
+            sampling = replace(sampling, grammar=forced, grammar_param="tool_choice")
+        return cls(sampling, _messages(body.get("messages"), limits), tools)
 
 
 def _messages(value: Any, limits: Config) -> list[Message]:
@@ -231,11 +364,17 @@ def _messages(value: Any, limits: Config) -> list[Message]:
         role = m.get("role")
         if role not in ROLES:
             raise bad_request(f"{where}.role {role!r} is not supported: use one of {', '.join(ROLES)}", f"{where}.role")
-        if m.get("tool_calls") or m.get("function_call"):
-            raise bad_request(f"{where}: tool calls are not supported", where)
+        if m.get("function_call"):
+            raise bad_request(f"{where}: the legacy 'function_call' is not supported: send 'tool_calls'", where)
+        calls = tool_calls(m.get("tool_calls"), where) if role == "assistant" else ()
+        call_id = m.get("tool_call_id")
+        if role == "tool" and not isinstance(call_id, str):
+            raise bad_request(f"{where}: a tool message needs the 'tool_call_id' it answers", where)
         content = _content(m.get("content"), f"{where}.content", role)
-        total += len(content)
-        out.append(Message("system" if role == "developer" else role, content))
+        total += len(content) + sum(len(c.arguments) for c in calls)
+        out.append(
+            Message("system" if role == "developer" else role, content, calls, call_id if role == "tool" else None)
+        )
     if total > limits.max_input_chars:
         raise bad_request(f"the messages are longer than {limits.max_input_chars} characters", "messages")
     return out

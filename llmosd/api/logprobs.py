@@ -4,11 +4,13 @@ of a character (byte-level BPE), that is U+FFFD, and ``bytes`` are those of that
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from llmosd.runtime.sampling import TokenLogprob
+from llmosd.scheduler import TokenLogprob
+
+Decode = Callable[[list[int]], str]  # token ids to text, special tokens written out
 
 
 def shown(
@@ -21,11 +23,11 @@ def shown(
     return logprobs
 
 
-def _text(tokenizer: Any, token: int) -> str:
-    return str(tokenizer.decode([token], skip_special_tokens=False))
+def _text(decode: Decode, token: int) -> str:
+    return decode([token])
 
 
-def chat_content(tokenizer: Any, entries: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
+def chat_content(tokenizer: Decode, entries: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
     def one(token: int, logprob: float) -> dict[str, Any]:
         text = _text(tokenizer, token)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
@@ -34,7 +36,7 @@ def chat_content(tokenizer: Any, entries: Sequence[TokenLogprob]) -> list[dict[s
 
 
 def completion_logprobs(
-    tokenizer: Any, scored: Sequence[tuple[int, TokenLogprob | None]], offset: int = 0
+    tokenizer: Decode, scored: Sequence[tuple[int, TokenLogprob | None]], offset: int = 0
 ) -> dict[str, Any]:
     """``scored``: (token id, its entry) in order; the prompt's first token has none (null, as OpenAI's).
     ``offset``: where the first token's text starts in the choice's text (a stream's later chunks)."""
@@ -58,7 +60,7 @@ def completion_logprobs(
 class Logprobs:
     """What one request's answers show of their tokens' log-probabilities, in either route's shape."""
 
-    tokenizer: Any
+    tokenizer: Decode
     stop_ids: frozenset[int]  # ids a sequence stops on without showing them
 
     def chat(self, ids: Sequence[int], entries: Sequence[TokenLogprob], finish: str | None) -> dict[str, Any]:

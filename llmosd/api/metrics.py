@@ -75,6 +75,19 @@ class SchedulerCollector(Collector):
         running = GaugeMetricFamily("llmosd_running_sequences", "Sequences decoding", labels=["model"])
         kv = GaugeMetricFamily("llmosd_kv_cache_reserved_bytes", "KV cache reserved by running rows", labels=["model"])
         ready = GaugeMetricFamily("llmosd_model_ready", "1 while every worker of the model runs", labels=["model"])
+        constrained = CounterMetricFamily(
+            "llmosd_constrained_tokens", "Tokens sampled under a grammar (structured outputs, tools)", labels=["model"]
+        )
+        prefix: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
+            "queries": CounterMetricFamily("llmosd_prefix_cache_queries", "Prompts looked up", labels=["model"]),
+            "hits": CounterMetricFamily("llmosd_prefix_cache_hits", "Prompts that reused cached KV", labels=["model"]),
+            "hit_tokens": CounterMetricFamily(
+                "llmosd_prefix_cache_hit_tokens", "Prompt tokens copied from the cache, not prefilled", labels=["model"]
+            ),
+            "cache_bytes": GaugeMetricFamily(
+                "llmosd_prefix_cache_bytes", "KV the prefix cache holds", labels=["model"]
+            ),
+        }
         restarts = CounterMetricFamily(
             "llmosd_worker_restarts", "Worker threads restarted after dying (this version)", labels=["model"]
         )
@@ -106,7 +119,11 @@ class SchedulerCollector(Collector):
                 prompt.add_metric([m.name], sum(g.prefill_tokens for _, g in engines))
                 running.add_metric([m.name], sum(g.running for _, g in engines))
                 kv.add_metric([m.name], sum(g.kv_reserved_bytes for _, g in engines))
+                constrained.add_metric([m.name], sum(g.constrained_tokens for _, g in engines))
+                for key, family in prefix.items():
+                    family.add_metric([m.name], sum(getattr(g, f"prefix_{key}") for _, g in engines))
         yield from (loaded, info, depth, rejected, wait, infer, sizes, items, generated, prompt, running, kv, ready)
+        yield from (constrained, *prefix.values())
         yield restarts
         yield from self._devices()
 

@@ -124,13 +124,72 @@ _SAMPLING: dict[str, Any] = {
         "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
     },
     "ignore_eos": {"type": "boolean"},
+    # Structured outputs: one of these constrains decoding (llguidance); a grammar that does not compile is a 400.
+    "response_format": {
+        "type": "object",
+        "required": ["type"],
+        "properties": {
+            "type": {"enum": ["text", "json_object", "json_schema"]},
+            "json_schema": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {"name": {"type": "string"}, "schema": {"type": "object"}, "strict": {"type": "boolean"}},
+            },
+        },
+    },
+    "structured_outputs": {
+        "type": "object",
+        "properties": {
+            "json": {"oneOf": [{"type": "object"}, {"type": "string"}]},
+            "regex": {"type": "string"},
+            "choice": {"type": "array", "items": {"type": "string"}},
+            "grammar": {"type": "string", "description": "Lark or GBNF"},
+            "json_object": {"type": "boolean"},
+        },
+    },
+    "guided_json": {"oneOf": [{"type": "object"}, {"type": "string"}]},
+    "guided_regex": {"type": "string"},
+    "guided_choice": {"type": "array", "items": {"type": "string"}},
+    "guided_grammar": {"type": "string"},
+}
+_TOOL_CALL = {
+    "type": "object",
+    "required": ["id", "type", "function"],
+    "properties": {
+        "id": {"type": "string"},
+        "type": {"enum": ["function"]},
+        "function": {
+            "type": "object",
+            "required": ["name", "arguments"],
+            "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}},
+        },
+    },
 }
 _MESSAGE = {
     "type": "object",
-    "required": ["role", "content"],
+    "required": ["role"],
     "properties": {
         "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
-        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
+        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}, {"type": "null"}]},
+        "tool_calls": {"type": "array", "items": _TOOL_CALL},
+        "tool_call_id": {"type": "string"},
+    },
+}
+_TOOL = {
+    "type": "object",
+    "required": ["type", "function"],
+    "properties": {
+        "type": {"enum": ["function"]},
+        "function": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                "description": {"type": "string"},
+                "parameters": {"type": "object"},
+                "strict": {"type": "boolean"},
+            },
+        },
     },
 }
 _OIP = {
@@ -184,6 +243,18 @@ PATHS: dict[str, dict[str, Any]] = {
                     "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1},
                     "logprobs": {"type": ["boolean", "null"]},
                     "top_logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 20},
+                    "tools": {"type": "array", "items": _TOOL, "maxItems": 128},
+                    "tool_choice": {
+                        "oneOf": [
+                            {"enum": ["none", "auto", "required"]},
+                            {
+                                "type": "object",
+                                "required": ["type", "function"],
+                                "properties": {"type": {"enum": ["function"]}, "function": {"type": "object"}},
+                            },
+                        ]
+                    },
+                    "parallel_tool_calls": {"type": "boolean"},
                 },
             },
             errors=(*_MODEL, 504),

@@ -19,6 +19,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from llmosd.runtime.memory import shrink_options, trim_heap
+from llmosd.runtime.prefix_cache import PrefixCache
 
 FloatArray = npt.NDArray[np.float32]
 _DTYPES: dict[str, type[np.floating[Any]]] = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -197,6 +198,7 @@ class RightAlignedRows:
         self.bytes_per_token = lm.layout.bytes_per_token
         self.dtype = lm.layout.dtype
         self.capacity = 1 << 30  # only the KV budget bounds it
+        self.prefix: PrefixCache | None = None  # optimum's graphs run a prompt from position 0 only
         self._order: list[int] = []  # the rows of ``_cache``, in its order
         self._cache = lm.empty_cache()
         self._joining: dict[int, KVCache] = {}

@@ -15,10 +15,13 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from llmosd.runtime.prefix_cache import PrefixCache
+
 FloatArray = npt.NDArray[np.float32]
 
 
 class Decoder(Protocol):
+    prefix: PrefixCache | None  # prompts' leading blocks (None: this layout cannot reuse them)
     vocab_size: int
     bytes_per_token: int  # cache bytes of one position of one row, all layers, keys and values
     dtype: type[np.floating[Any]]

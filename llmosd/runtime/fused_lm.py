@@ -28,6 +28,7 @@ import onnxruntime as ort
 
 from llmosd.runtime.decoder import FloatArray
 from llmosd.runtime.memory import shrink_options, trim_heap
+from llmosd.runtime.prefix_cache import BLOCK, Block, PrefixCache
 
 _DTYPES: dict[str, type[np.floating[Any]]] = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux's value; Python 3.11 does not export it
@@ -42,7 +43,7 @@ def is_fused(session: Any) -> bool:
 
 
 class FusedLM:
-    def __init__(self, session: Any, vocab_size: int, slots: int, max_len: int) -> None:
+    def __init__(self, session: Any, vocab_size: int, slots: int, max_len: int, prefix_cache: bool = False) -> None:
         if slots < 1 or max_len < 2:
             raise ValueError(f"a fused decoder needs a slot and two positions (got {slots} rows of {max_len})")
         self.session = session
@@ -76,6 +77,9 @@ class FusedLM:
         self.lengths = [0] * slots  # positions written, per slot
         self._free = list(range(slots))  # a heap: the lowest free slot is taken first
         self._used: set[int] = set()
+        # Prompts' leading blocks, copied into a new row instead of prefilled (GroupQueryAttention runs
+        # the rest of the prompt against them as a "subsequent prompt").
+        self.prefix = PrefixCache(self.bytes_per_token) if prefix_cache else None
 
     # --- the Decoder contract --------------------------------------------------------------------
 
@@ -88,12 +92,25 @@ class FusedLM:
         slot = heapq.heappop(self._free)
         self._used.add(slot)
         try:
-            logits = self._run(slot, slot + 1, np.asarray([ids], np.int64), np.ones((1, n), np.int64))
+            cached = self._copy_in(slot, self.prefix.match(ids)) if self.prefix is not None else 0
+            rest = np.asarray([ids[cached:]], np.int64)
+            logits = self._run(slot, slot + 1, rest, np.ones((1, n), np.int64))
+            if self.prefix is not None:
+                self.prefix.store(ids, lambda b: self._copy_out(slot, b))
         except BaseException:
             self.free(slot)
             raise
         self.lengths[slot] = n
         return logits[0], slot
+
+    def _copy_in(self, slot: int, blocks: list[Block]) -> int:
+        for b, block in enumerate(blocks):
+            for a, part in zip(self._arrays, block, strict=True):
+                a[slot, :, b * BLOCK : (b + 1) * BLOCK] = part
+        return len(blocks) * BLOCK
+
+    def _copy_out(self, slot: int, b: int) -> Block:
+        return [a[slot, :, b * BLOCK : (b + 1) * BLOCK].copy() for a in self._arrays]
 
     def decode(self, rows: Sequence[int], tokens: Sequence[int]) -> FloatArray:
         end = max(rows) + 1
@@ -133,6 +150,8 @@ class FusedLM:
     def reset(self) -> None:
         for row in list(self._used):
             self.free(row)
+        if self.prefix is not None:  # after a failed step: what was kept may be half written
+            self.prefix.clear()
 
     def reserved_bytes(self, reserves: Sequence[int]) -> int:
         """Each row holds only its own positions."""

@@ -11,6 +11,8 @@ from llmosd.runtime.causal_lm import CausalLM, RightAlignedRows
 from llmosd.runtime.chat import ChatTemplate, Message
 from llmosd.runtime.decoder import Decoder
 from llmosd.runtime.fused_lm import FusedLM, is_fused
+from llmosd.runtime.grammar import Grammars
+from llmosd.runtime.tools import Tool
 
 
 class TextGenerator:
@@ -29,18 +31,20 @@ class TextGenerator:
         self.context_length = min(model_context, max_context) if max_context > 0 else model_context
         self.session = session
         # A fused graph's cache is preallocated: a slot per row decoded together, the context long.
-        self.lm = self.decoder(max_sequences, self.context_length)
+        self.lm = self.decoder(max_sequences, self.context_length, prefix_cache=True)
         # What a request's absent sampling fields take (the manifest's, then `llmosd models set`).
         self.sampling_defaults: dict[str, float | int] = dict(runtime.get("sampling") or {})
         self.eos_token_ids = frozenset(int(i) for i in runtime.get("eos_token_ids") or [])
         template = runtime.get("chat_template")
         self.chat = ChatTemplate(template, self._token(runtime.get("bos_token_id")), self._eos()) if template else None
+        self.grammars = Grammars(self.tokenizer, self.eos_token_ids)  # built on the first constrained request
 
-    def decoder(self, rows: int, positions: int) -> Decoder:
-        """A cache of its own over this model's session (the engine's; the tuner's, beside it)."""
+    def decoder(self, rows: int, positions: int, prefix_cache: bool = False) -> Decoder:
+        """A cache of its own over this model's session (the engine's, with a prefix cache where the graph
+        can run a prompt against cached positions: a fused one; the tuner's, beside it)."""
         vocab = self.tokenizer.get_vocab_size()
         if is_fused(self.session):
-            return FusedLM(self.session, vocab, rows, positions)
+            return FusedLM(self.session, vocab, rows, positions, prefix_cache)
         return RightAlignedRows(CausalLM(self.session, vocab))
 
     def _token(self, token_id: object) -> str:
@@ -53,11 +57,11 @@ class TextGenerator:
         """Token ids of a prompt; ``special`` adds the tokenizer's BOS/EOS decoration (raw completions)."""
         return list(self.tokenizer.encode(text, add_special_tokens=special).ids)
 
-    def render_chat(self, messages: list[Message]) -> list[int]:
+    def render_chat(self, messages: list[Message], tools: list[Tool] | None = None) -> list[int]:
         """Token ids of a chat rendered with the model's template (it writes the special tokens itself)."""
         if self.chat is None:
             raise ValueError("this model has no chat template: use /v1/completions with a raw prompt")
-        return self.encode(self.chat.render(messages), special=False)
+        return self.encode(self.chat.render(messages, tools), special=False)
 
     def warmup(self) -> None:
         """One prefill and a decode step at one and two rows, so the first request pays no set-up."""

@@ -76,9 +76,14 @@ class Sampler:
         if self._seen is not None:
             self._seen.add(token)
 
-    def pick(self, logits: FloatArray) -> int:
+    def pick(self, logits: FloatArray, allowed: npt.NDArray[np.bool_] | None = None) -> int:
+        """The next token; ``allowed`` (a grammar's mask) rules out the rest before anything else sees them."""
         p = self.params
         x = self._penalise(logits)
+        if allowed is not None:
+            if not allowed.any():
+                raise ValueError("the grammar allows no token here")
+            x = np.where(allowed, x, np.float32(-np.inf))
         if p.greedy:
             return int(np.argmax(x))
         x = x / np.float32(p.temperature)

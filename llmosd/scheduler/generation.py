@@ -19,9 +19,13 @@ import queue
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
 
 from llmosd.runtime.generator import TextGenerator
+from llmosd.runtime.grammar import BoolArray, Constraint
 from llmosd.runtime.memory import IDLE_RELEASE_S, release_quietly
 from llmosd.runtime.sampling import FloatArray, Sampler, SamplingParams, TokenLogprob, token_logprob
 from llmosd.runtime.textstream import TextStream
@@ -32,10 +36,18 @@ from llmosd.scheduler.priority import NORMAL, PRIORITIES, rank
 from llmosd.scheduler.supervisor import Supervisor, WorkerDied, drain
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class RequestTooLarge(ValueError):
     """The request can never run: it does not fit the context or the KV budget on its own."""
+
+
+class GrammarFailed(ValueError):
+    """A sequence's grammar failed midway (a limit of the grammar engine): that sequence ends, alone."""
+
+    def __init__(self, reason: object) -> None:
+        super().__init__(f"the grammar failed midway, so generation stopped: {reason}")
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,7 @@ class GenerationLimits:
     kv_cache_bytes: int = 1 << 30  # bound on the cache of the running rows (worst case reserved)
     max_queue: int = 256  # sequences waiting for a row
     prefill_tokens_per_step: int = 2048  # prompt tokens admitted between two decode steps (at least one prompt)
+    prefix_cache_bytes: int = 128 << 20  # prompts' KV kept for reuse, at most (and within what rows leave)
 
 
 @dataclass(frozen=True)
@@ -127,17 +140,19 @@ class _Sequence:
     text: TextStream
     reserve: int  # positions reserved: prompt + max_tokens (within the context)
     enqueued: float
+    constraint: Constraint | None = None  # a grammar the tokens must follow (structured outputs, tools)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, where asked
     prompt_logprobs: tuple[TokenLogprob | None, ...] = ()  # until the first chunk takes them
     sent: int = 0  # tokens already handed out in chunks
     done: bool = False
+    failed: bool = False  # its grammar failed: it ends with an error
     row: int = -1  # its row in the model's cache, once prefilled
 
-    def advance(self, logits: FloatArray, eos: frozenset[int]) -> Chunk | None:
-        """Sample from this row's logits and take the token; return the chunk to deliver, None while there
-        is nothing to say."""
-        token = self.sampler.pick(logits)
+    def advance(self, logits: FloatArray, eos: frozenset[int], allowed: BoolArray | None = None) -> Chunk | None:
+        """Sample from this row's logits (among the tokens its grammar allows) and take the token; return
+        the chunk to deliver, None while there is nothing to say."""
+        token = self.sampler.pick(logits, allowed)
         if self.request.logprobs is not None:
             self.logprobs.append(token_logprob(logits, token, self.request.logprobs))
         chunk = self._advance(token, eos)
@@ -152,14 +167,17 @@ class _Sequence:
         req = self.request
         self.tokens.append(token)
         n = len(self.tokens)
-        if (token in eos and not req.ignore_eos) or token in req.stop_token_ids:
+        # A grammar allows the end of sequence only once it is complete: then it ends, ignore_eos or not.
+        if (token in eos and (not req.ignore_eos or self.constraint)) or token in req.stop_token_ids:
             self.done = True
             return Chunk(self.text.finish(), n, "stop")
+        if self.constraint is not None:
+            self.constraint.consume(token)
         self.sampler.observe(token)
         text = self.text.push(token)
-        if self.text.stopped:
-            self.done = True
-            return Chunk(text, n, "stop")
+        if self.text.stopped or (self.constraint is not None and self.constraint.finished):
+            self.done = True  # a complete grammar takes nothing but the end of sequence: end now
+            return Chunk(text + self.text.finish(), n, "stop")
         if n >= req.max_tokens or len(req.prompt_ids) + n >= self.reserve:
             self.done = True
             return Chunk(text + self.text.finish(), n, "length")
@@ -183,6 +201,12 @@ class GenerationStats:
     kv_reserved_bytes: int = 0
     tokens_per_s: float = 0.0  # exponentially weighted decode rate, for Retry-After
     generated_tokens: int = 0  # every sampled token, the first ones (from prefill) included
+    constrained_tokens: int = 0  # of those, sampled under a grammar
+    grammar_compiles: int = 0  # grammars compiled (a schema seen before is copied, not compiled)
+    prefix_queries: int = 0  # prompts looked up in the prefix cache
+    prefix_hits: int = 0  # of those, prompts that reused cached blocks
+    prefix_hit_tokens: int = 0  # prompt positions copied from the cache instead of prefilled
+    prefix_cache_bytes: int = 0  # what the cache holds now
     queue_wait: Histogram = field(default_factory=Histogram)  # seconds from submit to prefill
     step_time: Histogram = field(default_factory=Histogram)  # seconds per decode step
     prefill_time: Histogram = field(default_factory=Histogram)  # seconds per prompt
@@ -209,13 +233,15 @@ class GenerationEngine:
         self.gave_up: Callable[[str], None] | None = None  # the pool's: unload and report the model
         self.supervisor = Supervisor(f"generate-{name}", self._work, self._reset, self._give_up)
         self._closed = False
+        self._masker: ThreadPoolExecutor | None = None  # grammar masks, computed while the model runs
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.supervisor.start(self._loop)
 
-    def submit(self, request: GenerationRequest) -> GenerationStream:
-        """Queue one sequence (on the loop). Raises RequestTooLarge, QueueFull or BatcherClosed at once."""
+    def submit(self, request: GenerationRequest, constraint: Constraint | None = None) -> GenerationStream:
+        """Queue one sequence (on the loop), with its own grammar matcher where its output is constrained.
+        Raises RequestTooLarge, QueueFull or BatcherClosed at once."""
         if self._closed or self._loop is None:
             raise BatcherClosed(f"model {self.name!r} is unloading")
         if not self.supervisor.healthy:
@@ -244,13 +270,22 @@ class GenerationEngine:
             raise QueueFull(self.name, retry_after_s(self._waiting_count, self._sequences_per_s()))
         stream = GenerationStream(n)
         sampler = Sampler(request.sampling, self.model.lm.vocab_size, list(request.prompt_ids))
-        seq = _Sequence(request, stream, sampler, TextStream(self.model.tokenizer, request.stop), reserve, time.time())
+        text = TextStream(self.model.tokenizer, request.stop)
+        seq = _Sequence(request, stream, sampler, text, reserve, time.time(), constraint)
         self._waiting_count += 1
         self.stats.requests += 1
         self._open.add(stream)
         stream.on_done = self._open.discard
         self._inbox.put(seq)
         return stream
+
+    def decode(self, ids: list[int], special: bool = False) -> str:
+        """Token ids as text; ``special``: with the special tokens written out (a logprob's token)."""
+        return str(self.model.tokenizer.decode(ids, skip_special_tokens=not special))
+
+    def stop_ids(self, stop_token_ids: frozenset[int], ignore_eos: bool) -> frozenset[int]:
+        """The ids a sequence of such a request stops on without showing them."""
+        return stop_token_ids | (frozenset() if ignore_eos else self.model.eos_token_ids)
 
     @property
     def load(self) -> int:
@@ -269,6 +304,8 @@ class GenerationEngine:
         self._inbox.put(None)
         await self.supervisor.join()
         self._reset(BatcherClosed(f"model {self.name!r} is unloading"))  # a worker that was down held these
+        if self._masker is not None:
+            self._masker.shutdown(wait=False)
 
     def _reset(self, exc: BaseException) -> None:
         """On the loop, no worker running: fail every sequence not finished, queued ones included, and
@@ -299,6 +336,7 @@ class GenerationEngine:
         lm.reset()  # a restarted worker starts from nothing: the dead one's rows were its locals
         waiting: deque[_Sequence] = deque()
         rows: list[_Sequence] = []
+        self._publish_counts(waiting, rows)  # the warm-up's prefills are counted before any request
         while True:
             if not self._take(waiting, block=not rows and not waiting):
                 self._fail([*waiting, *rows], BatcherClosed(f"model {self.name!r} is unloading"))
@@ -369,20 +407,24 @@ class GenerationEngine:
             self.stats.queue_wait.observe(time.time() - seq.enqueued)
             try:
                 started = time.perf_counter()
-                logits, seq.row = self._prefill(seq)
+                (logits, seq.row), masks = self._while_masking([seq], partial(self._prefill, seq))
                 self.stats.prefill_time.observe(time.perf_counter() - started)
                 if seq.request.max_tokens == 0:  # the prompt scored, nothing to generate
                     seq.done = True
                     chunk: Chunk | None = Chunk("", 0, "length", prompt_logprobs=seq.prompt_logprobs)
                 else:
                     self.stats.generated_tokens += 1
-                    chunk = seq.advance(logits, self.model.eos_token_ids)
+                    chunk = seq.advance(logits, self.model.eos_token_ids, masks[0])
             except Exception as exc:
-                log.exception("prefill failed for %s", self.name)
                 if seq.row >= 0:
                     self.model.lm.free(seq.row)
                 self.stats.failed += 1
-                self._fail([seq], RuntimeError(f"generation failed: {exc}"))
+                if seq.constraint is not None and isinstance(exc, ValueError):
+                    log.warning("grammar of a sequence of %s failed: %s", self.name, exc)
+                    self._fail([seq], GrammarFailed(exc))
+                else:
+                    log.exception("prefill failed for %s", self.name)
+                    self._fail([seq], RuntimeError(f"generation failed: {exc}"))
                 continue
             self.stats.prefill_tokens += len(seq.request.prompt_ids)
             if seq.done:  # counted before its last chunk goes out, as in _step
@@ -417,12 +459,59 @@ class GenerationEngine:
         if len(running) >= min(self.limits.max_sequences, self.model.lm.capacity):
             return False
         reserves = [*(s.reserve for s in running), seq.reserve]
-        return self.model.lm.reserved_bytes(reserves) <= self.limits.kv_cache_bytes
+        need = self.model.lm.reserved_bytes(reserves)
+        if need > self.limits.kv_cache_bytes:
+            return False
+        self._prefix_room(need)
+        return True
+
+    def _prefix_room(self, reserved: int) -> None:
+        """The prefix cache holds what the rows' reservations leave of the KV budget: admitting a row
+        evicts its least recently used blocks first."""
+        cache = self.model.lm.prefix
+        if cache is not None:
+            cache.limit = min(self.limits.prefix_cache_bytes, self.limits.kv_cache_bytes - reserved)
+            cache.shrink(cache.limit)
+
+    def _while_masking(self, rows: list[_Sequence], run: Callable[[], T]) -> tuple[T, list[BoolArray | None]]:
+        """``run()`` (the model's step), with the grammar masks of the constrained rows computed meanwhile
+        on another thread (llguidance and ONNX Runtime both let go of the GIL): an unconstrained batch
+        waits for nothing, a constrained one mostly not for its masks."""
+        constrained = [i for i, s in enumerate(rows) if s.constraint is not None]
+        if not constrained:
+            return run(), [None] * len(rows)
+        self.stats.constrained_tokens += len(constrained)
+        if self._masker is None:
+            self._masker = ThreadPoolExecutor(1, thread_name_prefix=f"grammar-{self.name}")
+        grammars, vocab = self.model.grammars, self.model.lm.vocab_size
+        matchers = [c for i in constrained if (c := rows[i].constraint) is not None]
+        future: Future[BoolArray] = self._masker.submit(grammars.fill_masks, matchers, vocab)
+        try:
+            out = run()
+        finally:
+            allowed = future.result()
+        masks: list[BoolArray | None] = [None] * len(rows)
+        for j, i in enumerate(constrained):
+            masks[i] = allowed[j]
+        return out, masks
 
     def _step(self, rows: list[_Sequence]) -> None:
         started = time.perf_counter()
-        logits = self.model.lm.decode([s.row for s in rows], [s.tokens[-1] for s in rows])
-        chunks = [(s, s.advance(logits[i], self.model.eos_token_ids)) for i, s in enumerate(rows)]
+        lm = self.model.lm
+        step = partial(lm.decode, [s.row for s in rows], [s.tokens[-1] for s in rows])
+        logits, masks = self._while_masking(rows, step)
+        eos = self.model.eos_token_ids
+        chunks: list[tuple[_Sequence, Chunk | None]] = []
+        broken: list[tuple[_Sequence, GrammarFailed]] = []
+        for i, s in enumerate(rows):
+            try:
+                chunks.append((s, s.advance(logits[i], eos, masks[i])))
+            except ValueError as exc:  # GrammarError: a client's grammar hit a limit, only its row fails
+                if s.constraint is None:
+                    raise
+                log.warning("grammar of a sequence of %s failed: %s", self.name, exc)
+                s.done = s.failed = True
+                broken.append((s, GrammarFailed(exc)))
         # Counters before delivery: a client that has its tokens must find them counted (a scrape right
         # after a response read one token short when this ran after the hand-off).
         elapsed = time.perf_counter() - started
@@ -434,12 +523,16 @@ class GenerationEngine:
         st.largest_batch = max(st.largest_batch, len(rows))
         rate = len(rows) / max(elapsed, 1e-6)
         st.tokens_per_s = rate if st.tokens_per_s == 0 else 0.9 * st.tokens_per_s + 0.1 * rate
-        self._count_leavers([s for s, _ in chunks if s.done])
+        self._count_leavers([s for s, _ in chunks if s.done] + [s for s, _ in broken])
         self._deliver([(s, c) for s, c in chunks if c is not None])
+        for s, why in broken:
+            self._fail([s], why)
 
     def _count_leavers(self, leaving: list[_Sequence]) -> None:
         for s in leaving:
-            if s.done:
+            if s.failed:
+                self.stats.failed += 1
+            elif s.done:
                 self.stats.completed += 1
             else:
                 self.stats.cancelled += 1
@@ -452,6 +545,13 @@ class GenerationEngine:
             counts[s.request.priority] += 1
         self.stats.waiting_by_priority = dict(zip(PRIORITIES, counts, strict=True))
         self.stats.kv_reserved_bytes = self.model.lm.reserved_bytes([s.reserve for s in rows])
+        self.stats.grammar_compiles = self.model.grammars.compiles
+        cache = self.model.lm.prefix
+        if cache is not None:
+            self._prefix_room(self.stats.kv_reserved_bytes)
+            st = self.stats
+            st.prefix_queries, st.prefix_hits = cache.stats.queries, cache.stats.hits
+            st.prefix_hit_tokens, st.prefix_cache_bytes = cache.stats.hit_tokens, cache.bytes
 
     def _left_queue(self, n: int) -> None:
         self._call(lambda: setattr(self, "_waiting_count", self._waiting_count - n))
