@@ -47,34 +47,49 @@ def client(daemon: Daemon) -> Any:
     return openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="not-needed-on-loopback")
 
 
-def test_a_tool_round_trip_through_the_openai_sdk(daemon: Daemon) -> None:
+def _called(c: Any, stream: bool, **kw: Any) -> tuple[str | None, list[dict[str, Any]]]:
+    """The assistant's finish reason and calls, from one answer or from its stream's deltas."""
+    if not stream:
+        choice = c.chat.completions.create(model=SMOLLM2, **kw).choices[0]
+        calls = [t.model_dump() for t in choice.message.tool_calls or []]
+        return choice.finish_reason, calls
+    finish, calls = None, []
+    for chunk in c.chat.completions.create(model=SMOLLM2, stream=True, **kw):
+        if not chunk.choices:
+            continue
+        finish = chunk.choices[0].finish_reason or finish
+        for t in chunk.choices[0].delta.tool_calls or []:  # one delta a call, with its index
+            assert t.index == len(calls) and t.function
+            calls.append({"id": t.id, "type": "function", "function": t.function.model_dump()})
+    return finish, calls
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_tool_round_trip_through_the_openai_sdk(daemon: Daemon, stream: bool) -> None:
+    """The model calls get_weather (tool_choice required: SmolLM2-135M would not choose to), the client
+    answers with a tool message, and the model answers in words from it."""
     c = client(daemon)
-    first = c.chat.completions.create(
-        model=SMOLLM2, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=80
-    )
-    choice = first.choices[0]
-    assert choice.finish_reason == "tool_calls", choice
-    calls = choice.message.tool_calls or []
-    assert calls and calls[0].type == "function" and calls[0].id.startswith("call_")
-    assert calls[0].function.name in {"get_weather", "get_time"}
-    weather = [call for call in calls if call.function.name == "get_weather"]
+    finish, calls = _called(c, stream, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=80)
+    assert finish == "tool_calls" and calls, calls
+    assert all(call["id"].startswith("call_") and call["type"] == "function" for call in calls)
+    weather = [call for call in calls if call["function"]["name"] == "get_weather"]
     assert weather, calls
-    jsonschema.validate(json.loads(weather[0].function.arguments), WEATHER)
+    jsonschema.validate(json.loads(weather[0]["function"]["arguments"]), WEATHER)
     answers = [
-        {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"sky": "clear", "temperature_c": 21})}
+        {"role": "tool", "tool_call_id": call["id"], "content": json.dumps({"sky": "clear", "temperature_c": 21})}
         for call in calls
     ]
-    second = c.chat.completions.create(
-        model=SMOLLM2,
-        messages=[*ASK, choice.message.model_dump(exclude_none=True), *answers],
-        tools=TOOLS,
-        tool_choice="none",
-        temperature=0,
-        max_tokens=60,
-    )
-    reply = second.choices[0]
-    assert reply.finish_reason in ("stop", "length") and not reply.message.tool_calls
-    assert reply.message.content and "21" in reply.message.content, reply.message.content
+    history = [*ASK, {"role": "assistant", "content": None, "tool_calls": calls}, *answers]
+    body = {"messages": history, "tools": TOOLS, "tool_choice": "none", "temperature": 0, "max_tokens": 60}
+    if stream:
+        chunks = list(c.chat.completions.create(model=SMOLLM2, stream=True, **body))
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        reason = chunks[-1].choices[0].finish_reason
+    else:
+        reply = c.chat.completions.create(model=SMOLLM2, **body).choices[0]
+        text, reason = reply.message.content or "", reply.finish_reason
+        assert not reply.message.tool_calls
+    assert reason in ("stop", "length") and "21" in text, text
 
 
 def test_a_named_function_streams_as_tool_call_deltas(daemon: Daemon) -> None:

@@ -11,7 +11,7 @@ from aiohttp import web
 from llmosd.api.errors import bad_request
 from llmosd.api.requests import json_body
 from llmosd.api.state import AppState, state
-from llmosd.runtime.sampling import merge_defaults
+from llmosd.scheduler import merge_defaults
 from llmosd.store import Manifest, check_name
 
 routes = web.RouteTableDef()

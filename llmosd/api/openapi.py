@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from llmosd import __version__
-from llmosd.runtime.sampling import DEFAULT_RANGES
+from llmosd.scheduler import DEFAULT_RANGES
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _TEXTS = {

@@ -1,6 +1,6 @@
 from llmosd.runtime.chat import ROLES, Message
 from llmosd.runtime.grammar import GrammarSpec, json_schema
-from llmosd.runtime.sampling import DEFAULT_RANGES, MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob
+from llmosd.runtime.sampling import DEFAULT_RANGES, MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob, merge_defaults
 from llmosd.runtime.tools import Tool, ToolCall, ToolCallStream, parse_tool_calls
 from llmosd.runtime.tools import grammar as tool_grammar
 from llmosd.scheduler.batcher import BatchPolicy, DynamicBatcher
@@ -55,6 +55,7 @@ __all__ = [
     "ToolCall",
     "ToolCallStream",
     "json_schema",
+    "merge_defaults",
     "parse_tool_calls",
     "prepare_chat",
     "prepare_completion",
