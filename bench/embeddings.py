@@ -113,7 +113,8 @@ def free_port() -> int:
 
 
 class Daemon:
-    def __init__(self, state: Path, work: Path) -> None:
+    def __init__(self, state: Path, work: Path, env: dict[str, str] | None = None) -> None:
+        self.env = env or {}
         self.sock = work / "bench.sock"
         self.port = free_port()
         self.cmd = [
@@ -139,7 +140,7 @@ class Daemon:
             self.cmd,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            env=dict(os.environ, LLMOSD_SEED_DEFAULTS="false"),
+            env=dict(os.environ, LLMOSD_SEED_DEFAULTS="false", **self.env),
         )
         while True:
             try:

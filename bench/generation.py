@@ -12,8 +12,9 @@ tokens over its wall time (prefill included), TTFT is from sending a request to 
 is each server's VmHWM: llmosd serving SmolLM2 and MiniLM (the defaults), and a second llmosd serving
 SmolLM2 alone (each started once before, so that its one-off batch calibration is cached, not measured).
 Quality figures are the manifest's gate (teacher-forced top-1 and perplexity vs PyTorch).
-llama-server is asked not to reuse the KV cache of an earlier identical prompt (``cache_prompt: false``):
-every burst sends the same prompt, and TTFT is to include prefill on both.
+llama-server is asked not to reuse the KV cache of an earlier identical prompt (``cache_prompt: false``)
+and llmosd runs without its prefix cache: every burst sends the same prompt, and TTFT is to include
+prefill on both (bench/prompt_cache.py measures the caches).
 llama.cpp is a benchmark peer only, never a dependency of llmosd.
 """
 
@@ -44,6 +45,9 @@ MODEL = "smollm2-135m-instruct"
 QUESTION = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 STREAMS = (1, 4, 16)
 THREADS = 2
+# Every burst sends the same prompt and TTFT is to include its prefill, on both servers: llama-server is
+# asked not to reuse its slot's KV (cache_prompt false), llmosd runs without its prefix cache.
+NO_PREFIX_CACHE = {"LLMOSD_PREFIX_CACHE_MB": "0"}
 LLAMA_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llmosd-bench" / "llama.cpp"
 LLAMA_FLAGS = (
     "-DLLAMA_BUILD_SERVER=ON",
@@ -160,7 +164,7 @@ async def stream_one(port: int, token: str, ids: list[int], tokens: int) -> tupl
             "temperature": 0,
             "ignore_eos": True,
             "stream": True,
-            "cache_prompt": False,  # llama-server's; llmosd has no prompt cache yet
+            "cache_prompt": False,  # llama-server's; llmosd's daemons run with LLMOSD_PREFIX_CACHE_MB=0
         }
     ).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -217,7 +221,7 @@ def measure(servers: dict[str, tuple[int, str]], ids: list[int], tokens: int, ro
 
 def rss_alone(state: Path, ids: list[int], tokens: int, work: Path) -> float:
     """Peak RSS of a daemon serving SmolLM2 alone through a 16-stream burst."""
-    daemon = Daemon(state, work)
+    daemon = Daemon(state, work, NO_PREFIX_CACHE)
     daemon.start()
     try:
         token = (state / "token").read_text().strip()
@@ -251,11 +255,11 @@ def main() -> int:
     quality = ModelStore(both).manifest(MODEL).validation["figures"]
     with tempfile.TemporaryDirectory() as work:
         for state in (both, alone):  # a first start calibrates and caches the batch sizes: not what serving holds
-            primer = Daemon(state, Path(work))
+            primer = Daemon(state, Path(work), NO_PREFIX_CACHE)
             primer.start()
             time.sleep(5)
             primer.stop()
-        llmosd = Daemon(both, Path(work))
+        llmosd = Daemon(both, Path(work), NO_PREFIX_CACHE)
         llama = LlamaServer(binary, max(STREAMS), len(ids) + args.tokens + 16)
         cold = {"llmosd": llmosd.start(), "llama-server": llama.start()}
         try:
