@@ -30,7 +30,7 @@ class WordBackend:
         self.gate = gate
         self.entered = threading.Event()  # run() was called: the worker is busy
 
-    def prepare(self, inputs: Sequence[str]) -> list[Words]:
+    def prepare(self, inputs: Sequence[str], truncate: bool = True) -> list[Words]:
         if any(t == "bad-prepare" for t in inputs):
             raise ValueError("cannot prepare")
         return [Words(t) for t in inputs]

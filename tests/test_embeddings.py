@@ -63,6 +63,41 @@ async def test_base64_encoding_is_little_endian_float32(daemon: Daemon) -> None:
         np.testing.assert_allclose(decoded, np.array(f["embedding"], dtype=np.float32), rtol=0, atol=0)
 
 
+async def test_token_ids_and_truncation_as_openai_and_tei_take_them(daemon: Daemon, store_dir: Path) -> None:
+    """Token ids (the model's own, as sent) embed as their text does; an input over the model's limit is a
+    400 that names the limit, unless ``truncate``, which cuts it where the tokenizer would."""
+    from tokenizers import Tokenizer
+
+    from llmosd.store import ModelStore
+
+    store = ModelStore(store_dir)
+    manifest = store.manifest(DEFAULT)
+    limit = int(manifest.runtime["max_seq_length"])
+    tok = Tokenizer.from_file(str(store.file_path(manifest, "tokenizer")))
+    tok.no_padding()  # MiniLM's tokenizer.json pads to 128
+    text = "A lighthouse keeper finds a message in a bottle."
+    ids = tok.encode(text).ids  # with [CLS] and [SEP], as the text is encoded
+    long = "the keeper climbs the stairs every night " * 80
+    tok.enable_truncation(limit)
+    cut = tok.encode(long).ids
+    assert len(cut) == limit
+    async with session(daemon, True) as s:
+        as_text = await embed(s, DEFAULT, text)
+        as_ids = await embed(s, DEFAULT, ids)
+        as_list = await embed(s, DEFAULT, [ids, ids[:5]])
+        async with s.post("/v1/embeddings", json={"model": DEFAULT, "input": long}) as r:
+            refused = await r.json()
+            assert r.status == 400
+        truncated = await embed(s, DEFAULT, long, truncate=True)
+        by_ids = await embed(s, DEFAULT, cut)
+    assert as_ids["data"][0]["embedding"] == as_text["data"][0]["embedding"]
+    assert as_ids["usage"]["prompt_tokens"] == len(ids) and len(as_list["data"]) == 2
+    assert f"longer than the model's {limit} tokens" in refused["error"]["message"]
+    assert refused["error"]["param"] == "input"
+    assert truncated["data"][0]["embedding"] == by_ids["data"][0]["embedding"]
+    assert truncated["usage"]["prompt_tokens"] == limit
+
+
 async def test_concurrent_requests_are_batched(store_dir: Path, tmp_path: Path) -> None:
     """On a daemon of its own at the default batch size: the session daemon tunes its sizes, and on a
     loaded box the tuner can settle on 1 for fp32 (seen in CI, with the other tests running), which

@@ -22,7 +22,7 @@ from llmosd.api.requests import (
 )
 from llmosd.api.state import hold, state
 from llmosd.runtime import Output
-from llmosd.scheduler import ServedModel
+from llmosd.scheduler import InvalidInput, ServedModel
 from llmosd.store import Manifest
 
 routes = web.RouteTableDef()
@@ -64,6 +64,16 @@ async def _served(request: web.Request, name: str, task: str, body: dict[str, An
     return served
 
 
+async def _infer(
+    served: ServedModel, inputs: list[Any], priority: int, timeout: float | None, truncate: bool
+) -> list[Output]:
+    try:
+        async with deadline(timeout):
+            return await served.infer(inputs, priority, truncate)
+    except InvalidInput as exc:
+        raise bad_request(str(exc), "input") from None
+
+
 def _list_response(model: str, data: list[dict[str, Any]], outputs: list[Output]) -> web.Response:
     tokens = sum(o.tokens for o in outputs)
     usage = {"prompt_tokens": tokens, "total_tokens": tokens}
@@ -100,8 +110,7 @@ async def embeddings(request: web.Request) -> web.Response:
         raise bad_request(
             f"model {req.model!r} produces {dims} dimensions; 'dimensions' cannot change that", "dimensions"
         )
-    async with deadline(timeout):
-        outputs = await served.infer(req.texts, priority)
+    outputs = await _infer(served, req.texts, priority, timeout, req.truncate)
     data = []
     for i, out in enumerate(outputs):
         vec = out.values.astype("<f4", copy=False)
@@ -118,8 +127,7 @@ async def classify(request: web.Request) -> web.Response:
     priority, timeout = priority_of(request, body), timeout_of(request)
     served = await _served(request, req.model, "text-classification", body)
     labels: list[str] = list(served.loaded.manifest.runtime["labels"])
-    async with deadline(timeout):
-        outputs = await served.infer(req.texts, priority)
+    outputs = await _infer(served, req.texts, priority, timeout, req.truncate)
     data = []
     for i, out in enumerate(outputs):
         order = np.argsort(-out.values)[: req.top_k or len(labels)]

@@ -14,6 +14,9 @@ _TEXTS = {
         {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
     ]
 }
+_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+_INPUTS = {"oneOf": [*_TEXTS["oneOf"], _IDS, {"type": "array", "items": _IDS, "minItems": 1}]}  # embeddings
+_TRUNCATE = {"type": "boolean", "description": "cut an input over the model's limit there (default: refuse, 400)"}
 
 
 _KSERVE_ERROR = {"$ref": "#/components/schemas/KServeError"}
@@ -95,9 +98,9 @@ def _op(
     return op
 
 
-def _text_request(**extra: dict[str, Any]) -> dict[str, Any]:
+def _text_request(inputs: dict[str, Any] = _TEXTS, **extra: dict[str, Any]) -> dict[str, Any]:
     """A body with ``model`` and ``input`` (one text or a list), plus route-specific fields."""
-    properties = {"model": {"type": "string"}, "input": _TEXTS, **extra}
+    properties = {"model": {"type": "string"}, "input": inputs, "truncate": _TRUNCATE, **extra}
     return {"type": "object", "required": ["model", "input"], "properties": properties}
 
 
@@ -273,6 +276,7 @@ PATHS: dict[str, dict[str, Any]] = {
             "Embed text (OpenAI shape)",
             ok={"type": "object", "required": ["object", "data", "model", "usage"]},
             body=_text_request(
+                _INPUTS,
                 encoding_format={"enum": ["float", "base64"]},
                 dimensions={"type": "integer"},
                 user={"type": "string"},

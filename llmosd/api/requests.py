@@ -73,34 +73,52 @@ def _model(body: dict[str, Any]) -> str:
     return model
 
 
-def _texts(body: dict[str, Any], limits: Config) -> list[str]:
+def _is_ids(x: Any) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
+
+
+def _texts(body: dict[str, Any], limits: Config, ids: bool = False) -> list[Any]:
+    """``input``: a string or a list of them; where ``ids``, also OpenAI's token arrays (one list of
+    token ids, or a list of them), the model's own ids, taken as sent."""
     value = body.get("input")
     if isinstance(value, str):
-        texts = [value]
+        texts: list[Any] = [value]
     elif isinstance(value, list) and value and all(isinstance(x, str) for x in value):
         texts = value
-    elif isinstance(value, list) and value and all(isinstance(x, int | list) for x in value):
-        raise bad_request("token arrays are not supported as 'input': send the text", "input")
+    elif ids and _is_ids(value):
+        texts = [value]
+    elif ids and isinstance(value, list) and value and all(_is_ids(x) for x in value):
+        texts = value
     elif value is None:
         raise bad_request("'input' is required: a string or a list of strings", "input")
     else:
-        raise bad_request("'input' must be a non-empty string or a non-empty list of strings", "input")
+        kinds = "a string, a list of strings, a list of token ids or a list of them" if ids else "a list of strings"
+        raise bad_request(f"'input' must be a non-empty string or {kinds}", "input")
     if len(texts) > limits.max_inputs:
         raise bad_request(f"too many inputs: {len(texts)} > {limits.max_inputs}", "input")
     for i, text in enumerate(texts):
-        if not text.strip():
+        if isinstance(text, str) and not text.strip():
             raise bad_request(f"input {i} is empty", "input")
         if len(text) > limits.max_input_chars:
-            raise bad_request(f"input {i} is longer than {limits.max_input_chars} characters", "input")
+            raise bad_request(f"input {i} is longer than {limits.max_input_chars} characters or tokens", "input")
     return texts
+
+
+def _truncate(body: dict[str, Any]) -> bool:
+    """TEI's ``truncate``: cut an input over the model's limit there (true), or refuse it (false, the default)."""
+    value = body.get("truncate", False)
+    if not isinstance(value, bool):
+        raise bad_request("'truncate' must be true or false", "truncate")
+    return value
 
 
 @dataclass(frozen=True)
 class EmbeddingsRequest:
     model: str
-    texts: list[str]
+    texts: list[Any]  # strings, or lists of token ids
     encoding_format: str
     dimensions: int | None
+    truncate: bool = False
 
     @classmethod
     def parse(cls, body: dict[str, Any], limits: Config) -> EmbeddingsRequest:
@@ -110,7 +128,7 @@ class EmbeddingsRequest:
         dims = body.get("dimensions")
         if dims is not None and (not isinstance(dims, int) or isinstance(dims, bool) or dims < 1):
             raise bad_request("'dimensions' must be a positive integer", "dimensions")
-        return cls(_model(body), _texts(body, limits), fmt, dims)
+        return cls(_model(body), _texts(body, limits, ids=True), fmt, dims, _truncate(body))
 
 
 @dataclass(frozen=True)
@@ -118,13 +136,14 @@ class ClassifyRequest:
     model: str
     texts: list[str]
     top_k: int | None
+    truncate: bool = False
 
     @classmethod
     def parse(cls, body: dict[str, Any], limits: Config) -> ClassifyRequest:
         top_k = body.get("top_k")
         if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
             raise bad_request("'top_k' must be a positive integer", "top_k")
-        return cls(_model(body), _texts(body, limits), top_k)
+        return cls(_model(body), _texts(body, limits), top_k, _truncate(body))
 
 
 def priority_of(request: web.Request, body: dict[str, Any]) -> int:

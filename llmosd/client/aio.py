@@ -152,8 +152,9 @@ class AsyncModel:
     def __repr__(self) -> str:
         return f"AsyncModel({self.name!r}, task={self.task!r})"
 
-    async def embed(self, texts: str | list[str]) -> list[list[float]]:
-        body = {"model": self.name, "input": texts}
+    async def embed(self, texts: str | list[str], truncate: bool = False) -> list[list[float]]:
+        """Embeddings; an input longer than the model takes is refused, or cut there with ``truncate``."""
+        body = {"model": self.name, "input": texts, "truncate": truncate}
         return [d["embedding"] for d in (await self.client.request("POST", "/v1/embeddings", body))["data"]]
 
     async def classify(self, texts: str | list[str]) -> list[dict[str, Any]]:

@@ -159,8 +159,9 @@ class Model:
     def __repr__(self) -> str:
         return f"Model({self.name!r}, task={self.task!r})"
 
-    def embed(self, texts: str | list[str]) -> list[list[float]]:
-        body = {"model": self.name, "input": texts}
+    def embed(self, texts: str | list[str], truncate: bool = False) -> list[list[float]]:
+        """Embeddings; an input longer than the model takes is refused, or cut there with ``truncate``."""
+        body = {"model": self.name, "input": texts, "truncate": truncate}
         return [d["embedding"] for d in self.client.request("POST", "/v1/embeddings", body)["data"]]
 
     def classify(self, texts: str | list[str]) -> list[dict[str, Any]]:

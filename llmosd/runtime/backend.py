@@ -15,6 +15,11 @@ import numpy as np
 import numpy.typing as npt
 
 P = TypeVar("P", bound=Sized)
+Input = str | Sequence[int]  # a text, or the model's own token ids (OpenAI's token-array input)
+
+
+class InvalidInput(ValueError):
+    """An input the model cannot take as it is (too long and not to be cut, ids outside the vocabulary)."""
 
 
 @dataclass(frozen=True)
@@ -26,7 +31,10 @@ class Output:
 
 
 class Backend(Protocol[P]):
-    def prepare(self, inputs: Sequence[str]) -> list[P]: ...
+    def prepare(self, inputs: Sequence[Input], truncate: bool = True) -> list[P]:
+        """Items ready to batch; an input longer than the model takes is cut at its limit where
+        ``truncate``, else refused (InvalidInput)."""
+        ...
 
     def run(self, batch: Sequence[P]) -> list[Output]: ...
 

@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 from tokenizers import Encoding
 
-from llmosd.runtime.backend import Output
+from llmosd.runtime.backend import Input, Output
 from llmosd.runtime.memory import shrink_options, trim_heap
 from llmosd.runtime.pooling import normalize, pool, sigmoid, softmax
-from llmosd.runtime.tokenizer import TextTokenizer
+from llmosd.runtime.tokenizer import Ids, TextTokenizer
 
 _WARMUP = ["warm up the session", "a second, somewhat longer sentence to warm up a batch of two"]
 
@@ -24,10 +24,10 @@ class _EncoderModel:
         self.tokenizer = tokenizer
         self._inputs = {i.name for i in session.get_inputs()}
 
-    def prepare(self, inputs: Sequence[str]) -> list[Encoding]:
-        return self.tokenizer.encode(inputs)
+    def prepare(self, inputs: Sequence[Input], truncate: bool = True) -> list[Encoding | Ids]:
+        return self.tokenizer.encode_inputs(inputs, truncate)
 
-    def _forward(self, batch: Sequence[Encoding], options: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    def _forward(self, batch: Sequence[Encoding | Ids], options: Any = None) -> tuple[np.ndarray, np.ndarray]:
         padded = self.tokenizer.pad(batch)
         feeds = {
             "input_ids": padded.input_ids,
@@ -42,11 +42,11 @@ class _EncoderModel:
         self._forward(self.prepare(["x"]), shrink_options(self.session))
         trim_heap()
 
-    def run(self, batch: Sequence[Encoding]) -> list[Output]:
+    def run(self, batch: Sequence[Encoding | Ids]) -> list[Output]:
         values = self._values(batch)
         return [Output(values[i], len(e)) for i, e in enumerate(batch)]
 
-    def _values(self, batch: Sequence[Encoding]) -> np.ndarray:
+    def _values(self, batch: Sequence[Encoding | Ids]) -> np.ndarray:
         raise NotImplementedError
 
     def warmup(self) -> None:
@@ -61,7 +61,7 @@ class EmbeddingModel(_EncoderModel):
         self.normalized = normalized
         self.dimensions = int(session.get_outputs()[0].shape[-1])
 
-    def _values(self, batch: Sequence[Encoding]) -> np.ndarray:
+    def _values(self, batch: Sequence[Encoding | Ids]) -> np.ndarray:
         hidden, mask = self._forward(batch)
         vectors = pool(hidden, mask, self.pooling)
         return normalize(vectors) if self.normalized else vectors
@@ -73,7 +73,7 @@ class ClassifierModel(_EncoderModel):
         self.labels = labels
         self.multi_label = multi_label
 
-    def _values(self, batch: Sequence[Encoding]) -> np.ndarray:
+    def _values(self, batch: Sequence[Encoding | Ids]) -> np.ndarray:
         logits, _ = self._forward(batch)
         logits = logits.astype(np.float32)
         return sigmoid(logits) if self.multi_label else softmax(logits)

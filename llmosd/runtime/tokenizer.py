@@ -10,7 +10,27 @@ import numpy as np
 import numpy.typing as npt
 from tokenizers import Encoding, Tokenizer
 
+from llmosd.runtime.backend import InvalidInput
+
 Int64Array = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class Ids:
+    """Token ids given as they are (no special tokens added): what ``pad`` reads of an Encoding."""
+
+    ids: list[int]
+
+    @property
+    def attention_mask(self) -> list[int]:
+        return [1] * len(self.ids)
+
+    @property
+    def type_ids(self) -> list[int]:
+        return [0] * len(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 @dataclass(frozen=True)
@@ -36,8 +56,32 @@ class TextTokenizer:
     def encode(self, texts: Sequence[str]) -> list[Encoding]:
         return list(self._tok.encode_batch(list(texts)))
 
+    def encode_inputs(self, inputs: Sequence[str | Sequence[int]], truncate: bool) -> list[Encoding | Ids]:
+        """Texts encoded (cut at ``max_length`` where ``truncate``), token ids checked and taken as sent;
+        an input over the limit that may not be cut, or an id outside the vocabulary, is InvalidInput."""
+        texts = [x for x in inputs if isinstance(x, str)]
+        encoded = iter(self.encode(texts))
+        vocab = self._tok.get_vocab_size()
+        out: list[Encoding | Ids] = []
+        for i, x in enumerate(inputs):
+            if isinstance(x, str):
+                encoding = next(encoded)
+                item: Encoding | Ids = encoding
+                over = bool(encoding.overflowing)
+            else:
+                if any(t < 0 or t >= vocab for t in x):
+                    raise InvalidInput(f"input {i} holds token ids outside the vocabulary (it has {vocab})")
+                item, over = Ids(list(x[: self.max_length])), len(x) > self.max_length
+            if over and not truncate:
+                raise InvalidInput(
+                    f"input {i} is longer than the model's {self.max_length} tokens: shorten it, or send "
+                    "'truncate': true to cut it there"
+                )
+            out.append(item)
+        return out
+
     @staticmethod
-    def pad(encodings: Sequence[Encoding]) -> Batch:
+    def pad(encodings: Sequence[Encoding | Ids]) -> Batch:
         width = max(len(e.ids) for e in encodings)
         shape = (len(encodings), width)
         ids = np.zeros(shape, dtype=np.int64)

@@ -1,3 +1,4 @@
+from llmosd.runtime.backend import InvalidInput
 from llmosd.runtime.chat import ROLES, Message
 from llmosd.runtime.grammar import GrammarSpec, json_schema
 from llmosd.runtime.sampling import DEFAULT_RANGES, MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob, merge_defaults
@@ -42,6 +43,7 @@ __all__ = [
     "GrammarFailed",
     "GrammarSpec",
     "Instance",
+    "InvalidInput",
     "InvalidRequest",
     "Message",
     "ModelPool",

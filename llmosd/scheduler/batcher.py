@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Generic
 
-from llmosd.runtime.backend import Backend, Output, P
+from llmosd.runtime.backend import Backend, Input, Output, P
 from llmosd.runtime.memory import IDLE_RELEASE_S, release_quietly
 from llmosd.scheduler.errors import BatcherClosed, QueueFull
 from llmosd.scheduler.histogram import SIZES, Histogram
@@ -73,10 +73,11 @@ class BatchStats:
 
 @dataclass
 class _Request:
-    inputs: Sequence[str]
+    inputs: Sequence[Input]
     future: asyncio.Future[list[Output]]
     enqueued: float
     priority: int = NORMAL
+    truncate: bool = True  # an input over the model's limit is cut there (else refused)
     results: list[Output | None] = field(default_factory=list)
     missing: int = 0  # items not yet run; -1 once failed (worker thread only)
     started: bool = False  # one of its items has run (worker thread only)
@@ -123,7 +124,7 @@ class DynamicBatcher(Generic[P]):
         self._loop = asyncio.get_running_loop()
         self.supervisor.start(self._loop)
 
-    async def submit(self, inputs: Sequence[str], priority: int = NORMAL) -> list[Output]:
+    async def submit(self, inputs: Sequence[Input], priority: int = NORMAL, truncate: bool = True) -> list[Output]:
         if self._closed or self._loop is None:
             raise BatcherClosed(f"model {self.name!r} is unloading")
         if not self.supervisor.healthy:
@@ -137,7 +138,7 @@ class DynamicBatcher(Generic[P]):
         future.add_done_callback(self._open.discard)
         self._submitted_items[priority] += len(inputs)
         self.stats.requests += 1
-        self._inbox.put(_Request(inputs, future, time.monotonic(), priority))
+        self._inbox.put(_Request(inputs, future, time.monotonic(), priority, truncate))
         return await future
 
     async def close(self) -> None:
@@ -239,7 +240,7 @@ class DynamicBatcher(Generic[P]):
                 self._finished_items[req.priority] += len(req.inputs)
                 continue
             try:  # a request whose inputs cannot be prepared fails alone
-                items = self.backend.prepare(req.inputs)
+                items = self.backend.prepare(req.inputs, req.truncate)
             except Exception as exc:
                 req.missing = -1
                 self._finished_items[req.priority] += len(req.inputs)

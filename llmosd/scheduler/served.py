@@ -14,6 +14,7 @@ import numpy.typing as npt
 
 from llmosd.hardware.autotune import BatchProfile
 from llmosd.runtime import LoadedModel, Output
+from llmosd.runtime.backend import Input
 from llmosd.runtime.tensors import TensorModel
 from llmosd.scheduler.batcher import DynamicBatcher
 from llmosd.scheduler.generation import GenerationEngine
@@ -166,13 +167,13 @@ class ServedModel:
             if instance.device == profile.device:
                 instance.apply(profile)
 
-    async def infer(self, inputs: Sequence[str], priority: int = NORMAL) -> list[Output]:
+    async def infer(self, inputs: Sequence[Input], priority: int = NORMAL, truncate: bool = True) -> list[Output]:
         instance = self.pick()
         if instance.batcher is None:
             raise TypeError(f"model {self.name!r} generates text; it has no batch inference")
         instance.outstanding += len(inputs)
         try:
-            return await instance.batcher.submit(inputs, priority)
+            return await instance.batcher.submit(inputs, priority, truncate)
         finally:
             instance.outstanding -= len(inputs)
 

@@ -7,9 +7,12 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import onnxruntime as ort
+
+if TYPE_CHECKING:
+    from tokenizers import Encoding
 
 from llmosd.hardware import Hardware
 from llmosd.hardware.autotune import (
@@ -69,7 +72,7 @@ class Tuner:
         seq_len = min(self.policy.seq_len, int(m.runtime.get("max_seq_length", 512)))
         budget = self.policy.latency_budget_ms or BUDGETS_MS.get(m.task, 250.0)
         bound = memory_bound(self._free_bytes(loaded.placement.device), self._weights(loaded), self._per_input(loaded))
-        encoding = backend.prepare([_TEXT * (1 + seq_len // 8)])[0]
+        encoding = cast("Encoding", backend.prepare([_TEXT * (1 + seq_len // 8)])[0])  # a text's: an Encoding
         encoding.truncate(seq_len)  # exactly the calibrated length
         trials = calibrate(lambda b: backend.run([encoding] * b), bound, budget, repeats=5)
         release_quietly(backend.release, m.ref)  # the calibration's largest batches stayed in the arena
