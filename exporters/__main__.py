@@ -76,6 +76,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     elif args.task == "text-generation":
         runtime |= source.generation_settings(src, config)
         runtime["sampling"] = _sampling(runtime["sampling"], args.sampling)
+    elif args.task == "text-ranking":
+        runtime |= source.ranking_settings(config)
     else:
         runtime |= source.classification_settings(config)
     use_fused = _fused(args, config)

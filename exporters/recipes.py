@@ -57,6 +57,17 @@ RECIPES = {
             "int4": Tolerance(top1_agreement=0.95, perplexity_ratio=1.05),
         },
     ),
+    # Cross-encoders (rerankers): sequence classification over (query, document) pairs, one relevance
+    # score each. The gate is on the scores the daemon serves (after sigmoid or softmax).
+    "text-ranking": Recipe(
+        task="text-ranking",
+        optimum_task="text-classification",
+        tolerances={
+            "fp32": Tolerance(max_abs_diff=1e-4),
+            "fp16": Tolerance(max_abs_diff=1e-2),
+            "int8": Tolerance(max_abs_diff=0.05),
+        },
+    ),
     "text-classification": Recipe(
         task="text-classification",
         optimum_task="text-classification",

@@ -58,6 +58,15 @@ def classification_settings(config: dict[str, Any]) -> dict[str, Any]:
     return {"labels": labels, "problem_type": config.get("problem_type") or "single_label_classification"}
 
 
+def ranking_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """How a cross-encoder's logits become a relevance score: one label, its sigmoid (sentence-transformers'
+    CrossEncoder); two, the second's softmax (binary rerankers); more is not a reranker."""
+    labels = int(config.get("num_labels") or len(config.get("id2label") or {}) or 1)
+    if labels not in (1, 2):
+        raise ValueError(f"a reranker has one or two labels; this model has {labels}: export it as text-classification")
+    return {"score": "sigmoid" if labels == 1 else "softmax"}
+
+
 def source_info(src: Path, config: dict[str, Any], source_id: str | None) -> dict[str, Any]:
     return {
         "id": source_id or config.get("_name_or_path") or src.name,

@@ -13,10 +13,12 @@ import numpy as np
 
 from exporters.recipes import Tolerance
 from llmosd.runtime.providers import Placement, ProviderSelector
-from llmosd.runtime.tasks import ClassifierModel, EmbeddingModel
+from llmosd.runtime.tasks import ClassifierModel, EmbeddingModel, RankingModel
 from llmosd.runtime.tokenizer import TextTokenizer
 
 INPUTS = (Path(__file__).parent / "validation.txt").read_text().splitlines()
+# A cross-encoder's inputs: each text as a query against the next three (unrelated and related alike).
+PAIRS = [(q, INPUTS[(i + k) % len(INPUTS)]) for i, q in enumerate(INPUTS) for k in (1, 2, 3)]
 
 
 class ValidationFailed(Exception):
@@ -40,7 +42,7 @@ def _reference(src: Path, task: str, tokenizer: TextTokenizer, runtime: dict[str
     import torch
     from transformers import AutoModel, AutoModelForSequenceClassification
 
-    batch = tokenizer.pad(tokenizer.encode(INPUTS))
+    batch = tokenizer.pad(tokenizer.encode_inputs(PAIRS if task == "text-ranking" else INPUTS, truncate=True))
     feeds = {
         "input_ids": torch.from_numpy(batch.input_ids),
         "attention_mask": torch.from_numpy(batch.attention_mask),
@@ -58,6 +60,9 @@ def _reference(src: Path, task: str, tokenizer: TextTokenizer, runtime: dict[str
             vectors: np.ndarray = v.numpy()
             return vectors
         logits = out.logits.float()
+        if task == "text-ranking":
+            ranked = torch.sigmoid(logits[:, :1]) if runtime["score"] == "sigmoid" else torch.softmax(logits, 1)[:, 1:]
+            return np.asarray(ranked.numpy())
         multi = runtime.get("problem_type") == "multi_label_classification"
         scores: np.ndarray = (torch.sigmoid(logits) if multi else torch.softmax(logits, dim=1)).numpy()
         return scores
@@ -73,9 +78,13 @@ def _candidate(
     model: Path, tokenizer: TextTokenizer, task: str, runtime: dict[str, Any], devices: tuple[str, ...]
 ) -> tuple[np.ndarray, str]:
     session, placement = _session(model, devices)
-    backend: EmbeddingModel | ClassifierModel
+    backend: EmbeddingModel | ClassifierModel | RankingModel
     if task == "feature-extraction":
         backend = EmbeddingModel(session, tokenizer, runtime["pooling"], runtime["normalize"])
+    elif task == "text-ranking":
+        backend = RankingModel(session, tokenizer, runtime["score"])
+        outputs = backend.run(backend.prepare(PAIRS))
+        return np.stack([o.values for o in outputs]), placement.device
     else:
         multi = runtime.get("problem_type") == "multi_label_classification"
         backend = ClassifierModel(session, tokenizer, runtime["labels"], multi)
@@ -85,6 +94,8 @@ def _candidate(
 
 def figures(task: str, ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
     out = {"max_abs_diff": float(np.abs(ref - cand).max())}
+    if task == "text-ranking":
+        return out
     if task == "feature-extraction":
         cos = (ref * cand).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1))
         out |= {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean())}
@@ -142,7 +153,7 @@ def validate(
     result: dict[str, Any] = {
         "reference": "pytorch fp32",
         "device": device,
-        "inputs": INPUTS,
+        "inputs": [list(p) for p in PAIRS] if task == "text-ranking" else INPUTS,
         "figures": figs,
         "tolerance": {k: v for k, v in vars(tol).items() if v is not None},
     }

@@ -74,6 +74,17 @@ def copy_minilm_tokenizer(dst: Path) -> None:
         shutil.copyfile(minilm_path() / name, dst / name)
 
 
+# A tiny random BERT's shape, with MiniLM's vocabulary (its tokenizer is copied beside it).
+TINY_BERT: dict[str, Any] = {
+    "vocab_size": 30522,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 128,
+}
+
+
 def make_tiny_classifier(dst: Path) -> Path:
     """A tiny random BertForSequenceClassification with MiniLM's tokenizer (no hub needed)."""
     import torch
@@ -81,17 +92,25 @@ def make_tiny_classifier(dst: Path) -> Path:
 
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
+        **TINY_BERT,
         id2label={0: "negative", 1: "neutral", 2: "positive"},
         label2id={"negative": 0, "neutral": 1, "positive": 2},
     )
     model = BertForSequenceClassification(config).eval()
     model.save_pretrained(dst)
+    copy_minilm_tokenizer(dst)
+    return dst
+
+
+def make_tiny_cross_encoder(dst: Path) -> Path:
+    """A tiny random reranker: BertForSequenceClassification with one label over (query, document) pairs,
+    what sentence-transformers' CrossEncoder loads, with MiniLM's tokenizer."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(1)
+    config = BertConfig(**TINY_BERT, num_labels=1)
+    BertForSequenceClassification(config).eval().save_pretrained(dst)
     copy_minilm_tokenizer(dst)
     return dst
 

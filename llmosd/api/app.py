@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from llmosd.api import admin, completions, debug, lifecycle, metrics, oip, openai, ops
+from llmosd.api import admin, completions, debug, lifecycle, metrics, oip, openai, ops, rerank
 from llmosd.api.connections import CONNECTIONS, Connections, Limits, mark
 from llmosd.api.middleware import auth, errors, release_held
 from llmosd.api.state import STATE, AppState
@@ -26,6 +26,7 @@ def make_app(app_state: AppState) -> web.Application:
     app[CONNECTIONS] = Connections(limits)
     families = (
         openai.routes,
+        rerank.routes,
         completions.routes,
         oip.routes,
         ops.routes,

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from aiohttp import web
@@ -21,6 +22,7 @@ from llmosd.api.requests import (
     timeout_of,
 )
 from llmosd.api.state import hold, state
+from llmosd.config import Config
 from llmosd.runtime import Output
 from llmosd.scheduler import InvalidInput, ServedModel
 from llmosd.store import Manifest
@@ -56,7 +58,7 @@ def _model_card(served: ServedModel) -> dict[str, Any]:
     return card
 
 
-async def _served(request: web.Request, name: str, task: str, body: dict[str, Any]) -> ServedModel:
+async def served_for(request: web.Request, name: str, task: str, body: dict[str, Any]) -> ServedModel:
     request[MODEL_KEY] = name
     served = await hold(request, name, keep_alive_of(body))
     if served.loaded.manifest.task != task:
@@ -64,9 +66,10 @@ async def _served(request: web.Request, name: str, task: str, body: dict[str, An
     return served
 
 
-async def _infer(
+async def infer(
     served: ServedModel, inputs: list[Any], priority: int, timeout: float | None, truncate: bool
 ) -> list[Output]:
+    """The batcher's outputs for these inputs; an input the model cannot take is a 400."""
     try:
         async with deadline(timeout):
             return await served.infer(inputs, priority, truncate)
@@ -98,19 +101,38 @@ async def get_model(request: web.Request) -> web.Response:
     return web.json_response(_model_card(await hold(request, request.match_info["model"])) | {"loaded": True})
 
 
+class _Parsed(Protocol):
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def truncate(self) -> bool: ...
+
+
+R = TypeVar("R", bound=_Parsed)
+
+
+async def encoder_request(
+    request: web.Request, parse: Callable[[dict[str, Any], Config], R], task: str
+) -> tuple[R, ServedModel, Callable[[list[Any]], Awaitable[list[Output]]]]:
+    """An encoder route's typed request, its model (of ``task``), and how to run inputs through it (its
+    priority, deadline and ``truncate`` applied)."""
+    body = await json_body(request)
+    req = parse(body, state(request).config)
+    priority, timeout = priority_of(request, body), timeout_of(request)
+    served = await served_for(request, req.model, task, body)
+    return req, served, lambda inputs: infer(served, inputs, priority, timeout, req.truncate)
+
+
 @routes.post("/v1/embeddings")
 async def embeddings(request: web.Request) -> web.Response:
-    st = state(request)
-    body = await json_body(request)
-    req = EmbeddingsRequest.parse(body, st.config)
-    priority, timeout = priority_of(request, body), timeout_of(request)
-    served = await _served(request, req.model, "feature-extraction", body)
+    req, served, run = await encoder_request(request, EmbeddingsRequest.parse, "feature-extraction")
     dims = served.loaded.manifest.runtime.get("dimensions")
     if req.dimensions is not None and req.dimensions != dims:
         raise bad_request(
             f"model {req.model!r} produces {dims} dimensions; 'dimensions' cannot change that", "dimensions"
         )
-    outputs = await _infer(served, req.texts, priority, timeout, req.truncate)
+    outputs = await run(req.texts)
     data = []
     for i, out in enumerate(outputs):
         vec = out.values.astype("<f4", copy=False)
@@ -121,13 +143,9 @@ async def embeddings(request: web.Request) -> web.Response:
 
 @routes.post("/v1/classify")
 async def classify(request: web.Request) -> web.Response:
-    st = state(request)
-    body = await json_body(request)
-    req = ClassifyRequest.parse(body, st.config)
-    priority, timeout = priority_of(request, body), timeout_of(request)
-    served = await _served(request, req.model, "text-classification", body)
+    req, served, run = await encoder_request(request, ClassifyRequest.parse, "text-classification")
     labels: list[str] = list(served.loaded.manifest.runtime["labels"])
-    outputs = await _infer(served, req.texts, priority, timeout, req.truncate)
+    outputs = await run(req.texts)
     data = []
     for i, out in enumerate(outputs):
         order = np.argsort(-out.values)[: req.top_k or len(labels)]

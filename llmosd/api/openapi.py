@@ -195,6 +195,31 @@ _TOOL = {
         },
     },
 }
+_RERANK = {
+    "type": "object",
+    "required": ["model", "query", "documents"],
+    "properties": {
+        "model": {"type": "string"},
+        "query": {"type": "string", "minLength": 1},
+        "documents": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "oneOf": [
+                    {"type": "string", "minLength": 1},
+                    {
+                        "type": "object",
+                        "required": ["text"],
+                        "properties": {"text": {"type": "string", "minLength": 1}},
+                    },
+                ]
+            },
+        },
+        "top_n": {"type": "integer", "minimum": 1},
+        "return_documents": {"type": "boolean"},
+        "truncate": _TRUNCATE,
+    },
+}
 _OIP = {
     "type": "object",
     "required": ["inputs"],
@@ -292,6 +317,18 @@ PATHS: dict[str, dict[str, Any]] = {
             errors=(*_MODEL, 504),
             headers=_GEN_HEADERS,
         )
+    },
+    **{
+        path: {
+            "post": _op(
+                "Rerank documents against a query with a cross-encoder (llama.cpp / vLLM / Jina / TEI shape)",
+                ok={"type": "object", "required": ["model", "results", "usage"]},
+                body=_RERANK,
+                errors=(*_MODEL, 504),
+                headers=_GEN_HEADERS,
+            )
+        }
+        for path in ("/v1/rerank", "/rerank")
     },
     "/v2": {"get": _op("Open Inference Protocol: server metadata", kserve=True)},
     "/v2/health/live": {"get": _op("OIP liveness", kserve=True)},

@@ -146,6 +146,47 @@ class ClassifyRequest:
         return cls(_model(body), _texts(body, limits), top_k, _truncate(body))
 
 
+@dataclass(frozen=True)
+class RerankRequest:
+    """The rerank shape llama.cpp, vLLM, Jina and TEI share: a query, documents (strings or ``{"text"}``),
+    ``top_n``, ``return_documents``."""
+
+    model: str
+    query: str
+    documents: list[str]
+    top_n: int | None
+    return_documents: bool
+    truncate: bool
+
+    @classmethod
+    def parse(cls, body: dict[str, Any], limits: Config) -> RerankRequest:
+        query = body.get("query")
+        if not isinstance(query, str) or not query.strip():
+            raise bad_request("'query' is required and must be a non-empty string", "query")
+        if len(query) > limits.max_input_chars:
+            raise bad_request(f"'query' is longer than {limits.max_input_chars} characters", "query")
+        docs = body.get("documents")
+        if not isinstance(docs, list) or not docs:
+            raise bad_request("'documents' must be a non-empty list of strings or {\"text\": ...} objects", "documents")
+        if len(docs) > limits.max_inputs:
+            raise bad_request(f"too many documents: {len(docs)} > {limits.max_inputs}", "documents")
+        texts = []
+        for i, d in enumerate(docs):
+            text = d.get("text") if isinstance(d, dict) else d
+            if not isinstance(text, str) or not text.strip():
+                raise bad_request(f'document {i} must be a non-empty string or {{"text": ...}}', "documents")
+            if len(text) > limits.max_input_chars:
+                raise bad_request(f"document {i} is longer than {limits.max_input_chars} characters", "documents")
+            texts.append(text)
+        top_n = body.get("top_n")
+        if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 1):
+            raise bad_request("'top_n' must be a positive integer", "top_n")
+        back = body.get("return_documents", True)
+        if not isinstance(back, bool):
+            raise bad_request("'return_documents' must be true or false", "return_documents")
+        return cls(_model(body), query, texts, top_n, back, _truncate(body))
+
+
 def priority_of(request: web.Request, body: dict[str, Any]) -> int:
     """``X-Priority`` or the body's ``priority``: high, normal (default) or low."""
     value = request.headers.get("X-Priority", body.get("priority"))

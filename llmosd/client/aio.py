@@ -161,6 +161,11 @@ class AsyncModel:
         body = {"model": self.name, "input": texts}
         return list((await self.client.request("POST", "/v1/classify", body))["data"])
 
+    async def rerank(self, query: str, documents: list[str], top_n: int | None = None) -> list[dict[str, Any]]:
+        """The documents best first against ``query``: ``index``, ``relevance_score``, ``document``."""
+        body = {"model": self.name, "query": query, "documents": documents, "top_n": top_n}
+        return list((await self.client.request("POST", "/v1/rerank", body))["results"])
+
     async def generate_text(self, prompt: str, *, raw: bool = False, **options: Any) -> str:
         """The model's answer (through its chat template unless ``raw``); see ``stream_text``."""
         if raw or not self.card.get("chat_template", False):

@@ -167,6 +167,11 @@ class Model:
     def classify(self, texts: str | list[str]) -> list[dict[str, Any]]:
         return list(self.client.request("POST", "/v1/classify", {"model": self.name, "input": texts})["data"])
 
+    def rerank(self, query: str, documents: list[str], top_n: int | None = None) -> list[dict[str, Any]]:
+        """The documents best first against ``query``: ``index``, ``relevance_score``, ``document``."""
+        body = {"model": self.name, "query": query, "documents": documents, "top_n": top_n}
+        return list(self.client.request("POST", "/v1/rerank", body)["results"])
+
     def generate_text(self, prompt: str, *, stream: bool = False, raw: bool = False, **options: Any) -> Any:
         """The model's answer to ``prompt``: through its chat template (as Ollama's generate does), or
         the bare continuation with ``raw=True``. ``stream=True`` returns an iterator of text pieces.

@@ -15,7 +15,8 @@ import numpy as np
 import numpy.typing as npt
 
 P = TypeVar("P", bound=Sized)
-Input = str | Sequence[int]  # a text, or the model's own token ids (OpenAI's token-array input)
+# A text, a (query, document) pair (a cross-encoder's), or the model's own token ids (OpenAI's token arrays).
+Input = str | tuple[str, str] | Sequence[int]
 
 
 class InvalidInput(ValueError):

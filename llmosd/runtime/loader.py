@@ -9,9 +9,10 @@ from typing import Any
 from llmosd.runtime.generator import TextGenerator
 from llmosd.runtime.pooling import POOLINGS
 from llmosd.runtime.providers import Placement, ProviderSelector
-from llmosd.runtime.tasks import ClassifierModel, EmbeddingModel
+from llmosd.runtime.tasks import ClassifierModel, EmbeddingModel, RankingModel
 from llmosd.runtime.tokenizer import TextTokenizer
 from llmosd.store import Manifest, ManifestError, ModelStore
+from llmosd.store.manifest import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 class LoadedModel:
     manifest: Manifest
     placement: Placement
-    backend: EmbeddingModel | ClassifierModel | TextGenerator
+    backend: EmbeddingModel | ClassifierModel | RankingModel | TextGenerator
     session: Any = None  # the ONNX session the backend runs (also served raw, over /v2)
 
     @property
@@ -50,7 +51,7 @@ def load(
     ``max_context`` caps a causal LM's context (0: the model's own); ``target`` and ``threads`` are
     placement's choice for this instance; ``verify`` False skips hashing (a further instance of a
     version just verified); ``max_sequences`` is the rows a causal LM's cache is laid out for."""
-    if manifest.task not in ("feature-extraction", "text-classification", "text-generation"):
+    if manifest.task not in TASKS:
         raise ManifestError(f"{manifest.ref}: task {manifest.task!r} cannot be served")
     if verify:
         store.verify(manifest)
@@ -64,7 +65,7 @@ def load(
 
 def _adapter(
     store: ModelStore, manifest: Manifest, session: Any, max_context: int, max_sequences: int
-) -> EmbeddingModel | ClassifierModel | TextGenerator:
+) -> EmbeddingModel | ClassifierModel | RankingModel | TextGenerator:
     tokenizer_path = store.file_path(manifest, "tokenizer")
     if manifest.task == "text-generation":
         generator = TextGenerator(session, tokenizer_path, manifest.runtime, max_context, max_sequences)
@@ -76,6 +77,8 @@ def _adapter(
         if pooling not in POOLINGS:
             raise ManifestError(f"{manifest.ref}: unknown pooling {pooling!r}")
         return EmbeddingModel(session, tokenizer, pooling, bool(_runtime_setting(manifest, "normalize")))
+    if manifest.task == "text-ranking":
+        return RankingModel(session, tokenizer, str(_runtime_setting(manifest, "score")))
     labels = [str(x) for x in _runtime_setting(manifest, "labels")]
     multi = manifest.runtime.get("problem_type") == "multi_label_classification"
     return ClassifierModel(session, tokenizer, labels, multi)

@@ -67,6 +67,31 @@ class EmbeddingModel(_EncoderModel):
         return normalize(vectors) if self.normalized else vectors
 
 
+class RankingModel(_EncoderModel):
+    """A cross-encoder: each input a (query, document) pair, its value one relevance score. ``score``:
+    sigmoid of a single logit (sentence-transformers' CrossEncoder with one label), or the second of
+    two labels' softmax (rerankers trained as binary classifiers)."""
+
+    SCORES = ("sigmoid", "softmax")
+
+    def __init__(self, session: Any, tokenizer: TextTokenizer, score: str) -> None:
+        super().__init__(session, tokenizer)
+        if score not in self.SCORES:
+            raise ValueError(f"unknown ranking score {score!r}; choose from {', '.join(self.SCORES)}")
+        self.score = score
+
+    def warmup(self) -> None:
+        for n in (1, 2):
+            self.run(self.prepare([(_WARMUP[0], t) for t in _WARMUP[:n]]))
+
+    def _values(self, batch: Sequence[Encoding | Ids]) -> np.ndarray:
+        logits, _ = self._forward(batch)
+        logits = logits.astype(np.float32)
+        if self.score == "sigmoid":
+            return sigmoid(logits[:, :1])
+        return softmax(logits)[:, 1:2]
+
+
 class ClassifierModel(_EncoderModel):
     def __init__(self, session: Any, tokenizer: TextTokenizer, labels: list[str], multi_label: bool) -> None:
         super().__init__(session, tokenizer)

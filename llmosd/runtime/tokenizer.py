@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 from tokenizers import Encoding, Tokenizer
 
-from llmosd.runtime.backend import InvalidInput
+from llmosd.runtime.backend import Input, InvalidInput
 
 Int64Array = npt.NDArray[np.int64]
 
@@ -56,22 +56,24 @@ class TextTokenizer:
     def encode(self, texts: Sequence[str]) -> list[Encoding]:
         return list(self._tok.encode_batch(list(texts)))
 
-    def encode_inputs(self, inputs: Sequence[str | Sequence[int]], truncate: bool) -> list[Encoding | Ids]:
-        """Texts encoded (cut at ``max_length`` where ``truncate``), token ids checked and taken as sent;
-        an input over the limit that may not be cut, or an id outside the vocabulary, is InvalidInput."""
-        texts = [x for x in inputs if isinstance(x, str)]
-        encoded = iter(self.encode(texts))
+    def encode_inputs(self, inputs: Sequence[Input], truncate: bool) -> list[Encoding | Ids]:
+        """Texts and text pairs encoded (cut at ``max_length`` where ``truncate``: a pair's longer side
+        first), token ids checked and taken as sent; an input over the limit that may not be cut, or an id
+        outside the vocabulary, is InvalidInput."""
+        texts = [x for x in inputs if isinstance(x, str | tuple)]  # a tuple is a pair: ids come as lists
+        encoded = iter(self._tok.encode_batch(texts) if texts else [])
         vocab = self._tok.get_vocab_size()
         out: list[Encoding | Ids] = []
         for i, x in enumerate(inputs):
-            if isinstance(x, str):
+            if isinstance(x, str | tuple):
                 encoding = next(encoded)
                 item: Encoding | Ids = encoding
                 over = bool(encoding.overflowing)
             else:
-                if any(t < 0 or t >= vocab for t in x):
+                ids = [int(t) for t in x]
+                if any(t < 0 or t >= vocab for t in ids):
                     raise InvalidInput(f"input {i} holds token ids outside the vocabulary (it has {vocab})")
-                item, over = Ids(list(x[: self.max_length])), len(x) > self.max_length
+                item, over = Ids(ids[: self.max_length]), len(ids) > self.max_length
             if over and not truncate:
                 raise InvalidInput(
                     f"input {i} is longer than the model's {self.max_length} tokens: shorten it, or send "

@@ -9,7 +9,7 @@ from typing import Any
 from llmosd.store.names import check_digest, check_name, check_title, check_version
 
 SCHEMA = 1
-TASKS = ("feature-extraction", "text-classification", "text-generation")
+TASKS = ("feature-extraction", "text-classification", "text-ranking", "text-generation")
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 # model-data: the weights of a graph stored with external data (``model.onnx.data``, past protobuf's 2 GB)
 ROLES = ("model", "model-data", "tokenizer", "config", "generation-config")
