@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     inputs, outputs, resident = _tensor_specs(out / "model.onnx")
     if args.task == "feature-extraction":
         runtime["dimensions"] = outputs[0]["shape"][-1]
+        runtime |= _matryoshka(_options(args.option), runtime["dimensions"])
     t1 = time.monotonic()
     validation = validate(
         src,
@@ -188,6 +189,22 @@ def _sampling(found: dict[str, Any], items: list[str]) -> dict[str, Any]:
     values: dict[str, object] = dict(found)
     values |= {key: parse_number(key, text) for key, text in _options(items).items()}
     return check_defaults(values)
+
+
+def _matryoshka(options: dict[str, str], dimensions: Any) -> dict[str, Any]:
+    """``--option matryoshka=256,128,64``: the operator says the model was trained so that its leading
+    dimensions are an embedding of their own (Matryoshka representation learning); nothing in a
+    checkpoint says so. Requests may then ask ``dimensions`` at most the full width."""
+    text = options.get("matryoshka")
+    if text is None:
+        return {}
+    try:
+        sizes = sorted({int(x) for x in text.split(",")}, reverse=True)
+    except ValueError:
+        raise ValueError(f"matryoshka={text}: a comma-separated list of dimensions") from None
+    if not isinstance(dimensions, int) or not sizes or not all(0 < d <= dimensions for d in sizes):
+        raise ValueError(f"matryoshka={text}: each dimension must be in [1, {dimensions}]")
+    return {"matryoshka_dimensions": sizes}
 
 
 def _options(items: list[str]) -> dict[str, str]:

@@ -27,7 +27,12 @@ CASES = [
     ("too-long", b'{"model": "all-minilm-l6-v2", "input": "' + b"word " * 600 + b'"}', 400, "'truncate': true"),
     ("bad-truncate", b'{"model": "all-minilm-l6-v2", "input": "a", "truncate": "yes"}', 400, "'truncate'"),
     ("bad-format", b'{"model": "all-minilm-l6-v2", "input": "a", "encoding_format": "hex"}', 400, "encoding_format"),
-    ("bad-dimensions", b'{"model": "all-minilm-l6-v2", "input": "a", "dimensions": 12}', 400, "dimensions"),
+    (
+        "bad-dimensions",
+        b'{"model": "all-minilm-l6-v2", "input": "a", "dimensions": 12}',
+        400,
+        "not exported as trained",
+    ),
     ("wrong-task", b'{"model": "tiny-clf", "input": "a"}', 400, "text-classification model"),
 ]
 

@@ -124,18 +124,36 @@ async def encoder_request(
     return req, served, lambda inputs: infer(served, inputs, priority, timeout, req.truncate)
 
 
+def _width(served: ServedModel, model: str, asked: int | None) -> int | None:
+    """Where to cut the vectors: None for the model's own width; a smaller ``dimensions`` only for a model
+    exported as trained for it (``--option matryoshka=...``)."""
+    runtime = served.loaded.manifest.runtime
+    dims = int(runtime.get("dimensions") or 0)
+    if asked is None or asked == dims:
+        return None
+    trained = runtime.get("matryoshka_dimensions")
+    if not trained:
+        why = f"model {model!r} produces {dims} dimensions and was not exported as trained for fewer"
+        raise bad_request(
+            f"{why} (llmosd export --option matryoshka=...): 'dimensions' cannot change that", "dimensions"
+        )
+    if asked > dims:
+        raise bad_request(
+            f"model {model!r} produces {dims} dimensions: 'dimensions' must be at most that", "dimensions"
+        )
+    return asked
+
+
 @routes.post("/v1/embeddings")
 async def embeddings(request: web.Request) -> web.Response:
     req, served, run = await encoder_request(request, EmbeddingsRequest.parse, "feature-extraction")
-    dims = served.loaded.manifest.runtime.get("dimensions")
-    if req.dimensions is not None and req.dimensions != dims:
-        raise bad_request(
-            f"model {req.model!r} produces {dims} dimensions; 'dimensions' cannot change that", "dimensions"
-        )
+    width = _width(served, req.model, req.dimensions)
     outputs = await run(req.texts)
     data = []
     for i, out in enumerate(outputs):
         vec = out.values.astype("<f4", copy=False)
+        if width is not None:  # a Matryoshka model's leading dimensions, renormalised (as OpenAI's)
+            vec = vec[:width] / max(float(np.linalg.norm(vec[:width])), 1e-12)
         emb: Any = base64.b64encode(vec.tobytes()).decode() if req.encoding_format == "base64" else vec.tolist()
         data.append({"object": "embedding", "index": i, "embedding": emb})
     return _list_response(req.model, data, outputs)

@@ -1,7 +1,8 @@
-"""Reranking with a cross-encoder: a tiny random BertForSequenceClassification (one label, what
-sentence-transformers' CrossEncoder loads) exported as text-ranking and validated against PyTorch, then
-served by a real daemon: POST /v1/rerank and /rerank, scores equal to PyTorch's, the results sorted,
-top_n and return_documents, the Python client, bad requests, /metrics."""
+"""Retrieval on tiny random models served by a real daemon of their own. Reranking with a cross-encoder
+(a BertForSequenceClassification with one label, what sentence-transformers' CrossEncoder loads)
+exported as text-ranking and validated against PyTorch: POST /v1/rerank and /rerank, scores equal to
+PyTorch's, sorted, top_n and return_documents, the Python client, bad requests, /metrics. And an
+embedding model exported as trained for Matryoshka dimensions: ``dimensions`` cuts and renormalises."""
 
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ def reranker(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     src = make_tiny_cross_encoder(tmp_path_factory.mktemp("tiny-rerank-src"))
     state = tmp_path_factory.mktemp("rerank-state")
     r = export(src, "text-ranking", "fp32", "tiny-rerank", state)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # The same random BERT's encoder as an embedding model (mean pooling), declared Matryoshka-trained.
+    r = export(src, "feature-extraction", "fp32", "tiny-mrl", state, "--option", "matryoshka=32,16")
     assert r.returncode == 0, r.stderr[-3000:]
     return src, state
 
@@ -119,3 +123,24 @@ async def test_bad_rerank_requests(served: Daemon, body: dict[str, Any], needle:
         long = {"model": "tiny-rerank", "query": QUERY, "documents": ["word " * 300], "truncate": True}
         async with s.post("/v1/rerank", json=long) as r:
             assert r.status == 200  # cut at the model's 128 tokens, as asked
+
+
+def test_matryoshka_dimensions_are_declared_at_export_and_checked(reranker: tuple[Path, Path], tmp_path: Path) -> None:
+    manifest = json.loads((reranker[1] / "models" / "tiny-mrl" / "1" / "manifest.json").read_text())
+    assert manifest["runtime"]["dimensions"] == 32 and manifest["runtime"]["matryoshka_dimensions"] == [32, 16]
+    r = export(reranker[0], "feature-extraction", "fp32", "tiny-bad", tmp_path, "--option", "matryoshka=64")
+    assert r.returncode != 0 and "matryoshka=64" in r.stderr
+
+
+async def test_dimensions_cut_a_matryoshka_models_vectors_and_renormalise(served: Daemon) -> None:
+    async with aiohttp.ClientSession(served.url) as s:
+        async with s.post("/v1/embeddings", json={"model": "tiny-mrl", "input": DOCS}) as r:
+            full = np.array([d["embedding"] for d in (await r.json())["data"]])
+        async with s.post("/v1/embeddings", json={"model": "tiny-mrl", "input": DOCS, "dimensions": 16}) as r:
+            cut = np.array([d["embedding"] for d in (await r.json())["data"]])
+        async with s.post("/v1/embeddings", json={"model": "tiny-mrl", "input": "a", "dimensions": 33}) as r:
+            wider = await r.json()
+            assert r.status == 400
+    expected = full[:, :16] / np.linalg.norm(full[:, :16], axis=1, keepdims=True)
+    assert cut.shape == (len(DOCS), 16) and np.allclose(cut, expected, atol=1e-6)
+    assert "at most" in wider["error"]["message"] and wider["error"]["param"] == "dimensions"
