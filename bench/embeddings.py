@@ -192,12 +192,18 @@ async def roundtrip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
 async def load(
     daemon: Daemon, unix: bool, model: str, texts: list[str], per_request: int, concurrency: int
 ) -> tuple[float, list[float]]:
-    """Send ``texts`` in order, ``per_request`` at a time, ``concurrency`` in flight; (sentences/s, latencies).
+    """Send ``texts`` in order, ``per_request`` at a time, ``concurrency`` in flight; (sentences/s, latencies)."""
+    requests = [http_request(model, texts[i : i + per_request]) for i in range(0, len(texts), per_request)]
+    elapsed, latencies = await send(daemon, unix, requests, concurrency)
+    return len(texts) / elapsed, latencies
+
+
+async def send(daemon: Daemon, unix: bool, requests: list[bytes], concurrency: int) -> tuple[float, list[float]]:
+    """Every request, in order, ``concurrency`` in flight; (seconds, each request's latency).
 
     A minimal keep-alive HTTP/1.1 client on asyncio streams, with every request body built beforehand:
     the client shares the box's cores with the daemon, so it must cost as little as possible.
     """
-    requests = [http_request(model, texts[i : i + per_request]) for i in range(0, len(texts), per_request)]
     conns = [await connect(daemon, unix) for _ in range(concurrency)]
     latencies: list[float] = []
     next_request = 0
@@ -218,7 +224,7 @@ async def load(
     elapsed = time.perf_counter() - t0
     for _, writer in conns:
         writer.close()
-    return len(texts) / elapsed, latencies
+    return elapsed, latencies
 
 
 def pct(values: list[float], q: float) -> float:
