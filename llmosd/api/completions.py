@@ -23,8 +23,6 @@ from llmosd.scheduler import (
     GenerationEngine,
     GenerationStream,
     GrammarFailed,
-    InvalidRequest,
-    Prepared,
     prepare_chat,
     prepare_completion,
     start,
@@ -142,13 +140,6 @@ def _logprobs(engine: GenerationEngine, s: Sampling) -> Logprobs | None:
     return Logprobs(lambda ids: engine.decode(ids, special=True), engine.stop_ids(s.stop_token_ids, s.ignore_eos))
 
 
-def _started(engine: GenerationEngine, prepared: Prepared) -> list[GenerationStream]:
-    try:
-        return start(engine, prepared)
-    except InvalidRequest as exc:
-        raise bad_request(str(exc), exc.param) from None
-
-
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
     st = state(request)
@@ -157,11 +148,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     priority, timeout = priority_of(request, body), timeout_of(request)
     s = req.sampling
     engine = await _engine(request, s.model, body)
-    try:
-        prepared = await prepare_completion(engine, s.options(priority, st.config), req.prompts)
-    except InvalidRequest as exc:
-        raise bad_request(str(exc), exc.param) from None
-    streams = _started(engine, prepared)
+    prepared = await prepare_completion(engine, s.options(priority, st.config), req.prompts)
+    streams = start(engine, prepared)
     prompts, prompt_tokens = prepared.prompts, prepared.prompt_tokens
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     echo = [engine.decode(p) if req.echo else "" for p in prompts]
@@ -212,11 +200,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     priority, timeout = priority_of(request, body), timeout_of(request)
     s = req.sampling
     engine = await _engine(request, s.model, body)
-    try:
-        prepared = await prepare_chat(engine, s.options(priority, st.config), req.messages, req.tools.offered)
-    except InvalidRequest as exc:
-        raise bad_request(str(exc), exc.param) from None
-    streams = _started(engine, prepared)
+    prepared = await prepare_chat(engine, s.options(priority, st.config), req.messages, req.tools.offered)
+    streams = start(engine, prepared)
     prompt = prepared.prompts[0]
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     shape = _logprobs(engine, s)

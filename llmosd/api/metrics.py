@@ -45,6 +45,28 @@ def _histogram(family: HistogramMetricFamily, labels: list[str], snap: Snapshot)
     family.add_metric(labels, buckets, snap.total)
 
 
+def _engine_sums() -> dict[str, CounterMetricFamily | GaugeMetricFamily]:
+    """One family per GenerationStats field that /metrics sums per model."""
+    model = ["model"]
+    return {
+        "generated_tokens": CounterMetricFamily("llmosd_generated_tokens", "Tokens sampled", labels=model),
+        "prefill_tokens": CounterMetricFamily("llmosd_prompt_tokens", "Prompt tokens prefilled", labels=model),
+        "running": GaugeMetricFamily("llmosd_running_sequences", "Sequences decoding", labels=model),
+        "kv_reserved_bytes": GaugeMetricFamily(
+            "llmosd_kv_cache_reserved_bytes", "KV cache reserved by running rows", labels=model
+        ),
+        "constrained_tokens": CounterMetricFamily(
+            "llmosd_constrained_tokens", "Tokens sampled under a grammar (structured outputs, tools)", labels=model
+        ),
+        "prefix_queries": CounterMetricFamily("llmosd_prefix_cache_queries", "Prompts looked up", labels=model),
+        "prefix_hits": CounterMetricFamily("llmosd_prefix_cache_hits", "Prompts that reused cached KV", labels=model),
+        "prefix_hit_tokens": CounterMetricFamily(
+            "llmosd_prefix_cache_hit_tokens", "Prompt tokens copied from the cache, not prefilled", labels=model
+        ),
+        "prefix_cache_bytes": GaugeMetricFamily("llmosd_prefix_cache_bytes", "KV held by the cache", labels=model),
+    }
+
+
 class SchedulerCollector(Collector):
     """Reads the model pool and the devices at scrape time."""
 
@@ -70,24 +92,8 @@ class SchedulerCollector(Collector):
         )
         sizes = HistogramMetricFamily("llmosd_batch_size", "Inputs per batch run", labels=["model"])
         items = CounterMetricFamily("llmosd_inference_items", "Inputs run by the batcher", labels=["model"])
-        generated = CounterMetricFamily("llmosd_generated_tokens", "Tokens sampled", labels=["model"])
-        prompt = CounterMetricFamily("llmosd_prompt_tokens", "Prompt tokens prefilled", labels=["model"])
-        running = GaugeMetricFamily("llmosd_running_sequences", "Sequences decoding", labels=["model"])
-        kv = GaugeMetricFamily("llmosd_kv_cache_reserved_bytes", "KV cache reserved by running rows", labels=["model"])
+        sums = _engine_sums()  # generation statistics summed over a model's engines
         ready = GaugeMetricFamily("llmosd_model_ready", "1 while every worker of the model runs", labels=["model"])
-        constrained = CounterMetricFamily(
-            "llmosd_constrained_tokens", "Tokens sampled under a grammar (structured outputs, tools)", labels=["model"]
-        )
-        prefix: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
-            "queries": CounterMetricFamily("llmosd_prefix_cache_queries", "Prompts looked up", labels=["model"]),
-            "hits": CounterMetricFamily("llmosd_prefix_cache_hits", "Prompts that reused cached KV", labels=["model"]),
-            "hit_tokens": CounterMetricFamily(
-                "llmosd_prefix_cache_hit_tokens", "Prompt tokens copied from the cache, not prefilled", labels=["model"]
-            ),
-            "cache_bytes": GaugeMetricFamily(
-                "llmosd_prefix_cache_bytes", "KV the prefix cache holds", labels=["model"]
-            ),
-        }
         restarts = CounterMetricFamily(
             "llmosd_worker_restarts", "Worker threads restarted after dying (this version)", labels=["model"]
         )
@@ -115,16 +121,9 @@ class SchedulerCollector(Collector):
                     _histogram(infer, [m.name, device, "prefill"], snap)
                 for device, snap in _by_device((d, g.step_time.snapshot()) for d, g in engines):
                     _histogram(infer, [m.name, device, "decode"], snap)
-                generated.add_metric([m.name], sum(g.generated_tokens for _, g in engines))
-                prompt.add_metric([m.name], sum(g.prefill_tokens for _, g in engines))
-                running.add_metric([m.name], sum(g.running for _, g in engines))
-                kv.add_metric([m.name], sum(g.kv_reserved_bytes for _, g in engines))
-                constrained.add_metric([m.name], sum(g.constrained_tokens for _, g in engines))
-                for key, family in prefix.items():
-                    family.add_metric([m.name], sum(getattr(g, f"prefix_{key}") for _, g in engines))
-        yield from (loaded, info, depth, rejected, wait, infer, sizes, items, generated, prompt, running, kv, ready)
-        yield from (constrained, *prefix.values())
-        yield restarts
+                for field, family in sums.items():
+                    family.add_metric([m.name], sum(getattr(g, field) for _, g in engines))
+        yield from (loaded, info, depth, rejected, wait, infer, sizes, items, *sums.values(), ready, restarts)
         yield from self._devices()
 
     def _devices(self) -> Iterator[Metric]:

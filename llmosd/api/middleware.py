@@ -14,7 +14,7 @@ from aiohttp import web
 from llmosd.api.errors import STATUS_TYPES, ApiError, error_response, kserve_error
 from llmosd.api.state import HELD, state
 from llmosd.logs import REQUEST_ID, printable
-from llmosd.scheduler import BatcherClosed, QueueFull
+from llmosd.scheduler import BatcherClosed, InvalidInput, InvalidRequest, QueueFull
 from llmosd.scheduler.errors import ModelUnavailable
 from llmosd.scheduler.placement import PlacementError
 from llmosd.store import InvalidName, NotFound
@@ -54,6 +54,10 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = render(404, str(exc), "not_found_error", "model")
     except InvalidName as exc:
         response = render(400, str(exc), "invalid_request_error", "model")
+    except InvalidRequest as exc:  # a generation request this model cannot run (the prepare step's verdict)
+        response = render(400, str(exc), "invalid_request_error", exc.param)
+    except InvalidInput as exc:  # an encoder's input it cannot take (too long and not to be cut, bad ids)
+        response = render(400, str(exc), "invalid_request_error", "input")
     except QueueFull as exc:
         response = render(429, str(exc), "rate_limit_error", headers={"Retry-After": str(exc.retry_after)})
     except (PlacementError, ModelUnavailable) as exc:

@@ -24,7 +24,7 @@ from llmosd.api.requests import (
 from llmosd.api.state import hold, state
 from llmosd.config import Config
 from llmosd.runtime import Output
-from llmosd.scheduler import InvalidInput, ServedModel
+from llmosd.scheduler import ServedModel
 from llmosd.store import Manifest
 
 routes = web.RouteTableDef()
@@ -69,12 +69,9 @@ async def served_for(request: web.Request, name: str, task: str, body: dict[str,
 async def infer(
     served: ServedModel, inputs: list[Any], priority: int, timeout: float | None, truncate: bool
 ) -> list[Output]:
-    """The batcher's outputs for these inputs; an input the model cannot take is a 400."""
-    try:
-        async with deadline(timeout):
-            return await served.infer(inputs, priority, truncate)
-    except InvalidInput as exc:
-        raise bad_request(str(exc), "input") from None
+    """The batcher's outputs for these inputs (an input the model cannot take raises InvalidInput: a 400)."""
+    async with deadline(timeout):
+        return await served.infer(inputs, priority, truncate)
 
 
 def _list_response(model: str, data: list[dict[str, Any]], outputs: list[Output]) -> web.Response:

@@ -155,10 +155,6 @@ class Grammars:
         self._executor: llguidance.LLExecutor | None = None
         self.compiles = 0  # grammars compiled (cache misses)
 
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab().vocab_size
-
     def _vocab(self) -> llguidance.LLTokenizer:
         with self._lock:
             if self._ll is None:

@@ -53,9 +53,6 @@ class TextTokenizer:
         """The underlying ``tokenizers.Tokenizer`` (no padding, truncation at ``max_length``)."""
         return self._tok
 
-    def encode(self, texts: Sequence[str]) -> list[Encoding]:
-        return list(self._tok.encode_batch(list(texts)))
-
     def encode_inputs(self, inputs: Sequence[Input], truncate: bool) -> list[Encoding | Ids]:
         """Texts and text pairs encoded (cut at ``max_length`` where ``truncate``: a pair's longer side
         first), token ids checked and taken as sent; an input over the limit that may not be cut, or an id

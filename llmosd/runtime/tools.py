@@ -128,10 +128,9 @@ class ToolCallStream:
         self._calling = False
 
     def push(self, text: str) -> str:
-        if self._calling:
-            self._held += text
-            return ""
         self._held += text
+        if self._calling:
+            return ""
         at = self._held.find(OPEN)
         if at >= 0:
             self._calling = True
