@@ -17,7 +17,7 @@ from aiohttp import web
 
 from llmosd import __version__
 from llmosd.api import AppState, make_app
-from llmosd.api.connections import CONNECTIONS, GuardedSite
+from llmosd.api.connections import CONNECTIONS, LINGER_S, GuardedSite
 from llmosd.api.lifecycle import lan_peers
 from llmosd.config import Config, items
 from llmosd.discovery.advertise import Advertiser, install_id, is_loopback
@@ -380,7 +380,7 @@ async def serve(
         shutdown_timeout=config.shutdown_timeout_s,
         handler_cancellation=True,  # a client that hangs up cancels its handler, freeing generation rows
         keepalive_timeout=config.keepalive_timeout_s,  # aiohttp's default is an hour
-        lingering_time=2.0,  # after a 408/413, read what the client still sends this long, then close
+        lingering_time=LINGER_S,  # after a 408/413, read what the client still sends this long, then close
     )
     await runner.setup()
     for sock in socks:

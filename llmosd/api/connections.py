@@ -26,6 +26,9 @@ from llmosd.logs import printable
 
 log = logging.getLogger("llmosd.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# After a refusal of our own, read (and drop) what the client still sends this long before closing:
+# closing with its bytes unread makes the kernel answer RST, which can destroy the refusal in flight.
+LINGER_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ class Guard(asyncio.Protocol):
         self.in_request = False
         self._header_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
+        self._linger_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -107,7 +111,7 @@ class Guard(asyncio.Protocol):
         self.inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        if self.refused:
+        if self.refused or self._linger_timer is not None:
             return
         if not self.in_request and self._header_timer is None:
             loop = asyncio.get_running_loop()
@@ -115,7 +119,8 @@ class Guard(asyncio.Protocol):
         self.inner.data_received(data)
 
     def eof_received(self) -> bool | None:
-        return None if self.refused else self.inner.eof_received()
+        lingering = self._linger_timer is not None
+        return None if self.refused or lingering else self.inner.eof_received()
 
     def pause_writing(self) -> None:
         if self._write_timer is None and not self.refused:
@@ -130,6 +135,8 @@ class Guard(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
         self._cancel_write_timer()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
         if self.refused:
             return
         if self.transport is not None:
@@ -157,7 +164,13 @@ class Guard(asyncio.Protocol):
         log.info("closed a connection from %s: no complete request headers within %g s", self._who(), limit)
         message = f"the request headers did not arrive within {limit:g} s"
         self.transport.write(_raw_response("408 Request Timeout", message, "timeout_error"))
-        self.transport.close()
+        self._linger(self.transport)
+
+    def _linger(self, transport: asyncio.Transport) -> None:
+        """Half-close after the answer and drop what still arrives (nginx's lingering_close)."""
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._linger_timer = asyncio.get_running_loop().call_later(LINGER_S, transport.close)
 
     def _write_stalled(self) -> None:
         self._write_timer = None
