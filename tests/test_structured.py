@@ -58,7 +58,7 @@ def test_openai_sdk_parse_returns_the_pydantic_object(daemon: Daemon) -> None:
         model=SMOLLM2,
         messages=[{"role": "user", "content": "Describe Paris as JSON: its name, country and population."}],
         response_format=City,
-        max_tokens=100,
+        max_tokens=200,  # above the schema's longest answer (two 40-character strings): it must end by itself
     )
     choice = completion.choices[0]
     assert choice.finish_reason == "stop"
