@@ -101,8 +101,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for work in ("raw", "builder", "builder-cache"):
         shutil.rmtree(out / work, ignore_errors=True)
     # The fused graph is built for the CPU provider (GroupQueryAttention, MatMulNBits at accuracy level 4);
-    # its CUDA build is another graph (fp16), not proven here yet.
-    devices = ("cpu",) if use_fused else ("cuda",) if args.precision == "fp16" else ("cpu", "cuda")
+    # its CUDA build is another graph (fp16), not proven here yet. Per-token int8 runs on MLAS's u8s8
+    # kernels: CUDA has no MatMulIntegerToFloat, and fp16 is that device's precision.
+    cpu_only = use_fused or (args.precision == "int8" and recipe.int8_scheme == "per-token")
+    devices = ("cpu",) if cpu_only else ("cuda",) if args.precision == "fp16" else ("cpu", "cuda")
     inputs, outputs, resident = _tensor_specs(out / "model.onnx")
     if args.task == "feature-extraction":
         runtime["dimensions"] = outputs[0]["shape"][-1]

@@ -74,22 +74,40 @@ def _session(model: Path, devices: tuple[str, ...]) -> tuple[Any, Placement]:
     return ProviderSelector().create(model, (*devices, "cpu"))
 
 
+Backend = EmbeddingModel | ClassifierModel | RankingModel
+
+
+def _backend(
+    model: Path, tokenizer: TextTokenizer, task: str, runtime: dict[str, Any], devices: tuple[str, ...]
+) -> tuple[Backend, str]:
+    session, placement = _session(model, devices)
+    if task == "feature-extraction":
+        return EmbeddingModel(session, tokenizer, runtime["pooling"], runtime["normalize"]), placement.device
+    if task == "text-ranking":
+        return RankingModel(session, tokenizer, runtime["score"]), placement.device
+    multi = runtime.get("problem_type") == "multi_label_classification"
+    return ClassifierModel(session, tokenizer, runtime["labels"], multi), placement.device
+
+
+def _run(backend: Backend, items: list[Any]) -> np.ndarray:
+    return np.stack([o.values for o in backend.run(backend.prepare(items))])
+
+
+def invariance(backend: Backend, items: list[Any], batched: np.ndarray) -> float:
+    """Max abs difference of each input's output alone, in the whole batch (padded to its longest) and
+    in that batch reversed (every other position): what the daemon's batching must not change."""
+    reversed_ = _run(backend, items[::-1])[::-1]
+    alone = np.concatenate([_run(backend, [item]) for item in items])
+    return float(max(np.abs(alone - batched).max(), np.abs(reversed_ - batched).max()))
+
+
 def _candidate(
     model: Path, tokenizer: TextTokenizer, task: str, runtime: dict[str, Any], devices: tuple[str, ...]
-) -> tuple[np.ndarray, str]:
-    session, placement = _session(model, devices)
-    backend: EmbeddingModel | ClassifierModel | RankingModel
-    if task == "feature-extraction":
-        backend = EmbeddingModel(session, tokenizer, runtime["pooling"], runtime["normalize"])
-    elif task == "text-ranking":
-        backend = RankingModel(session, tokenizer, runtime["score"])
-        outputs = backend.run(backend.prepare(PAIRS))
-        return np.stack([o.values for o in outputs]), placement.device
-    else:
-        multi = runtime.get("problem_type") == "multi_label_classification"
-        backend = ClassifierModel(session, tokenizer, runtime["labels"], multi)
-    outputs = backend.run(backend.prepare(INPUTS))
-    return np.stack([o.values for o in outputs]), placement.device
+) -> tuple[np.ndarray, float, str]:
+    backend, device = _backend(model, tokenizer, task, runtime, devices)
+    items: list[Any] = list(PAIRS) if task == "text-ranking" else INPUTS
+    batched = _run(backend, items)
+    return batched, invariance(backend, items, batched), device
 
 
 def figures(task: str, ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
@@ -120,6 +138,9 @@ def check(figs: dict[str, Any], tol: Tolerance) -> list[str]:
         problems.append(f"label agreement {figs['label_agreement']:.3f} < {tol.label_agreement}")
     if tol.top1_agreement is not None and figs["top1_agreement"] < tol.top1_agreement:
         problems.append(f"top-1 agreement {figs['top1_agreement']:.3f} < {tol.top1_agreement}")
+    moved = figs.get("batch_invariance_max_abs_diff")
+    if tol.batch_invariance is not None and moved is not None and moved > tol.batch_invariance:
+        problems.append(f"an output alone and in a batch differ by {moved:.2e} > {tol.batch_invariance}")
     ratio = float(figs.get("perplexity_ratio", 1.0))
     if tol.perplexity_ratio is not None and not 1 / tol.perplexity_ratio <= ratio <= tol.perplexity_ratio:
         # both ways: a perplexity well below the reference's is a different model too
@@ -148,8 +169,8 @@ def validate(
         device = placement.device
     else:
         ref = _reference(src, task, tokenizer, runtime)
-        cand, device = _candidate(model, tokenizer, task, runtime, devices)
-        figs = figures(task, ref, cand)
+        cand, moved, device = _candidate(model, tokenizer, task, runtime, devices)
+        figs = figures(task, ref, cand) | {"batch_invariance_max_abs_diff": moved}
     result: dict[str, Any] = {
         "reference": "pytorch fp32",
         "device": device,
