@@ -47,6 +47,8 @@ class TextTokenizer:
         self._tok.no_padding()
         self._tok.enable_truncation(max_length)
         self.max_length = max_length
+        # Once: tokenizers builds the whole vocabulary map to count it (10 ms for MiniLM's 30,522).
+        self.vocab_size = self._tok.get_vocab_size()
 
     @property
     def raw(self) -> Tokenizer:
@@ -59,7 +61,7 @@ class TextTokenizer:
         outside the vocabulary, is InvalidInput."""
         texts = [x for x in inputs if isinstance(x, str | tuple)]  # a tuple is a pair: ids come as lists
         encoded = iter(self._tok.encode_batch(texts) if texts else [])
-        vocab = self._tok.get_vocab_size()
+        vocab = self.vocab_size
         out: list[Encoding | Ids] = []
         for i, x in enumerate(inputs):
             if isinstance(x, str | tuple):
