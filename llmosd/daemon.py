@@ -316,9 +316,12 @@ async def apply_reload(
         st.pool.policy = batch_policy(config)
         for served in st.pool.served():
             for instance in served.instances:
-                if instance.batcher is not None:  # a tuned size stays: it was measured on this device
-                    size = instance.profile.chosen if instance.profile else config.max_batch_size
-                    instance.batcher.policy = dataclasses.replace(st.pool.policy, max_batch=size)
+                if instance.batcher is None:
+                    continue
+                if instance.profile is not None:  # the tuned sizes stay: they were measured on this device
+                    instance.apply(instance.profile, base=st.pool.policy)
+                else:
+                    instance.batcher.policy = st.pool.policy
     if "keep_alive_s" in applied and loops.reaping is not None:
         loops.reaping.cancel()
         loops.reaping = asyncio.create_task(st.pool.async_keep_alive(config.keep_alive_s))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import Sequence
 
@@ -11,7 +12,7 @@ import pytest
 
 from llmosd.runtime import Output
 from llmosd.scheduler import BatcherClosed, BatchPolicy, DynamicBatcher, QueueFull
-from llmosd.scheduler.planning import choose_batch, retry_after_s
+from llmosd.scheduler.planning import choose_batch, retry_after_s, token_cost
 
 
 class Words:
@@ -53,16 +54,16 @@ class WordBackend:
 
 def test_choose_batch_keeps_the_oldest_and_groups_similar_lengths() -> None:
     lengths = [5, 5, 6, 29, 30, 31, 60]  # sorted, as the pool keeps them
-    assert choose_batch(lengths, 4, max_batch=8, max_tokens=1000, run_cost_tokens=16) == (3, 6)
-    assert choose_batch(lengths, 0, max_batch=8, max_tokens=1000, run_cost_tokens=16) == (0, 3)
-    assert choose_batch(lengths, 6, max_batch=8, max_tokens=1000, run_cost_tokens=16) == (6, 7)
+    assert choose_batch(lengths, 4, max_batch=8, max_tokens=1000, cost=token_cost(16)) == (3, 6)
+    assert choose_batch(lengths, 0, max_batch=8, max_tokens=1000, cost=token_cost(16)) == (0, 3)
+    assert choose_batch(lengths, 6, max_batch=8, max_tokens=1000, cost=token_cost(16)) == (6, 7)
     # A huge fixed cost per run favours one full batch; the batch and token limits still hold.
-    assert choose_batch([10] * 8, 0, max_batch=4, max_tokens=1000, run_cost_tokens=1000) == (0, 4)
-    i, j = choose_batch([10] * 10, 5, max_batch=8, max_tokens=25, run_cost_tokens=1000)
+    assert choose_batch([10] * 8, 0, max_batch=4, max_tokens=1000, cost=token_cost(1000)) == (0, 4)
+    i, j = choose_batch([10] * 10, 5, max_batch=8, max_tokens=25, cost=token_cost(1000))
     assert i <= 5 < j and (j - i) * 10 <= 25
-    assert choose_batch([500], 0, max_batch=8, max_tokens=25, run_cost_tokens=16) == (0, 1)  # a lone item fits
+    assert choose_batch([500], 0, max_batch=8, max_tokens=25, cost=token_cost(16)) == (0, 1)  # a lone item fits
     with pytest.raises(ValueError):
-        choose_batch([1, 2], 2, max_batch=8, max_tokens=25, run_cost_tokens=16)
+        choose_batch([1, 2], 2, max_batch=8, max_tokens=25, cost=token_cost(16))
 
 
 def test_retry_after_follows_service_rate() -> None:
@@ -210,3 +211,35 @@ def test_waiting_raises_a_request_so_low_never_starves() -> None:
     assert parse_priority("HIGH") == HIGH and parse_priority(" low") == LOW
     with pytest.raises(ValueError, match="high, normal, low"):
         parse_priority("urgent")
+
+
+async def test_runs_faster_than_the_profile_predicts_ask_for_a_retune() -> None:
+    """A profile measured on a busy box predicts 50 ms a run; these runs take microseconds. After
+    PACED_RUNS runs the pace (measured / predicted) is far under FAST_PACE and the instance says why it
+    wants measuring again; a disturbed profile asks at once and changes no size."""
+    from typing import Any, cast
+
+    from llmosd.hardware.autotune import BatchProfile, CostModel
+    from llmosd.scheduler.served import FAST_PACE, PACED_RUNS, Instance
+
+    slow = CostModel(fixed_ms=50.0, token_ms=0.1, token_sq_ms=0.0, max_tokens=512)
+    profile = BatchProfile("t:1", "sha256:x", "cpu", "cpu|x|2 cores|ort", 16, 250.0, 64, (), 8, "batch 8", cost=slow)
+    b = DynamicBatcher("t", WordBackend(), BatchPolicy(max_batch=64))
+    instance = Instance(loaded=cast(Any, None), batcher=b)
+    instance.apply(profile)
+    assert b.policy.cost == slow and b.policy.max_batch == 8 and instance.retune_reason() is None
+    b.start()
+    try:
+        for i in range(PACED_RUNS):
+            await b.submit([f"run {i}"])
+    finally:
+        await b.close()
+    assert b.stats.paced == PACED_RUNS and b.stats.pace < FAST_PACE
+    why = instance.retune_reason()
+    assert why is not None and "of the time its profile predicts" in why
+    instance.pace_retunes = 2  # bounded: a cost model that is simply off cannot keep the tuner running
+    assert instance.retune_reason() is None
+    busy = dataclasses.replace(profile, disturbed=True, reason="not trusted: ...", chosen=2, cost=None)
+    instance.apply(busy)
+    assert b.policy.max_batch == 8 and b.policy.cost == slow  # the sizes stay
+    assert instance.retune_reason() == "its last calibration was disturbed"

@@ -4,6 +4,7 @@ at load). The decisions are small pure functions; the measuring is a callable, s
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -37,6 +38,71 @@ class Trial:
 
 
 @dataclass(frozen=True)
+class CostModel:
+    """What one encoder run costs on this device, fitted to the calibration's timings:
+    ``fixed_ms + n * longest * (token_ms + token_sq_ms * longest)`` for n inputs padded to ``longest``
+    (the session's fixed overhead, the per-token work, attention's per-token-pair work). ``max_tokens`` is
+    the padded size of a run past which throughput stopped growing (within 5 %, at every length)."""
+
+    fixed_ms: float
+    token_ms: float
+    token_sq_ms: float
+    max_tokens: int
+
+    def run_ms(self, n: int, longest: int) -> float:
+        return self.fixed_ms + n * longest * (self.token_ms + self.token_sq_ms * longest)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Sample:
+    batch: int
+    length: int
+    ms: float  # median run time
+
+
+def fit_cost(samples: list[Sample], budget_ms: float) -> CostModel | None:
+    """Least squares of the relative error over the samples, every coefficient kept non-negative (a
+    negative one is dropped and the rest refitted); None when the timings do not determine a positive
+    per-token cost."""
+    import numpy as np
+
+    if len({(s.batch, s.length) for s in samples}) < 3:
+        return None
+    n = np.array([s.batch for s in samples], dtype=np.float64)
+    length = np.array([s.length for s in samples], dtype=np.float64)
+    y = np.array([s.ms for s in samples], dtype=np.float64)
+    columns = {"fixed": np.ones_like(n), "token": n * length, "sq": n * length * length}
+    keep = list(columns)
+    weight = 1 / np.maximum(y, 1e-6)  # relative errors: a short run's fixed cost counts as much as a long one
+    while True:
+        design = np.stack([columns[k] for k in keep], axis=1) * weight[:, None]
+        coef, *_ = np.linalg.lstsq(design, y * weight, rcond=None)
+        fitted = dict(zip(keep, (float(c) for c in coef), strict=True))
+        negative = [k for k, c in fitted.items() if c < 0 and k != "token"]
+        if not negative:
+            break
+        keep.remove(negative[0])
+    if fitted.get("token", 0.0) <= 0:
+        return None
+    return CostModel(fitted.get("fixed", 0.0), fitted["token"], fitted.get("sq", 0.0), _plateau(samples, budget_ms))
+
+
+def _plateau(samples: list[Sample], budget_ms: float) -> int:
+    """Per length, the smallest run (in padded tokens) within 5 % of that length's best throughput and
+    within the budget; the largest of those: a bigger run buys no throughput at any length measured."""
+    out = 0
+    for length in {s.length for s in samples}:
+        runs = [s for s in samples if s.length == length and s.ms <= budget_ms]
+        runs = runs or [min((s for s in samples if s.length == length), key=lambda s: s.ms)]
+        best = max(s.batch / s.ms for s in runs)
+        out = max(out, min(s.batch for s in runs if s.batch / s.ms >= 0.95 * best) * length)
+    return out
+
+
+@dataclass(frozen=True)
 class BatchProfile:
     model: str
     model_digest: str
@@ -49,6 +115,10 @@ class BatchProfile:
     chosen: int
     reason: str
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    cost: CostModel | None = None  # encoders: what a run of n inputs of a length costs here
+    largest: int = 0  # encoders: the largest batch any calibration length ran within the budget
+    others_cores: float = 0.0  # the cores other processes kept busy while this was measured
+    disturbed: bool = False  # they were too many: the figures are not trusted, nor cached
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -57,7 +127,14 @@ class BatchProfile:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> BatchProfile:
-        return cls(**{**raw, "trials": tuple(Trial(**t) for t in raw["trials"])})
+        cost = raw.get("cost")
+        return cls(
+            **{
+                **raw,
+                "trials": tuple(Trial(**t) for t in raw["trials"]),
+                "cost": CostModel(**cost) if cost else None,
+            }
+        )
 
 
 def memory_bound(free_bytes: int, weights_bytes: int, per_input_bytes: int, cap: int = SIZES[-1]) -> int:
@@ -109,6 +186,55 @@ def calibrate(run: Callable[[int], object], bound: int, budget_ms: float, repeat
         for size in sizes:
             times[size].append(_timed(run, size))
     return [Trial(s, statistics.median(t) * 1000, s / statistics.median(t)) for s, t in times.items()]
+
+
+def sweep(
+    run: Callable[[int, int], object], lengths: list[int], bound: int, budget_ms: float, repeats: int = 3
+) -> list[Sample]:
+    """``calibrate`` at each length (``run(batch, length)``): the points a cost model is fitted to."""
+    out = []
+    for length in lengths:
+        trials = calibrate(functools.partial(_at_length, run, length), bound, budget_ms, repeats)
+        out += [Sample(t.batch, length, t.latency_ms) for t in trials]
+    return out
+
+
+def _at_length(run: Callable[[int, int], object], length: int, batch: int) -> object:
+    return run(batch, length)
+
+
+# A calibration is disturbed when other processes kept this many cores busy on average (or a quarter of
+# the cores it runs on, if more): a tune on a loaded box once cached batch 2 at 51 inputs/s for good,
+# where a quiet one picks 4 to 8.
+DISTURBED_CORES = 0.5
+
+
+class LoadMeter:
+    """The cores the rest of the box kept busy (steal included: a VM's neighbours) while this process
+    measured, from /proc/stat's totals less this process's own CPU time (psutil)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self._me = psutil.Process()
+        self._start = self._read()
+
+    def _read(self) -> tuple[float, float, float]:
+        t = self._psutil.cpu_times()
+        busy = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+        busy += getattr(t, "steal", 0.0)
+        own = self._me.cpu_times()
+        return time.monotonic(), busy, own.user + own.system
+
+    def others_cores(self) -> float:
+        now, busy, own = self._read()
+        wall = max(now - self._start[0], 1e-3)
+        return max(0.0, ((busy - self._start[1]) - (own - self._start[2])) / wall)
+
+
+def disturbed(others_cores: float, cores: int) -> bool:
+    return others_cores > max(DISTURBED_CORES, 0.25 * cores)
 
 
 def _timed(run: Callable[[int], object], size: int) -> float:

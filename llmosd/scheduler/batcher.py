@@ -20,11 +20,12 @@ from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Generic
 
+from llmosd.hardware.autotune import CostModel
 from llmosd.runtime.backend import Backend, Input, Output, P
 from llmosd.runtime.memory import IDLE_RELEASE_S, release_quietly
 from llmosd.scheduler.errors import BatcherClosed, QueueFull
 from llmosd.scheduler.histogram import SIZES, Histogram
-from llmosd.scheduler.planning import choose_batch, retry_after_s
+from llmosd.scheduler.planning import RunCost, choose_batch, retry_after_s, token_cost
 from llmosd.scheduler.priority import NORMAL, PRIORITIES, rank
 from llmosd.scheduler.supervisor import Supervisor, WorkerDied, drain
 
@@ -38,6 +39,13 @@ class BatchPolicy:
     run_cost_tokens: int = 48  # fixed cost of one session run, in tokens of work (see planning)
     max_delay_s: float = 0.0  # 0: batch whatever queued while the model was busy, add no latency
     max_queue: int = 1024  # items waiting (queued or prepared, not yet run)
+    cost: CostModel | None = None  # measured by the autotune: replaces run_cost_tokens and max_tokens
+
+    def run_cost(self) -> RunCost:
+        return self.cost.run_ms if self.cost is not None else token_cost(self.run_cost_tokens)
+
+    def token_cap(self) -> int:
+        return self.cost.max_tokens if self.cost is not None else self.max_tokens
 
 
 @dataclass
@@ -55,6 +63,10 @@ class BatchStats:
     queue_wait: Histogram = field(default_factory=Histogram)  # seconds from submit to the batch's start
     run_time: Histogram = field(default_factory=Histogram)  # seconds per backend.run
     sizes: Histogram = field(default_factory=lambda: Histogram(SIZES))
+    # Measured run time / the cost model's prediction, exponentially weighted, over ``paced`` runs:
+    # well under 1, the profile was measured on a slower (busier) box than this one now.
+    pace: float = 1.0
+    paced: int = 0
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -68,6 +80,7 @@ class BatchStats:
             "largest_batch": self.largest_batch,
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "items_per_s": round(self.items_per_s, 1),
+            "pace": round(self.pace, 3) if self.paced else None,
         }
 
 
@@ -264,7 +277,7 @@ class DynamicBatcher(Generic[P]):
         now = time.monotonic()
         anchor = min(range(len(kept)), key=lambda k: _rank(kept[k], now))
         p = self.policy
-        i, j = choose_batch([it.length for it in kept], anchor, p.max_batch, p.max_tokens, p.run_cost_tokens)
+        i, j = choose_batch([it.length for it in kept], anchor, p.max_batch, p.token_cap(), p.run_cost())
         batch = kept[i:j]
         del kept[i:j]
         self._finish_items(batch)  # no longer waiting: the queue bound counts what waits
@@ -310,6 +323,11 @@ class DynamicBatcher(Generic[P]):
         s.largest_batch = max(s.largest_batch, len(batch))
         rate = len(batch) / max(elapsed, 1e-6)
         s.items_per_s = rate if s.items_per_s == 0 else 0.9 * s.items_per_s + 0.1 * rate
+        cost = self.policy.cost
+        if cost is not None:
+            ratio = elapsed * 1000 / max(cost.run_ms(len(batch), max(it.length for it in batch)), 1e-6)
+            s.pace = ratio if s.paced == 0 else 0.95 * s.pace + 0.05 * ratio
+            s.paced += 1
         done: list[_Request] = []
         for it, out in zip(batch, outputs, strict=True):
             req = it.request

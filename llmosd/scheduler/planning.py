@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+RunCost = Callable[[int, int], float]  # (inputs, longest) -> the run's cost, in any one unit
 
 
-def partition(lengths: Sequence[int], max_batch: int, max_tokens: int, run_cost_tokens: int) -> list[int]:
+def token_cost(run_cost_tokens: float) -> RunCost:
+    """The untuned model: a fixed overhead in tokens of work plus every padded token."""
+    return lambda n, longest: run_cost_tokens + n * longest
+
+
+def partition(lengths: Sequence[int], max_batch: int, max_tokens: int, cost: RunCost) -> list[int]:
     """Cheapest split of length-sorted items into contiguous batches; returns the batch start indices.
 
-    A run costs ``run_cost_tokens`` (its fixed overhead, in tokens of work) plus every padded token,
-    ``n * longest``. Exact dynamic programming, O(items * max_batch): a few hundred items at most.
+    ``cost(n, longest)`` prices one run of n items padded to the longest (the autotune profile's
+    measured model, or ``token_cost``); a run of several may pad to ``max_tokens`` at most. Exact
+    dynamic programming, O(items * max_batch): a few hundred items at most.
     """
     best = [0.0] + [float("inf")] * len(lengths)  # best[j]: cheapest plan for the j shortest items
     cut = [0] * (len(lengths) + 1)
@@ -20,9 +28,9 @@ def partition(lengths: Sequence[int], max_batch: int, max_tokens: int, run_cost_
             n = j - i
             if n > 1 and n * longest > max_tokens:
                 continue
-            cost = best[i] + run_cost_tokens + n * longest
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
+            total = best[i] + cost(n, longest)
+            if total < best[j]:
+                best[j], cut[j] = total, i
     starts = []
     j = len(lengths)
     while j > 0:
@@ -32,7 +40,7 @@ def partition(lengths: Sequence[int], max_batch: int, max_tokens: int, run_cost_
 
 
 def choose_batch(
-    lengths: Sequence[int], oldest: int, max_batch: int, max_tokens: int, run_cost_tokens: int
+    lengths: Sequence[int], oldest: int, max_batch: int, max_tokens: int, cost: RunCost
 ) -> tuple[int, int]:
     """The next batch to run, as a slice ``[i, j)`` of the pending items sorted by length.
 
@@ -41,7 +49,7 @@ def choose_batch(
     """
     if not 0 <= oldest < len(lengths):
         raise ValueError("oldest must index a pending item")
-    starts = [*partition(lengths, max_batch, max_tokens, run_cost_tokens), len(lengths)]
+    starts = [*partition(lengths, max_batch, max_tokens, cost), len(lengths)]
     for i, j in itertools.pairwise(starts):
         if i <= oldest < j:
             return i, j

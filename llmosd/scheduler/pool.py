@@ -22,6 +22,7 @@ from llmosd.scheduler.tuning import Tuner
 from llmosd.store import InvalidName, Manifest, ModelStore, NotFound, StoreError, check_name
 
 log = logging.getLogger(__name__)
+RETUNE_EVERY_S = 60.0  # how often instances measured badly are looked at again
 
 
 class ModelPool:
@@ -46,6 +47,7 @@ class ModelPool:
         self.ledger: Ledger | None = None
         self.pinned: set[str] = set()  # never unloaded to make room (the default models)
         self._tuning: set[asyncio.Task[None]] = set()
+        self._watcher: asyncio.Task[None] | None = None  # re-tunes what was measured badly
         self._tune_lock = asyncio.Lock()
         self.watchers: list[Callable[[], None]] = []  # told (on the loop) when models load or unload
         self._retiring: set[asyncio.Task[None]] = set()  # replaced versions draining
@@ -228,6 +230,8 @@ class ModelPool:
                 served.apply(profile)
             else:
                 todo.append(instance)
+        if self._watcher is None:
+            self._watcher = asyncio.create_task(self._watch_profiles(tuner))
         if not todo:
             return
 
@@ -235,7 +239,8 @@ class ModelPool:
             for instance in todo:
                 try:
                     async with self._tune_lock:  # one calibration at a time: parallel ones skew each other
-                        profile = await asyncio.to_thread(tuner.tune, instance.loaded)
+                        interrupted = _interruption(instance)
+                        profile = await asyncio.to_thread(tuner.tune, instance.loaded, interrupted)
                     served.apply(profile)
                 except Exception:
                     log.exception("autotuning %s on %s failed; it keeps its default size", served.name, instance.device)
@@ -243,6 +248,28 @@ class ModelPool:
         task = asyncio.create_task(tune())
         self._tuning.add(task)
         task.add_done_callback(self._tuning.discard)
+
+    async def _watch_profiles(self, tuner: Tuner, every_s: float = RETUNE_EVERY_S) -> None:
+        """Every ``every_s``, measure again each idle instance whose profile was disturbed or whose runs
+        have gone well faster than it predicts; a request arriving meanwhile voids the measurement."""
+        while True:
+            await asyncio.sleep(every_s)
+            for served in self.served():
+                for instance in {i.device: i for i in reversed(served.instances)}.values():
+                    why = instance.retune_reason()
+                    if why is None or instance.busy() or self._models.get(served.name) is not served:
+                        continue
+                    log.info("re-tuning %s on %s: %s", served.manifest.ref, instance.device, why)
+                    if not instance.profile or not instance.profile.disturbed:
+                        instance.pace_retunes += 1
+                    try:
+                        async with self._tune_lock:
+                            interrupted = _interruption(instance)
+                            profile = await asyncio.to_thread(tuner.tune, instance.loaded, interrupted)
+                    except Exception:
+                        log.exception("re-tuning %s on %s failed", served.name, instance.device)
+                        continue
+                    served.apply(profile)
 
     async def retune(self, name: str) -> BatchProfile:
         """Measure again now (``llmosd tune`` on a running daemon): every device the model is on;
@@ -300,11 +327,18 @@ class ModelPool:
         self._notify()
 
     async def close(self) -> None:
-        for task in list(self._tuning):  # a calibration in its thread finishes on its own
-            task.cancel()
+        for task in [*self._tuning, *([self._watcher] if self._watcher else [])]:
+            task.cancel()  # a calibration in its thread finishes on its own
         await asyncio.gather(*self._retiring, *self._giving_up, return_exceptions=True)
         for name in list(self._models):
             await self.unload(name)
 
     def status(self) -> list[dict[str, object]]:
         return [s.status() for s in self.served()]
+
+
+def _interruption(instance: Instance) -> Callable[[], bool]:
+    """Whether ``instance`` served or took requests since now: a calibration that shared the device with
+    them measured them too (the load meter sees only other processes)."""
+    seen = instance.outcomes()
+    return lambda: instance.outcomes() != seen or instance.busy()

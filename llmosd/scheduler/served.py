@@ -16,12 +16,19 @@ from llmosd.hardware.autotune import BatchProfile
 from llmosd.runtime import LoadedModel, Output
 from llmosd.runtime.backend import Input
 from llmosd.runtime.tensors import TensorModel
-from llmosd.scheduler.batcher import DynamicBatcher
+from llmosd.scheduler.batcher import BatchPolicy, DynamicBatcher
 from llmosd.scheduler.generation import GenerationEngine
 from llmosd.scheduler.priority import NORMAL, PRIORITIES
 from llmosd.scheduler.supervisor import Supervisor
 from llmosd.scheduler.tensor_batcher import TensorBatcher
 from llmosd.store import Manifest
+
+# An instance whose runs keep taking under FAST_PACE of what its profile predicts, over PACED_RUNS
+# runs, was tuned on a box busier than it is now: it is measured again (at most MAX_PACE_RETUNES times,
+# so a cost model that is simply off cannot keep the tuner running).
+PACED_RUNS = 64
+FAST_PACE = 0.67
+MAX_PACE_RETUNES = 2
 
 
 @dataclass
@@ -33,6 +40,7 @@ class Instance:
     profile: BatchProfile | None = None  # the autotuned batch size on this device, once known
     outstanding: int = 0  # inputs or tensor requests submitted here and not answered yet (loop-side)
     gave_up: Callable[[str], None] | None = None  # the pool's: a worker died too often, unload the model
+    pace_retunes: int = 0  # re-tunes asked for by the pace since the last quiet profile (bounded)
 
     @property
     def device(self) -> str:
@@ -76,13 +84,30 @@ class Instance:
         generating = self.engine is not None and (self.engine.stats.running + self.engine.stats.waiting) > 0
         return self.outstanding > 0 or queued or generating
 
-    def apply(self, profile: BatchProfile) -> None:
-        """Switch to the tuned size (the workers read their policy and limits at every step)."""
+    def apply(self, profile: BatchProfile, base: BatchPolicy | None = None) -> None:
+        """Switch to the tuned sizes (the workers read their policy and limits at every step), over
+        ``base`` (the configured policy) where given. A disturbed profile is shown, not applied."""
         self.profile = profile
         if self.batcher is not None:
-            self.batcher.policy = dataclasses.replace(self.batcher.policy, max_batch=profile.chosen)
-        if self.engine is not None:  # rows decoded together
+            policy = base or self.batcher.policy
+            if not profile.disturbed:  # an encoder: up to the largest size its budget allows, priced
+                policy = dataclasses.replace(policy, max_batch=max(profile.chosen, profile.largest), cost=profile.cost)
+            self.batcher.policy = policy
+            self.batcher.stats.pace, self.batcher.stats.paced = 1.0, 0
+        if self.engine is not None and not profile.disturbed:  # rows decoded together
             self.engine.limits = dataclasses.replace(self.engine.limits, max_sequences=profile.chosen)
+
+    def retune_reason(self) -> str | None:
+        """Why this instance should be measured again, if it should: its last calibration was disturbed,
+        or its runs have gone well faster than its profile predicts (it was measured on a busy box)."""
+        if self.profile is None:
+            return None
+        if self.profile.disturbed:
+            return "its last calibration was disturbed"
+        stats = self.batcher.stats if self.batcher is not None else None
+        if stats and stats.paced >= PACED_RUNS and stats.pace < FAST_PACE and self.pace_retunes < MAX_PACE_RETUNES:
+            return f"its runs take {stats.pace:.2f} of the time its profile predicts"
+        return None
 
     def _workers(self) -> dict[str, DynamicBatcher[Any] | GenerationEngine | TensorBatcher]:
         parts = {"batcher": self.batcher, "generation": self.engine, "tensors": self.tensors}

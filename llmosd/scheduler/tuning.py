@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -18,12 +20,18 @@ from llmosd.hardware import Hardware
 from llmosd.hardware.autotune import (
     BUDGETS_MS,
     BatchProfile,
+    CostModel,
+    LoadMeter,
     ProfileCache,
+    Sample,
     Trial,
     calibrate,
     choose,
+    disturbed,
+    fit_cost,
     hardware_key,
     memory_bound,
+    sweep,
 )
 from llmosd.runtime import LoadedModel
 from llmosd.runtime.generator import TextGenerator
@@ -42,6 +50,8 @@ class TuningPolicy:
     max_sequences: int = 16  # generation: the ceiling the tuned row count stays under
     kv_cache_bytes: int = 1 << 30  # generation: the KV budget that bounds rows by memory
     kv_width: int = 256  # generation: cache positions per row while calibrating
+    attempts: int = 3  # calibrations tried before a disturbed one is given up on (the defaults stay)
+    pause_s: float = 2.0  # between them: a burst of other work may be over
 
 
 class Tuner:
@@ -63,8 +73,42 @@ class Tuner:
     def cached(self, loaded: LoadedModel) -> BatchProfile | None:
         return self.cache.get(self._digest(loaded), loaded.placement.device, self.key(loaded))
 
-    def tune(self, loaded: LoadedModel) -> BatchProfile:
-        """Measure and cache (blocking: run it in a thread)."""
+    def tune(self, loaded: LoadedModel, interrupted: Callable[[], bool] | None = None) -> BatchProfile:
+        """Measure and cache (blocking: run it in a thread). A calibration while other processes keep the
+        box busy is measured again after a pause; if every attempt was disturbed, the profile says so,
+        is not cached, and the instance keeps its defaults (the pool re-tunes later). ``interrupted``
+        says whether the instance served requests meanwhile (a background re-tune): that disturbs too."""
+        cores = loaded.placement.threads or self.hardware.cpu.physical_cores
+        attempts = max(1, self.policy.attempts)
+        for attempt in range(1, attempts + 1):
+            meter = LoadMeter()
+            profile = self._measure(loaded)
+            others = meter.others_cores()
+            if interrupted is not None and interrupted():
+                why = f"not trusted: requests arrived while it measured ({profile.reason})"
+                return replace(profile, others_cores=round(others, 2), disturbed=True, reason=why)
+            if not disturbed(others, cores):
+                break
+            log.info(
+                "tuning %s: other processes kept %.1f cores busy (attempt %d of %d)",
+                loaded.manifest.ref,
+                others,
+                attempt,
+                attempts,
+            )
+            if attempt < attempts:
+                time.sleep(self.policy.pause_s)
+        if disturbed(others, cores):
+            why = f"not trusted: other processes kept {others:.1f} cores busy while it measured ({profile.reason})"
+            profile = replace(profile, others_cores=round(others, 2), disturbed=True, reason=why)
+            log.warning("tuned %s on %s: %s; the defaults stay", loaded.manifest.ref, profile.device, why)
+            return profile
+        profile = replace(profile, others_cores=round(others, 2))
+        self.cache.put(profile)
+        log.info("tuned %s on %s: %s", loaded.manifest.ref, profile.device, profile.reason)
+        return profile
+
+    def _measure(self, loaded: LoadedModel) -> BatchProfile:
         backend = loaded.backend
         if isinstance(backend, TextGenerator):
             return self._tune_generator(loaded, backend)
@@ -72,12 +116,21 @@ class Tuner:
         seq_len = min(self.policy.seq_len, int(m.runtime.get("max_seq_length", 512)))
         budget = self.policy.latency_budget_ms or BUDGETS_MS.get(m.task, 250.0)
         bound = memory_bound(self._free_bytes(loaded.placement.device), self._weights(loaded), self._per_input(loaded))
-        encoding = cast("Encoding", backend.prepare([_TEXT * (1 + seq_len // 8)])[0])  # a text's: an Encoding
-        encoding.truncate(seq_len)  # exactly the calibrated length
-        trials = calibrate(lambda b: backend.run([encoding] * b), bound, budget, repeats=5)
+        run = _runner(backend)
+        trials = calibrate(lambda b: run(b, seq_len), bound, budget, repeats=5)
+        # Shorter inputs too, for the cost model: most texts are far below the calibrated length.
+        shorter = sorted({max(8, seq_len // 8), max(8, seq_len // 2)} - {seq_len})
+        samples = [Sample(t.batch, seq_len, t.latency_ms) for t in trials] + sweep(run, shorter, bound, budget)
         release_quietly(backend.release, m.ref)  # the calibration's largest batches stayed in the arena
         chosen, reason = choose(trials, budget)
-        return self._keep(loaded, len(encoding), budget, bound, trials, chosen, reason)
+        cost = fit_cost(samples, budget)
+        largest = max((s.batch for s in samples if s.ms <= budget), default=chosen)
+        if cost is not None:
+            reason += (
+                f"; a run costs {cost.fixed_ms:.2f} ms + {cost.token_ms * 1000:.1f} us per padded token, "
+                f"up to {largest} inputs and {cost.max_tokens} tokens"
+            )
+        return self._profile(loaded, seq_len, budget, bound, trials, chosen, reason, cost, largest)
 
     def _tune_generator(self, loaded: LoadedModel, model: TextGenerator) -> BatchProfile:
         """Rows decoded together: bounded by the KV budget and ``max_sequences``, then the count with the
@@ -101,9 +154,9 @@ class Tuner:
         lm.reset()
         release_quietly(lm.release, m.ref)
         chosen, reason = choose(trials, budget)
-        return self._keep(loaded, width, budget, bound, trials, chosen, reason.replace("inputs/s", "tokens/s"))
+        return self._profile(loaded, width, budget, bound, trials, chosen, reason.replace("inputs/s", "tokens/s"))
 
-    def _keep(
+    def _profile(
         self,
         loaded: LoadedModel,
         seq_len: int,
@@ -112,8 +165,10 @@ class Tuner:
         trials: list[Trial],
         chosen: int,
         reason: str,
+        cost: CostModel | None = None,
+        largest: int = 0,
     ) -> BatchProfile:
-        profile = BatchProfile(
+        return BatchProfile(
             model=loaded.manifest.ref,
             model_digest=self._digest(loaded),
             device=loaded.placement.device,
@@ -124,10 +179,9 @@ class Tuner:
             trials=tuple(trials),
             chosen=chosen,
             reason=reason,
+            cost=cost,
+            largest=largest,
         )
-        self.cache.put(profile)
-        log.info("tuned %s on %s: %s", loaded.manifest.ref, profile.device, reason)
-        return profile
 
     def _digest(self, loaded: LoadedModel) -> str:
         # the graph's, and its weights' where they are a file of their own (one graph may name many)
@@ -160,3 +214,17 @@ class Tuner:
             return raw
         except (OSError, ValueError, KeyError):
             return {}
+
+
+def _runner(backend: Any) -> Callable[[int, int], object]:
+    """``run(batch, length)``: one session run of ``batch`` copies of a text cut to ``length`` tokens."""
+    encodings: dict[int, Encoding] = {}
+
+    def run(batch: int, length: int) -> object:
+        if length not in encodings:
+            encoding = cast("Encoding", backend.prepare([_TEXT * (1 + length // 8)])[0])  # a text's: an Encoding
+            encoding.truncate(length)  # exactly this length
+            encodings[length] = encoding
+        return backend.run([encodings[length]] * batch)
+
+    return run
