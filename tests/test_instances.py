@@ -78,11 +78,12 @@ async def test_fake_gpus_get_one_instance_each_and_the_ledger_counts_where_they_
     store_dir: Path,
 ) -> None:
     store = ModelStore(store_dir)
-    need = need_bytes(store.manifest(DEFAULT), 0)
+    name = "minilm-fp32"  # an artifact for CPU and CUDA (int8 encoders are CPU-only: per-token int8)
+    need = need_bytes(store.manifest(name), 0)
     pool = ModelPool(store, ProviderSelector("auto", 2, False), BatchPolicy())
     pool.use_hardware(box(cpu_free=16 * GB, gpus=(6 * GB, 8 * GB)), None)  # the probe says CUDA loads
     try:
-        served = await pool.load(DEFAULT)
+        served = await pool.load(name)
         # planned on cuda:1 (roomiest) and cuda:0; the real provider does not load here, so both run on the
         # CPU, say so, and are accounted there rather than on GPUs they never reached
         notes = [i.loaded.placement.note for i in served.instances]
@@ -90,7 +91,7 @@ async def test_fake_gpus_get_one_instance_each_and_the_ledger_counts_where_they_
             f"placed on {d}, but the CUDA provider does not load: running on cpu" for d in ("cuda:1", "cuda:0")
         ]
         assert served.devices == ["cpu", "cpu"]
-        assert pool.ledger is not None and pool.ledger.used == {"cpu": {f"{DEFAULT}:1": 2 * need}}
+        assert pool.ledger is not None and pool.ledger.used == {"cpu": {f"{name}:1": 2 * need}}
     finally:
         await pool.close()
 

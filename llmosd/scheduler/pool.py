@@ -260,12 +260,16 @@ class ModelPool:
                     if why is None or instance.busy() or self._models.get(served.name) is not served:
                         continue
                     log.info("re-tuning %s on %s: %s", served.manifest.ref, instance.device, why)
-                    if not instance.profile or not instance.profile.disturbed:
+                    if instance.profile is not None and instance.profile.disturbed:
+                        instance.disturbed_retunes += 1  # 1, 2, 4 … minutes, at most an hour, between tries
+                        wait = min(3600.0, every_s * 2 ** (instance.disturbed_retunes - 1))
+                        instance.retune_after = time.monotonic() + wait
+                    else:
                         instance.pace_retunes += 1
                     try:
                         async with self._tune_lock:
                             interrupted = _interruption(instance)
-                            profile = await asyncio.to_thread(tuner.tune, instance.loaded, interrupted)
+                            profile = await asyncio.to_thread(tuner.tune, instance.loaded, interrupted, 1)
                     except Exception:
                         log.exception("re-tuning %s on %s failed", served.name, instance.device)
                         continue

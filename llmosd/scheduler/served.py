@@ -41,6 +41,8 @@ class Instance:
     outstanding: int = 0  # inputs or tensor requests submitted here and not answered yet (loop-side)
     gave_up: Callable[[str], None] | None = None  # the pool's: a worker died too often, unload the model
     pace_retunes: int = 0  # re-tunes asked for by the pace since the last quiet profile (bounded)
+    retune_after: float = 0.0  # monotonic time before which a disturbed profile is not re-measured
+    disturbed_retunes: int = 0  # in a row: each doubles the wait (a box busy for hours is left alone)
 
     @property
     def device(self) -> str:
@@ -88,6 +90,8 @@ class Instance:
         """Switch to the tuned sizes (the workers read their policy and limits at every step), over
         ``base`` (the configured policy) where given. A disturbed profile is shown, not applied."""
         self.profile = profile
+        if not profile.disturbed:
+            self.disturbed_retunes = 0
         if self.batcher is not None:
             policy = base or self.batcher.policy
             if not profile.disturbed:  # an encoder: up to the largest size its budget allows, priced
@@ -103,6 +107,8 @@ class Instance:
         if self.profile is None:
             return None
         if self.profile.disturbed:
+            if time.monotonic() < self.retune_after:
+                return None
             return "its last calibration was disturbed"
         stats = self.batcher.stats if self.batcher is not None else None
         if stats and stats.paced >= PACED_RUNS and stats.pace < FAST_PACE and self.pace_retunes < MAX_PACE_RETUNES:

@@ -73,13 +73,16 @@ class Tuner:
     def cached(self, loaded: LoadedModel) -> BatchProfile | None:
         return self.cache.get(self._digest(loaded), loaded.placement.device, self.key(loaded))
 
-    def tune(self, loaded: LoadedModel, interrupted: Callable[[], bool] | None = None) -> BatchProfile:
+    def tune(
+        self, loaded: LoadedModel, interrupted: Callable[[], bool] | None = None, attempts: int = 0
+    ) -> BatchProfile:
         """Measure and cache (blocking: run it in a thread). A calibration while other processes keep the
         box busy is measured again after a pause; if every attempt was disturbed, the profile says so,
         is not cached, and the instance keeps its defaults (the pool re-tunes later). ``interrupted``
-        says whether the instance served requests meanwhile (a background re-tune): that disturbs too."""
+        says whether the instance served requests meanwhile: that disturbs too. ``attempts`` (0: the
+        policy's) is 1 for a background re-tune, which tries again later rather than at once."""
         cores = loaded.placement.threads or self.hardware.cpu.physical_cores
-        attempts = max(1, self.policy.attempts)
+        attempts = max(1, attempts or self.policy.attempts)
         for attempt in range(1, attempts + 1):
             meter = LoadMeter()
             profile = self._measure(loaded)
