@@ -112,6 +112,14 @@ def free_port() -> int:
         return port
 
 
+def peak_rss_mb(pid: int) -> float:
+    """A process's peak resident set (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 class Daemon:
     def __init__(self, state: Path, work: Path, env: dict[str, str] | None = None) -> None:
         self.env = env or {}
@@ -157,10 +165,7 @@ class Daemon:
 
     def peak_rss_mb(self) -> float:
         assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        return peak_rss_mb(self.proc.pid)
 
     def wait_tuned(self, timeout_s: float = 300) -> str:
         """Until the first model's batch profile is measured and trusted (load before that would
@@ -232,10 +237,7 @@ class Infinity:
 
     def peak_rss_mb(self) -> float:
         assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        return peak_rss_mb(self.proc.pid)
 
     def stop(self) -> None:
         if self.proc:
