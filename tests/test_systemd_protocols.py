@@ -231,28 +231,23 @@ def test_a_reload_applies_live_values_and_keeps_the_rest(tmp_path: Path) -> None
 
 async def test_the_heartbeat_asks_for_time_while_exporting_and_says_what_the_sync_does(tmp_path: Path) -> None:
     import asyncio
-    from types import SimpleNamespace
-    from typing import Any, cast
 
     from llmosd.daemon import heartbeat
+    from llmosd.readiness import Phase, Readiness
     from llmosd.systemd import Notifier
 
     notify = NotifySocket(tmp_path / "notify")
     notifier = Notifier({"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "400000"})  # pings every 0.1 s
 
-    class Sync:
-        def describe(self) -> str:
-            return "syncing r.local/m:stable: pulling"
-
-    st = SimpleNamespace(status_line="first start: exporting all-minilm-l6-v2 (int8)", syncer=None)
-    preparing: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    beating = asyncio.create_task(heartbeat(cast(Any, st), notifier, cast(Any, preparing)))
-    await asyncio.sleep(0.35)
-    st.status_line, st.syncer = "serving 1 model(s) on cpu", Sync()
-    preparing.set_result(None)
-    await asyncio.sleep(0.35)
+    readiness, syncing = Readiness(), [""]
+    readiness.move(Phase.EXPORTING, "first start: exporting all-minilm-l6-v2 (int8)")
+    beating = asyncio.create_task(heartbeat(readiness, notifier, lambda: syncing[0]))
+    await asyncio.to_thread(notify.read, 0.35)  # read as systemd does: its queue holds 10
+    syncing[0] = "syncing r.local/m:stable: pulling"
+    readiness.move(Phase.SERVING, "serving 1 model(s) on cpu")
+    await asyncio.to_thread(notify.read, 0.35)  # read as systemd does: its queue holds 10
     beating.cancel()
-    notify.read(0.3)
+    await asyncio.gather(beating, return_exceptions=True)
     messages = [m for _, m in notify.messages]
     extend = [m for m in messages if "EXTEND_TIMEOUT_USEC" in m]
     assert len(extend) == 1 and extend[0]["EXTEND_TIMEOUT_USEC"] == "60000000"  # once per 10 s at most

@@ -101,6 +101,15 @@ class Instance:
         if self.engine is not None and not profile.disturbed:  # rows decoded together
             self.engine.limits = dataclasses.replace(self.engine.limits, max_sequences=profile.chosen)
 
+    def rebase(self, policy: BatchPolicy) -> None:
+        """New configured limits (a reload); tuned sizes stay on top of them: they were measured here."""
+        if self.batcher is None:
+            return
+        if self.profile is not None:
+            self.apply(self.profile, base=policy)
+        else:
+            self.batcher.policy = policy
+
     def retune_reason(self) -> str | None:
         """Why this instance should be measured again, if it should: its last calibration was disturbed,
         or its runs have gone well faster than its profile predicts (it was measured on a busy box)."""

@@ -19,7 +19,9 @@ def _fallback_sender(address: str) -> Callable[[str], bool]:
     target = "\0" + address[1:] if address.startswith("@") else address
 
     def send(message: str) -> bool:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        # Non-blocking: a notify socket nobody reads (its queue holds net.unix.max_dgram_qlen datagrams,
+        # 10 by default) must drop a message, never stall the event loop that sends it.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as s:
             try:
                 s.sendto(message.encode(), target)
             except OSError as exc:  # systemd gone, or the socket not ours: never fatal
@@ -95,6 +97,7 @@ class Notifier:
         return self.send(RELOADING=1, MONOTONIC_USEC=time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
 
     def stopping(self, status: str) -> bool:
+        self.last_status = status  # the heartbeat, which pings through the drain, need not say it again
         return self.send(STOPPING=1, STATUS=status)
 
     def extend_timeout(self, seconds: float) -> bool:

@@ -1,0 +1,191 @@
+"""The stages every daemon has: the config's live values, the hardware, the store, the pool, the heartbeat."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from llmosd.api.state import Live
+from llmosd.config import Config
+from llmosd.daemon.chain import Stage, cancel
+from llmosd.discovery.advertise import install_id
+from llmosd.hardware import Hardware
+from llmosd.logs import set_level
+from llmosd.readiness import Phase, Readiness
+from llmosd.registry.throttle import Throttle
+from llmosd.reload import BATCHING, Reload
+from llmosd.runtime import ProviderSelector
+from llmosd.scheduler import BatchPolicy, GenerationLimits, ModelPool
+from llmosd.scheduler.tuning import Tuner, TuningPolicy
+from llmosd.store import ModelStore, sweep_tmp
+from llmosd.systemd import Notifier
+from llmosd.token import ensure_token
+
+log = logging.getLogger("llmosd")
+
+
+def batch_policy(config: Config) -> BatchPolicy:
+    return BatchPolicy(
+        max_batch=config.max_batch_size,
+        max_tokens=config.max_batch_tokens,
+        run_cost_tokens=config.batch_run_cost_tokens,
+        max_delay_s=config.max_queue_delay_ms / 1000,
+        max_queue=config.max_queue,
+    )
+
+
+def generation_limits(config: Config) -> GenerationLimits:
+    return GenerationLimits(
+        max_sequences=config.max_sequences,
+        kv_cache_bytes=config.kv_cache_mb << 20,
+        max_queue=config.max_queue,
+        prefix_cache_bytes=config.prefix_cache_mb << 20,
+    )
+
+
+def describe_hardware(hw: Hardware) -> str:
+    gpus = ", ".join(f"{g.device_id} {g.name}" for g in hw.gpus) or f"no GPU ({hw.nvml})"
+    providers = ", ".join(p.name.removesuffix("ExecutionProvider") for p in hw.providers if p.available)
+    return f"{hw.cpu.physical_cores} cores {hw.cpu.arch} [{' '.join(hw.cpu.isa)}]; {gpus}; ORT providers: {providers}"
+
+
+class Settings(Stage):
+    """The values every handler reads afresh: the log level and the access token."""
+
+    name = "settings"
+
+    def __init__(self, live: Live) -> None:
+        self.live = live
+
+    async def reload(self, change: Reload) -> None:
+        if "log_level" in change.applied:
+            set_level(change.config.log_level)
+        if "token_file" in change.applied:
+            self.live.token = ensure_token(change.config.token_file)
+
+
+class HardwareStage(Stage):
+    """The probe's facts, once, in a thread (NVML and a CUDA probe session block)."""
+
+    name = "hardware"
+
+    def __init__(self, live: Live, probe: Callable[[], Hardware]) -> None:
+        self.live, self.probe = live, probe
+        config = live.config
+        self.selector = ProviderSelector(config.device, config.threads or None, config.ort_spinning)
+
+    @property
+    def hardware(self) -> Hardware:
+        assert self.live.hardware is not None, "the hardware stage has not started"
+        return self.live.hardware
+
+    async def start(self) -> None:
+        self.live.hardware = await asyncio.to_thread(self.probe)
+        log.info("hardware: %s", describe_hardware(self.live.hardware))
+
+
+class StoreStage(Stage):
+    """The model store, this install's id, and the bandwidth every pull shares."""
+
+    name = "store"
+
+    def __init__(self, live: Live) -> None:
+        config = live.config
+        self.store = ModelStore(config.state_dir)
+        self.throttle = Throttle(config.pull_bandwidth_mb_s * 1e6)
+        self.install_id = install_id(config.state_dir)
+
+    async def start(self) -> None:
+        sweep_tmp(self.store)  # what a killed pull or export left behind
+
+    async def reload(self, change: Reload) -> None:
+        if "pull_bandwidth_mb_s" in change.applied:
+            self.throttle.rate = self.throttle.tokens = change.config.pull_bandwidth_mb_s * 1e6
+
+
+class PoolStage(Stage):
+    """The models being served, placed on the probed hardware, and their keep_alive reaper."""
+
+    name = "pool"
+
+    def __init__(self, live: Live, store: StoreStage, hardware: HardwareStage, pinned: tuple[str, ...]) -> None:
+        self.live, self.hardware, self.pinned = live, hardware, pinned
+        config = live.config
+        self.pool = ModelPool(
+            store.store,
+            hardware.selector,
+            batch_policy(config),
+            generation_limits(config),
+            config.context_length,
+            instances=config.instances,
+        )
+        self._reaping: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        config, hw = self.live.config, self.hardware.hardware
+        policy = TuningPolicy(
+            config.autotune,
+            config.latency_budget_ms,
+            max_sequences=config.max_sequences,
+            kv_cache_bytes=config.kv_cache_mb << 20,
+        )
+        self.pool.use_hardware(hw, Tuner(self.pool.store, hw, policy))
+        self.pool.pinned = set(self.pinned)
+        self._reap(config.keep_alive_s)
+
+    def _reap(self, keep_alive_s: float) -> None:
+        if self._reaping is not None:
+            self._reaping.cancel()
+        self._reaping = asyncio.create_task(self.pool.async_keep_alive(keep_alive_s))
+
+    async def reload(self, change: Reload) -> None:
+        if set(change.applied) & BATCHING:
+            self.pool.set_policy(batch_policy(change.config))
+        if "keep_alive_s" in change.applied:
+            self._reap(change.config.keep_alive_s)
+
+    async def stop(self) -> None:
+        await cancel(self._reaping)
+        await self.pool.close()
+
+
+async def heartbeat(readiness: Readiness, notifier: Notifier, more: Callable[[], str]) -> None:
+    """Driven by the event loop itself, so a blocked loop stops it: watchdog pings, the STATUS line at
+    each step and every interval (the readiness line, then what ``more`` says: the sync's state), READY=1
+    once the models are prepared, and more start-up time while a first-start export runs."""
+    interval = min(1.0, notifier.watchdog_s / 4) if notifier.watchdog_s else 1.0
+    told_ready = False
+    last_extend = float("-inf")  # monotonic time starts near 0 at boot
+    while True:
+        if notifier.watchdog_s:
+            notifier.watchdog()
+        extra = more()
+        status = f"{readiness.line}; {extra}" if extra else readiness.line
+        if not told_ready and readiness.prepared:
+            notifier.ready(status)
+            told_ready = True
+        else:
+            notifier.status(status)
+        now = time.monotonic()
+        if not told_ready and readiness.phase is Phase.EXPORTING and now - last_extend > 10:
+            notifier.extend_timeout(60)  # an export takes minutes; the start timeout is for a hang
+            last_extend = now
+        await readiness.changed(interval)
+
+
+class HeartbeatStage(Stage):
+    """systemd's view of the daemon. Stopped late: it pings through the drain (a long drain is no hang)."""
+
+    name = "heartbeat"
+
+    def __init__(self, readiness: Readiness, notifier: Notifier, more: Callable[[], str]) -> None:
+        self.readiness, self.notifier, self.more = readiness, notifier, more
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(heartbeat(self.readiness, self.notifier, self.more))
+
+    async def stop(self) -> None:
+        await cancel(self._task)

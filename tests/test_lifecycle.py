@@ -1,0 +1,105 @@
+"""The daemon's life as a chain of stages: start in order, stop in reverse, errors collected."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from llmosd.daemon.chain import Chain, Stage
+from llmosd.readiness import Phase, Readiness
+
+
+class Recorded(Stage):
+    def __init__(self, name: str, log: list[str], fail_start: bool = False, fail_stop: bool = False) -> None:
+        self.name, self.log, self.fail_start, self.fail_stop = name, log, fail_start, fail_stop
+
+    async def start(self) -> None:
+        if self.fail_start:
+            raise RuntimeError(f"{self.name} cannot start")
+        self.log.append(f"start {self.name}")
+
+    async def stop(self) -> None:
+        self.log.append(f"stop {self.name}")
+        if self.fail_stop:
+            raise RuntimeError(f"{self.name} cannot stop")
+
+    def status(self) -> str:
+        return f"{self.name} ok"
+
+
+async def test_stages_start_in_order_and_stop_in_reverse_each_whatever_the_others_did() -> None:
+    log: list[str] = []
+    chain = Chain([Recorded("a", log), Recorded("b", log, fail_stop=True), Recorded("c", log, fail_stop=True)])
+    await chain.start()
+    assert chain.status() == "a ok; b ok; c ok"
+    errors = await chain.stop()
+    assert log == ["start a", "start b", "start c", "stop c", "stop b", "stop a"]
+    assert [str(e) for e in errors] == ["c cannot stop", "b cannot stop"]
+    assert await chain.stop() == [] and log[-1] == "stop a"  # stopped once
+
+
+async def test_a_stage_that_cannot_start_stops_the_ones_before_it() -> None:
+    log: list[str] = []
+    chain = Chain([Recorded("a", log), Recorded("b", log, fail_start=True), Recorded("c", log)])
+    with pytest.raises(RuntimeError, match="b cannot start"):
+        await chain.start()
+    assert log == ["start a", "stop a"]
+
+
+async def test_readiness_moves_through_explicit_phases_and_never_back_from_stopping() -> None:
+    r = Readiness()
+    assert (r.phase, r.ready, r.prepared, r.line) == (Phase.STARTING, False, False, "starting")
+    r.move(Phase.EXPORTING, "first start: exporting m (int8)")
+    assert not r.ready and not r.prepared
+    r.move(Phase.DEGRADED, "serving 0 model(s) on -; default model(s) not loaded: m")
+    assert r.prepared and not r.ready  # systemd hears READY=1, /readyz still says 503
+    await r.wait_prepared()
+    r.move(Phase.SERVING, "serving 1 model(s) on cpu")
+    assert r.ready
+    r.stop()
+    r.move(Phase.SERVING, "serving 1 model(s) on cpu")  # a start-up task finishing during the drain
+    assert r.phase is Phase.STOPPING and not r.ready and r.line == "stopping: draining in-flight requests"
+
+
+# A real daemon in a child process whose pool fails to close (a worker thread that will not join, say):
+# the stages after and before it still stop, the socket file goes, "stopped" is logged, the exit is 1.
+FAILING_CLOSE = textwrap.dedent("""
+    import asyncio, os, signal, sys, time
+    from llmosd.config import load_config
+    from llmosd.daemon import serve
+    from llmosd.scheduler import ModelPool
+
+    async def refuse(self):
+        raise RuntimeError("the pool would not close")
+
+    ModelPool.close = refuse
+
+    async def main():
+        cfg = load_config({"state_dir": sys.argv[1], "socket": sys.argv[2], "port": 0, "seed_defaults": False}, {})
+        task = asyncio.create_task(serve(cfg))
+        while not os.path.exists(sys.argv[2]):
+            await asyncio.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+        print("exit", await task)
+
+    asyncio.run(main())
+""")
+
+
+def test_a_stage_failing_to_stop_still_removes_the_socket_and_logs_stopped(tmp_path: Path) -> None:
+    sock = tmp_path / "s.sock"
+    r = subprocess.run(
+        [sys.executable, "-c", FAILING_CLOSE, str(tmp_path / "state"), str(sock)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["exit", "1"]
+    assert "stopping pool failed: the pool would not close" in r.stderr
+    assert "stopped (1 stage(s) failed to stop)" in r.stderr
+    assert not sock.exists()
