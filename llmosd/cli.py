@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from llmosd import __version__
-from llmosd.config import Config, ConfigError, client_socket, items, knobs, load_config
+from llmosd.config import Config, ConfigError, client_socket, knobs, load_config
 from llmosd.store.manifest import PRECISIONS, TASKS
 
 _FLAG_KEYS = ("config", "state_dir", "socket", "host", "port", "log_level", "device")
@@ -106,17 +106,19 @@ def cmd_models_rm(args: argparse.Namespace) -> int:
 
 
 def _registry(config: Config, host: str, session: Any, insecure: bool = False) -> Any:
-    """A Registry for ``host`` with the Docker config's credentials and the configured CA file; plain
-    HTTP when asked (``--insecure``) or when the config names the host."""
-    from llmosd.registry import Registry, docker_credentials
+    """A Registry for ``host``, opened as the daemon opens it (credentials, CA file, insecure hosts)."""
+    from llmosd.registry.access import Registries
 
-    return Registry(
-        host,
-        session,
-        credentials=docker_credentials(host),
-        insecure=insecure or host in items(config.insecure_registries),
-        ca_file=config.registry_ca_file or None,
-    )
+    return Registries.from_config(config).open(host, session, insecure)
+
+
+def _versions(config: Config) -> Any:
+    """The model-version service without a pool: what the CLI does when no daemon runs."""
+    from llmosd.registry.access import Registries
+    from llmosd.store import ModelStore
+    from llmosd.versions import ModelVersions
+
+    return ModelVersions(ModelStore(config.state_dir), None, lambda: Registries.from_config(config))
 
 
 def _registry_run(args: argparse.Namespace, host: str, work: Any) -> Any:
@@ -147,20 +149,15 @@ def cmd_models_push(args: argparse.Namespace) -> int:
 
 
 def cmd_models_pull(args: argparse.Namespace) -> int:
-    from llmosd.registry import parse_reference, pull
-    from llmosd.registry.signing import trust_policy
-    from llmosd.store import ModelStore
+    from llmosd.registry import parse_reference
 
     config = _config(args)
-    store = ModelStore(config.state_dir)
     source = parse_reference(args.source)
     bars = _ProgressBars() if sys.stderr.isatty() else None
-    trust = None if args.allow_unsigned else trust_policy(config.trust_dir, config.allow_unsigned_from, source.host)
-
-    def work(r: Any) -> Any:
-        return pull(store, source, r, name=args.name, activate=False, progress=bars, trust=trust)
-
-    result = _registry_run(args, source.host, work)
+    pulling = _versions(config).pull(
+        source, name=args.name, activate=False, progress=bars, insecure=args.insecure, signed=not args.allow_unsigned
+    )
+    result, _ = asyncio.run(pulling)
     if result.status == "up to date":
         print(f"{source} is up to date: {result.manifest.ref}")
     else:
@@ -245,11 +242,9 @@ def _via_daemon(config: Config, path: str, body: dict[str, Any]) -> dict[str, An
 def _activate(config: Config, name: str, version: str) -> bool:
     """Through the daemon (which then serves it, the old version draining), else in the store; whether
     it is being served."""
-    from llmosd.store import ModelStore
-
     answer = _via_daemon(config, f"/api/models/{name}/activate", {"version": version})
     if answer is None:
-        ModelStore(config.state_dir).activate(name, version)
+        asyncio.run(_versions(config).activate(name, version))
         return False
     return bool(answer.get("serving"))
 
@@ -300,12 +295,12 @@ def cmd_models_export_archive(args: argparse.Namespace) -> int:
 
 
 def cmd_models_import_archive(args: argparse.Namespace) -> int:
+    from llmosd.registry.access import Registries
     from llmosd.registry.airgap import import_archive
-    from llmosd.registry.signing import trust_policy
     from llmosd.store import ModelStore
 
     config = _config(args)
-    trust = None if args.allow_unsigned else trust_policy(config.trust_dir, config.allow_unsigned_from, "archive")
+    trust = None if args.allow_unsigned else Registries.from_config(config).trust("archive")
     results = asyncio.run(import_archive(ModelStore(config.state_dir), Path(args.archive), trust, activate=False))
     for r in results:
         serving = False if args.no_activate else _activate(config, r.manifest.name, r.manifest.version)
@@ -315,18 +310,11 @@ def cmd_models_import_archive(args: argparse.Namespace) -> int:
 
 
 def cmd_models_rollback(args: argparse.Namespace) -> int:
-    from llmosd.store import ModelStore, StoreError
-
     config = _config(args)
     answer = _via_daemon(config, f"/api/models/{args.name}/rollback", {})
     if answer is None:
-        store = ModelStore(config.state_dir)
-        previous = store.previous_version(args.name)
-        if previous is None:
-            active = store.active_version(args.name)
-            raise StoreError(f"model {args.name!r} has no version older than {active} to roll back to")
-        store.activate(args.name, previous)
-        answer = {"name": args.name, "version": previous, "serving": False}
+        done = asyncio.run(_versions(config).rollback(args.name))
+        answer = {"name": args.name, "version": done.manifest.version, "serving": False}
     print(f"rolled back {answer['name']} to version {answer['version']}")
     return 0
 
@@ -534,10 +522,8 @@ def _tune_here(config: Config, name: str) -> dict[str, Any]:
     return Tuner(store, probe(), policy).tune(loaded).as_dict()
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llmosd", description="Edge appliance daemon for language models")
-    p.add_argument("--version", action="version", version=f"llmosd {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+def _daemon_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The daemon and the box: serve, status, tune, discover, install-service, hardware."""
     s = sub.add_parser("serve", help="run the daemon in the foreground")
     _add_config_flags(s)
     s.set_defaults(func=cmd_serve)
@@ -562,6 +548,9 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("hardware", help="what the hardware probe sees on this box")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_hardware)
+
+
+def _export_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = sub.add_parser("export", help="export a Hugging Face model folder into the store")
     _add_config_flags(s)
     s.add_argument("src", help="Hugging Face model folder")
@@ -601,11 +590,47 @@ def parser() -> argparse.ArgumentParser:
         help="a default sampling parameter (temperature, top_p, top_k, repetition_penalty, …), over the model's own",
     )
     s.set_defaults(func=cmd_export)
+
+
+def _model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The store and the registry: llmosd models …"""
     models = sub.add_parser("models", help="inspect the model store").add_subparsers(dest="models", required=True)
+    _model_store_commands(models)
+    _model_transfer_commands(models)
+
+
+def _model_store_commands(models: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """What is in the store: list, activate, rollback, set, show, rm."""
     s = models.add_parser("list")
     _add_config_flags(s)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_models_list)
+    s = models.add_parser("activate", help="make a stored version the active one (served at once)")
+    _add_config_flags(s)
+    s.add_argument("name")
+    s.add_argument("version")
+    s.set_defaults(func=cmd_models_activate)
+    s = models.add_parser("rollback", help="activate the newest version older than the active one")
+    _add_config_flags(s)
+    s.add_argument("name")
+    s.set_defaults(func=cmd_models_rollback)
+    s = models.add_parser("set", help="set a model's default sampling (KEY=VALUE; KEY= unsets), as a Modelfile")
+    _add_config_flags(s)
+    s.add_argument("name")
+    s.add_argument("values", nargs="+", metavar="KEY=VALUE", help="temperature, top_p, top_k, repetition_penalty, …")
+    s.set_defaults(func=cmd_models_set)
+    for name, func, help in (
+        ("show", cmd_models_show, "print a manifest"),
+        ("rm", cmd_models_rm, "remove a model or one version"),
+    ):
+        s = models.add_parser(name, help=help)
+        _add_config_flags(s)
+        s.add_argument("ref", help="NAME or NAME:VERSION")
+        s.set_defaults(func=func)
+
+
+def _model_transfer_commands(models: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Between the store and registries or archives: push, pull, archives, keys and signatures."""
     s = models.add_parser("push", help="push a version to an OCI registry")
     _add_config_flags(s)
     s.add_argument("ref", help="NAME or NAME:VERSION")
@@ -632,15 +657,6 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--no-activate", action="store_true", help="store without making them the active versions")
     s.add_argument("--allow-unsigned", action="store_true", help="accept models no trusted key signed")
     s.set_defaults(func=cmd_models_import_archive)
-    s = models.add_parser("activate", help="make a stored version the active one (served at once)")
-    _add_config_flags(s)
-    s.add_argument("name")
-    s.add_argument("version")
-    s.set_defaults(func=cmd_models_activate)
-    s = models.add_parser("rollback", help="activate the newest version older than the active one")
-    _add_config_flags(s)
-    s.add_argument("name")
-    s.set_defaults(func=cmd_models_rollback)
     s = models.add_parser("keygen", help="make an ed25519 signing key (KEY and KEY.pub)")
     s.add_argument("key", help="where to write the private key")
     s.set_defaults(func=cmd_models_keygen)
@@ -650,19 +666,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--key", required=True, help="the private key (from llmosd models keygen)")
     s.add_argument("--insecure", action="store_true", help="plain HTTP (loopback registries use it anyway)")
     s.set_defaults(func=cmd_models_sign)
-    s = models.add_parser("set", help="set a model's default sampling (KEY=VALUE; KEY= unsets), as a Modelfile")
-    _add_config_flags(s)
-    s.add_argument("name")
-    s.add_argument("values", nargs="+", metavar="KEY=VALUE", help="temperature, top_p, top_k, repetition_penalty, …")
-    s.set_defaults(func=cmd_models_set)
-    for name, func, help in (
-        ("show", cmd_models_show, "print a manifest"),
-        ("rm", cmd_models_rm, "remove a model or one version"),
-    ):
-        s = models.add_parser(name, help=help)
-        _add_config_flags(s)
-        s.add_argument("ref", help="NAME or NAME:VERSION")
-        s.set_defaults(func=func)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmosd", description="Edge appliance daemon for language models")
+    p.add_argument("--version", action="version", version=f"llmosd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    _daemon_commands(sub)
+    _export_command(sub)
+    _model_commands(sub)
     return p
 
 

@@ -16,7 +16,7 @@ from llmosd.hardware import CpuInfo, GpuInfo, Hardware, ProviderStatus
 from llmosd.runtime import ProviderSelector
 from llmosd.scheduler import BatchPolicy, ModelPool
 from llmosd.scheduler.placement import LOAD_FACTOR, WORKSPACE, Ledger, PlacementError, candidates, need_bytes
-from llmosd.store import ModelStore
+from llmosd.store import IntegrityError, ModelStore
 from tests.conftest import DEFAULT, SMOLLM2
 
 MB = 1 << 20
@@ -68,6 +68,39 @@ async def test_least_recently_used_models_make_room_and_pinned_ones_stay(store_d
             await pool.load("minilm-fp32")
         assert [s.loaded.name for s in pool.served()] == [DEFAULT]
         assert int8 == store.manifest(DEFAULT).recipe["resident_bytes"] + WORKSPACE
+    finally:
+        await pool.close()
+
+
+async def test_a_smoke_test_is_placed_by_the_ledger_and_leaves_nothing_reserved(
+    store_dir: Path, tmp_path: Path
+) -> None:
+    """The sync's smoke test of a version that does not serve yet goes through the pool: it must fit beside
+    what serves (or make room the same way), and whatever happens it leaves the ledger as it was."""
+    import shutil
+
+    state = tmp_path / "state"
+    shutil.copytree(store_dir, state, symlinks=True)
+    store = ModelStore(state)
+    fp32, int8 = (need_bytes(store.manifest(n), 0) for n in ("minilm-fp32", DEFAULT))
+    pool = ModelPool(store, ProviderSelector("cpu", 1, False), BatchPolicy())
+    pool.use_hardware(box(cpu_free=int8 + fp32 // 2), None)
+    try:
+        await pool.load(DEFAULT)
+        pool.pinned = {DEFAULT}
+        held = dict(pool.ledger.used["cpu"]) if pool.ledger else {}
+        with pytest.raises(PlacementError, match="fits on no device"):  # no room beside the pinned default
+            await pool.smoke_test("minilm-fp32", "1")
+        assert pool.ledger is not None
+        pool.ledger.capacity["cpu"] += fp32
+        await pool.smoke_test("minilm-fp32", "1")  # room now: it loads, runs on a sample, and goes
+        assert pool.ledger.used["cpu"] == held
+        blob = store.blob_path(next(f.digest for f in store.manifest("minilm-fp32").files if f.role == "model"))
+        blob.chmod(0o644)
+        blob.write_bytes(b"not an onnx graph")
+        with pytest.raises(IntegrityError):
+            await pool.smoke_test("minilm-fp32", "1")
+        assert pool.ledger.used["cpu"] == held and [s.name for s in pool.served()] == [DEFAULT]
     finally:
         await pool.close()
 

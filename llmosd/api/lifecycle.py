@@ -15,20 +15,11 @@ from aiohttp import web
 
 from llmosd.api.errors import ApiError, bad_request
 from llmosd.api.requests import json_body
-from llmosd.api.state import AppState, state
-from llmosd.config import items
-from llmosd.registry import (
-    DigestMismatch,
-    NotEnoughSpace,
-    Registry,
-    RegistryError,
-    docker_credentials,
-    parse_reference,
-    pull,
-)
-from llmosd.registry.peers import Peer
-from llmosd.registry.signing import SignatureError, trust_policy
-from llmosd.store import Manifest, check_name, check_version
+from llmosd.api.state import state
+from llmosd.registry import DigestMismatch, NotEnoughSpace, RegistryError, parse_reference
+from llmosd.registry.signing import SignatureError
+from llmosd.store import Manifest, NotFound, check_name, check_version
+from llmosd.versions import NoOlderVersion
 
 routes = web.RouteTableDef()
 KEEP_FINISHED = 20
@@ -90,24 +81,8 @@ class Pulls:
 PULLS = web.AppKey("pulls", Pulls)
 
 
-def lan_peers(st: AppState) -> list[Peer]:
-    """Other appliances to ask for blobs first: only when this one is on the LAN itself (advertising),
-    and those its advertiser has heard on the interfaces it advertises on."""
-    if not st.config.peer_cache or st.advertiser is None:
-        return []
-    return [Peer(a.url, st.token, a.name) for a in st.advertiser.neighbours()]
-
-
 def _card(m: Manifest) -> dict[str, Any]:
     return {"name": m.name, "version": m.version, "task": m.task, "precision": m.precision}
-
-
-async def _swap(st: AppState, name: str) -> bool:
-    """Serve the newly active version if the model is being served (or is a default); whether it did."""
-    if name in {s.name for s in st.pool.served()} or name in st.pool.pinned:
-        await st.pool.load(name)
-        return True
-    return False
 
 
 @routes.post("/api/models/pull")
@@ -124,33 +99,10 @@ async def pull_model(request: web.Request) -> web.Response:
     activate = body.get("activate", True)
     if not isinstance(activate, bool):
         raise bad_request("activate must be true or false", "activate")
-    config = st.config
-    insecure = ref.host in items(config.insecure_registries)
-    trust = trust_policy(config.trust_dir, config.allow_unsigned_from, ref.host)
     pulls = request.app[PULLS]
     progress = pulls.start(str(ref))
-    peers = lan_peers(st)
     try:
-        async with aiohttp.ClientSession() as s:
-            creds = docker_credentials(ref.host)
-            registry = Registry(
-                ref.host,
-                s,
-                credentials=creds,
-                insecure=insecure,
-                ca_file=config.registry_ca_file or None,
-                throttle=st.throttle,
-            )
-            result = await pull(
-                st.store,
-                ref,
-                registry,
-                name=name,
-                activate=activate,
-                progress=progress.layer,
-                trust=trust,
-                peers=peers,
-            )
+        result, served = await st.versions.pull(ref, name=name, activate=activate, progress=progress.layer)
     except SignatureError as exc:
         pulls.end(progress, "failed")
         progress.error = str(exc)
@@ -163,7 +115,6 @@ async def pull_model(request: web.Request) -> web.Response:
         pulls.end(progress, "failed")
         progress.error = str(exc)
         raise ApiError(502, f"pulling {ref} failed: {exc}", type="upstream_error") from None
-    served = activate and await _swap(st, result.manifest.name)
     progress.result = _card(result.manifest) | {"digest": result.digest, "status": result.status}
     pulls.end(progress, "done")
     out = progress.result | {
@@ -190,12 +141,11 @@ async def activate(request: web.Request) -> web.Response:
     name = check_name(request.match_info["name"])
     body = await json_body(request)
     version = check_version(str(body.get("version", "")))
-    if version not in st.store.versions(name):
-        raise ApiError(404, f"model {name}:{version} is not in the store", type="not_found_error", param="version")
-    previous = st.store.active_version(name)
-    await asyncio.to_thread(st.store.activate, name, version)
-    served = await _swap(st, name)
-    return web.json_response(_card(st.store.manifest(name)) | {"previous": previous, "serving": served})
+    try:
+        done = await st.versions.activate(name, version)
+    except NotFound as exc:
+        raise ApiError(404, str(exc), type="not_found_error", param="version") from None
+    return web.json_response(_card(done.manifest) | {"previous": done.previous, "serving": done.serving})
 
 
 @routes.post("/api/models/{name}/rollback")
@@ -203,15 +153,13 @@ async def rollback(request: web.Request) -> web.Response:
     """Activate the newest version older than the active one."""
     st = state(request)
     name = check_name(request.match_info["name"])
-    if not st.store.versions(name):
-        raise ApiError(404, f"model {name!r} is not in the store", type="not_found_error", param="name")
-    active = st.store.active_version(name)
-    previous = st.store.previous_version(name)
-    if previous is None:
-        raise ApiError(409, f"model {name!r} has no version older than {active} to roll back to", type="conflict_error")
-    await asyncio.to_thread(st.store.activate, name, previous)
-    served = await _swap(st, name)
-    return web.json_response(_card(st.store.manifest(name)) | {"previous": active, "serving": served})
+    try:
+        done = await st.versions.rollback(name)
+    except NotFound as exc:
+        raise ApiError(404, str(exc), type="not_found_error", param="name") from None
+    except NoOlderVersion as exc:
+        raise ApiError(409, str(exc), type="conflict_error") from None
+    return web.json_response(_card(done.manifest) | {"previous": done.previous, "serving": done.serving})
 
 
 @routes.get("/api/blobs/{digest}")

@@ -4,39 +4,81 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from llmosd.config import Config
 from llmosd.hardware import Hardware
 from llmosd.logs import MODEL
+from llmosd.readiness import Readiness
 from llmosd.registry.throttle import Throttle
 from llmosd.scheduler import ModelPool, ServedModel
 from llmosd.store import ModelStore
 
 if TYPE_CHECKING:
     from llmosd.discovery.advertise import Advertiser
-    from llmosd.registry.sync import Syncer
+    from llmosd.versions import ModelVersions, Syncer
 
 
 @dataclass
-class AppState:
+class Live:
+    """What changes while the daemon runs, each field written by the one stage that owns it: the config
+    and token (reload), the probed hardware, the listeners, the advertiser and the sync once they run."""
+
     config: Config
-    store: ModelStore
-    pool: ModelPool
     token: str
-    default_models: tuple[str, ...] = ()
-    ready: bool = False
-    status_line: str = "starting"
-    started: float = field(default_factory=time.time)
-    listeners: list[str] = field(default_factory=list)
     hardware: Hardware | None = None  # probed once at start, in a thread
-    install_id: str = ""  # stable per install (STATE/id), also in the mDNS TXT records
-    passed: dict[str, Any] = field(default_factory=dict)  # config values set by systemd's sockets
+    listeners: tuple[str, ...] = ()
     advertiser: Advertiser | None = None  # once registered on the LAN over mDNS
     syncer: Syncer | None = None  # the registry sync, when the config subscribes to anything
+
+
+@dataclass(frozen=True)
+class AppState:
+    """What the handlers see: the daemon's services and a read-only view of what changes."""
+
+    live: Live
+    store: ModelStore
+    pool: ModelPool
+    versions: ModelVersions
+    readiness: Readiness = field(default_factory=Readiness)
     throttle: Throttle = field(default_factory=lambda: Throttle(0))  # shared by the daemon's pulls
+    install_id: str = ""  # stable per install (STATE/id), also in the mDNS TXT records
+    default_models: tuple[str, ...] = ()
+    started: float = field(default_factory=time.time)
+
+    @property
+    def config(self) -> Config:
+        return self.live.config
+
+    @property
+    def token(self) -> str:
+        return self.live.token
+
+    @property
+    def hardware(self) -> Hardware | None:
+        return self.live.hardware
+
+    @property
+    def listeners(self) -> list[str]:
+        return list(self.live.listeners)
+
+    @property
+    def advertiser(self) -> Advertiser | None:
+        return self.live.advertiser
+
+    @property
+    def syncer(self) -> Syncer | None:
+        return self.live.syncer
+
+    @property
+    def ready(self) -> bool:
+        return self.readiness.ready
+
+    @property
+    def status_line(self) -> str:
+        return self.readiness.line
 
 
 STATE = web.AppKey("state", AppState)

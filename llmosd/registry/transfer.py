@@ -11,7 +11,7 @@ import asyncio
 import logging
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from llmosd.registry.client import DigestMismatch, Progress, Registry, RegistryE
 from llmosd.registry.oci import EMPTY_BLOB, EMPTY_DIGEST, Reference, check_consistent, digest_of, parse_oci, to_oci
 from llmosd.registry.peers import Peer, fetch
 from llmosd.registry.signing import Trust, verify
-from llmosd.store import Manifest, ModelStore, StoreError
+from llmosd.store import FileEntry, Manifest, ModelStore, StoreError
 from llmosd.store.names import check_name
 
 log = logging.getLogger(__name__)
@@ -98,18 +98,9 @@ async def pull(
     """Pull ``ref`` into the store. With ``trust``, a manifest no trusted key signed is refused before
     anything is downloaded; None accepts unsigned models (the caller's policy said so)."""
     raw, digest = await registry.get_manifest(ref.repo, ref.ref)
-    artifact = parse_oci(raw)
     work = store.tmp / f"pull-{digest.removeprefix('sha256:')[:32]}"
     work.mkdir(exist_ok=True)
-    if trust is not None:
-        signer = await verify(registry, ref.repo, digest, trust, work)
-        log.info("%s@%s is signed by trusted key %s", ref, digest, signer)
-    head = artifact.manifest_layer
-    head_path = work / "manifest.json"
-    if not await _from_peers(registry, peers, head.digest, head.size, head_path, None):
-        await registry.get_blob(ref.repo, head.digest, head.size, head_path)
-    manifest = Manifest.from_json(head_path.read_text())
-    check_consistent(artifact, manifest)
+    manifest = await _head(registry, ref, raw, digest, work, trust, peers)
     if name is not None:
         manifest = replace(manifest, name=check_name(name))
     same = _same_version(store, manifest)
@@ -121,29 +112,12 @@ async def pull(
     if (store.models / manifest.name / manifest.version).exists():  # that number holds other bytes here
         manifest = replace(manifest, version=store.next_version(manifest.name))
     missing = {f.digest: f for f in manifest.files if not store.blob_path(f.digest).is_file()}
-    need = sum(f.size for f in missing.values())
-    partial = [work / d.removeprefix("sha256:") for d in missing]
-    have = sum(p.stat().st_size for p in partial if p.exists())
-    free = free_bytes(store.root)
-    if need - have + DISK_MARGIN > free:
-        raise NotEnoughSpace(
-            f"pulling {ref} needs {(need - have) / 2**20:,.0f} MiB more and {DISK_MARGIN >> 20} MiB to spare; "
-            f"{free / 2**20:,.0f} MiB are free under {store.root}"
-        )
-    fetched: dict[str, Path] = {}
-    started, moved, from_peers = time.monotonic(), 0, 0
-    for digest_, f in sorted(missing.items(), key=lambda kv: kv[1].size):
-        dst = work / digest_.removeprefix("sha256:")
-        already = dst.stat().st_size if dst.exists() else 0
-        callback = progress(f.path, f.size, already) if progress else None
-        if await _from_peers(registry, peers, digest_, f.size, dst, callback):
-            from_peers += f.size - already
-        else:
-            await registry.get_blob(ref.repo, digest_, f.size, dst, callback)
-        moved += f.size - already
-        fetched[digest_] = dst
+    _check_space(store, ref, missing.values(), work, free_bytes)
+    started = time.monotonic()
+    fetched, moved, from_peers = await _blobs(registry, ref, missing, work, progress, peers)
     stored = await asyncio.to_thread(store.adopt, manifest, fetched, activate=activate)  # hashes: off the loop
     shutil.rmtree(work, ignore_errors=True)
+    reused = len(manifest.files) - len(missing)
     log.info(
         "pulled %s as %s: %d file(s), %.1f MiB in %.1f s (%d already here)",
         ref,
@@ -151,11 +125,70 @@ async def pull(
         len(fetched),
         moved / 2**20,
         time.monotonic() - started,
-        len(manifest.files) - len(missing),
+        reused,
     )
     if from_peers:
         log.info("%s: %.1f of %.1f MiB came from LAN peers", ref, from_peers / 2**20, moved / 2**20)
-    return PullResult(stored, digest, moved, len(manifest.files) - len(missing), "pulled", from_peers)
+    return PullResult(stored, digest, moved, reused, "pulled", from_peers)
+
+
+async def _head(
+    registry: Source, ref: Reference, raw: bytes, digest: str, work: Path, trust: Trust | None, peers: Sequence[Peer]
+) -> Manifest:
+    """The llmosd manifest the OCI manifest points at: its signature checked first (with ``trust``), then
+    fetched (from a peer if one has it) and checked against the OCI manifest's layers."""
+    artifact = parse_oci(raw)
+    if trust is not None:
+        signer = await verify(registry, ref.repo, digest, trust, work)
+        log.info("%s@%s is signed by trusted key %s", ref, digest, signer)
+    head = artifact.manifest_layer
+    head_path = work / "manifest.json"
+    if not await _from_peers(registry, peers, head.digest, head.size, head_path, None):
+        await registry.get_blob(ref.repo, head.digest, head.size, head_path)
+    manifest = Manifest.from_json(head_path.read_text())
+    check_consistent(artifact, manifest)
+    return manifest
+
+
+def _check_space(
+    store: ModelStore, ref: Reference, missing: Iterable[FileEntry], work: Path, free_bytes: Callable[[Path], int]
+) -> None:
+    """Refuse before downloading what the disk cannot hold (what a resumed pull has already counts)."""
+    files = list(missing)
+    need = sum(f.size for f in files)
+    partial = [work / f.digest.removeprefix("sha256:") for f in files]
+    have = sum(p.stat().st_size for p in partial if p.exists())
+    free = free_bytes(store.root)
+    if need - have + DISK_MARGIN > free:
+        raise NotEnoughSpace(
+            f"pulling {ref} needs {(need - have) / 2**20:,.0f} MiB more and {DISK_MARGIN >> 20} MiB to spare; "
+            f"{free / 2**20:,.0f} MiB are free under {store.root}"
+        )
+
+
+async def _blobs(
+    registry: Source,
+    ref: Reference,
+    missing: dict[str, FileEntry],
+    work: Path,
+    progress: LayerProgress | None,
+    peers: Sequence[Peer],
+) -> tuple[dict[str, Path], int, int]:
+    """Download the missing files into ``work``, smallest first, each resumed where it stopped; (paths by
+    digest, bytes moved, of them bytes LAN peers served)."""
+    fetched: dict[str, Path] = {}
+    moved = from_peers = 0
+    for digest, f in sorted(missing.items(), key=lambda kv: kv[1].size):
+        dst = work / digest.removeprefix("sha256:")
+        already = dst.stat().st_size if dst.exists() else 0
+        callback = progress(f.path, f.size, already) if progress else None
+        if await _from_peers(registry, peers, digest, f.size, dst, callback):
+            from_peers += f.size - already
+        else:
+            await registry.get_blob(ref.repo, digest, f.size, dst, callback)
+        moved += f.size - already
+        fetched[digest] = dst
+    return fetched, moved, from_peers
 
 
 async def _from_peers(

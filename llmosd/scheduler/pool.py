@@ -18,6 +18,7 @@ from llmosd.scheduler.errors import ModelUnavailable
 from llmosd.scheduler.generation import GenerationEngine, GenerationLimits
 from llmosd.scheduler.placement import Ledger, PlacementError, candidates, need_bytes
 from llmosd.scheduler.served import Instance, ServedModel
+from llmosd.scheduler.smoke import smoke_test
 from llmosd.scheduler.tuning import Tuner
 from llmosd.store import InvalidName, Manifest, ModelStore, NotFound, StoreError, check_name
 
@@ -61,6 +62,14 @@ class ModelPool:
         self.hardware = hardware
         self.ledger = Ledger.from_hardware(hardware)
         self.tuner = tuner
+
+    def set_policy(self, policy: BatchPolicy) -> None:
+        """The configured batching limits changed (a reload): for models loaded from now on and for
+        every instance serving now."""
+        self.policy = policy
+        for served in self._models.values():
+            for instance in served.instances:
+                instance.rebase(policy)
 
     async def acquire(self, name: str, keep_alive_s: float | None = None) -> ServedModel:
         """The served model, loaded now if the store has it (Ollama's load on first request); held
@@ -135,6 +144,26 @@ class ModelPool:
             self._start_tuning(served, self.tuner)
         self._notify()
         return served
+
+    async def smoke_test(self, name: str, version: str) -> None:
+        """Load a stored version that does not serve yet in a session of its own, placed and accounted by
+        the ledger like any load (it may make room the same way), run it on a sample input, and unload
+        it. Raises when any step fails; the version serving now is untouched either way."""
+        manifest = self.store.manifest(name, version)
+        key = f"{manifest.ref} (smoke test)"
+        async with self._lock:
+            need, targets = await self._make_room(manifest)
+            target = targets[0]
+            if self.ledger is not None:
+                self.ledger.reserve(key, target or "cpu", need)
+            try:
+                loaded = await asyncio.to_thread(
+                    load, self.store, manifest, self.selector, self.max_context, target, None, True, 1
+                )
+                await asyncio.to_thread(smoke_test, loaded)
+            finally:
+                if self.ledger is not None:
+                    self.ledger.release(key)
 
     async def _retire(self, old: ServedModel) -> None:
         """Unload a replaced version once no request holds it and its queues are empty."""

@@ -1,6 +1,7 @@
 """Background sync of subscribed tags (``REGISTRY/REPO:TAG[=NAME]``): each is polled on an interval with
 jitter, backing off exponentially while the registry is unreachable. A new digest is pulled (signature
-policy applied), smoke-tested (loaded in a session of its own and run on a sample input), activated
+policy applied), smoke-tested (loaded through the pool in a session of its own and run on a sample
+input), activated
 (the pool serves it, the old version drains), watched through a probation window (a failing health
 probe, or real traffic failing more often than ``max_error_rate``, rolls it back), and old versions
 beyond ``keep`` are removed. No WAN: the current version keeps serving, and the status says when the
@@ -12,23 +13,16 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-import numpy as np
 
-from llmosd.registry.client import Registry, RegistryError, docker_credentials
+from llmosd.registry.client import RegistryError
 from llmosd.registry.oci import Reference, parse_reference
-from llmosd.registry.peers import Peer
-from llmosd.registry.signing import trust_policy
-from llmosd.registry.throttle import UNLIMITED, Throttle
 from llmosd.registry.transfer import pull
-from llmosd.runtime import LoadedModel, ProviderSelector, load
-from llmosd.runtime.generator import TextGenerator
-from llmosd.store import ModelStore, StoreError
+from llmosd.store import StoreError
+from llmosd.versions.service import ModelVersions
 
 log = logging.getLogger(__name__)
 
@@ -75,28 +69,11 @@ class SubState:
         }
 
 
-def smoke_test(loaded: LoadedModel) -> None:
-    """Run the loaded version on a sample input; raise unless every output is finite."""
-    backend = loaded.backend
-    if isinstance(backend, TextGenerator):
-        logits, row = backend.lm.prefill(backend.encode("smoke test", special=False) or [0])
-        backend.lm.free(row)
-        values = np.asarray(logits)
-    else:
-        values = np.stack([o.values for o in backend.run(backend.prepare(["smoke test", "a second input"]))])
-    if not np.all(np.isfinite(values)):
-        raise ValueError("the model's outputs on a sample input are not finite")
-
-
 @dataclass
 class SyncPolicy:
     interval_s: float = 300.0
     probation_s: float = 60.0
     keep: int = 3  # versions kept per model (the active one always)
-    insecure: frozenset[str] = frozenset()
-    trust_dir: Path = Path("trust")
-    allow_unsigned_from: str = ""
-    ca_file: str = ""  # registries' CAs besides the system's
     max_error_rate: float = 0.05  # of real requests in probation, above which the version is rolled back
 
 
@@ -108,31 +85,13 @@ class ProbationFailed(RuntimeError):
 
 
 class Syncer:
-    """Owns the sync task. ``activate(name)`` is the daemon's hook: serve the newly active version;
-    ``probe(name)`` runs one request through it (raises on failure); ``outcomes(name)`` counts the real
-    requests the served version answered and failed (None when it is not being served)."""
+    """Owns the sync task; pulls, smoke tests, activations, probes and rollbacks go through ``versions``."""
 
-    def __init__(
-        self,
-        store: ModelStore,
-        subscriptions: list[Subscription],
-        policy: SyncPolicy,
-        selector: ProviderSelector,
-        activate: Callable[[str], Awaitable[None]],
-        probe: Callable[[str], Awaitable[None]],
-        throttle: Throttle = UNLIMITED,
-        peers: Callable[[], Awaitable[list[Peer]]] | None = None,
-        outcomes: Callable[[str], tuple[int, int] | None] | None = None,
-    ) -> None:
-        self.outcomes = outcomes
-        self.throttle = throttle
-        self.peers = peers
-        self.store = store
+    def __init__(self, versions: ModelVersions, subscriptions: list[Subscription], policy: SyncPolicy) -> None:
+        self.versions = versions
+        self.store = versions.store
         self.subscriptions = subscriptions
         self.policy = policy
-        self.selector = selector
-        self.activate = activate
-        self.probe = probe
         self.states = {str(s.ref): SubState(str(s.ref)) for s in subscriptions}
         self.working: dict[str, str] = {}  # ref -> what is being done now (for the STATUS line)
 
@@ -166,14 +125,8 @@ class Syncer:
     async def check(self, session: aiohttp.ClientSession, sub: Subscription, st: SubState) -> None:
         st.last_checked = time.time()
         ref = sub.ref
-        registry = Registry(
-            ref.host,
-            session,
-            credentials=docker_credentials(ref.host),
-            insecure=ref.host in self.policy.insecure,
-            ca_file=self.policy.ca_file or None,
-            throttle=self.throttle,
-        )
+        registries = self.versions.registries()
+        registry = registries.open(ref.host, session)
         try:
             _, digest = await registry.get_manifest(ref.repo, ref.ref)
             if digest == st.digest or digest in st.refused:
@@ -182,8 +135,7 @@ class Syncer:
                 return
             log.info("sync %s: new digest %s", ref, digest)
             self.working[str(ref)] = "pulling"
-            trust = trust_policy(self.policy.trust_dir, self.policy.allow_unsigned_from, ref.host)
-            peers = await self.peers() if self.peers is not None else []
+            trust, peers = registries.trust(ref.host), self.versions.peers()
             result = await pull(self.store, ref, registry, name=sub.name, activate=False, trust=trust, peers=peers)
         except (RegistryError, StoreError, aiohttp.ClientError, OSError, ValueError) as exc:
             st.error = f"{type(exc).__name__}: {exc}"
@@ -198,7 +150,7 @@ class Syncer:
             return
         self.working[str(ref)] = "smoke-testing"
         try:
-            await asyncio.to_thread(self._smoke, manifest.name, manifest.version)
+            await self.versions.smoke_test(manifest.name, manifest.version)
         except Exception as exc:
             st.refused[digest] = f"smoke test failed: {exc}"
             if self.store.active_version(manifest.name) != manifest.version:
@@ -209,20 +161,16 @@ class Syncer:
             return
         await self._activate(ref, st, digest, manifest.name, manifest.version)
 
-    def _smoke(self, name: str, version: str) -> None:
-        loaded = load(self.store, self.store.manifest(name, version), self.selector)
-        smoke_test(loaded)
-
     async def _activate(self, ref: Reference, st: SubState, digest: str, name: str, version: str) -> None:
         previous = self.store.active_version(name)
         self.working[str(ref)] = f"{name}:{version} on probation"
         await asyncio.to_thread(self.store.activate, name, version)
         try:
-            await self.activate(name)
-            before = self.outcomes(name) if self.outcomes is not None else None
+            await self.versions.load(name)
+            before = self.versions.outcomes(name)
             deadline = time.monotonic() + self.policy.probation_s
             while time.monotonic() < deadline:
-                await self.probe(name)
+                await self.versions.probe(name)
                 self._check_traffic(name, before)
                 await asyncio.sleep(min(1.0, self.policy.probation_s / 5))
             self._check_traffic(name, before)
@@ -230,7 +178,7 @@ class Syncer:
             log.error("sync %s: %s:%s failed on probation (%s); rolling back to %s", ref, name, version, exc, previous)
             if previous is not None:
                 await asyncio.to_thread(self.store.activate, name, previous)
-                await self.activate(name)
+                await self.versions.load(name)
             st.refused[digest] = f"failed on probation: {exc}"  # once the old version serves again
             return
         st.digest = digest
@@ -239,7 +187,7 @@ class Syncer:
 
     def _check_traffic(self, name: str, before: tuple[int, int] | None) -> None:
         """ProbationFailed when real requests since activation failed too often."""
-        now = self.outcomes(name) if self.outcomes is not None else None
+        now = self.versions.outcomes(name)
         if before is None or now is None:
             return
         ok, failed = now[0] - before[0], now[1] - before[1]
