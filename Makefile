@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv run test lint deb bench bench-generation bench-autotune bench-instances clean
+.PHONY: venv run test test-fast lint deb bench bench-generation bench-autotune bench-instances clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ test: $(STAMP)
 	$(BIN)/ruff format --check llmosd exporters tests bench packaging
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+# The inner loop: lint, types and every test that needs no exported model, daemon, namespace or container.
+test-fast: $(STAMP)
+	$(BIN)/ruff check llmosd exporters tests bench packaging
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
 
 # build/deb/llmosd_<version>_<arch>.deb (packaging/build-deb.sh says what is in it)
 deb: $(STAMP)

@@ -1,12 +1,17 @@
 """Benchmark /v1/embeddings against the raw ONNX Runtime session, side by side in one run.
 
-    python bench/embeddings.py [--precision int8 fp32] [--runs 3] [--sentences 512]
+    python bench/embeddings.py [--precision int8 fp32] [--runs 3] [--sentences 512] [--infinity VENV]
 
 For each precision: the raw session over the corpus in arrival order at every batch size (its best is
 the baseline) and sorted by length (the padding-free ceiling); then the daemon over the Unix socket and
 TCP at concurrency 1/8/32 with 1 and 16 sentences per request. Medians of --runs runs. Also: cold start
 (process start -> /readyz 200, model already in the store), lone-request overhead, the daemon's peak RSS.
 Exports the models into a bench store first if they are not there (needs the export extra).
+
+With --infinity VENV (infinity-emb[server,optimum]==0.0.78 installed there), Infinity and the daemon run
+side by side first, both fp32 over TCP, alternating run by run on --infinity-sentences sentences (1 x 32
+in flight and 16 x 8), each beside the raw session's length-sorted ceiling measured just before.
+`--precision` with no value skips the per-precision tables.
 """
 
 from __future__ import annotations
@@ -267,6 +272,8 @@ def bench_infinity(state: Path, venv: Path, runs: int, n: int, work: Path) -> li
     state = state / "fp32"
     ensure_model(state, name, "fp32")
     texts = corpus(n)
+    raw = raw_session(state, name)
+    raw.warmup()
     daemon, peer = Daemon(state, work), Infinity(venv, infinity_folder(work))
     colds: dict[str, list[float]] = {"llmosd": [], "infinity": []}
     for _ in range(runs):
@@ -283,6 +290,9 @@ def bench_infinity(state: Path, venv: Path, runs: int, n: int, work: Path) -> li
             asyncio.run(load(server, False, model, texts[:256], 1, 32))  # warm
         for _ in range(runs):
             for per, conc in shapes:
+                # The raw session's length-sorted ceiling just before each pair, on the same sentences: the
+                # VM's speed drifts, a ceiling measured once would skew every ratio to it.
+                got.setdefault(("ceiling", per), []).append((raw_throughput(raw, texts, 32, True), []))
                 for who, server, model in (("llmosd", daemon, name), ("infinity", peer, "minilm")):
                     got.setdefault((who, per), []).append(asyncio.run(load(server, False, model, texts, per, conc)))
         rss = {"llmosd": daemon.peak_rss_mb(), "infinity": peer.peak_rss_mb()}
@@ -297,6 +307,11 @@ def bench_infinity(state: Path, venv: Path, runs: int, n: int, work: Path) -> li
         "|---|---:|---:|---:|---:|---:|",
     ]
     rate = {k: statistics.median(r[0] for r in v) for k, v in got.items()}
+    # Per-run ratios to the ceiling measured just before, medians of those.
+    of_ceiling = {
+        per: statistics.median(d[0] / c[0] for d, c in zip(got[("llmosd", per)], got[("ceiling", per)], strict=True))
+        for per, _ in shapes
+    }
     for who in ("infinity", "llmosd"):
         p99 = pct([x for r in got[(who, 1)] for x in r[1]], 99)
         ratio = "" if who == "infinity" else " ({:.2f}x)"
@@ -304,7 +319,14 @@ def bench_infinity(state: Path, venv: Path, runs: int, n: int, work: Path) -> li
         sixteen = f"{rate[(who, 16)]:.0f}" + ratio.format(rate[(who, 16)] / rate[("infinity", 16)])
         cold = statistics.median(colds[who])
         lines.append(f"| {who} | {one} | {sixteen} | {p99:.0f} | {cold:.1f} | {rss[who]:.0f} |")
-    return [*lines, ""]
+    ceiling = statistics.median(r[0] for per, _ in shapes for r in got[("ceiling", per)])
+    return [
+        *lines,
+        "",
+        f"raw session, length-sorted batches of 32 (the padding-free ceiling), median: **{ceiling:.0f}/s**; "
+        f"llmosd / ceiling, medians of per-run ratios: {of_ceiling[1]:.2f} (1 x 32), {of_ceiling[16]:.2f} (16 x 8)",
+        "",
+    ]
 
 
 def http_request(model: str, chunk: list[str], path: str = "/v1/embeddings") -> bytes:
@@ -484,11 +506,12 @@ def target(what: str, wanted: float, got: float, higher: bool) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--precision", nargs="+", default=["int8", "fp32"], choices=["int8", "fp32"])
+    p.add_argument("--precision", nargs="*", default=["int8", "fp32"], choices=["int8", "fp32"])
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--sentences", type=int, default=512)
     p.add_argument("--state-dir", type=Path, default=ROOT / "bench" / ".state")
     p.add_argument("--infinity", type=Path, help="a venv with infinity-emb[server,optimum]==0.0.78: measured beside")
+    p.add_argument("--infinity-sentences", type=int, default=2048, help="the corpus of the Infinity comparison")
     args = p.parse_args()
     import onnxruntime
     import psutil
@@ -503,7 +526,7 @@ def main() -> int:
     out = header
     with tempfile.TemporaryDirectory() as work:
         if args.infinity:
-            out += bench_infinity(args.state_dir, args.infinity, args.runs, args.sentences, Path(work))
+            out += bench_infinity(args.state_dir, args.infinity, args.runs, args.infinity_sentences, Path(work))
         for precision in args.precision:
             out += bench_precision(args.state_dir, precision, args.runs, args.sentences, Path(work))
     print("\n".join(out))

@@ -263,6 +263,18 @@ def reference_embeddings() -> np.ndarray:
     return out
 
 
+# A test that needs one of these (an exported store, a daemon serving it, PyTorch's reference, two network
+# namespaces) is slow: `make test-fast` (pytest -m "not slow") leaves it out. Modules that export, build
+# packages or boot containers by themselves say so with a module-level `pytestmark = pytest.mark.slow`.
+SLOW_FIXTURES = frozenset({"store_dir", "tiny_classifier_src", "daemon", "reference_embeddings", "lan"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_threads() -> Iterator[None]:
     """Fail a test that leaves non-daemon threads behind (zeroconf's conftest lesson).

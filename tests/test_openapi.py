@@ -20,6 +20,7 @@ CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,re
 # Not fuzzed: a pull would send the daemon to whatever registry host the fuzzer invents (this machine
 # reaches no network, and a test must not try), and each tune call runs seconds of calibration.
 EXCLUDED = ("/api/models/pull", "/api/models/{name}/tune")
+MIN_TUNES, MAX_TUNES = 12, 50
 
 
 def test_schemathesis_finds_nothing_against_a_real_daemon(store_dir: Path, tmp_path: Path) -> None:
@@ -34,6 +35,7 @@ def test_schemathesis_finds_nothing_against_a_real_daemon(store_dir: Path, tmp_p
     report = tmp_path / "report"
     try:
         baseline = settled_rss(d)
+        fuzz_log = (tmp_path / "fuzz.log").open("w")
         fuzz = subprocess.Popen(
             [
                 str(Path(sys.executable).parent / "schemathesis"),
@@ -56,7 +58,7 @@ def test_schemathesis_finds_nothing_against_a_real_daemon(store_dir: Path, tmp_p
                 "--report-dir",
                 str(report),
             ],
-            stdout=subprocess.PIPE,
+            stdout=fuzz_log,  # a file, not a pipe: nothing reads it while the test tunes
             stderr=subprocess.STDOUT,
             text=True,
             cwd=tmp_path,
@@ -67,9 +69,15 @@ def test_schemathesis_finds_nothing_against_a_real_daemon(store_dir: Path, tmp_p
                 LLMOSD_FUZZ_MODELS=f"{DEFAULT},{SMOLLM2}",
             ),
         )
-        for i in range(50):  # each one calibrates batches far larger than the traffic's
-            unix_json(d, f"/api/models/{(DEFAULT, SMOLLM2)[i % 2]}/tune", {})
-        output, _ = fuzz.communicate(timeout=240)
+        # Calibrations amid the fuzzer's traffic, each of batches far larger than the traffic's, then a few
+        # more once it is done (a MiniLM calibration takes about 11 s here, SmolLM2's 2).
+        tunes = 0
+        while tunes < MAX_TUNES and (fuzz.poll() is None or tunes < MIN_TUNES):
+            unix_json(d, f"/api/models/{(DEFAULT, SMOLLM2)[tunes % 2]}/tune", {})
+            tunes += 1
+        fuzz.wait(timeout=240)
+        fuzz_log.close()
+        output = (tmp_path / "fuzz.log").read_text()
         after = settled_rss(d)
     finally:
         assert d.stop() == 0, d.log.read_text()[-3000:]

@@ -163,11 +163,13 @@ def choose(trials: list[Trial], budget_ms: float) -> tuple[int, str]:
     )
 
 
-def calibrate(run: Callable[[int], object], bound: int, budget_ms: float, repeats: int = 3) -> list[Trial]:
+def calibrate(
+    run: Callable[[int], object], bound: int, budget_ms: float, repeats: int = 3, beyond: float = 2.0
+) -> list[Trial]:
     """Time ``run(batch)`` at growing sizes up to ``bound``, then again in ``repeats`` interleaved passes.
 
-    The first pass finds how far to go: it stops past twice the budget or once throughput has fallen
-    twice in a row (bigger batches will not win back). The passes that follow time every size in turn,
+    The first pass finds how far to go: it stops past ``beyond`` times the budget or once throughput has
+    fallen twice in a row (bigger batches will not win back). The passes that follow time every size in turn,
     so a drift of the machine's speed (±15 % within minutes on a shared VM) hits all sizes alike; each
     trial is the median of its passes."""
     sizes: list[int] = []
@@ -179,7 +181,7 @@ def calibrate(run: Callable[[int], object], bound: int, budget_ms: float, repeat
         sizes.append(size)
         rates.append(size / latency)
         falls = falls + 1 if len(rates) > 1 and rates[-1] < rates[-2] else 0
-        if latency * 1000 > 2 * budget_ms or falls >= 2:
+        if latency * 1000 > beyond * budget_ms or falls >= 2:
             break
     times: dict[int, list[float]] = {s: [] for s in sizes}
     for _ in range(repeats):
@@ -191,10 +193,12 @@ def calibrate(run: Callable[[int], object], bound: int, budget_ms: float, repeat
 def sweep(
     run: Callable[[int, int], object], lengths: list[int], bound: int, budget_ms: float, repeats: int = 3
 ) -> list[Sample]:
-    """``calibrate`` at each length (``run(batch, length)``): the points a cost model is fitted to."""
+    """``calibrate`` at each length (``run(batch, length)``): the points a cost model is fitted to. Each
+    stops at the first size past the budget: the fit and the largest size within the budget need nothing
+    beyond it, and the sizes past it are the slowest runs of a calibration (about half its time)."""
     out = []
     for length in lengths:
-        trials = calibrate(functools.partial(_at_length, run, length), bound, budget_ms, repeats)
+        trials = calibrate(functools.partial(_at_length, run, length), bound, budget_ms, repeats, beyond=1.0)
         out += [Sample(t.batch, length, t.latency_ms) for t in trials]
     return out
 
