@@ -125,6 +125,21 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def wait_healthy(proc: subprocess.Popen[bytes], port: int, what: str) -> None:
+    """Until ``GET /health`` on loopback ``port`` answers 200 (Infinity's and llama-server's route)."""
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+                if b" 200 " in s.recv(64):
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited")
+        time.sleep(0.05)
+
+
 class Daemon:
     def __init__(self, state: Path, work: Path, env: dict[str, str] | None = None) -> None:
         self.env = env or {}
@@ -228,17 +243,8 @@ class Infinity:
         self.proc = subprocess.Popen(
             self.cmd, cwd=self.folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
         )
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                    s.sendall(b"GET /health HTTP/1.0\r\n\r\n")
-                    if b" 200 " in s.recv(64):
-                        return time.perf_counter() - t0
-            except OSError:
-                pass
-            if self.proc.poll() is not None:
-                raise RuntimeError("infinity exited")
-            time.sleep(0.05)
+        wait_healthy(self.proc, self.port, "infinity")
+        return time.perf_counter() - t0
 
     def peak_rss_mb(self) -> float:
         assert self.proc is not None

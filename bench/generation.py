@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from embeddings import Daemon, free_port  # the same daemon runner as the embeddings bench
+from embeddings import Daemon, free_port, peak_rss_mb, wait_healthy  # the embeddings bench's runners
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct"
@@ -124,33 +123,17 @@ class LlamaServer:
     def start(self) -> float:
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                    s.sendall(b"GET /health HTTP/1.0\r\n\r\n")
-                    if b" 200 " in s.recv(64):
-                        return time.perf_counter() - t0
-            except OSError:
-                pass
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited: {' '.join(self.cmd)}")
-            time.sleep(0.05)
+        wait_healthy(self.proc, self.port, f"llama-server ({' '.join(self.cmd)})")
+        return time.perf_counter() - t0
 
     def peak_rss_mb(self) -> float:
         assert self.proc is not None
-        return _vm_hwm(self.proc.pid)
+        return peak_rss_mb(self.proc.pid)
 
     def stop(self) -> None:
         if self.proc:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(30)
-
-
-def _vm_hwm(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 # ---------------------------------------------------------------- one client for both servers
