@@ -48,7 +48,7 @@ SERVE_AND_REPORT = textwrap.dedent("""
         def readme():
             model = Client(socket=sys.argv[2]).load_model("smollm2-135m-instruct")
             return model.generate_text("What is the capital of France?")
-        answers = [await asyncio.to_thread(readme) for _ in range(3)]
+        answers = [await asyncio.to_thread(readme) for _ in range(5)]
         async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=sys.argv[2])) as s:
             async with s.get("http://x/api/models/smollm2-135m-instruct") as r:
                 sampling = (await r.json())["sampling"]["defaults"]
@@ -74,19 +74,26 @@ def test_first_start_seeds_the_default_models_and_never_imports_torch(tmp_path: 
     lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
     assert lines[0]["heavy"] == [] and lines[0]["export_extra_installed"]  # installed, yet never imported
     assert lines[0]["embedded"] == 200 and lines[0]["answered"] == 4
-    # SmolLM2's recipe defaults (model card + Ollama's repeat penalty) take the absent fields: each answer
-    # ends by itself, short of the 1,024-token default limit, and does not loop. (What it says is the
+    # SmolLM2's recipe defaults (model card + Ollama's repeat penalty) take the absent fields: answers end
+    # by themselves, short of the 1,024-token default limit, and do not loop. (What it says is the
     # model's: its first token here is a near tie even in fp32, "The" 0.152 against "L" 0.140.)
     assert lines[0]["sampling"] == {"temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.1}
+
     # A 135M model at temperature 0.2 still rambles now and then: of 64 answers to this question at these
-    # defaults, int4 gave none over 300 words (4 over 150), int8 2 (bench stores, in process). So one long
-    # answer of the three is the model's; two would be ours (a false alarm about once in a thousand runs).
-    lengths = [len(answer.split()) for answer in lines[0]["answers"]]
-    assert min(lengths) > 0 and sorted(lengths)[1] < 300, lines[0]["answers"]
-    for answer in lines[0]["answers"]:
+    # defaults, int4 gave none over 300 words (4 over 150), int8 2 (bench stores, in process); through a
+    # daemon (int4, 2026-12-02) none of 60, and one of 30 asked while a first start tunes (613 words,
+    # looping). A fresh-clone CI run drew two long answers of three, one looping ("Zhilina, zhilina..."),
+    # though greedy answers asked during a calibration match those asked without. So five answers, of
+    # which three must end by themselves, short and without a loop: at a 3 % rate of bad answers a false
+    # alarm comes about three times in ten thousand runs; a broken sampler or stop condition fails always.
+    def bad(answer: str) -> bool:
         words = answer.split()
         grams = [" ".join(words[i : i + 4]) for i in range(len(words) - 3)]
-        assert not grams or max(grams.count(g) for g in grams) <= 3, answer  # "la France, la France, ..."
+        looping = bool(grams) and max(grams.count(g) for g in grams) > 3  # "la France, la France, ..."
+        return not words or len(words) >= 300 or looping
+
+    answers = lines[0]["answers"]
+    assert len(answers) == 5 and sum(map(bad, answers)) <= 2, answers
     assert lines[1]["exit"] == 0
     manifest = json.loads((state / "models" / DEFAULT / "1" / "manifest.json").read_text())
     assert manifest["precision"] == "int8" and manifest["validation"]["passed"]
