@@ -43,9 +43,9 @@ def bench_store(state: Path, name: str, n: int, runs: int) -> list[str]:
     from llmosd.scheduler.tuning import Tuner, TuningPolicy
     from llmosd.store import ModelStore
 
-    store = ModelStore(state)
-    loaded = load(store, store.manifest(name), ProviderSelector("auto"))
-    tuner = Tuner(store, probe(), TuningPolicy())
+    store, hw = ModelStore(state), probe()
+    loaded = load(store, store.manifest(name), ProviderSelector("auto", cuda=hw.cuda))
+    tuner = Tuner(store, hw, TuningPolicy())
     with tempfile.TemporaryDirectory() as tmp:
         tuner.cache = ProfileCache(Path(tmp))  # measure fresh
         t0 = time.perf_counter()

@@ -42,15 +42,14 @@ async def rate(pool: ModelPool, name: str, n: int, concurrency: int) -> float:
 
 async def bench(state: Path, name: str, layouts: list[int], args: argparse.Namespace) -> list[str]:
     from llmosd.hardware import probe
-    from llmosd.runtime import ProviderSelector
+    from llmosd.runtime import Loader, ProviderSelector
     from llmosd.scheduler import BatchPolicy
     from llmosd.store import ModelStore
 
     store, hw = ModelStore(state), probe()
     pools = {}
     for k in layouts:
-        pool = ModelPool(store, ProviderSelector("cpu"), BatchPolicy(), instances=k)
-        pool.use_hardware(hw, None)
+        pool = ModelPool(store, hw, Loader(ProviderSelector("cpu")), BatchPolicy(), instances=k)
         await pool.load(name)
         pools[k] = pool
     rates: dict[int, list[float]] = {k: [] for k in layouts}

@@ -516,10 +516,11 @@ def _tune_here(config: Config, name: str) -> dict[str, Any]:
     from llmosd.scheduler.tuning import Tuner, TuningPolicy
     from llmosd.store import ModelStore
 
-    store = ModelStore(config.state_dir)
-    loaded = load(store, store.manifest(name), ProviderSelector(config.device, config.threads or None))
+    store, hw = ModelStore(config.state_dir), probe()
+    selector = ProviderSelector(config.device, config.threads or None, cuda=hw.cuda)
+    loaded = load(store, store.manifest(name), selector)
     policy = TuningPolicy(True, config.latency_budget_ms, 128, config.max_sequences, config.kv_cache_mb << 20)
-    return Tuner(store, probe(), policy).tune(loaded).as_dict()
+    return Tuner(store, hw, policy).tune(loaded).as_dict()
 
 
 def _daemon_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

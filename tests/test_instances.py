@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmosd.runtime import ProviderSelector
+from llmosd.runtime import Loader, ProviderSelector
 from llmosd.scheduler import BatchPolicy, ModelPool
 from llmosd.scheduler.placement import Ledger, PlacementError, need_bytes
 from llmosd.store import ModelStore
@@ -42,7 +42,8 @@ def test_an_instance_placed_on_a_gpu_whose_provider_does_not_load_says_so() -> N
     from llmosd.runtime.providers import PROBE_MODEL
 
     # onnxruntime-gpu on this CPU-only box: CUDA is listed but does not load, so cuda:1 falls back
-    session, placement = ProviderSelector("auto", 1, False).create(PROBE_MODEL, ("cpu", "cuda"), "cuda:1", 1)
+    selector = ProviderSelector("auto", 1, False, cuda="fails")
+    session, placement = selector.create(PROBE_MODEL, ("cpu", "cuda"), "cuda:1", 1)
     assert placement.device == "cpu" and placement.threads == 1
     assert placement.note == "placed on cuda:1, but the CUDA provider does not load: running on cpu"
     assert session.get_providers() == ["CPUExecutionProvider"]
@@ -51,9 +52,9 @@ def test_an_instance_placed_on_a_gpu_whose_provider_does_not_load_says_so() -> N
 async def test_two_instances_share_the_cpu_split_its_threads_and_both_serve(store_dir: Path) -> None:
     store = ModelStore(store_dir)
     need = need_bytes(store.manifest(FP32), 0)
-    single = ModelPool(store, ProviderSelector("cpu", 2, False), BatchPolicy())
-    pool = ModelPool(store, ProviderSelector("cpu", 2, False), BatchPolicy(), instances=2)
-    pool.use_hardware(box(cpu_free=16 * GB), None)
+    hardware, sessions = box(cpu_free=16 * GB), Loader(ProviderSelector("cpu", 2, False))
+    single = ModelPool(store, hardware, sessions, BatchPolicy())
+    pool = ModelPool(store, hardware, sessions, BatchPolicy(), instances=2)
     try:
         reference = await (await single.load(FP32)).infer(SENTENCES[:4])
         served = await pool.load(FP32)
@@ -80,8 +81,8 @@ async def test_fake_gpus_get_one_instance_each_and_the_ledger_counts_where_they_
     store = ModelStore(store_dir)
     name = "minilm-fp32"  # an artifact for CPU and CUDA (int8 encoders are CPU-only: per-token int8)
     need = need_bytes(store.manifest(name), 0)
-    pool = ModelPool(store, ProviderSelector("auto", 2, False), BatchPolicy())
-    pool.use_hardware(box(cpu_free=16 * GB, gpus=(6 * GB, 8 * GB)), None)  # the probe says CUDA loads
+    hardware = box(cpu_free=16 * GB, gpus=(6 * GB, 8 * GB))  # the probe says CUDA loads
+    pool = ModelPool(store, hardware, Loader(ProviderSelector("auto", 2, False, hardware.cuda)), BatchPolicy())
     try:
         served = await pool.load(name)
         # planned on cuda:1 (roomiest) and cuda:0; the real provider does not load here, so both run on the

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from llmosd.hardware import CpuInfo, GpuInfo, Hardware, ProviderStatus
-from llmosd.runtime import ProviderSelector
+from llmosd.runtime import Loader, ProviderSelector
 from llmosd.scheduler import BatchPolicy, ModelPool
 from llmosd.scheduler.placement import LOAD_FACTOR, WORKSPACE, Ledger, PlacementError, candidates, need_bytes
 from llmosd.store import IntegrityError, ModelStore
@@ -56,8 +56,8 @@ def test_the_ledger_places_on_the_roomiest_gpu_then_the_cpu_and_refuses_clearly(
 async def test_least_recently_used_models_make_room_and_pinned_ones_stay(store_dir: Path) -> None:
     store = ModelStore(store_dir)
     fp32, int8 = (need_bytes(store.manifest(n), 0) for n in ("minilm-fp32", DEFAULT))
-    pool = ModelPool(store, ProviderSelector("cpu", 1, False), BatchPolicy())
-    pool.use_hardware(box(cpu_free=fp32 + int8 // 2), None)  # room for one of them, not both
+    # room for one of them, not both
+    pool = ModelPool(store, box(cpu_free=fp32 + int8 // 2), Loader(ProviderSelector("cpu", 1, False)), BatchPolicy())
     try:
         await pool.load("minilm-fp32")
         await pool.load(DEFAULT)  # minilm-fp32 is the least recently used: unloaded to make room
@@ -83,8 +83,7 @@ async def test_a_smoke_test_is_placed_by_the_ledger_and_leaves_nothing_reserved(
     shutil.copytree(store_dir, state, symlinks=True)
     store = ModelStore(state)
     fp32, int8 = (need_bytes(store.manifest(n), 0) for n in ("minilm-fp32", DEFAULT))
-    pool = ModelPool(store, ProviderSelector("cpu", 1, False), BatchPolicy())
-    pool.use_hardware(box(cpu_free=int8 + fp32 // 2), None)
+    pool = ModelPool(store, box(cpu_free=int8 + fp32 // 2), Loader(ProviderSelector("cpu", 1, False)), BatchPolicy())
     try:
         await pool.load(DEFAULT)
         pool.pinned = {DEFAULT}

@@ -98,3 +98,22 @@ def test_remove_collects_unreferenced_blobs(tmp_path: Path) -> None:
     assert blobs == {b"two", b"{}"}
     store.remove("demo")
     assert store.names() == [] and list(store.blobs.iterdir()) == []
+
+
+def test_profiles_are_part_of_the_store_and_go_with_their_blobs(tmp_path: Path) -> None:
+    """profiles/<model-digest>/<device>.json: written atomically, refused for names that are not digests
+    or devices, and pruned once no version holds the files they were measured on."""
+    store = ModelStore(tmp_path)
+    one, two = (next(f.digest for f in publish(store, p).files if f.role == "model") for p in (b"one", b"two"))
+    store.profiles.put(one, "cpu", {"chosen": 8})
+    store.profiles.put(f"{two}+{one}", "cuda:0", {"chosen": 16})  # a graph and its weights, joined
+    store.profiles.put(two, "cpu", {"chosen": 4})
+    assert store.profiles.get(one, "cpu") == {"chosen": 8} and store.profiles.get(two, "cuda:1") is None
+    assert (tmp_path / "profiles" / one.replace(":", "-") / "cpu.json").is_file()
+    for digest, device in (("../../etc", "cpu"), (one, "../x"), (one + "+sha256:00", "cpu")):
+        with pytest.raises((InvalidName, ValueError)):
+            store.profiles.put(digest, device, {})
+    store.remove("demo", "1")  # "one" goes, and every profile measured on it
+    assert store.profiles.get(one, "cpu") is None and store.profiles.get(f"{two}+{one}", "cuda:0") is None
+    assert store.profiles.get(two, "cpu") == {"chosen": 4}
+    assert sorted(p.name for p in (tmp_path / "profiles").iterdir()) == [two.replace(":", "-")]

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmosd.runtime import ProviderSelector
+from llmosd.hardware import probe
+from llmosd.runtime import Loader, ProviderSelector
 from llmosd.runtime.chat import Message
 from llmosd.runtime.generator import TextGenerator
 from llmosd.runtime.sampling import SamplingParams
@@ -33,7 +34,7 @@ TIMEOUT = 30  # far past any request here: reaching it means a request hung
 @pytest.fixture(scope="module")
 async def pool(store_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ModelPool]:
     store = ModelStore(store_with(store_dir, tmp_path_factory.mktemp("sup-store"), (DEFAULT, SMOLLM2)))
-    p = ModelPool(store, ProviderSelector("cpu", 1, False), BatchPolicy(max_batch=4))
+    p = ModelPool(store, probe(), Loader(ProviderSelector("cpu", 1, False)), BatchPolicy(max_batch=4))
     await p.load(DEFAULT)
     await p.load(SMOLLM2)
     yield p

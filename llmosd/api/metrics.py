@@ -132,7 +132,7 @@ class SchedulerCollector(Collector):
         memory.add_metric(["cpu", "total"], vm.total)
         memory.add_metric(["cpu", "available"], vm.available)
         util = GaugeMetricFamily("llmosd_gpu_utilization_ratio", "GPU busy fraction (NVML)", labels=["device"])
-        gpus = self.state.hardware is not None and self.state.hardware.gpus
+        gpus = self.state.hardware.gpus
         for device, total, used, percent in self.usage() if gpus else []:
             memory.add_metric([device, "total"], total)
             memory.add_metric([device, "used"], used)

@@ -380,9 +380,7 @@ PATHS: dict[str, dict[str, Any]] = {
     },
     "/healthz": {"get": _op("Liveness: the process answers", public=True)},
     "/metrics": {"get": _op("Prometheus metrics (text exposition format)", ok_types=("text/plain",))},
-    "/api/hardware": {
-        "get": _op("The hardware probe: CPU, GPUs, ORT providers that load, and placements", errors=(503,))
-    },
+    "/api/hardware": {"get": _op("The hardware probe: CPU, GPUs, ORT providers that load, and placements")},
     "/readyz": {"get": _op("Readiness: default models loaded and warm, every worker up", errors=(503,), public=True)},
     "/api/status": {"get": _op("Daemon status: models, batcher statistics, listeners, memory")},
     "/api/models": {"get": _op("Models in the store, their versions and which is active")},

@@ -67,8 +67,6 @@ async def status(request: web.Request) -> web.Response:
 async def hardware(request: web.Request) -> web.Response:
     """The probe's facts and where each model was placed."""
     st = state(request)
-    if st.hardware is None:
-        return error_response(503, "the hardware probe has not finished yet", "unavailable_error")
     placements = [
         {
             "model": s.name,
@@ -83,8 +81,8 @@ async def hardware(request: web.Request) -> web.Response:
         for s in st.pool.served()
         for n, i in enumerate(s.instances)
     ]
-    ledger = st.pool.ledger.as_dict() if st.pool.ledger else {}
-    return web.json_response(st.hardware.as_dict() | {"placements": placements, "memory": ledger})
+    memory = st.pool.ledger.as_dict()
+    return web.json_response(st.hardware.as_dict() | {"placements": placements, "memory": memory})
 
 
 @routes.get("/openapi.json")

@@ -24,11 +24,10 @@ if TYPE_CHECKING:
 @dataclass
 class Live:
     """What changes while the daemon runs, each field written by the one stage that owns it: the config
-    and token (reload), the probed hardware, the listeners, the advertiser and the sync once they run."""
+    and token (reload), the listeners, the advertiser and the sync once they run."""
 
     config: Config
     token: str
-    hardware: Hardware | None = None  # probed once at start, in a thread
     listeners: tuple[str, ...] = ()
     advertiser: Advertiser | None = None  # once registered on the LAN over mDNS
     syncer: Syncer | None = None  # the registry sync, when the config subscribes to anything
@@ -42,6 +41,7 @@ class AppState:
     store: ModelStore
     pool: ModelPool
     versions: ModelVersions
+    hardware: Hardware  # the probe's facts, fixed for the daemon's life
     readiness: Readiness = field(default_factory=Readiness)
     throttle: Throttle = field(default_factory=lambda: Throttle(0))  # shared by the daemon's pulls
     install_id: str = ""  # stable per install (STATE/id), also in the mDNS TXT records
@@ -55,10 +55,6 @@ class AppState:
     @property
     def token(self) -> str:
         return self.live.token
-
-    @property
-    def hardware(self) -> Hardware | None:
-        return self.live.hardware
 
     @property
     def listeners(self) -> list[str]:

@@ -45,12 +45,13 @@ class Daemon:
     notifier: Notifier
 
 
-def build(config: Config, probe_hardware: Callable[[], Hardware], notifier: Notifier) -> Daemon:
-    """The stages, wired: each receives what it needs of the stages before it."""
+def build(config: Config, hw: Hardware, notifier: Notifier) -> Daemon:
+    """The stages, wired: each receives what it needs of the stages before it, and all of them the one
+    set of hardware facts."""
     live = Live(config, ensure_token(config.token_file))
     defaults = tuple(d.name for d in DEFAULT_MODELS) if config.seed_defaults else ()
     readiness = Readiness()
-    hardware = HardwareStage(live, probe_hardware)
+    hardware = HardwareStage(live, hw)
     store = StoreStage(live)
     pool = PoolStage(live, store, hardware, defaults)
     versions = ModelVersions(
@@ -59,7 +60,7 @@ def build(config: Config, probe_hardware: Callable[[], Hardware], notifier: Noti
         registries=lambda: Registries.from_config(live.config, store.throttle),  # reloads may change them
         peers=lambda: lan_peers(st),
     )
-    st = AppState(live, store.store, pool.pool, versions, readiness, store.throttle, store.install_id, defaults)
+    st = AppState(live, store.store, pool.pool, versions, hw, readiness, store.throttle, store.install_id, defaults)
     listeners = ListenerStage(st)
     sync = SyncStage(st)
     beat = HeartbeatStage(readiness, notifier, lambda: chain.status())  # what the stages say (the sync's state)
@@ -109,7 +110,8 @@ async def serve(
     errors: list[BaseException] = []
     daemon: Daemon | None = None
     try:
-        daemon = build(config, probe_hardware, notifier)
+        # Blocking (NVML, a session per provider): in a thread. Never raises: unknowns are reported.
+        daemon = build(config, await asyncio.to_thread(probe_hardware), notifier)
         await daemon.chain.start()
         if reload_config is not None:
             running = daemon

@@ -16,7 +16,7 @@ from llmosd.logs import set_level
 from llmosd.readiness import Phase, Readiness
 from llmosd.registry.throttle import Throttle
 from llmosd.reload import BATCHING, Reload
-from llmosd.runtime import ProviderSelector
+from llmosd.runtime import Loader, ProviderSelector
 from llmosd.scheduler import BatchPolicy, GenerationLimits, ModelPool
 from llmosd.scheduler.tuning import Tuner, TuningPolicy
 from llmosd.store import ModelStore, sweep_tmp
@@ -67,23 +67,19 @@ class Settings(Stage):
 
 
 class HardwareStage(Stage):
-    """The probe's facts, once, in a thread (NVML and a CUDA probe session block)."""
+    """The probe's facts (probed before the stages are built: everything below is built from them) and
+    the provider choice they give: CUDA only where the probe created a session on it."""
 
     name = "hardware"
 
-    def __init__(self, live: Live, probe: Callable[[], Hardware]) -> None:
-        self.live, self.probe = live, probe
+    def __init__(self, live: Live, hardware: Hardware) -> None:
+        self.hardware = hardware
         config = live.config
-        self.selector = ProviderSelector(config.device, config.threads or None, config.ort_spinning)
-
-    @property
-    def hardware(self) -> Hardware:
-        assert self.live.hardware is not None, "the hardware stage has not started"
-        return self.live.hardware
+        selector = ProviderSelector(config.device, config.threads or None, config.ort_spinning, hardware.cuda)
+        self.sessions = Loader(selector)
 
     async def start(self) -> None:
-        self.live.hardware = await asyncio.to_thread(self.probe)
-        log.info("hardware: %s", describe_hardware(self.live.hardware))
+        log.info("hardware: %s", describe_hardware(self.hardware))
 
 
 class StoreStage(Stage):
@@ -111,29 +107,29 @@ class PoolStage(Stage):
     name = "pool"
 
     def __init__(self, live: Live, store: StoreStage, hardware: HardwareStage, pinned: tuple[str, ...]) -> None:
-        self.live, self.hardware, self.pinned = live, hardware, pinned
-        config = live.config
-        self.pool = ModelPool(
-            store.store,
-            hardware.selector,
-            batch_policy(config),
-            generation_limits(config),
-            config.context_length,
-            instances=config.instances,
-        )
-        self._reaping: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        config, hw = self.live.config, self.hardware.hardware
+        self.live, self.pinned = live, pinned
+        config, hw = live.config, hardware.hardware
         policy = TuningPolicy(
             config.autotune,
             config.latency_budget_ms,
             max_sequences=config.max_sequences,
             kv_cache_bytes=config.kv_cache_mb << 20,
         )
-        self.pool.use_hardware(hw, Tuner(self.pool.store, hw, policy))
+        self.pool = ModelPool(
+            store.store,
+            hw,
+            hardware.sessions,
+            batch_policy(config),
+            generation_limits(config),
+            config.context_length,
+            Tuner(store.store, hw, policy),
+            config.instances,
+        )
+        self._reaping: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
         self.pool.pinned = set(self.pinned)
-        self._reap(config.keep_alive_s)
+        self._reap(self.live.config.keep_alive_s)
 
     def _reap(self, keep_alive_s: float) -> None:
         if self._reaping is not None:

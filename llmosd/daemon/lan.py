@@ -84,9 +84,8 @@ def txt_content(st: AppState) -> dict[str, str]:
     """What the TXT records say now: the models served and the devices they run on."""
     served = st.pool.served()
     devices = sorted({d for s in served for d in s.devices})
-    if not devices and st.hardware is not None:
-        cuda = st.hardware.provider("CUDAExecutionProvider")
-        devices = ["cuda:0"] if st.hardware.gpus and cuda is not None and cuda.available else ["cpu"]
+    if not devices:
+        devices = ["cuda:0"] if st.hardware.gpus and st.hardware.cuda == "loads" else ["cpu"]
     return txt_records(
         install_id=st.install_id,
         version=__version__,

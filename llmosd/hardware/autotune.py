@@ -5,8 +5,6 @@ at load). The decisions are small pure functions; the measuring is a callable, s
 from __future__ import annotations
 
 import functools
-import json
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -14,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from llmosd.store.profiles import PROFILES, Profiles
 
 HEADROOM = 0.8  # of the memory that is free, what batches may take
 SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -252,26 +252,20 @@ def hardware_key(device: str, cpu_model: str, cores: int, gpu_uuid: str | None, 
 
 
 class ProfileCache:
-    """``profiles/<model-digest>/<device-id>.json`` under the state directory, written atomically."""
+    """Batch profiles in the store's ``profiles/`` (``llmosd.store.profiles``), typed, and stale when the
+    hardware they were measured on differs."""
 
     def __init__(self, state_dir: Path) -> None:
-        self.root = state_dir / "profiles"
-
-    def _path(self, model_digest: str, device: str) -> Path:
-        return self.root / model_digest.replace(":", "-") / f"{device.replace(':', '-')}.json"
+        self.files = Profiles(state_dir / PROFILES)
 
     def get(self, model_digest: str, device: str, hardware: str) -> BatchProfile | None:
         """The cached profile, unless the hardware it was measured on differs (then it is stale)."""
+        raw = self.files.get(model_digest, device)
         try:
-            profile = BatchProfile.from_dict(json.loads(self._path(model_digest, device).read_text()))
-        except (OSError, ValueError, TypeError, KeyError):
+            profile = BatchProfile.from_dict(raw) if raw is not None else None
+        except (ValueError, TypeError, KeyError):
             return None
-        return profile if profile.hardware == hardware else None
+        return profile if profile is not None and profile.hardware == hardware else None
 
     def put(self, profile: BatchProfile) -> Path:
-        path = self._path(profile.model_digest, profile.device)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(profile.as_dict(), indent=2))
-        os.replace(tmp, path)
-        return path
+        return self.files.put(profile.model_digest, profile.device, profile.as_dict())

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from llmosd.runtime.providers import CUDA, CudaState
+
 
 @dataclass(frozen=True)
 class CpuInfo:
@@ -51,6 +53,12 @@ class Hardware:
 
     def provider(self, name: str) -> ProviderStatus | None:
         return next((p for p in self.providers if p.name == name), None)
+
+    @property
+    def cuda(self) -> CudaState:
+        """What the probe found of the CUDA provider: what the provider choice is built from."""
+        status = self.provider(CUDA)
+        return "absent" if status is None else "loads" if status.available else "fails"
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -82,3 +82,28 @@ def _adapter(
     labels = [str(x) for x in _runtime_setting(manifest, "labels")]
     multi = manifest.runtime.get("problem_type") == "multi_label_classification"
     return ClassifierModel(session, tokenizer, labels, multi)
+
+
+@dataclass(frozen=True)
+class Loader:
+    """What the pool creates sessions with (Ollama's scheduler receives its ``newServerFn`` the same way):
+    ``load`` on the provider choice built from the hardware probe. Tests hand the pool their own."""
+
+    selector: ProviderSelector
+
+    @property
+    def threads(self) -> int:
+        """The CPU's intra-op pool, which instances sharing the CPU split."""
+        return self.selector.threads
+
+    def __call__(
+        self,
+        store: ModelStore,
+        manifest: Manifest,
+        max_context: int = 0,
+        target: str | None = None,
+        threads: int | None = None,
+        verify: bool = True,
+        max_sequences: int = 16,
+    ) -> LoadedModel:
+        return load(store, manifest, self.selector, max_context, target, threads, verify, max_sequences)

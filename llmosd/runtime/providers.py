@@ -1,8 +1,10 @@
 """Which ONNX Runtime execution provider a model really runs on.
 
 onnxruntime-gpu lists the CUDA provider even where its libraries or a GPU are missing, then falls back
-to CPU while printing errors to stderr. We ask for CUDA with ORT's logging silenced, look at what the
-session actually got, and log the fallback once per selector instead of once per session.
+to CPU while printing errors to stderr. Whether CUDA loads is the hardware probe's finding
+(``llmosd.hardware.providers``), handed to the selector: it asks for CUDA only where the probe created a
+session on it, with ORT's logging silenced, looks at what the session actually got, and logs a fallback
+once per selector instead of once per session.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import onnxruntime as ort
 
@@ -31,6 +33,8 @@ PROBE_MODEL = base64.b64decode(
 )
 _QUIET = 4  # ORT's FATAL: nothing below it reaches stderr while we probe
 _ORT_DEFAULT = 2  # WARNING, ORT's own default
+# What the probe found of the CUDA provider: not installed, a session created on it, listed but no session.
+CudaState = Literal["absent", "loads", "fails"]
 
 
 @dataclass(frozen=True)
@@ -96,39 +100,21 @@ def quiet_ort() -> Iterator[None]:
 
 
 class ProviderSelector:
-    """Creates sessions on the best provider that really loads; remembers a CUDA failure."""
+    """Creates sessions on the best provider the probe found loading; CUDA only where it did."""
 
     def __init__(
-        self,
-        device: str = "auto",
-        threads: int | None = None,
-        spinning: bool = True,
-        available: Callable[[], list[str]] = ort.get_available_providers,
+        self, device: str = "auto", threads: int | None = None, spinning: bool = True, cuda: CudaState = "absent"
     ) -> None:
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
+        if cuda not in ("absent", "loads", "fails"):
+            raise ValueError(f"cuda must be absent, loads or fails, not {cuda!r}")
         self.device = device
         self.threads = threads or default_threads()
         self.spinning = spinning
-        self._available = available
-        self._cuda_ok: bool | None = None
+        self.cuda = cuda
+        self._warned = False
         self._lock = threading.Lock()
-
-    def cuda_loads(self) -> bool:
-        """Whether the CUDA provider really creates a session here (asked once, on the probe model)."""
-        if self._cuda_ok is None:
-            if CUDA not in self._available():
-                self._cuda_ok = False
-            else:
-                try:
-                    with quiet_ort():
-                        probe = ort.InferenceSession(PROBE_MODEL, session_options(1), providers=[CUDA, CPU])
-                    self._cuda_ok = CUDA in probe.get_providers()
-                except Exception:  # a broken CUDA install may raise instead of falling back
-                    self._cuda_ok = False
-                if not self._cuda_ok:
-                    log.warning("CUDA execution provider is listed but does not load; serving on CPU")
-        return self._cuda_ok
 
     def create(
         self,
@@ -154,18 +140,28 @@ class ProviderSelector:
         gpu = 0 if target is None or target == "cpu" else int(target.partition(":")[2] or 0)
         with self._lock:
             wants_cuda = self.device != "cpu" and "cuda" in devices and target != "cpu"
-            if wants_cuda and self.cuda_loads():
+            if wants_cuda and self.cuda == "loads":
                 providers: list[Any] = [(CUDA, {"device_id": gpu}), CPU]
-                session = ort.InferenceSession(src, session_options(threads, self.spinning), providers=providers)
-                if CUDA in session.get_providers():
-                    return session, Placement(f"cuda:{gpu}", tuple(session.get_providers()))
-                log.warning("CUDA loaded for the probe but not for this model; it runs on CPU")
+                try:
+                    with quiet_ort():  # a failure here is logged below, not printed by ORT's bridge
+                        opts = session_options(threads, self.spinning)
+                        session = ort.InferenceSession(src, opts, providers=providers)
+                except Exception as exc:  # a broken CUDA install may raise instead of falling back
+                    why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                    log.warning("CUDA loaded for the probe but not for this model (%s); it runs on CPU", why)
+                else:
+                    if CUDA in session.get_providers():
+                        return session, Placement(f"cuda:{gpu}", tuple(session.get_providers()))
+                    log.warning("CUDA loaded for the probe but not for this model; it runs on CPU")
+            elif wants_cuda and self.cuda == "fails" and not self._warned:
+                self._warned = True
+                log.warning("CUDA execution provider is listed but does not load; serving on CPU")
             if self.device == "cuda":
                 raise RuntimeError("device = cuda, but the CUDA execution provider does not load here")
             if "cpu" not in devices:
                 raise RuntimeError(f"this artifact runs only on {', '.join(devices)}, and no such device loads")
             session = ort.InferenceSession(src, session_options(threads, self.spinning), providers=[CPU])
-            broken = self.device != "cpu" and self._cuda_ok is False and CUDA in self._available()
+            broken = self.device != "cpu" and self.cuda == "fails"
             note = "cuda listed but does not load" if broken else ""
             if target is not None and target != "cpu":
                 note = f"placed on {target}, but the CUDA provider does not load: running on cpu"

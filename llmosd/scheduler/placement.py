@@ -36,8 +36,7 @@ def need_bytes(manifest: Manifest, kv_cache_bytes: int) -> int:
 def candidates(manifest: Manifest, hardware: Hardware) -> list[str]:
     """Devices in preference order: GPUs the CUDA provider can use, then the CPU, as the artifact allows."""
     out = []
-    cuda = hardware.provider("CUDAExecutionProvider")
-    if "cuda" in manifest.devices and cuda is not None and cuda.available:
+    if "cuda" in manifest.devices and hardware.cuda == "loads":
         out += [g.device_id for g in sorted(hardware.gpus, key=lambda g: -g.memory_free)]
     if "cpu" in manifest.devices:
         out.append("cpu")

@@ -7,11 +7,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from llmosd.hardware import Hardware
 from llmosd.hardware.autotune import BatchProfile
-from llmosd.runtime import LoadedModel, ProviderSelector, load
+from llmosd.runtime import LoadedModel
 from llmosd.runtime.generator import TextGenerator
 from llmosd.scheduler.batcher import BatchPolicy, DynamicBatcher
 from llmosd.scheduler.errors import ModelUnavailable
@@ -23,6 +23,26 @@ from llmosd.scheduler.tuning import Tuner
 from llmosd.store import InvalidName, Manifest, ModelStore, NotFound, StoreError, check_name
 
 log = logging.getLogger(__name__)
+
+
+class SessionFactory(Protocol):
+    """What the pool loads versions with (``llmosd.runtime.Loader`` in the daemon)."""
+
+    @property
+    def threads(self) -> int: ...
+
+    def __call__(
+        self,
+        store: ModelStore,
+        manifest: Manifest,
+        max_context: int = 0,
+        target: str | None = None,
+        threads: int | None = None,
+        verify: bool = True,
+        max_sequences: int = 16,
+    ) -> LoadedModel: ...
+
+
 RETUNE_EVERY_S = 60.0  # how often instances measured badly are looked at again
 
 
@@ -30,22 +50,25 @@ class ModelPool:
     def __init__(
         self,
         store: ModelStore,
-        selector: ProviderSelector,
+        hardware: Hardware,
+        sessions: SessionFactory,
         policy: BatchPolicy,
         limits: GenerationLimits | None = None,
         max_context: int = 0,
         tuner: Tuner | None = None,
         instances: int = 1,
     ) -> None:
+        """``hardware``: the probe's facts, from which the memory ledger decides where models fit;
+        ``sessions``: what loads a version onto a device (built from the same facts)."""
         self.store = store
-        self.selector = selector
+        self.hardware = hardware
+        self.ledger = Ledger.from_hardware(hardware)
+        self.sessions = sessions
         self.policy = policy
         self.limits = limits or GenerationLimits()
         self.max_context = max_context
-        self.tuner = tuner  # set by the daemon once the hardware is probed
+        self.tuner = tuner
         self.instances = instances  # per GPU with room; on the CPU where no GPU has room
-        self.hardware: Hardware | None = None  # with it, a memory ledger decides where models fit
-        self.ledger: Ledger | None = None
         self.pinned: set[str] = set()  # never unloaded to make room (the default models)
         self._tuning: set[asyncio.Task[None]] = set()
         self._watcher: asyncio.Task[None] | None = None  # re-tunes what was measured badly
@@ -57,11 +80,6 @@ class ModelPool:
         self._lock = asyncio.Lock()
         self.failures: dict[str, str] = {}  # models unloaded because a worker kept dying, and why
         self._giving_up: set[asyncio.Task[None]] = set()
-
-    def use_hardware(self, hardware: Hardware, tuner: Tuner | None) -> None:
-        self.hardware = hardware
-        self.ledger = Ledger.from_hardware(hardware)
-        self.tuner = tuner
 
     def set_policy(self, policy: BatchPolicy) -> None:
         """The configured batching limits changed (a reload): for models loaded from now on and for
@@ -154,16 +172,14 @@ class ModelPool:
         async with self._lock:
             need, targets = await self._make_room(manifest)
             target = targets[0]
-            if self.ledger is not None:
-                self.ledger.reserve(key, target or "cpu", need)
+            self.ledger.reserve(key, target, need)
             try:
                 loaded = await asyncio.to_thread(
-                    load, self.store, manifest, self.selector, self.max_context, target, None, True, 1
+                    self.sessions, self.store, manifest, self.max_context, target, None, True, 1
                 )
                 await asyncio.to_thread(smoke_test, loaded)
             finally:
-                if self.ledger is not None:
-                    self.ledger.release(key)
+                self.ledger.release(key)
 
     async def _retire(self, old: ServedModel) -> None:
         """Unload a replaced version once no request holds it and its queues are empty."""
@@ -173,27 +189,25 @@ class ModelPool:
         if old.busy():
             log.warning("%s still busy after %.0f s of draining; closing it", old.manifest.ref, self.drain_s)
         await old.close()
-        if self.ledger is not None:
-            self.ledger.release(old.manifest.ref)
+        self.ledger.release(old.manifest.ref)
         log.info("unloaded %s (replaced)", old.manifest.ref)
 
     def _notify(self) -> None:
         for watcher in self.watchers:
             watcher()
 
-    async def _instances(self, manifest: Manifest, need: int, targets: list[str | None]) -> list[Instance]:
+    async def _instances(self, manifest: Manifest, need: int, targets: list[str]) -> list[Instance]:
         """One instance per target; instances sharing the CPU split its threads. Serves with those
         that loaded when a later one fails; raises (nothing reserved) when the first fails."""
         on_cpu = sum(1 for t in targets if t == "cpu")
         out: list[Instance] = []
         for i, target in enumerate(targets):
-            threads = max(1, self.selector.threads // on_cpu) if target == "cpu" and on_cpu > 1 else None
+            threads = max(1, self.sessions.threads // on_cpu) if target == "cpu" and on_cpu > 1 else None
             try:
                 loaded = await asyncio.to_thread(
-                    load,
+                    self.sessions,
                     self.store,
                     manifest,
-                    self.selector,
                     self.max_context,
                     target,
                     threads,
@@ -202,24 +216,21 @@ class ModelPool:
                 )
             except Exception as exc:
                 if not out:
-                    if self.ledger is not None:
-                        self.ledger.release(manifest.ref)
+                    self.ledger.release(manifest.ref)
                     raise
                 log.warning(
                     "%s: instance %d of %d on %s did not load (%s)", manifest.ref, i + 1, len(targets), target, exc
                 )
                 break
-            if self.ledger is not None:  # accounted where it really landed (CUDA may have fallen back)
-                self.ledger.reserve(manifest.ref, loaded.placement.device, need)
+            # accounted where it really landed (CUDA may have fallen back)
+            self.ledger.reserve(manifest.ref, loaded.placement.device, need)
             out.append(self._serve(loaded))
         return out
 
-    async def _make_room(self, manifest: Manifest) -> tuple[int, list[str | None]]:
+    async def _make_room(self, manifest: Manifest) -> tuple[int, list[str]]:
         """Bytes one instance needs and the device of each instance, once devices have room: unloading
         least-recently-used unpinned models only where that is enough; PlacementError (nothing
-        unloaded) when nothing can make room. Without a probed ledger: one instance, best provider."""
-        if self.ledger is None or self.hardware is None:
-            return 0, [None]
+        unloaded) when nothing can make room."""
         ledger = self.ledger
         need = need_bytes(manifest, self.limits.kv_cache_bytes)
         devices = candidates(manifest, self.hardware)
@@ -354,8 +365,7 @@ class ModelPool:
             served = self._models.pop(name, None)
         if served is None:
             raise NotFound(f"model {name!r} is not loaded")
-        if self.ledger is not None:
-            self.ledger.release(served.manifest.ref)
+        self.ledger.release(served.manifest.ref)
         await served.close()
         self._notify()
 

@@ -6,6 +6,8 @@ Layout under ``root``::
     models/<name>/<version>/manifest.json    numeric version folders; anything else is ignored
     models/<name>/active -> <version>        symlink, replaced atomically with rename
     tmp/                                     partial work; never read by the server
+    profiles/<model-digest>/<device>.json    measured batch profiles (llmosd.store.profiles): cached
+                                             facts, pruned with the blobs they describe
 
 Publishing writes blobs first, then the manifest into a temporary folder that is renamed into place,
 then swaps ``active``: a crash at any moment leaves the old or the new version active, never a mix.
@@ -28,6 +30,7 @@ from pathlib import Path
 from llmosd.store.digest import sha256_file
 from llmosd.store.manifest import FileEntry, Manifest, ManifestError
 from llmosd.store.names import check_digest, check_name, check_title, check_version
+from llmosd.store.profiles import PROFILES, Profiles
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,7 @@ class ModelStore:
         self.blobs = root / "blobs" / "sha256"
         self.models = root / "models"
         self.tmp = root / "tmp"
+        self.profiles = Profiles(root / PROFILES)
         for d in (self.blobs, self.models, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
 
@@ -274,7 +278,7 @@ class ModelStore:
         return targets
 
     def collect_garbage(self) -> int:
-        """Delete blobs no manifest refers to; return how many."""
+        """Delete blobs no manifest refers to, and the profiles measured on them; return how many blobs."""
         live: set[str] = set()
         for name in self.names():
             for v in self.versions(name):
@@ -285,6 +289,7 @@ class ModelStore:
             if f"sha256:{blob.name}" not in live:
                 blob.unlink()
                 removed += 1
+        self.profiles.prune(live)
         return removed
 
 
