@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.conftest import DEFAULT, SENTENCES, SMOLLM2, Daemon, free_port, llmosd, start_daemon
 
@@ -63,6 +64,7 @@ SERVE_AND_REPORT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # the first start exports both default models
 def test_first_start_seeds_the_default_models_and_never_imports_torch(tmp_path: Path) -> None:
     """`make run` on an empty store: MiniLM and SmolLM2 exported in child processes, then served; torch
     stays out of the daemon."""

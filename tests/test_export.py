@@ -11,6 +11,8 @@ from llmosd.runtime import ProviderSelector, load
 from llmosd.store import ModelStore
 from tests.conftest import export, minilm_path
 
+pytestmark = pytest.mark.slow  # every test exports a model from PyTorch
+
 
 def test_fp16_is_validated_and_refused_on_a_cpu_only_box(tmp_path: Path) -> None:
     r = export(minilm_path(), "feature-extraction", "fp16", "minilm-fp16", tmp_path)

@@ -9,6 +9,8 @@ import pytest
 
 from tests.conftest import SMOLLM2, copy_minilm_tokenizer, export, minilm_path
 
+pytestmark = pytest.mark.slow  # every test exports a model from PyTorch
+
 
 def tiny_causal_lm(kind: str, dst: Path) -> Path:
     """A tiny random causal LM of the given architecture, with MiniLM's tokenizer (no hub needed)."""

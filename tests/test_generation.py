@@ -34,6 +34,8 @@ from llmosd.store import ModelStore
 from tests.conftest import SMOLLM2, export
 from tests.test_export_generation import tiny_causal_lm
 
+pytestmark = pytest.mark.slow  # builds and exports random-weight models from PyTorch
+
 GREEDY = SamplingParams(temperature=0)
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Count from 1 to 10."]
 

@@ -20,6 +20,8 @@ import pytest_asyncio
 from llmosd import AsyncClient
 from tests.conftest import Daemon, export, make_tiny_cross_encoder, start_daemon
 
+pytestmark = pytest.mark.slow  # exports a cross-encoder and checks it against PyTorch
+
 QUERY = "how do lighthouses warn ships at night"
 DOCS = [
     "A lighthouse sends a beam of light across the sea so ships can see the coast.",

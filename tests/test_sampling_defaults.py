@@ -10,10 +10,13 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import SMOLLM2, Daemon, export, llmosd, start_daemon, store_with, unix_json
 from tests.test_export_generation import tiny_causal_lm
 
 
+@pytest.mark.slow  # exports SmolLM2
 def test_an_export_keeps_the_models_own_sampling_and_the_recipes(tmp_path: Path) -> None:
     src = tiny_causal_lm("llama", tmp_path / "src")
     gen = json.loads((src / "generation_config.json").read_text())
