@@ -85,6 +85,7 @@ class Config:
     latency_budget_ms: float = _knob(
         0.0, "autotune: latency a batch may take (0: by task: 250 ms encoders, 100 ms per decode step)"
     )
+    loop_block_ms: float = _knob(100.0, "warn (and count in /metrics) when the event loop is kept this long (0: off)")
     keep_alive_s: float = _knob(300.0, "unload a model loaded on demand after this long idle (negative: never)")
     max_sequences: int = _knob(16, "generation: sequences decoded together per model (continuous batching)")
     kv_cache_mb: int = _knob(1024, "generation: KV-cache memory per model; worst case reserved per sequence")

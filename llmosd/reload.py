@@ -29,6 +29,7 @@ READ_LIVE = frozenset(
         "log_level",
         "token_file",
         "keep_alive_s",
+        "loop_block_ms",
         "pull_bandwidth_mb_s",
         "default_max_tokens",
         "max_inputs",

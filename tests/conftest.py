@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -212,7 +213,9 @@ def start_daemon(
         proc.kill()
         raise RuntimeError(f"daemon did not become ready:\n{log.read_text()[-4000:]}") from None
     token = (state_dir / "token").read_text().strip()
-    return Daemon(proc, sock, port, state_dir, token, log)
+    daemon = Daemon(proc, sock, port, state_dir, token, log)
+    DAEMONS.append(daemon)
+    return daemon
 
 
 def store_with(store_dir: Path, dst: Path, names: tuple[str, ...]) -> Path:
@@ -294,6 +297,28 @@ def no_leaked_threads() -> Iterator[None]:
             return
         time.sleep(0.05)
     pytest.fail(f"test leaked threads: {[t.name for t in leaked]}")
+
+
+DAEMONS: list[Daemon] = []  # every daemon start_daemon started: their logs are read after each test
+BLOCKED = "event loop blocked for "  # the daemon's loop watch (llmosd/loopwatch.py), past loop_block_ms
+
+
+@pytest.fixture(autouse=True)
+def no_blocked_loop(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test during which a daemon's event loop was kept from running past its ``loop_block_ms``
+    (100 ms by default): a handler or a stage doing blocking work on the loop. The daemon's own watch
+    logs it; what each daemon logged while the test ran is read (module daemons included)."""
+    offsets = {id(d): d.log.stat().st_size for d in DAEMONS if d.log.exists()}
+    yield
+    if request.node.get_closest_marker("blocks_loop"):
+        return
+    blocked = []
+    for d in DAEMONS:
+        with contextlib.suppress(OSError), d.log.open("rb") as f:
+            f.seek(offsets.get(id(d), 0))
+            blocked += [line for line in f.read().decode(errors="replace").splitlines() if BLOCKED in line]
+    if blocked:
+        pytest.fail("a daemon's event loop was blocked:\n" + "\n".join(blocked[:10]))
 
 
 WORKER_THREADS = ("batch-", "tensors-", "generate-")  # the schedulers' workers (daemon threads)

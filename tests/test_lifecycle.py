@@ -103,3 +103,31 @@ def test_a_stage_failing_to_stop_still_removes_the_socket_and_logs_stopped(tmp_p
     assert "stopping pool failed: the pool would not close" in r.stderr
     assert "stopped (1 stage(s) failed to stop)" in r.stderr
     assert not sock.exists()
+
+
+async def test_the_loop_watch_counts_a_block_past_its_limit_and_not_the_work_that_yields(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The daemon's loop watch on a real event loop: 40 ms of work that yields every millisecond is no
+    block; 250 ms of work that does not yield is one, logged with how long it lasted."""
+    import asyncio
+    import logging
+    import time
+
+    from llmosd.daemon.chain import cancel
+    from llmosd.loopwatch import LoopLag
+
+    lag = LoopLag(limit_s=0.1)
+    watch = asyncio.create_task(lag.watch(every_s=0.01))
+    await asyncio.sleep(0.05)
+    for _ in range(40):
+        time.sleep(0.001)
+        await asyncio.sleep(0)
+    assert lag.blocks == 0
+    with caplog.at_level(logging.WARNING, logger="llmosd.loopwatch"):
+        time.sleep(0.25)  # on the loop, as a handler calling blocking code would
+        await asyncio.sleep(0.05)
+    await cancel(watch)
+    assert lag.blocks == 1 and 0.2 < lag.worst_s < 1.0, lag
+    assert "event loop blocked for" in caplog.text and "(limit 100 ms)" in caplog.text
+    assert await asyncio.wait_for(LoopLag(limit_s=0).watch(), 1) is None  # 0: not watched, returns at once

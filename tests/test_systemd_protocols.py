@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -20,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from llmosd.config import load_config
 from llmosd.logs import MODEL, REQUEST_ID, ContextFilter
@@ -71,6 +73,7 @@ class NotifySocket:
         return out
 
 
+@pytest.mark.blocks_loop
 def test_the_daemon_tells_the_notify_socket_ready_status_watchdog_reload_and_stop(
     store_dir: Path, tmp_path: Path
 ) -> None:
@@ -101,6 +104,14 @@ def test_the_daemon_tells_the_notify_socket_ready_status_watchdog_reload_and_sto
         notify.read(0.8)
         pings = [t for t, m in notify.messages[before - 1 :] if "WATCHDOG" in m]
         assert max(b - a for a, b in itertools.pairwise(pings)) >= 2.4
+        # the daemon's own loop watch saw it, and a block of 0.3 s too: logged with how long, counted
+        unix_json(d, "/api/debug/block-loop", {"seconds": 0.3})
+        with urllib.request.urlopen(d.url + "/metrics", timeout=30) as r:
+            metrics = {f.name: f.samples[0].value for f in text_string_to_metric_families(r.read().decode())}
+        blocks = [int(ms) for ms in re.findall(r"event loop blocked for (\d+) ms", d.log.read_text())]
+        assert len(blocks) >= 2 and 2300 < blocks[-2] < 4000 and 250 < blocks[-1] < 1000, blocks
+        assert metrics["llmosd_event_loop_blocks"] == len(blocks)
+        assert 2.3 < metrics["llmosd_event_loop_lag_max_seconds"] < 4.0
 
         config.write_text('log_level = "debug"\nmax_queue = 7\nmax_inputs = 4\nhost = "0.0.0.0"\n')
         d.proc.send_signal(signal.SIGHUP)

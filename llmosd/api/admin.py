@@ -21,6 +21,11 @@ routes = web.RouteTableDef()
 async def list_models(request: web.Request) -> web.Response:
     st = state(request)
     loaded = {s.name: s.manifest.version for s in st.pool.served()}
+    return web.json_response({"models": await asyncio.to_thread(_stored, st, loaded)})
+
+
+def _stored(st: AppState, loaded: dict[str, str]) -> list[dict[str, Any]]:
+    """Every stored model and its versions (in a thread: a file-system walk, as long as the store is)."""
     models = []
     for name in st.store.names():
         versions = st.store.versions(name)
@@ -33,7 +38,7 @@ async def list_models(request: web.Request) -> web.Response:
                     "loaded": loaded.get(name),
                 }
             )
-    return web.json_response({"models": models})
+    return models
 
 
 @routes.get("/api/models/{name}")
@@ -41,12 +46,16 @@ async def show_model(request: web.Request) -> web.Response:
     st = state(request)
     name = check_name(request.match_info["name"])
     version = request.query.get("version")
+    return web.json_response(await asyncio.to_thread(_shown, st, name, version))
+
+
+def _shown(st: AppState, name: str, version: str | None) -> dict[str, Any]:
     manifest = st.store.manifest(name, version)
     body = asdict(manifest)
     body["source"] = {k: v for k, v in body["source"].items() if k != "path"}  # no host paths over HTTP
     if manifest.task == "text-generation":
         body["sampling"] = _sampling(st, manifest)
-    return web.json_response(body)
+    return body
 
 
 def _sampling(st: AppState, manifest: Manifest) -> dict[str, Any]:
@@ -62,14 +71,14 @@ async def set_sampling(request: web.Request) -> web.Response:
     null}}``, null unsetting; kept in the store for every version, applied at once where it serves."""
     st = state(request)
     name = check_name(request.match_info["name"])
-    manifest = st.store.manifest(name)
+    manifest = await asyncio.to_thread(st.store.manifest, name)
     if manifest.task != "text-generation":
         raise bad_request(f"model {name!r} is a {manifest.task} model: it does not sample", "name")
     changes = (await json_body(request)).get("sampling")
     if not isinstance(changes, dict) or not changes:
         raise bad_request("'sampling' must be an object of parameters (null unsets one)", "sampling")
     try:
-        values = merge_defaults(st.store.sampling(name), changes)
+        values = merge_defaults(await asyncio.to_thread(st.store.sampling, name), changes)
     except ValueError as exc:
         raise bad_request(str(exc), "sampling") from None
     await asyncio.to_thread(st.store.set_sampling, name, values)

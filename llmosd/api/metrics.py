@@ -124,7 +124,19 @@ class SchedulerCollector(Collector):
                 for field, family in sums.items():
                     family.add_metric([m.name], sum(getattr(g, field) for _, g in engines))
         yield from (loaded, info, depth, rejected, wait, infer, sizes, items, *sums.values(), ready, restarts)
+        yield from self._loop()
         yield from self._devices()
+
+    def _loop(self) -> Iterator[Metric]:
+        lag = self.state.lag
+        blocks = CounterMetricFamily(
+            "llmosd_event_loop_blocks", "Wake-ups of the event loop later than loop_block_ms (something blocked it)"
+        )
+        blocks.add_metric([], lag.blocks)
+        worst = GaugeMetricFamily("llmosd_event_loop_lag_max_seconds", "The latest the event loop woke, since start")
+        worst.add_metric([], lag.worst_s)
+        yield blocks
+        yield worst
 
     def _devices(self) -> Iterator[Metric]:
         memory = GaugeMetricFamily("llmosd_device_memory_bytes", "Device memory", labels=["device", "state"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -90,9 +91,12 @@ async def list_models(request: web.Request) -> web.Response:
     st = state(request)
     cards = [_model_card(s) | {"loaded": True} for s in st.pool.served()]
     loaded = {c["id"] for c in cards}
-    for name in st.store.names():
-        if name not in loaded and st.store.active_version(name):
-            cards.append(_manifest_card(st.store.manifest(name)) | {"loaded": False})
+
+    def stored() -> list[dict[str, Any]]:  # in a thread: a file-system walk, as long as the store is
+        names = [n for n in st.store.names() if n not in loaded and st.store.active_version(n)]
+        return [_manifest_card(st.store.manifest(n)) | {"loaded": False} for n in names]
+
+    cards += await asyncio.to_thread(stored)
     return web.json_response({"object": "list", "data": cards})
 
 

@@ -11,6 +11,7 @@ from aiohttp import web
 from llmosd.config import Config
 from llmosd.hardware import Hardware
 from llmosd.logs import MODEL
+from llmosd.loopwatch import LoopLag
 from llmosd.readiness import Readiness
 from llmosd.registry.throttle import Throttle
 from llmosd.scheduler import ModelPool, ServedModel
@@ -47,6 +48,7 @@ class AppState:
     install_id: str = ""  # stable per install (STATE/id), also in the mDNS TXT records
     default_models: tuple[str, ...] = ()
     started: float = field(default_factory=time.time)
+    lag: LoopLag = field(default_factory=LoopLag)  # how late the event loop woke (the loop watch)
 
     @property
     def config(self) -> Config:

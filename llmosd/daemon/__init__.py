@@ -1,8 +1,8 @@
 """The daemon's life: a chain of stages started in order and stopped in reverse.
 
-config → hardware → store → heartbeat → pool → listeners → seed → sync → mDNS. Stopping undoes them the
-other way round: the mDNS goodbye first, then the sync and the seeding, then the listeners drain the
-requests in flight, then the heartbeat (it pings through the drain), the pool, the store. SIGHUP hands a
+config → hardware → store → heartbeat → loop watch → pool → listeners → seed → sync → mDNS. Stopping undoes
+them the other way round: the mDNS goodbye first, then the sync and the seeding, then the listeners drain
+the requests in flight, then the pool, the heartbeat (it pings through the drain), the store. SIGHUP hands a
 re-read config to every stage; each applies the values it owns.
 """
 
@@ -19,12 +19,21 @@ from llmosd.api import AppState
 from llmosd.api.state import Live
 from llmosd.config import Config
 from llmosd.daemon.chain import Chain, Stage
-from llmosd.daemon.core import HardwareStage, HeartbeatStage, PoolStage, Settings, StoreStage, heartbeat
+from llmosd.daemon.core import (
+    HardwareStage,
+    HeartbeatStage,
+    LoopWatchStage,
+    PoolStage,
+    Settings,
+    StoreStage,
+    heartbeat,
+)
 from llmosd.daemon.lan import MdnsStage, SyncStage, lan_peers
 from llmosd.daemon.listening import ListenerStage
 from llmosd.daemon.models import SeedStage
 from llmosd.hardware import Hardware, probe
 from llmosd.logs import setup_logging
+from llmosd.loopwatch import LoopLag
 from llmosd.readiness import Readiness
 from llmosd.registry.access import Registries
 from llmosd.reload import reconcile
@@ -60,11 +69,15 @@ def build(config: Config, hw: Hardware, notifier: Notifier) -> Daemon:
         registries=lambda: Registries.from_config(live.config, store.throttle),  # reloads may change them
         peers=lambda: lan_peers(st),
     )
-    st = AppState(live, store.store, pool.pool, versions, hw, readiness, store.throttle, store.install_id, defaults)
+    lag = LoopLag(config.loop_block_ms / 1000)
+    st = AppState(
+        live, store.store, pool.pool, versions, hw, readiness, store.throttle, store.install_id, defaults, lag=lag
+    )
     listeners = ListenerStage(st)
     sync = SyncStage(st)
     beat = HeartbeatStage(readiness, notifier, lambda: chain.status())  # what the stages say (the sync's state)
-    stages: list[Stage] = [Settings(live), hardware, store, beat, pool, listeners, SeedStage(st), sync]
+    watch = LoopWatchStage(lag)
+    stages: list[Stage] = [Settings(live), hardware, store, beat, watch, pool, listeners, SeedStage(st), sync]
     chain = Chain([*stages, MdnsStage(st, listeners)])
     return Daemon(chain, st, listeners, notifier)
 

@@ -13,6 +13,7 @@ from llmosd.daemon.chain import Stage, cancel
 from llmosd.discovery.advertise import install_id
 from llmosd.hardware import Hardware
 from llmosd.logs import set_level
+from llmosd.loopwatch import LoopLag
 from llmosd.readiness import Phase, Readiness
 from llmosd.registry.throttle import Throttle
 from llmosd.reload import BATCHING, Reload
@@ -182,6 +183,28 @@ class HeartbeatStage(Stage):
 
     async def start(self) -> None:
         self._task = asyncio.create_task(heartbeat(self.readiness, self.notifier, self.more))
+
+    async def stop(self) -> None:
+        await cancel(self._task)
+
+
+class LoopWatchStage(Stage):
+    """The event loop's own check: a wake-up later than ``loop_block_ms`` is logged and counted."""
+
+    name = "loop watch"
+
+    def __init__(self, lag: LoopLag) -> None:
+        self.lag = lag
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self.lag.watch())
+
+    async def reload(self, change: Reload) -> None:
+        if "loop_block_ms" in change.applied:
+            await cancel(self._task)
+            self.lag.limit_s = change.config.loop_block_ms / 1000
+            await self.start()
 
     async def stop(self) -> None:
         await cancel(self._task)
