@@ -441,3 +441,36 @@ def test_tls_with_the_sites_own_ca(lan: Lan, store_dir: Path, tmp_path: Path) ->
         r = subprocess.run(pull_cmd, capture_output=True, text=True, timeout=120, env=site)
         assert r.returncode == 0, r.stderr
         same_files(ModelStore(store_dir), ModelStore(tmp_path / "b"), DEFAULT)
+
+
+async def test_a_manifest_that_arrives_in_pieces_is_read_whole() -> None:
+    """A registry whose manifest body reaches the client in two writes, 50 ms apart (as TLS records
+    can): the client reads to the end, not what the first read happened to find (a fresh-clone CI run
+    read a manifest cut at 806 bytes over TLS)."""
+    from aiohttp import web
+
+    body = json.dumps({"schemaVersion": 2, "layers": [{"digest": f"sha256:{'a' * 64}", "size": i} for i in range(40)]})
+    raw = body.encode()
+
+    async def manifest(request: web.Request) -> web.StreamResponse:
+        r = web.StreamResponse(headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+        r.content_length = len(raw)
+        await r.prepare(request)
+        await r.write(raw[:806])
+        await asyncio.sleep(0.05)
+        await r.write(raw[806:])
+        await r.write_eof()
+        return r
+
+    app = web.Application()
+    app.router.add_get("/v2/models/minilm/manifests/{ref}", manifest)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            got, digest = await Registry(f"127.0.0.1:{runner.addresses[0][1]}", s).get_manifest("models/minilm", "x")
+        assert got == raw and len(raw) > 1600 and digest.startswith("sha256:")
+    finally:
+        await runner.cleanup()

@@ -215,7 +215,7 @@ class Registry:
         r = await self._request("GET", url, self._scope(repo), headers={"Accept": OCI_MANIFEST})
         if r.status != 200:
             raise await self._fail(r, f"manifest {repo}:{ref}")
-        raw = await r.content.read(MANIFEST_MAX + 1)
+        raw = await _read_at_most(r, MANIFEST_MAX + 1)
         r.release()
         if len(raw) > MANIFEST_MAX:
             raise RegistryError(f"manifest {repo}:{ref} is larger than {MANIFEST_MAX} bytes")
@@ -376,3 +376,12 @@ async def download(
     if got != digest or have != size:
         dst.unlink(missing_ok=True)
         raise DigestMismatch(f"blob {digest} arrived as {got} ({have} of {size} bytes): refused")
+
+
+async def _read_at_most(r: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body up to ``limit`` bytes. One ``content.read(n)`` returns what has arrived, which over TLS
+    can be one record of the body: a pull read a manifest cut at 806 bytes."""
+    raw = bytearray()
+    while len(raw) < limit and (chunk := await r.content.read(limit - len(raw))):
+        raw += chunk
+    return bytes(raw)
