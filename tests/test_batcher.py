@@ -225,7 +225,7 @@ async def test_runs_faster_than_the_profile_predicts_ask_for_a_retune() -> None:
     slow = CostModel(fixed_ms=50.0, token_ms=0.1, token_sq_ms=0.0, max_tokens=512)
     profile = BatchProfile("t:1", "sha256:x", "cpu", "cpu|x|2 cores|ort", 16, 250.0, 64, (), 8, "batch 8", cost=slow)
     b = DynamicBatcher("t", WordBackend(), BatchPolicy(max_batch=64))
-    instance = Instance(loaded=cast(Any, None), batcher=b)
+    instance = Instance(loaded=cast(Any, None), worker=b)
     instance.apply(profile)
     assert b.policy.cost == slow and b.policy.max_batch == 8 and instance.retune_reason() is None
     b.start()

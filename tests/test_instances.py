@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmosd.runtime import Loader, ProviderSelector
-from llmosd.scheduler import BatchPolicy, ModelPool
+from llmosd.scheduler import BatchPolicy, DynamicBatcher, ModelPool
 from llmosd.scheduler.placement import Ledger, PlacementError, need_bytes
 from llmosd.store import ModelStore
 from tests.conftest import DEFAULT, start_daemon
@@ -62,7 +62,7 @@ async def test_two_instances_share_the_cpu_split_its_threads_and_both_serve(stor
         assert [i.loaded.placement.threads for i in served.instances] == [1, 1]  # 2 threads split
         assert pool.ledger is not None and pool.ledger.used["cpu"] == {f"{FP32}:1": 2 * need}
         results = await asyncio.gather(*(served.infer([s]) for s in SENTENCES))
-        counts = [i.batcher.stats.requests for i in served.instances if i.batcher is not None]
+        counts = [i.worker.stats.requests for i in served.instances if isinstance(i.worker, DynamicBatcher)]
         assert sum(counts) == len(SENTENCES) and min(counts) > 0  # both instances took work
         for got, want in zip(results[:4], reference, strict=True):
             np.testing.assert_allclose(got[0].values, want.values, atol=1e-4)  # fp32: batch composition is float noise

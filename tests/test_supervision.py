@@ -69,8 +69,9 @@ KINDS: dict[str, tuple[str, Callable[[ServedModel], Awaitable[Any]]]] = {
 
 
 def worker_of(served: ServedModel, kind: str) -> Any:
-    i = served.instances[0]
-    return {"batcher": i.batcher, "generation": i.engine, "tensors": i.tensors}[kind]
+    instance = served.raw[0] if kind == "tensors" else served.instances[0]
+    assert instance.worker.role == kind
+    return instance.worker
 
 
 async def recovered(served: ServedModel, kind: str, restarts: int) -> None:

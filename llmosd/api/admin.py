@@ -11,7 +11,7 @@ from aiohttp import web
 from llmosd.api.errors import bad_request
 from llmosd.api.requests import json_body
 from llmosd.api.state import AppState, state
-from llmosd.scheduler import merge_defaults
+from llmosd.scheduler import GenerationEngine, merge_defaults
 from llmosd.store import Manifest, check_name
 
 routes = web.RouteTableDef()
@@ -85,9 +85,9 @@ async def set_sampling(request: web.Request) -> web.Response:
     for served in st.pool.served():
         if served.name == name:
             for instance in served.instances:
-                if instance.engine is not None:
+                if isinstance(instance.worker, GenerationEngine):
                     own = dict(served.manifest.runtime.get("sampling") or {})
-                    instance.engine.model.sampling_defaults = own | values
+                    instance.worker.model.sampling_defaults = own | values
     return web.json_response({"name": name, **_sampling(st, manifest)})
 
 

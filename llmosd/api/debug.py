@@ -42,8 +42,8 @@ async def fault(request: web.Request) -> web.Response:
         raise bad_request(f"stage must be one of {', '.join(STAGES)}", "stage")
     if isinstance(times, bool) or not isinstance(times, int) or not 1 <= times <= 100:
         raise bad_request("times must be an integer from 1 to 100", "times")
-    instance = served.instances[0]
-    worker = {"batcher": instance.batcher, "generation": instance.engine, "tensors": instance.tensors}.get(str(kind))
+    instance = served.raw.get(0) if kind == "tensors" else served.instances[0]
+    worker = instance.worker if instance is not None and instance.worker.role == kind else None
     if worker is None:
         raise ApiError(409, f"model {served.name!r} has no {kind!r} worker running", type="conflict_error")
     log.warning("debug: injecting %d fault(s) into the %s stage of %s's %s worker", times, stage, served.name, kind)

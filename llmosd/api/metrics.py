@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from llmosd.api.state import STATE, AppState
 from llmosd.hardware.gpu import gpu_usage
+from llmosd.scheduler import DynamicBatcher, GenerationEngine
 from llmosd.scheduler.histogram import SECONDS, Snapshot
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -100,11 +101,11 @@ class SchedulerCollector(Collector):
         for s in served:
             m = s.manifest
             ready.add_metric([m.name], 1 if s.healthy() else 0)
-            restarts.add_metric([m.name], sum(i.restarts() for i in s.instances))
+            restarts.add_metric([m.name], s.restarts())
             for device in dict.fromkeys(s.devices):
                 info.add_metric([m.name, str(m.version), m.task, m.precision, device], s.devices.count(device))
-            batchers = [(i.device, i.batcher.stats) for i in s.instances if i.batcher is not None]
-            engines = [(i.device, i.engine.stats) for i in s.instances if i.engine is not None]
+            batchers = [(i.device, i.worker.stats) for i in s.instances if isinstance(i.worker, DynamicBatcher)]
+            engines = [(i.device, i.worker.stats) for i in s.instances if isinstance(i.worker, GenerationEngine)]
             if batchers:
                 depth.add_metric([m.name], sum(i.queued() for i in s.instances))
                 rejected.add_metric([m.name], sum(b.rejected for _, b in batchers))

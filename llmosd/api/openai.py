@@ -26,7 +26,7 @@ from llmosd.api.requests import (
 from llmosd.api.state import hold, state
 from llmosd.config import Config
 from llmosd.runtime import Output
-from llmosd.scheduler import ServedModel
+from llmosd.scheduler import GenerationEngine, ServedModel
 from llmosd.store import Manifest
 
 routes = web.RouteTableDef()
@@ -53,8 +53,8 @@ def _manifest_card(m: Manifest) -> dict[str, Any]:
 
 def _model_card(served: ServedModel) -> dict[str, Any]:
     card = _manifest_card(served.manifest) | {"devices": served.devices}
-    engine = served.instances[0].engine
-    if engine is not None:
+    engine = served.instances[0].worker
+    if isinstance(engine, GenerationEngine):
         card["context_length"] = engine.model.context_length
         card["chat_template"] = engine.model.chat is not None
     return card

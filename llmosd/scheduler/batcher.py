@@ -11,23 +11,25 @@ requests it touched; a full queue is refused at once, on the loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import queue
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence, Sized
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Generic
 
-from llmosd.hardware.autotune import CostModel
+from llmosd.hardware.autotune import BatchProfile, CostModel
 from llmosd.runtime.backend import Backend, Input, Output, P
 from llmosd.runtime.memory import IDLE_RELEASE_S, release_quietly
 from llmosd.scheduler.errors import BatcherClosed, QueueFull
 from llmosd.scheduler.histogram import SIZES, Histogram
 from llmosd.scheduler.planning import RunCost, choose_batch, retry_after_s, token_cost
 from llmosd.scheduler.priority import NORMAL, PRIORITIES, rank
-from llmosd.scheduler.supervisor import Supervisor, WorkerDied, drain
+from llmosd.scheduler.supervisor import WorkerDied
+from llmosd.scheduler.worker import Worker, abandon_future, ewma
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +107,14 @@ class _Item:
     order: int  # admission order: the oldest item has the lowest
 
 
-class DynamicBatcher(Generic[P]):
+class DynamicBatcher(Worker[_Request, asyncio.Future[list[Output]]], Generic[P]):
+    kind, role = "batch", "batcher"
+
     def __init__(self, name: str, backend: Backend[P], policy: BatchPolicy | None = None) -> None:
-        self.name = name
+        super().__init__(name)
         self.backend = backend
         self.policy = policy or BatchPolicy()
         self.stats = BatchStats()
-        self._inbox: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         # Two counters, each written by one thread only, so neither needs a lock.
         self._submitted_items = [0, 0, 0]  # per priority class; event loop
         self._finished_items = [0, 0, 0]  # per class; worker thread: items taken to run, failed or dropped
@@ -119,11 +122,6 @@ class DynamicBatcher(Generic[P]):
         self._ran_since_release = False  # worker thread only: the arena may hold a batch's peak
         self._backlog: list[_Request] = []  # worker thread only: arrived, not yet prepared
         self._order = itertools.count()
-        self._open: set[asyncio.Future[list[Output]]] = set()  # loop side: submitted, not answered
-        self.gave_up: Callable[[str], None] | None = None  # the pool's: unload and report the model
-        self.supervisor = Supervisor(f"batch-{name}", self._work, self._reset, self._give_up)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._closed = False
 
     @property
     def queued(self) -> int:
@@ -133,49 +131,54 @@ class DynamicBatcher(Generic[P]):
     def queued_by_priority(self) -> dict[str, int]:
         return {name: self._submitted_items[p] - self._finished_items[p] for p, name in enumerate(PRIORITIES)}
 
-    def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self.supervisor.start(self._loop)
-
     async def submit(self, inputs: Sequence[Input], priority: int = NORMAL, truncate: bool = True) -> list[Output]:
-        if self._closed or self._loop is None:
-            raise BatcherClosed(f"model {self.name!r} is unloading")
-        if not self.supervisor.healthy:
-            raise self.supervisor.unavailable()
+        loop = self._admissible()
         queued = self.queued
         if queued and queued + len(inputs) > self.policy.max_queue:
             self.stats.rejected += 1
             raise QueueFull(self.name, retry_after_s(queued, self.stats.items_per_s))
-        future: asyncio.Future[list[Output]] = self._loop.create_future()
-        self._open.add(future)
+        future: asyncio.Future[list[Output]] = loop.create_future()
         future.add_done_callback(self._open.discard)
         self._submitted_items[priority] += len(inputs)
         self.stats.requests += 1
-        self._inbox.put(_Request(inputs, future, time.monotonic(), priority, truncate))
+        self._hold(future, _Request(inputs, future, time.monotonic(), priority, truncate))
         return await future
 
-    async def close(self) -> None:
-        """Refuse new work; the thread finishes its step, fails what is left, and exits."""
-        self._closed = True
-        self._inbox.put(None)
-        await self.supervisor.join()
-        self._reset(BatcherClosed(f"model {self.name!r} is unloading"))  # a worker that was down held these
+    def _abandon(self, pending: asyncio.Future[list[Output]], exc: BaseException) -> bool:
+        return abandon_future(pending, exc)
 
-    def _reset(self, exc: BaseException) -> None:
-        """On the loop, with no worker thread running: fail everything submitted and not answered (what
-        the thread held and what still queues), and start the next thread from nothing."""
-        drain(self._inbox)
-        held = [f for f in self._open if not f.done()]
-        for future in held:
-            future.set_exception(exc)
+    def waiting(self) -> int:
+        return self.queued
+
+    def waiting_by_priority(self) -> dict[str, int]:
+        return self.queued_by_priority()
+
+    def outcomes(self) -> tuple[int, int]:
+        return self.stats.completed, self.stats.failed
+
+    def apply(self, profile: BatchProfile, base: BatchPolicy | None = None) -> None:
+        """Up to the largest size the profile's budget allows, priced by its cost model (the thread reads
+        its policy at every step); a disturbed profile changes no size."""
+        policy = base or self.policy
+        if not profile.disturbed:
+            policy = dataclasses.replace(policy, max_batch=max(profile.chosen, profile.largest), cost=profile.cost)
+        self.policy = policy
+        self.stats.pace, self.stats.paced = 1.0, 0
+
+    def rebase(self, policy: BatchPolicy) -> None:
+        self.policy = policy
+
+    def report(self) -> dict[str, object]:
+        return {"max_batch": self.policy.max_batch, "batcher": self.stats.as_dict()}
+
+    def pace(self) -> tuple[int, float]:
+        return self.stats.paced, self.stats.pace
+
+    def _cleared(self, exc: BaseException, failed: int) -> None:
         if isinstance(exc, WorkerDied):  # the model's own worker failed them: probation counts these
-            self.stats.failed += len(held)
+            self.stats.failed += failed
         self._pool, self._backlog = [], []
         self._finished_items = list(self._submitted_items)
-
-    def _give_up(self, reason: str) -> None:
-        if self.gave_up is not None:
-            self.gave_up(reason)
 
     # ---- worker thread ----
     def _work(self) -> None:
@@ -196,7 +199,7 @@ class DynamicBatcher(Generic[P]):
             if req is not None:
                 left.append(req)
         if left:
-            self._fail(loop, left, BatcherClosed(f"model {self.name!r} is unloading"))
+            self._fail(loop, left, self.unloading())
 
     def _collect(self) -> tuple[list[_Request], bool]:
         """The requests to prepare this step (blocking while there is nothing to do), and whether to go
@@ -322,7 +325,7 @@ class DynamicBatcher(Generic[P]):
         s.batch_sizes[len(batch)] += 1
         s.largest_batch = max(s.largest_batch, len(batch))
         rate = len(batch) / max(elapsed, 1e-6)
-        s.items_per_s = rate if s.items_per_s == 0 else 0.9 * s.items_per_s + 0.1 * rate
+        s.items_per_s = ewma(s.items_per_s, rate)
         cost = self.policy.cost
         if cost is not None:
             ratio = elapsed * 1000 / max(cost.run_ms(len(batch), max(it.length for it in batch)), 1e-6)
@@ -340,13 +343,12 @@ class DynamicBatcher(Generic[P]):
 
     def _deliver(self, loop: asyncio.AbstractEventLoop, done: list[_Request]) -> None:
         if done:  # one wake-up of the loop per batch, not per request
-            loop.call_soon_threadsafe(_resolve_all, done)
+            self._call(_resolve_all, done)
 
-    @staticmethod
-    def _fail(loop: asyncio.AbstractEventLoop, requests: Sequence[_Request], exc: BaseException) -> None:
+    def _fail(self, loop: asyncio.AbstractEventLoop, requests: Sequence[_Request], exc: BaseException) -> None:
         if not isinstance(exc, BatcherClosed):
             log.warning("batch failed for %d request(s): %r", len(requests), exc)
-        loop.call_soon_threadsafe(_reject_all, list(requests), exc)
+        self._call(_reject_all, list(requests), exc)
 
 
 def _resolve_all(requests: list[_Request]) -> None:

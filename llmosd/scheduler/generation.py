@@ -13,7 +13,7 @@ and a full wait queue answers 429 at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
 import logging
 import queue
 import time
@@ -22,18 +22,23 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from llmosd.runtime.generator import TextGenerator
 from llmosd.runtime.grammar import BoolArray, Constraint
 from llmosd.runtime.memory import IDLE_RELEASE_S, release_quietly
 from llmosd.runtime.sampling import FloatArray, Sampler, SamplingParams, TokenLogprob, token_logprob
 from llmosd.runtime.textstream import TextStream
-from llmosd.scheduler.errors import BatcherClosed, QueueFull
+from llmosd.scheduler.errors import QueueFull
 from llmosd.scheduler.histogram import Histogram
 from llmosd.scheduler.planning import retry_after_s
 from llmosd.scheduler.priority import NORMAL, PRIORITIES, rank
-from llmosd.scheduler.supervisor import Supervisor, WorkerDied, drain
+from llmosd.scheduler.supervisor import WorkerDied
+from llmosd.scheduler.worker import Worker, ewma
+
+if TYPE_CHECKING:
+    from llmosd.hardware.autotune import BatchProfile
+    from llmosd.scheduler.batcher import BatchPolicy
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -219,33 +224,22 @@ class GenerationStats:
         }
 
 
-class GenerationEngine:
+class GenerationEngine(Worker[_Sequence, GenerationStream]):
+    kind, role = "generate", "generation"
+
     def __init__(self, name: str, model: TextGenerator, limits: GenerationLimits) -> None:
-        self.name = name
+        super().__init__(name)
         self.model = model
         self.limits = limits
         self.stats = GenerationStats()
-        self._inbox: queue.SimpleQueue[_Sequence | None] = queue.SimpleQueue()
         self._waiting_count = 0  # loop-side count of sequences not yet running, for admission
-        self._open: set[GenerationStream] = set()  # loop side: submitted, not finished
         self._ran_since_release = False  # worker thread only
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.gave_up: Callable[[str], None] | None = None  # the pool's: unload and report the model
-        self.supervisor = Supervisor(f"generate-{name}", self._work, self._reset, self._give_up)
-        self._closed = False
         self._masker: ThreadPoolExecutor | None = None  # grammar masks, computed while the model runs
-
-    def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self.supervisor.start(self._loop)
 
     def submit(self, request: GenerationRequest, constraint: Constraint | None = None) -> GenerationStream:
         """Queue one sequence (on the loop), with its own grammar matcher where its output is constrained.
         Raises RequestTooLarge, QueueFull or BatcherClosed at once."""
-        if self._closed or self._loop is None:
-            raise BatcherClosed(f"model {self.name!r} is unloading")
-        if not self.supervisor.healthy:
-            raise self.supervisor.unavailable()
+        self._admissible()
         n = len(request.prompt_ids)
         if n == 0:
             raise RequestTooLarge("the prompt is empty after tokenisation")
@@ -274,9 +268,8 @@ class GenerationEngine:
         seq = _Sequence(request, stream, sampler, text, reserve, time.time(), constraint)
         self._waiting_count += 1
         self.stats.requests += 1
-        self._open.add(stream)
         stream.on_done = self._open.discard
-        self._inbox.put(seq)
+        self._hold(stream, seq)
         return stream
 
     def decode(self, ids: list[int], special: bool = False) -> str:
@@ -300,32 +293,46 @@ class GenerationEngine:
 
     async def close(self) -> None:
         """Stop admitting, fail what is still waiting or running, join the worker."""
-        self._closed = True
-        self._inbox.put(None)
-        await self.supervisor.join()
-        self._reset(BatcherClosed(f"model {self.name!r} is unloading"))  # a worker that was down held these
+        await super().close()
         if self._masker is not None:
             self._masker.shutdown(wait=False)
 
-    def _reset(self, exc: BaseException) -> None:
-        """On the loop, no worker running: fail every sequence not finished, queued ones included, and
-        let the next thread start from nothing (its cache and rows were the dead thread's locals)."""
-        drain(self._inbox)
-        held = list(self._open)
-        for stream in held:
-            stream._deliver(exc)
-        self._open.clear()
+    def waiting(self) -> int:
+        return self.stats.waiting
+
+    def waiting_by_priority(self) -> dict[str, int]:
+        return dict(self.stats.waiting_by_priority)
+
+    def outcomes(self) -> tuple[int, int]:
+        return self.stats.completed, self.stats.failed
+
+    def busy(self) -> bool:
+        return self.stats.running + self.stats.waiting > 0
+
+    def in_flight(self) -> int:
+        return self.load
+
+    def apply(self, profile: BatchProfile, base: BatchPolicy | None = None) -> None:
+        """Rows decoded together (the thread reads its limits at every step)."""
+        if not profile.disturbed:
+            self.limits = dataclasses.replace(self.limits, max_sequences=profile.chosen)
+
+    def report(self) -> dict[str, object]:
+        return {"max_sequences": self.limits.max_sequences, "generation": self.stats.as_dict()}
+
+    def _abandon(self, pending: GenerationStream, exc: BaseException) -> bool:
+        pending._deliver(exc)
+        return True
+
+    def _cleared(self, exc: BaseException, failed: int) -> None:
+        """The next thread starts from nothing (its cache and rows were the dead thread's locals)."""
         self._waiting_count = 0
         st = self.stats
         if isinstance(exc, WorkerDied):  # the model's own worker failed them: probation counts these
-            st.failed += len(held)
+            st.failed += failed
         st.running = st.waiting = st.kv_reserved_bytes = 0
         st.waiting_by_priority = dict.fromkeys(PRIORITIES, 0)
         st.cancelled = st.requests - st.completed - st.failed  # the rest left unseen: ``load`` is 0 again
-
-    def _give_up(self, reason: str) -> None:
-        if self.gave_up is not None:
-            self.gave_up(reason)
 
     # --- worker thread ---------------------------------------------------------------------------
 
@@ -339,7 +346,7 @@ class GenerationEngine:
         self._publish_counts(waiting, rows)  # the warm-up's prefills are counted before any request
         while True:
             if not self._take(waiting, block=not rows and not waiting):
-                self._fail([*waiting, *rows], BatcherClosed(f"model {self.name!r} is unloading"))
+                self._fail([*waiting, *rows], self.unloading())
                 return
             joining: list[_Sequence] = []
             self._ran_since_release = self._ran_since_release or bool(rows or waiting)
@@ -522,7 +529,7 @@ class GenerationEngine:
         st.generated_tokens += len(rows)
         st.largest_batch = max(st.largest_batch, len(rows))
         rate = len(rows) / max(elapsed, 1e-6)
-        st.tokens_per_s = rate if st.tokens_per_s == 0 else 0.9 * st.tokens_per_s + 0.1 * rate
+        st.tokens_per_s = ewma(st.tokens_per_s, rate)
         self._count_leavers([s for s, _ in chunks if s.done] + [s for s, _ in broken])
         self._deliver([(s, c) for s, c in chunks if c is not None])
         for s, why in broken:
@@ -573,8 +580,3 @@ class GenerationEngine:
                     s.stream._deliver(exc)
 
             self._call(fail)
-
-    def _call(self, fn: Callable[[], object]) -> None:
-        assert self._loop is not None
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
-            self._loop.call_soon_threadsafe(fn)

@@ -337,11 +337,11 @@ class ModelPool:
             engine = GenerationEngine(loaded.name, loaded.backend, self.limits)
             engine.gave_up = gave_up
             engine.start()
-            return Instance(loaded, engine=engine, gave_up=gave_up)
+            return Instance(loaded, engine, gave_up=gave_up)
         batcher: DynamicBatcher[Any] = DynamicBatcher(loaded.name, loaded.backend, self.policy)
         batcher.gave_up = gave_up
         batcher.start()
-        return Instance(loaded, batcher=batcher, gave_up=gave_up)
+        return Instance(loaded, batcher, gave_up=gave_up)
 
     def _give_up(self, ref: str, name: str, reason: str) -> None:
         """A worker of ``ref`` died too often: unload it and say so (status, readiness). A later request

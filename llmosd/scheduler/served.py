@@ -1,14 +1,15 @@
 """A served model: one or more instances of one version (a session each, on the device placement gave
-it), each behind its own batcher (encoders) or continuous-batching engine (causal LMs). Requests go to
-the instance with the least outstanding work, as Triton spreads them over an instance group."""
+it), each with exactly one worker (``worker.py``): a dynamic batcher (encoders) or a continuous-batching
+engine (causal LMs). Raw tensors (/v2) for an instance's session go through a tensor batcher of their
+own, an instance of its own started on first use. Requests go to the instance with the least
+outstanding work, as Triton spreads them over an instance group."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy.typing as npt
 
@@ -31,12 +32,15 @@ FAST_PACE = 0.67
 MAX_PACE_RETUNES = 2
 
 
+Work = DynamicBatcher[Any] | GenerationEngine | TensorBatcher
+
+
 @dataclass
 class Instance:
+    """One session on one device and the one worker that runs it."""
+
     loaded: LoadedModel
-    batcher: DynamicBatcher[Any] | None = None
-    engine: GenerationEngine | None = None
-    tensors: TensorBatcher | None = None  # raw tensors (/v2), started on first use
+    worker: Work
     profile: BatchProfile | None = None  # the autotuned batch size on this device, once known
     outstanding: int = 0  # inputs or tensor requests submitted here and not answered yet (loop-side)
     gave_up: Callable[[str], None] | None = None  # the pool's: a worker died too often, unload the model
@@ -48,43 +52,33 @@ class Instance:
     def device(self) -> str:
         return self.loaded.placement.device
 
-    def load(self) -> int:
-        return self.outstanding + (self.engine.load if self.engine is not None else 0)
+    @property
+    def supervisor(self) -> Supervisor:
+        return self.worker.supervisor
 
-    def supervisors(self) -> list[Supervisor]:
-        return [w.supervisor for w in self._workers().values()]
+    def load(self) -> int:
+        return self.outstanding + self.worker.in_flight()
 
     def healthy(self) -> bool:
-        """Every worker here is running (one that died is restarting or was given up on)."""
-        return all(s.healthy for s in self.supervisors())
+        """Its worker is running (one that died is restarting or was given up on)."""
+        return self.supervisor.healthy
 
     def restarts(self) -> int:
-        return sum(s.restarts for s in self.supervisors())
+        return self.supervisor.restarts
 
     def queued(self) -> int:
-        if self.batcher is not None:
-            return self.batcher.queued
-        return self.engine.stats.waiting if self.engine is not None else 0
+        return self.worker.waiting()
 
     def queued_by_priority(self) -> dict[str, int]:
-        if self.batcher is not None:
-            return self.batcher.queued_by_priority()
-        return dict(self.engine.stats.waiting_by_priority) if self.engine is not None else {}
+        return self.worker.waiting_by_priority()
 
     def outcomes(self) -> tuple[int, int]:
-        """Requests the engines here answered and failed (refused, cancelled and raw-tensor ones —
+        """Requests the worker here answered and failed (refused, cancelled and raw-tensor ones —
         whose failures are mostly the client's tensors — are neither)."""
-        ok = failed = 0
-        if self.batcher is not None:
-            ok, failed = self.batcher.stats.completed, self.batcher.stats.failed
-        if self.engine is not None:
-            ok, failed = ok + self.engine.stats.completed, failed + self.engine.stats.failed
-        return ok, failed
+        return self.worker.outcomes()
 
     def busy(self) -> bool:
-        queued = self.batcher is not None and self.batcher.queued > 0
-        generating = self.engine is not None and (self.engine.stats.running + self.engine.stats.waiting) > 0
-        return self.outstanding > 0 or queued or generating
+        return self.outstanding > 0 or self.worker.busy()
 
     def apply(self, profile: BatchProfile, base: BatchPolicy | None = None) -> None:
         """Switch to the tuned sizes (the workers read their policy and limits at every step), over
@@ -92,23 +86,14 @@ class Instance:
         self.profile = profile
         if not profile.disturbed:
             self.disturbed_retunes = 0
-        if self.batcher is not None:
-            policy = base or self.batcher.policy
-            if not profile.disturbed:  # an encoder: up to the largest size its budget allows, priced
-                policy = dataclasses.replace(policy, max_batch=max(profile.chosen, profile.largest), cost=profile.cost)
-            self.batcher.policy = policy
-            self.batcher.stats.pace, self.batcher.stats.paced = 1.0, 0
-        if self.engine is not None and not profile.disturbed:  # rows decoded together
-            self.engine.limits = dataclasses.replace(self.engine.limits, max_sequences=profile.chosen)
+        self.worker.apply(profile, base)
 
     def rebase(self, policy: BatchPolicy) -> None:
         """New configured limits (a reload); tuned sizes stay on top of them: they were measured here."""
-        if self.batcher is None:
-            return
         if self.profile is not None:
             self.apply(self.profile, base=policy)
         else:
-            self.batcher.policy = policy
+            self.worker.rebase(policy)
 
     def retune_reason(self) -> str | None:
         """Why this instance should be measured again, if it should: its last calibration was disturbed,
@@ -119,23 +104,17 @@ class Instance:
             if time.monotonic() < self.retune_after:
                 return None
             return "its last calibration was disturbed"
-        stats = self.batcher.stats if self.batcher is not None else None
-        if stats and stats.paced >= PACED_RUNS and stats.pace < FAST_PACE and self.pace_retunes < MAX_PACE_RETUNES:
-            return f"its runs take {stats.pace:.2f} of the time its profile predicts"
+        paced, pace = self.worker.pace()
+        if paced >= PACED_RUNS and pace < FAST_PACE and self.pace_retunes < MAX_PACE_RETUNES:
+            return f"its runs take {pace:.2f} of the time its profile predicts"
         return None
 
-    def _workers(self) -> dict[str, DynamicBatcher[Any] | GenerationEngine | TensorBatcher]:
-        parts = {"batcher": self.batcher, "generation": self.engine, "tensors": self.tensors}
-        return {kind: w for kind, w in parts.items() if w is not None}
-
     async def close(self) -> None:
-        for part in (self.batcher, self.engine, self.tensors):
-            if part is not None:
-                await part.close()
+        await self.worker.close()
 
     def status(self) -> dict[str, object]:
         p = self.loaded.placement
-        out: dict[str, object] = {
+        return {
             "device": p.device,
             "providers": list(p.providers),
             "threads": p.threads,
@@ -143,20 +122,15 @@ class Instance:
             "tuned": self.profile.reason if self.profile else None,
             "queued": self.queued(),
             "healthy": self.healthy(),
-            "workers": {kind: w.supervisor.status() for kind, w in self._workers().items()},
-        }
-        if self.batcher is not None:
-            out |= {"max_batch": self.batcher.policy.max_batch, "batcher": self.batcher.stats.as_dict()}
-        if self.engine is not None:
-            out |= {"max_sequences": self.engine.limits.max_sequences, "generation": self.engine.stats.as_dict()}
-        if self.tensors is not None:
-            out["tensors"] = self.tensors.stats.as_dict()
-        return out
+            "workers": {self.worker.role: self.supervisor.status()},
+        } | self.worker.report()
 
 
 @dataclass
 class ServedModel:
-    instances: list[Instance]
+    instances: list[Instance]  # each with its batcher or generation engine
+    # Raw tensors (/v2) for instance k: the same session behind a tensor batcher, started on first use.
+    raw: dict[int, Instance] = field(default_factory=dict)
     last_used: float = field(default_factory=time.monotonic)  # for least-recently-used unloading
     in_use: int = 0  # requests holding it (between acquire and release): never unloaded meanwhile
     keep_alive_s: float | None = None  # idle time before unloading; None: the pool's default
@@ -181,18 +155,36 @@ class ServedModel:
 
     @property
     def generates(self) -> bool:
-        return self.instances[0].engine is not None
+        return isinstance(self.instances[0].worker, GenerationEngine)
+
+    def _all(self) -> list[Instance]:
+        return [*self.instances, *self.raw.values()]
 
     def healthy(self) -> bool:
-        return all(i.healthy() for i in self.instances)
+        return all(i.healthy() for i in self._all())
 
-    def pick(self) -> Instance:
-        """The healthy instance with the least outstanding work; equals in turn. One whose worker is
-        down is passed over while another can serve (its own requests then get its 503)."""
+    def restarts(self) -> int:
+        return sum(i.restarts() for i in self._all())
+
+    def _load(self, k: int) -> int:
+        raw = self.raw.get(k)
+        return self.instances[k].load() + (raw.load() if raw is not None else 0)
+
+    def _healthy(self, k: int) -> bool:
+        raw = self.raw.get(k)
+        return self.instances[k].healthy() and (raw is None or raw.healthy())
+
+    def pick_index(self) -> int:
+        """The healthy instance with the least outstanding work (its raw tensors' included); equals in
+        turn. One whose worker is down is passed over while another can serve (its own requests then
+        get its 503)."""
         self._turn += 1
         n = len(self.instances)
-        up = [i for i in self.instances if i.healthy()] or self.instances
-        return min(up, key=lambda i: (i.load(), (self.instances.index(i) - self._turn) % n))
+        up = [k for k in range(n) if self._healthy(k)] or list(range(n))
+        return min(up, key=lambda k: (self._load(k), (k - self._turn) % n))
+
+    def pick(self) -> Instance:
+        return self.instances[self.pick_index()]
 
     def outcomes(self) -> tuple[int, int]:
         """(answered, failed) requests over every instance, since this version was loaded."""
@@ -200,7 +192,7 @@ class ServedModel:
         return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
     def busy(self) -> bool:
-        return self.in_use > 0 or any(i.busy() for i in self.instances)
+        return self.in_use > 0 or any(i.busy() for i in self._all())
 
     def apply(self, profile: BatchProfile) -> None:
         for instance in self.instances:
@@ -209,19 +201,19 @@ class ServedModel:
 
     async def infer(self, inputs: Sequence[Input], priority: int = NORMAL, truncate: bool = True) -> list[Output]:
         instance = self.pick()
-        if instance.batcher is None:
+        if not isinstance(instance.worker, DynamicBatcher):
             raise TypeError(f"model {self.name!r} generates text; it has no batch inference")
         instance.outstanding += len(inputs)
         try:
-            return await instance.batcher.submit(inputs, priority, truncate)
+            return await instance.worker.submit(inputs, priority, truncate)
         finally:
             instance.outstanding -= len(inputs)
 
     @property
     def generator(self) -> GenerationEngine:
         """The engine the next request should go to (a request's sequences all go to one engine)."""
-        engine = self.pick().engine
-        if engine is None:
+        engine = self.pick().worker
+        if not isinstance(engine, GenerationEngine):
             raise TypeError(f"model {self.name!r} does not generate text")
         return engine
 
@@ -229,20 +221,33 @@ class ServedModel:
         self, feeds: dict[str, npt.NDArray[Any]], max_rows: int, max_queue: int
     ) -> dict[str, npt.NDArray[Any]]:
         """Raw tensors (/v2) through the chosen instance's tensor batcher, started on first use."""
-        instance = self.pick()
-        if instance.tensors is None:
-            instance.tensors = TensorBatcher(self.name, TensorModel(instance.loaded.session), max_rows, max_queue)
-            instance.tensors.gave_up = instance.gave_up
-            instance.tensors.start()
-        instance.outstanding += 1
+        k = self.pick_index()
+        raw = self.raw.get(k)
+        if raw is None:
+            text = self.instances[k]
+            batcher = TensorBatcher(self.name, TensorModel(text.loaded.session), max_rows, max_queue)
+            batcher.gave_up = text.gave_up
+            batcher.start()
+            raw = self.raw[k] = Instance(text.loaded, batcher, gave_up=text.gave_up)
+        assert isinstance(raw.worker, TensorBatcher)
+        raw.outstanding += 1
         try:
-            return await instance.tensors.submit(feeds)
+            return await raw.worker.submit(feeds)
         finally:
-            instance.outstanding -= 1
+            raw.outstanding -= 1
 
     async def close(self) -> None:
-        for instance in self.instances:
+        for instance in self._all():
             await instance.close()
+
+    def _instance_status(self, k: int) -> dict[str, object]:
+        """Instance k as /api/status shows it, its raw-tensor worker beside its own."""
+        out = self.instances[k].status()
+        raw = self.raw.get(k)
+        if raw is not None:
+            workers = dict(cast(dict[str, object], out["workers"])) | {raw.worker.role: raw.supervisor.status()}
+            out |= raw.worker.report() | {"workers": workers, "healthy": self._healthy(k)}
+        return out
 
     def status(self) -> dict[str, object]:
         m = self.manifest
@@ -258,10 +263,10 @@ class ServedModel:
             "devices": self.devices,
             "queued": sum(i.queued() for i in self.instances),
             "queued_by_priority": by_priority,
-            "instances": [i.status() for i in self.instances],
+            "instances": [self._instance_status(k) for k in range(len(self.instances))],
         }
-        engine = self.instances[0].engine
-        if engine is not None:
+        engine = self.instances[0].worker
+        if isinstance(engine, GenerationEngine):
             out |= {
                 "context_length": engine.model.context_length,
                 "kv_bytes_per_token": engine.model.lm.bytes_per_token,

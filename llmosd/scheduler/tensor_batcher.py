@@ -10,7 +10,7 @@ import asyncio
 import logging
 import queue
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,10 +19,10 @@ import numpy.typing as npt
 
 from llmosd.runtime.memory import IDLE_RELEASE_S, release_quietly, shrink_options, trim_heap
 from llmosd.runtime.tensors import TensorModel
-from llmosd.scheduler.errors import BatcherClosed, QueueFull
+from llmosd.scheduler.errors import QueueFull
 from llmosd.scheduler.histogram import SIZES, Histogram
 from llmosd.scheduler.planning import retry_after_s
-from llmosd.scheduler.supervisor import Supervisor, drain
+from llmosd.scheduler.worker import Worker, abandon_future, ewma
 
 log = logging.getLogger(__name__)
 Arrays = dict[str, npt.NDArray[Any]]
@@ -60,61 +60,41 @@ class _Request:
         return tuple(sorted((k, v.dtype.str, v.shape[1:]) for k, v in self.feeds.items()))
 
 
-class TensorBatcher:
+class TensorBatcher(Worker[_Request, asyncio.Future[Arrays]]):
+    kind = role = "tensors"
+
     def __init__(self, name: str, model: TensorModel, max_rows: int = 32, max_queue: int = 1024) -> None:
-        self.name = name
+        super().__init__(name)
         self.model = model
         self.max_rows = max_rows
         self.max_queue = max_queue
         self.stats = TensorStats()
-        self._inbox: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._waiting = 0  # loop side
-        self._open: set[asyncio.Future[Arrays]] = set()  # loop side: submitted, not answered
         self._last_row: Arrays | None = None  # worker thread only: set after a run, for the idle release
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.gave_up: Callable[[str], None] | None = None  # the pool's: unload and report the model
-        self.supervisor = Supervisor(f"tensors-{name}", self._work, self._reset, self._give_up)
-        self._closed = False
-
-    def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self.supervisor.start(self._loop)
 
     async def submit(self, feeds: Mapping[str, npt.NDArray[Any]]) -> Arrays:
-        if self._closed or self._loop is None:
-            raise BatcherClosed(f"model {self.name!r} is unloading")
-        if not self.supervisor.healthy:
-            raise self.supervisor.unavailable()
+        loop = self._admissible()
         if self._waiting >= self.max_queue:
             self.stats.rejected += 1
             raise QueueFull(self.name, retry_after_s(self._waiting, self.stats.rows_per_s))
-        future: asyncio.Future[Arrays] = self._loop.create_future()
-        self._open.add(future)
+        future: asyncio.Future[Arrays] = loop.create_future()
         future.add_done_callback(self._open.discard)
         self._waiting += 1
         self.stats.requests += 1
-        self._inbox.put(_Request(dict(feeds), future))
+        self._hold(future, _Request(dict(feeds), future))
         try:
             return await future
         finally:
             self._waiting -= 1
 
-    async def close(self) -> None:
-        self._closed = True
-        self._inbox.put(None)
-        await self.supervisor.join()
-        self._reset(BatcherClosed(f"model {self.name!r} is unloading"))
+    def _abandon(self, pending: asyncio.Future[Arrays], exc: BaseException) -> bool:
+        return abandon_future(pending, exc)
 
-    def _reset(self, exc: BaseException) -> None:
-        """On the loop, no worker running: fail every request not answered, queued ones included."""
-        drain(self._inbox)
-        for future in list(self._open):
-            if not future.done():
-                future.set_exception(exc)
+    def waiting(self) -> int:
+        return self._waiting
 
-    def _give_up(self, reason: str) -> None:
-        if self.gave_up is not None:
-            self.gave_up(reason)
+    def report(self) -> dict[str, object]:
+        return {"tensors": self.stats.as_dict()}
 
     # ---- worker thread ----
     def _work(self) -> None:
@@ -126,7 +106,7 @@ class TensorBatcher:
                 while item is not None:
                     pending.append(item)
                     item = self._inbox.get_nowait()
-                self._settle(pending, BatcherClosed(f"model {self.name!r} is unloading"))
+                self._settle(pending, self.unloading())
                 return
             except queue.Empty:
                 pass
@@ -192,16 +172,15 @@ class TensorBatcher:
         s.sizes.observe(len(batch))
         s.run_time.observe(elapsed)
         rate = sum(r.rows for r in batch) / max(elapsed, 1e-6)
-        s.rows_per_s = rate if s.rows_per_s == 0 else 0.9 * s.rows_per_s + 0.1 * rate
+        s.rows_per_s = ewma(s.rows_per_s, rate)
         self._deliver(batch, results)
 
     def _deliver(self, batch: list[_Request], results: list[Arrays]) -> None:
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(_resolve, batch, results)
+        self._call(_resolve, batch, results)
 
     def _settle(self, requests: list[_Request], exc: BaseException) -> None:
         if requests and self._loop is not None:
-            self._loop.call_soon_threadsafe(_reject, requests, exc)
+            self._call(_reject, requests, exc)
 
 
 def _resolve(batch: list[_Request], results: list[Arrays]) -> None:
