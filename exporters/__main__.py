@@ -70,36 +70,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out: Path = args.out
     src: Path = source.from_gguf(args.src, out / "hf") if args.src.suffix == ".gguf" else args.src
     config = source.model_config(src)
-    runtime: dict[str, Any] = {"max_seq_length": source.max_seq_length(src, config)}
-    if args.task == "feature-extraction":
-        runtime |= source.embedding_settings(src)
-    elif args.task == "text-generation":
-        runtime |= source.generation_settings(src, config)
-        runtime["sampling"] = _sampling(runtime["sampling"], args.sampling)
-    elif args.task == "text-ranking":
-        runtime |= source.ranking_settings(config)
-    else:
-        runtime |= source.classification_settings(config)
+    runtime = _runtime_settings(args, src, config)
     use_fused = _fused(args, config)
-    t0 = time.monotonic()
-    if use_fused:
-        from exporters import fused
-
-        _, steps = fused.build(src, out, args.precision, _options(args.option))
-        steps["export_s"] = round(time.monotonic() - t0, 2)
-        runtime["kv_cache"] = "in-place"  # GroupQueryAttention writes past and present in one buffer
-    else:
-        steps = _optimum(args, recipe, src, out, config)
-    _tokenizer_json(src, out / "tokenizer.json")
-    shutil.copyfile(src / "config.json", out / "config.json")
-    files = {"model.onnx": "model", "tokenizer.json": "tokenizer", "config.json": "config"}
-    if (out / "model.onnx.data").is_file():  # the fused recipe's weights
-        files["model.onnx.data"] = "model-data"
-    if args.task == "text-generation" and (src / "generation_config.json").is_file():
-        shutil.copyfile(src / "generation_config.json", out / "generation_config.json")
-        files["generation_config.json"] = "generation-config"
-    for work in ("raw", "builder", "builder-cache"):
-        shutil.rmtree(out / work, ignore_errors=True)
+    steps = _export_graph(args, recipe, src, out, config, runtime, use_fused)
+    files = _files(args, src, out)
     # The fused graph is built for the CPU provider (GroupQueryAttention, MatMulNBits at accuracy level 4);
     # its CUDA build is another graph (fp16), not proven here yet. Per-token int8 runs on MLAS's u8s8
     # kernels: CUDA has no MatMulIntegerToFloat, and fp16 is that device's precision.
@@ -110,15 +84,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         runtime["dimensions"] = outputs[0]["shape"][-1]
         runtime |= _matryoshka(_options(args.option), runtime["dimensions"])
     t1 = time.monotonic()
-    validation = validate(
-        src,
-        out / "model.onnx",
-        out / "tokenizer.json",
-        args.task,
-        runtime,
-        devices,
-        _tolerance(recipe.tolerances[args.precision], args.tolerance),
-    )
+    tolerance = _tolerance(recipe.tolerances[args.precision], args.tolerance)
+    validation = validate(src, out / "model.onnx", out / "tokenizer.json", args.task, runtime, devices, tolerance)
     steps["validate_s"] = round(time.monotonic() - t1, 2)
     if src != args.src:
         shutil.rmtree(src)  # the dequantised folder made from the GGUF file
@@ -139,6 +106,59 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "source": source.source_info(args.src, config, args.source_id),
         "files": files,
     }
+
+
+def _runtime_settings(args: argparse.Namespace, src: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """What the server needs to run the task, read from the source (the manifest's ``runtime``)."""
+    from exporters import source
+
+    runtime: dict[str, Any] = {"max_seq_length": source.max_seq_length(src, config)}
+    if args.task == "feature-extraction":
+        runtime |= source.embedding_settings(src)
+    elif args.task == "text-generation":
+        runtime |= source.generation_settings(src, config)
+        runtime["sampling"] = _sampling(runtime["sampling"], args.sampling)
+    elif args.task == "text-ranking":
+        runtime |= source.ranking_settings(config)
+    else:
+        runtime |= source.classification_settings(config)
+    return runtime
+
+
+def _export_graph(
+    args: argparse.Namespace,
+    recipe: Recipe,
+    src: Path,
+    out: Path,
+    config: dict[str, Any],
+    runtime: dict[str, Any],
+    use_fused: bool,
+) -> dict[str, Any]:
+    """out/model.onnx (and its weights) by the fused builder or optimum; the steps' timings."""
+    t0 = time.monotonic()
+    if use_fused:
+        from exporters import fused
+
+        _, steps = fused.build(src, out, args.precision, _options(args.option))
+        steps["export_s"] = round(time.monotonic() - t0, 2)
+        runtime["kv_cache"] = "in-place"  # GroupQueryAttention writes past and present in one buffer
+        return steps
+    return _optimum(args, recipe, src, out, config)
+
+
+def _files(args: argparse.Namespace, src: Path, out: Path) -> dict[str, str]:
+    """The artifact's files beside the graph, by role; the builders' work folders go."""
+    _tokenizer_json(src, out / "tokenizer.json")
+    shutil.copyfile(src / "config.json", out / "config.json")
+    files = {"model.onnx": "model", "tokenizer.json": "tokenizer", "config.json": "config"}
+    if (out / "model.onnx.data").is_file():  # the fused recipe's weights
+        files["model.onnx.data"] = "model-data"
+    if args.task == "text-generation" and (src / "generation_config.json").is_file():
+        shutil.copyfile(src / "generation_config.json", out / "generation_config.json")
+        files["generation_config.json"] = "generation-config"
+    for work in ("raw", "builder", "builder-cache"):
+        shutil.rmtree(out / work, ignore_errors=True)
+    return files
 
 
 def _optimum(args: argparse.Namespace, recipe: Recipe, src: Path, out: Path, config: dict[str, Any]) -> dict[str, Any]:
