@@ -134,10 +134,13 @@ class SchedulerCollector(Collector):
             "llmosd_event_loop_blocks", "Wake-ups of the event loop later than loop_block_ms (something blocked it)"
         )
         blocks.add_metric([], lag.blocks)
+        starved = CounterMetricFamily(
+            "llmosd_event_loop_starved", "Late wake-ups while other processes kept the cores busy (not blocks)"
+        )
+        starved.add_metric([], lag.starved)
         worst = GaugeMetricFamily("llmosd_event_loop_lag_max_seconds", "The latest the event loop woke, since start")
         worst.add_metric([], lag.worst_s)
-        yield blocks
-        yield worst
+        yield from (blocks, starved, worst)
 
     def _devices(self) -> Iterator[Metric]:
         memory = GaugeMetricFamily("llmosd_device_memory_bytes", "Device memory", labels=["device", "state"])
