@@ -14,10 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from dataclasses import dataclass
 
-import psutil
+from llmosd.hardware.autotune import LoadMeter
 
 log = logging.getLogger(__name__)
 
@@ -35,32 +34,19 @@ class LoopLag:
         if self.limit_s <= 0:
             return
         loop = asyncio.get_running_loop()
-        me, cores = psutil.Process(), os.cpu_count() or 1
+        meter, cores = LoadMeter(), os.cpu_count() or 1
         while True:
-            before = _busy(me)
+            meter.restart()
             asked = loop.time() + every_s
             await asyncio.sleep(every_s)
             self.last_s = late = max(0.0, loop.time() - asked)
             self.worst_s = max(self.worst_s, late)
             if late <= self.limit_s:
                 continue
-            others = _others_cores(before, _busy(me))
+            others = meter.others_cores()
             if others > cores - 0.5:
                 self.starved += 1
                 log.debug("event loop woke %.0f ms late: other processes kept %.1f cores busy", late * 1000, others)
                 continue
             self.blocks += 1
             log.warning("event loop blocked for %.0f ms (limit %.0f ms)", late * 1000, self.limit_s * 1000)
-
-
-def _busy(me: psutil.Process) -> tuple[float, float, float]:
-    """(now, the box's busy CPU seconds, this process's): /proc/stat less /proc/self/stat."""
-    t = psutil.cpu_times()
-    busy = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0) + getattr(t, "steal", 0.0)
-    own = me.cpu_times()
-    return time.monotonic(), busy, own.user + own.system
-
-
-def _others_cores(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
-    wall = max(after[0] - before[0], 1e-3)
-    return max(0.0, ((after[1] - before[1]) - (after[2] - before[2])) / wall)

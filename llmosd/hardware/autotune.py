@@ -224,6 +224,10 @@ class LoadMeter:
         self._me = psutil.Process()
         self._start = self._read()
 
+    def restart(self) -> None:
+        """Measure from now on (the loop watch's next interval)."""
+        self._start = self._read()
+
     def _read(self) -> tuple[float, float, float]:
         t = self._psutil.cpu_times()
         busy = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
