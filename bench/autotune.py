@@ -42,9 +42,10 @@ def bench_store(state: Path, name: str, n: int, runs: int) -> list[str]:
     from llmosd.runtime import ProviderSelector, load
     from llmosd.scheduler.tuning import Tuner, TuningPolicy
     from llmosd.store import ModelStore
+    from llmosd.tasks import discover
 
     store, hw = ModelStore(state), probe()
-    loaded = load(store, store.manifest(name), ProviderSelector("auto", cuda=hw.cuda))
+    loaded = load(store, store.manifest(name), ProviderSelector("auto", cuda=hw.cuda), discover().adapters())
     tuner = Tuner(store, hw, TuningPolicy())
     with tempfile.TemporaryDirectory() as tmp:
         tuner.cache = ProfileCache(Path(tmp))  # measure fresh

@@ -45,11 +45,12 @@ async def bench(state: Path, name: str, layouts: list[int], args: argparse.Names
     from llmosd.runtime import Loader, ProviderSelector
     from llmosd.scheduler import BatchPolicy
     from llmosd.store import ModelStore
+    from llmosd.tasks import discover
 
     store, hw = ModelStore(state), probe()
     pools = {}
     for k in layouts:
-        pool = ModelPool(store, hw, Loader(ProviderSelector("cpu")), BatchPolicy(), instances=k)
+        pool = ModelPool(store, hw, Loader(ProviderSelector("cpu"), discover().adapters()), BatchPolicy(), instances=k)
         await pool.load(name)
         pools[k] = pool
     rates: dict[int, list[float]] = {k: [] for k in layouts}

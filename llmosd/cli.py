@@ -11,7 +11,7 @@ from typing import Any
 
 from llmosd import __version__
 from llmosd.config import Config, ConfigError, client_socket, knobs, load_config
-from llmosd.store.manifest import PRECISIONS, TASKS
+from llmosd.store.manifest import PRECISIONS
 
 _FLAG_KEYS = ("config", "state_dir", "socket", "host", "port", "log_level", "device")
 
@@ -323,14 +323,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     from llmosd.export import export_model
     from llmosd.logs import setup_logging
     from llmosd.store import ModelStore
+    from llmosd.tasks import discover
 
     config = _config(args)
     setup_logging(config.log_level)
+    tasks = discover()
+    if args.task not in tasks.exportable():
+        print(
+            f"llmosd export: unknown task {args.task!r}; choose from {', '.join(tasks.exportable())}", file=sys.stderr
+        )
+        return 2
     manifest = asyncio.run(
         export_model(
             ModelStore(config.state_dir),
             Path(args.src),
-            task=args.task,
+            task=tasks[args.task],
             precision=args.precision,
             name=args.name,
             version=args.version,
@@ -511,16 +518,20 @@ def _one_line(a: Any) -> str:
 
 
 def _tune_here(config: Config, name: str) -> dict[str, Any]:
+    from dataclasses import replace
+
     from llmosd.hardware import probe
     from llmosd.runtime import ProviderSelector, load
     from llmosd.scheduler.tuning import Tuner, TuningPolicy
     from llmosd.store import ModelStore
+    from llmosd.tasks import discover
 
-    store, hw = ModelStore(config.state_dir), probe()
+    store, hw, tasks = ModelStore(config.state_dir), probe(), discover()
     selector = ProviderSelector(config.device, config.threads or None, cuda=hw.cuda)
-    loaded = load(store, store.manifest(name), selector)
+    loaded = load(store, store.manifest(name), selector, tasks.adapters())
+    budgets = {t.name: t.latency_budget_ms for t in tasks.values()}
     policy = TuningPolicy(True, config.latency_budget_ms, 128, config.max_sequences, config.kv_cache_mb << 20)
-    return Tuner(store, hw, policy).tune(loaded).as_dict()
+    return Tuner(store, hw, replace(policy, budgets_ms=budgets)).tune(loaded).as_dict()
 
 
 def _daemon_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -555,7 +566,11 @@ def _export_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     s = sub.add_parser("export", help="export a Hugging Face model folder into the store")
     _add_config_flags(s)
     s.add_argument("src", help="Hugging Face model folder")
-    s.add_argument("--task", required=True, choices=TASKS)
+    # The installed tasks are checked when the command runs: listing them here would import every
+    # task package for each command line.
+    s.add_argument(
+        "--task", required=True, help="an installed task: feature-extraction, text-generation... (GET /api/tasks)"
+    )
     s.add_argument(
         "--precision", default="auto", choices=("auto", *PRECISIONS), help="auto: the fastest the gate passes"
     )

@@ -160,7 +160,7 @@ class Daemon:
         return self.proc.wait(timeout)
 
 
-def wait_ready(sock: Path, proc: subprocess.Popen[str], timeout: float = 120) -> None:
+def wait_ready(sock: Path, proc: subprocess.Popen[str], timeout: float = 120, path: str = "/readyz") -> None:
     import http.client
 
     deadline = time.monotonic() + timeout
@@ -171,7 +171,7 @@ def wait_ready(sock: Path, proc: subprocess.Popen[str], timeout: float = 120) ->
             conn = http.client.HTTPConnection("localhost")
             conn.sock = socket.socket(socket.AF_UNIX)
             conn.sock.connect(str(sock))
-            conn.request("GET", "/readyz")
+            conn.request("GET", path)
             if conn.getresponse().status == 200:
                 return
         except OSError:
@@ -181,16 +181,23 @@ def wait_ready(sock: Path, proc: subprocess.Popen[str], timeout: float = 120) ->
 
 
 def start_daemon(
-    state_dir: Path, workdir: Path, *extra: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
+    state_dir: Path,
+    workdir: Path,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    prefix: tuple[str, ...] = (),
+    python: str = sys.executable,
+    until: str = "/readyz",
 ) -> Daemon:
-    """``prefix`` runs it under another command, e.g. ``ip netns exec NS``."""
+    """``prefix`` runs it under another command, e.g. ``ip netns exec NS``; ``python``: another interpreter
+    (a venv with more packages); ``until``: the route whose 200 it waits for (/healthz: up, ready or not)."""
     sock = workdir / "llmosd.sock"
     port = free_port()
     log = workdir / "daemon.log"
     proc = subprocess.Popen(
         [
             *prefix,
-            sys.executable,
+            python,
             "-m",
             "llmosd",
             "serve",
@@ -208,7 +215,7 @@ def start_daemon(
         env=dict(os.environ, **(env or {})),
     )
     try:
-        wait_ready(sock, proc)
+        wait_ready(sock, proc, path=until)
     except Exception:
         proc.kill()
         raise RuntimeError(f"daemon did not become ready:\n{log.read_text()[-4000:]}") from None

@@ -72,9 +72,10 @@ async def test_openapi_describes_every_route(daemon: Daemon) -> None:
     from llmosd.api import AppState, make_app
     from llmosd.api.state import Live
     from llmosd.config import load_config
+    from llmosd.tasks import discover
 
     cfg = load_config({"state_dir": str(daemon.state_dir)}, {})
-    app = make_app(AppState(Live(cfg, "x" * 32), None, None, None, None))  # type: ignore[arg-type]
+    app = make_app(AppState(Live(cfg, "x" * 32), None, None, None, None, tasks=discover()))  # type: ignore[arg-type]
     routes = {(r.method.lower(), r.resource.canonical) for r in app.router.routes() if r.method != "HEAD"}
     documented = {(m, p) for p, ops in spec["paths"].items() for m in ops}
     assert routes == documented

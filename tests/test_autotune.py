@@ -27,6 +27,7 @@ from llmosd.hardware.autotune import (
 from llmosd.runtime import ProviderSelector, load
 from llmosd.scheduler.tuning import Tuner, TuningPolicy
 from llmosd.store import ModelStore
+from llmosd.tasks import discover
 from tests.conftest import DEFAULT, Daemon, llmosd
 
 GB = 1 << 30
@@ -102,7 +103,7 @@ def test_a_tune_on_a_busy_box_is_not_trusted_nor_cached(store_dir: Path, tmp_pat
     """Two processes spin on the box's two cores while MiniLM is calibrated: the profile says it was
     disturbed and how, nothing is cached, and the batcher would keep its defaults."""
     store = ModelStore(store_dir)
-    loaded = load(store, store.manifest(DEFAULT), ProviderSelector("cpu", 2, False))
+    loaded = load(store, store.manifest(DEFAULT), ProviderSelector("cpu", 2, False), discover().adapters())
     tuner = Tuner(store, probe(), TuningPolicy(latency_budget_ms=100, seq_len=32, attempts=2, pause_s=0.1))
     tuner.cache = ProfileCache(tmp_path)
     spin = "import time\nt=time.time()\nwhile time.time()-t<120: pass"
@@ -120,7 +121,7 @@ def test_a_tune_on_a_busy_box_is_not_trusted_nor_cached(store_dir: Path, tmp_pat
 
 def test_tuning_minilm_on_this_cpu_is_cached_and_chosen_within_its_budget(store_dir: Path, tmp_path: Path) -> None:
     store = ModelStore(store_dir)
-    loaded = load(store, store.manifest(DEFAULT), ProviderSelector("cpu", 2, False))
+    loaded = load(store, store.manifest(DEFAULT), ProviderSelector("cpu", 2, False), discover().adapters())
     tuner = Tuner(store, probe(), TuningPolicy(latency_budget_ms=400, seq_len=64))
     tuner.cache = ProfileCache(tmp_path)  # not the session store's own cache
     for _ in range(3):  # the session's daemon may be re-tuning in the background at this moment

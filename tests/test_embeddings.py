@@ -75,7 +75,7 @@ async def test_an_embedding_does_not_depend_on_its_batch(daemon: Daemon, model: 
         crowd = await asyncio.gather(*(embed(s, model, t, encoding_format="base64") for t in [*others, text]))
         seen.append(vectors(crowd[-1])[0])
     moved = max(float(np.abs(v - alone).max()) for v in seen)
-    assert moved <= 1e-5, moved  # the validation's bound (exporters.recipes.INVARIANT); here it is 0
+    assert moved <= 1e-5, moved  # the validation's bound (llmosd.tasks.INVARIANT); here it is 0
 
 
 async def test_base64_encoding_is_little_endian_float32(daemon: Daemon) -> None:

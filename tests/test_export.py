@@ -9,6 +9,7 @@ import pytest
 
 from llmosd.runtime import ProviderSelector, load
 from llmosd.store import ModelStore
+from llmosd.tasks import discover
 from tests.conftest import export, minilm_path
 
 pytestmark = pytest.mark.slow  # every test exports a model from PyTorch
@@ -23,7 +24,7 @@ def test_fp16_is_validated_and_refused_on_a_cpu_only_box(tmp_path: Path) -> None
     assert manifest["validation"]["passed"] and figures["min_cosine"] >= 0.999
     store = ModelStore(tmp_path)
     with pytest.raises(RuntimeError, match="runs only on cuda"):
-        load(store, store.manifest("minilm-fp16"), ProviderSelector(device="cpu"))
+        load(store, store.manifest("minilm-fp16"), ProviderSelector(device="cpu"), discover().adapters())
 
 
 def test_export_refuses_an_artifact_outside_tolerance(tmp_path: Path) -> None:

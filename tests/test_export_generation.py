@@ -157,6 +157,7 @@ async def test_weights_as_external_data_export_store_push_pull_and_serve(tmp_pat
     from llmosd.runtime import ProviderSelector, load
     from llmosd.runtime.generator import TextGenerator
     from llmosd.store import ModelStore
+    from llmosd.tasks import discover
     from tests.registry import docker_registry
 
     src = tiny_causal_lm("llama", tmp_path / "src")
@@ -179,7 +180,7 @@ async def test_weights_as_external_data_export_store_push_pull_and_serve(tmp_pat
     pulled.verify(pulled.manifest("split"))
     outputs = []
     for where, name in ((store, "inline"), (pulled, "split")):
-        model = load(where, where.manifest(name), ProviderSelector("cpu", 2, False)).backend
+        model = load(where, where.manifest(name), ProviderSelector("cpu", 2, False), discover().adapters()).backend
         assert isinstance(model, TextGenerator)
         logits, row = model.lm.prefill(model.encode("hello world, the weather", special=False))
         tokens = [int(logits.argmax())]

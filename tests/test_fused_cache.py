@@ -15,13 +15,16 @@ from llmosd.runtime import ProviderSelector, load
 from llmosd.runtime.fused_lm import FusedLM
 from llmosd.runtime.generator import TextGenerator
 from llmosd.store import ModelStore
+from llmosd.tasks import discover
 from tests.conftest import SMOLLM2
 
 
 @pytest.fixture(scope="module")
 def smol(store_dir: Path) -> Iterator[TextGenerator]:
     store = ModelStore(store_dir)
-    loaded = load(store, store.manifest(SMOLLM2), ProviderSelector("cpu", 2, False), max_sequences=4)
+    loaded = load(
+        store, store.manifest(SMOLLM2), ProviderSelector("cpu", 2, False), discover().adapters(), max_sequences=4
+    )
     assert isinstance(loaded.backend, TextGenerator)
     yield loaded.backend
 

@@ -31,6 +31,7 @@ from llmosd.scheduler import (
     RequestTooLarge,
 )
 from llmosd.store import ModelStore
+from llmosd.tasks import discover
 from tests.conftest import SMOLLM2, export
 from tests.test_export_generation import tiny_causal_lm
 
@@ -43,7 +44,7 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Co
 @pytest.fixture(scope="module")
 def smol(store_dir: Path) -> Iterator[TextGenerator]:
     store = ModelStore(store_dir)
-    loaded = load(store, store.manifest(SMOLLM2), ProviderSelector("cpu", 2, False))
+    loaded = load(store, store.manifest(SMOLLM2), ProviderSelector("cpu", 2, False), discover().adapters())
     assert isinstance(loaded.backend, TextGenerator)
     yield loaded.backend
 
@@ -243,7 +244,10 @@ def tiny_lms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, 
         r = export(src, "text-generation", "fp32", f"tiny-{kind}", state)
         assert r.returncode == 0, r.stderr[-3000:]
         store = ModelStore(state)
-        out[kind] = (src, load(store, store.manifest(f"tiny-{kind}"), ProviderSelector("cpu", 2, False)))
+        out[kind] = (
+            src,
+            load(store, store.manifest(f"tiny-{kind}"), ProviderSelector("cpu", 2, False), discover().adapters()),
+        )
     return out
 
 

@@ -16,6 +16,7 @@ from llmosd.runtime import Loader, ProviderSelector
 from llmosd.scheduler import BatchPolicy, DynamicBatcher, ModelPool
 from llmosd.scheduler.placement import Ledger, PlacementError, need_bytes
 from llmosd.store import ModelStore
+from llmosd.tasks import discover
 from tests.conftest import DEFAULT, start_daemon
 from tests.test_placement import GB, box
 
@@ -52,7 +53,7 @@ def test_an_instance_placed_on_a_gpu_whose_provider_does_not_load_says_so() -> N
 async def test_two_instances_share_the_cpu_split_its_threads_and_both_serve(store_dir: Path) -> None:
     store = ModelStore(store_dir)
     need = need_bytes(store.manifest(FP32), 0)
-    hardware, sessions = box(cpu_free=16 * GB), Loader(ProviderSelector("cpu", 2, False))
+    hardware, sessions = box(cpu_free=16 * GB), Loader(ProviderSelector("cpu", 2, False), discover().adapters())
     single = ModelPool(store, hardware, sessions, BatchPolicy())
     pool = ModelPool(store, hardware, sessions, BatchPolicy(), instances=2)
     try:
@@ -82,7 +83,9 @@ async def test_fake_gpus_get_one_instance_each_and_the_ledger_counts_where_they_
     name = "minilm-fp32"  # an artifact for CPU and CUDA (int8 encoders are CPU-only: per-token int8)
     need = need_bytes(store.manifest(name), 0)
     hardware = box(cpu_free=16 * GB, gpus=(6 * GB, 8 * GB))  # the probe says CUDA loads
-    pool = ModelPool(store, hardware, Loader(ProviderSelector("auto", 2, False, hardware.cuda)), BatchPolicy())
+    pool = ModelPool(
+        store, hardware, Loader(ProviderSelector("auto", 2, False, hardware.cuda), discover().adapters()), BatchPolicy()
+    )
     try:
         served = await pool.load(name)
         # planned on cuda:1 (roomiest) and cuda:0; the real provider does not load here, so both run on the

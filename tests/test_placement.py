@@ -17,6 +17,7 @@ from llmosd.runtime import Loader, ProviderSelector
 from llmosd.scheduler import BatchPolicy, ModelPool
 from llmosd.scheduler.placement import LOAD_FACTOR, WORKSPACE, Ledger, PlacementError, candidates, need_bytes
 from llmosd.store import IntegrityError, ModelStore
+from llmosd.tasks import discover
 from tests.conftest import DEFAULT, SMOLLM2
 
 MB = 1 << 20
@@ -57,7 +58,12 @@ async def test_least_recently_used_models_make_room_and_pinned_ones_stay(store_d
     store = ModelStore(store_dir)
     fp32, int8 = (need_bytes(store.manifest(n), 0) for n in ("minilm-fp32", DEFAULT))
     # room for one of them, not both
-    pool = ModelPool(store, box(cpu_free=fp32 + int8 // 2), Loader(ProviderSelector("cpu", 1, False)), BatchPolicy())
+    pool = ModelPool(
+        store,
+        box(cpu_free=fp32 + int8 // 2),
+        Loader(ProviderSelector("cpu", 1, False), discover().adapters()),
+        BatchPolicy(),
+    )
     try:
         await pool.load("minilm-fp32")
         await pool.load(DEFAULT)  # minilm-fp32 is the least recently used: unloaded to make room
@@ -83,7 +89,12 @@ async def test_a_smoke_test_is_placed_by_the_ledger_and_leaves_nothing_reserved(
     shutil.copytree(store_dir, state, symlinks=True)
     store = ModelStore(state)
     fp32, int8 = (need_bytes(store.manifest(n), 0) for n in ("minilm-fp32", DEFAULT))
-    pool = ModelPool(store, box(cpu_free=int8 + fp32 // 2), Loader(ProviderSelector("cpu", 1, False)), BatchPolicy())
+    pool = ModelPool(
+        store,
+        box(cpu_free=int8 + fp32 // 2),
+        Loader(ProviderSelector("cpu", 1, False), discover().adapters()),
+        BatchPolicy(),
+    )
     try:
         await pool.load(DEFAULT)
         pool.pinned = {DEFAULT}

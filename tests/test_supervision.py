@@ -26,6 +26,7 @@ from llmosd.scheduler.faults import InjectedFault, inject
 from llmosd.scheduler.served import ServedModel
 from llmosd.scheduler.supervisor import MAX_DEATHS, WorkerDied
 from llmosd.store import ModelStore
+from llmosd.tasks import discover
 from tests.conftest import DEFAULT, SMOLLM2, start_daemon, store_with
 
 TIMEOUT = 30  # far past any request here: reaching it means a request hung
@@ -34,7 +35,9 @@ TIMEOUT = 30  # far past any request here: reaching it means a request hung
 @pytest.fixture(scope="module")
 async def pool(store_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ModelPool]:
     store = ModelStore(store_with(store_dir, tmp_path_factory.mktemp("sup-store"), (DEFAULT, SMOLLM2)))
-    p = ModelPool(store, probe(), Loader(ProviderSelector("cpu", 1, False)), BatchPolicy(max_batch=4))
+    p = ModelPool(
+        store, probe(), Loader(ProviderSelector("cpu", 1, False), discover().adapters()), BatchPolicy(max_batch=4)
+    )
     await p.load(DEFAULT)
     await p.load(SMOLLM2)
     yield p

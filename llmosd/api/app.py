@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
 
-from llmosd.api import admin, completions, debug, lifecycle, metrics, oip, openai, ops, rerank
+from llmosd.api import admin, debug, lifecycle, metrics, oip, openai, ops
 from llmosd.api.connections import CONNECTIONS, Connections, Limits, mark
 from llmosd.api.middleware import auth, errors, release_held
 from llmosd.api.state import STATE, AppState
+
+log = logging.getLogger(__name__)
 
 
 def make_app(app_state: AppState) -> web.Application:
@@ -26,8 +30,6 @@ def make_app(app_state: AppState) -> web.Application:
     app[CONNECTIONS] = Connections(limits)
     families = (
         openai.routes,
-        rerank.routes,
-        completions.routes,
         oip.routes,
         ops.routes,
         lifecycle.routes,
@@ -38,4 +40,17 @@ def make_app(app_state: AppState) -> web.Application:
         app.add_routes(family)
     if app_state.config.debug_api:
         app.add_routes(debug.routes)
+    _add_task_routes(app, app_state)
     return app
+
+
+def _add_task_routes(app: web.Application, app_state: AppState) -> None:
+    """Each installed task's routes; a task that claims a route the daemon serves itself is left out
+    whole (the registry already refused one task's route claimed by another)."""
+    own = {(r.method, r.resource.canonical) for r in app.router.routes() if r.resource is not None}
+    for entry in app_state.tasks.entries:
+        routes = [r for r in entry.task.routes if isinstance(r, web.RouteDef)]
+        if clash := sorted((r.method, r.path) for r in routes if (r.method, r.path) in own):
+            log.warning("task %s (%s) left out: %s %s is the daemon's own", entry.task.name, entry.package, *clash[0])
+            continue
+        app.add_routes(entry.task.routes)

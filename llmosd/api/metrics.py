@@ -17,7 +17,7 @@ from prometheus_client import Histogram as PromHistogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from llmosd.api.state import STATE, AppState
+from llmosd.api.state import STATE, TASK_KEY, AppState
 from llmosd.hardware.gpu import gpu_usage
 from llmosd.scheduler import DynamicBatcher, GenerationEngine
 from llmosd.scheduler.histogram import SECONDS, Snapshot
@@ -167,6 +167,12 @@ class Metrics:
             ["route", "model", "status"],
             registry=self.registry,
         )
+        self.task_requests = Counter(
+            "llmosd_task_requests",
+            "HTTP requests a model of each task answered (every route: the task's own, /v2, /v1/models), by status",
+            ["task", "status"],
+            registry=self.registry,
+        )
         self.latency = PromHistogram(
             "llmosd_request_duration_seconds",
             "HTTP request time, streams included",
@@ -200,6 +206,8 @@ async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
         route = resource.canonical if resource is not None else "unmatched"
         metrics = request.app[METRICS]
         metrics.requests.labels(route, _model_label(request), str(status)).inc()
+        if isinstance(task := request.get(TASK_KEY), str):  # a served model's manifest: a bounded set
+            metrics.task_requests.labels(task, str(status)).inc()
         metrics.latency.labels(route).observe(time.perf_counter() - started)
 
 

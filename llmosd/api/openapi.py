@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from llmosd import __version__
 from llmosd.scheduler import DEFAULT_RANGES
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
-_TEXTS = {
+TEXTS = {
     "oneOf": [
         {"type": "string", "minLength": 1},
         {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
     ]
 }
-_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
-_INPUTS = {"oneOf": [*_TEXTS["oneOf"], _IDS, {"type": "array", "items": _IDS, "minItems": 1}]}  # embeddings
-_TRUNCATE = {"type": "boolean", "description": "cut an input over the model's limit there (default: refuse, 400)"}
+IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+TRUNCATE = {"type": "boolean", "description": "cut an input over the model's limit there (default: refuse, 400)"}
 
 
 _KSERVE_ERROR = {"$ref": "#/components/schemas/KServeError"}
@@ -25,7 +25,7 @@ _JSON = "application/json"
 # per-address connection cap (429, answered before any route is chosen).
 _COMMON = (401, 429)
 _BODY = (400, 408, 413)  # a route that reads a JSON body: not JSON / invalid, too slow, too large
-_MODEL = (400, 404, 503)  # a route that names a model: invalid name, unknown, cannot be loaded now
+MODEL_ERRORS = (400, 404, 503)  # a route that names a model: invalid name, unknown, cannot be loaded now
 _REASONS = {
     200: "OK",
     206: "Partial content (a Range request)",
@@ -67,7 +67,7 @@ _NAME = {"type": "string", "minLength": 1}
 _PARAM_SCHEMAS: dict[str, dict[str, Any]] = {"name": _NAME, "model": _NAME, "version": _NAME, "digest": _NAME}
 
 
-def _op(
+def operation(
     summary: str,
     ok: dict[str, Any] | None = None,
     body: dict[str, Any] | None = None,
@@ -98,9 +98,9 @@ def _op(
     return op
 
 
-def _text_request(inputs: dict[str, Any] = _TEXTS, **extra: dict[str, Any]) -> dict[str, Any]:
+def text_request(inputs: dict[str, Any] = TEXTS, **extra: dict[str, Any]) -> dict[str, Any]:
     """A body with ``model`` and ``input`` (one text or a list), plus route-specific fields."""
-    properties = {"model": {"type": "string"}, "input": inputs, "truncate": _TRUNCATE, **extra}
+    properties = {"model": {"type": "string"}, "input": inputs, "truncate": TRUNCATE, **extra}
     return {"type": "object", "required": ["model", "input"], "properties": properties}
 
 
@@ -195,31 +195,6 @@ _TOOL = {
         },
     },
 }
-_RERANK = {
-    "type": "object",
-    "required": ["model", "query", "documents"],
-    "properties": {
-        "model": {"type": "string"},
-        "query": {"type": "string", "minLength": 1},
-        "documents": {
-            "type": "array",
-            "minItems": 1,
-            "items": {
-                "oneOf": [
-                    {"type": "string", "minLength": 1},
-                    {
-                        "type": "object",
-                        "required": ["text"],
-                        "properties": {"text": {"type": "string", "minLength": 1}},
-                    },
-                ]
-            },
-        },
-        "top_n": {"type": "integer", "minimum": 1},
-        "return_documents": {"type": "boolean"},
-        "truncate": _TRUNCATE,
-    },
-}
 _OIP = {
     "type": "object",
     "required": ["inputs"],
@@ -234,12 +209,13 @@ _STREAM_NOTE = " With stream: true, text/event-stream of OpenAI chunks ending wi
 
 _OBJECT = {"type": "object"}
 _GEN_OK = {"type": "object", "required": ["id", "object", "choices", "usage"]}
-_GEN_HEADERS = (_TIMEOUT_HEADER, _PRIORITY_HEADER)
+GEN_HEADERS = (_TIMEOUT_HEADER, _PRIORITY_HEADER)
 _OCTETS = "application/octet-stream"
 
-PATHS: dict[str, dict[str, Any]] = {
+# The text-generation task's routes (llmosd.api.completions), registered with that task.
+GENERATION_PATHS: dict[str, dict[str, Any]] = {
     "/v1/completions": {
-        "post": _op(
+        "post": operation(
             "Complete a prompt (OpenAI shape)." + _STREAM_NOTE,
             ok=_GEN_OK,
             body={
@@ -253,13 +229,13 @@ PATHS: dict[str, dict[str, Any]] = {
                     "max_tokens": {"type": ["integer", "null"], "minimum": 0},  # 0 only with echo
                 },
             },
-            errors=(*_MODEL, 504),
+            errors=(*MODEL_ERRORS, 504),
             ok_types=(_JSON, "text/event-stream"),
-            headers=_GEN_HEADERS,
+            headers=GEN_HEADERS,
         )
     },
     "/v1/chat/completions": {
-        "post": _op(
+        "post": operation(
             "Answer a chat with the model's own template (OpenAI shape)." + _STREAM_NOTE,
             ok=_GEN_OK,
             body={
@@ -285,79 +261,50 @@ PATHS: dict[str, dict[str, Any]] = {
                     "parallel_tool_calls": {"type": "boolean"},
                 },
             },
-            errors=(*_MODEL, 504),
+            errors=(*MODEL_ERRORS, 504),
             ok_types=(_JSON, "text/event-stream"),
-            headers=_GEN_HEADERS,
+            headers=GEN_HEADERS,
         )
     },
+}
+
+PATHS: dict[str, dict[str, Any]] = {
     "/v1/models": {
-        "get": _op("List the served models (OpenAI shape)", ok={"type": "object", "required": ["object", "data"]})
+        "get": operation("List the served models (OpenAI shape)", ok={"type": "object", "required": ["object", "data"]})
     },
     "/v1/models/{model}": {
-        "get": _op("One served model", ok={"type": "object", "required": ["id", "object"]}, errors=_MODEL)
+        "get": operation("One served model", ok={"type": "object", "required": ["id", "object"]}, errors=MODEL_ERRORS)
     },
-    "/v1/embeddings": {
-        "post": _op(
-            "Embed text (OpenAI shape)",
-            ok={"type": "object", "required": ["object", "data", "model", "usage"]},
-            body=_text_request(
-                _INPUTS,
-                encoding_format={"enum": ["float", "base64"]},
-                dimensions={"type": "integer"},
-                user={"type": "string"},
-            ),
-            errors=(*_MODEL, 504),
-            headers=_GEN_HEADERS,
-        )
-    },
-    "/v1/classify": {
-        "post": _op(
-            "Classify text: labels and scores",
-            body=_text_request(top_k={"type": "integer", "minimum": 1}),
-            errors=(*_MODEL, 504),
-            headers=_GEN_HEADERS,
-        )
-    },
-    **{
-        path: {
-            "post": _op(
-                "Rerank documents against a query with a cross-encoder (llama.cpp / vLLM / Jina / TEI shape)",
-                ok={"type": "object", "required": ["model", "results", "usage"]},
-                body=_RERANK,
-                errors=(*_MODEL, 504),
-                headers=_GEN_HEADERS,
-            )
-        }
-        for path in ("/v1/rerank", "/rerank")
-    },
-    "/v2": {"get": _op("Open Inference Protocol: server metadata", kserve=True)},
-    "/v2/health/live": {"get": _op("OIP liveness", kserve=True)},
-    "/v2/health/ready": {"get": _op("OIP readiness: the default models are loaded", errors=(503,), kserve=True)},
+    "/v2": {"get": operation("Open Inference Protocol: server metadata", kserve=True)},
+    "/v2/health/live": {"get": operation("OIP liveness", kserve=True)},
+    "/v2/health/ready": {"get": operation("OIP readiness: the default models are loaded", errors=(503,), kserve=True)},
     "/v2/models/{name}": {
-        "get": _op("OIP model metadata: tensor names, datatypes, shapes", errors=_MODEL, kserve=True)
+        "get": operation("OIP model metadata: tensor names, datatypes, shapes", errors=MODEL_ERRORS, kserve=True)
     },
     "/v2/models/{name}/versions/{version}": {
-        "get": _op("OIP model metadata of one version", errors=_MODEL, kserve=True)
+        "get": operation("OIP model metadata of one version", errors=MODEL_ERRORS, kserve=True)
     },
-    "/v2/models/{name}/ready": {"get": _op("OIP model readiness", errors=_MODEL, kserve=True)},
+    "/v2/models/{name}/ready": {"get": operation("OIP model readiness", errors=MODEL_ERRORS, kserve=True)},
     "/v2/models/{name}/versions/{version}/ready": {
-        "get": _op("OIP readiness of one version", errors=_MODEL, kserve=True)
+        "get": operation("OIP readiness of one version", errors=MODEL_ERRORS, kserve=True)
     },
     "/v2/models/{name}/infer": {
-        "post": _op(
+        "post": operation(
             "OIP inference on raw tensors (JSON or binary extension), batched",
             body=_OIP,
-            errors=_MODEL,
+            errors=MODEL_ERRORS,
             ok_types=(_JSON, _OCTETS),
             kserve=True,
         )
     },
     "/v2/models/{name}/versions/{version}/infer": {
-        "post": _op("OIP inference on one version", body=_OIP, errors=_MODEL, ok_types=(_JSON, _OCTETS), kserve=True)
+        "post": operation(
+            "OIP inference on one version", body=_OIP, errors=MODEL_ERRORS, ok_types=(_JSON, _OCTETS), kserve=True
+        )
     },
-    "/api/models/{name}/tune": {"post": _op("Autotune the model's batch size now", errors=_MODEL)},
+    "/api/models/{name}/tune": {"post": operation("Autotune the model's batch size now", errors=MODEL_ERRORS)},
     "/api/models/{name}/sampling": {
-        "post": _op(
+        "post": operation(
             "Set a causal LM's default sampling (null unsets a parameter); applied at once where it serves",
             body={
                 "type": "object",
@@ -375,23 +322,25 @@ PATHS: dict[str, dict[str, Any]] = {
                     }
                 },
             },
-            errors=_MODEL,
+            errors=MODEL_ERRORS,
         )
     },
-    "/healthz": {"get": _op("Liveness: the process answers", public=True)},
-    "/metrics": {"get": _op("Prometheus metrics (text exposition format)", ok_types=("text/plain",))},
-    "/api/hardware": {"get": _op("The hardware probe: CPU, GPUs, ORT providers that load, and placements")},
-    "/readyz": {"get": _op("Readiness: default models loaded and warm, every worker up", errors=(503,), public=True)},
-    "/api/status": {"get": _op("Daemon status: models, batcher statistics, listeners, memory")},
-    "/api/models": {"get": _op("Models in the store, their versions and which is active")},
+    "/healthz": {"get": operation("Liveness: the process answers", public=True)},
+    "/metrics": {"get": operation("Prometheus metrics (text exposition format)", ok_types=("text/plain",))},
+    "/api/hardware": {"get": operation("The hardware probe: CPU, GPUs, ORT providers that load, and placements")},
+    "/readyz": {
+        "get": operation("Readiness: default models loaded and warm, every worker up", errors=(503,), public=True)
+    },
+    "/api/status": {"get": operation("Daemon status: models, batcher statistics, listeners, memory")},
+    "/api/models": {"get": operation("Models in the store, their versions and which is active")},
     "/api/models/{name}": {
         "get": {
-            **_op("A model version's manifest (active unless ?version=)", errors=(400, 404)),
+            **operation("A model version's manifest (active unless ?version=)", errors=(400, 404)),
             "parameters": [{"name": "version", "in": "query", "required": False, "schema": {"type": "string"}}],
         }
     },
     "/api/models/pull": {
-        "post": _op(
+        "post": operation(
             "Pull REGISTRY/REPO:TAG into the store (signature checked), activate and serve it",
             body={
                 "type": "object",
@@ -402,37 +351,46 @@ PATHS: dict[str, dict[str, Any]] = {
         )
     },
     "/api/blobs/{digest}": {
-        "get": _op(
+        "get": operation(
             "A verified store file, for LAN peers (Range supported)",
             errors=(400, 404, 416),
             ok_types=(_OCTETS,),
             extra={206: {"description": _REASONS[206], "content": {_OCTETS: {"schema": {"type": "string"}}}}},
         )
     },
-    "/api/models/pulls": {"get": _op("Pulls running and recently finished, with bytes per layer")},
+    "/api/models/pulls": {"get": operation("Pulls running and recently finished, with bytes per layer")},
     "/api/models/{name}/activate": {
-        "post": _op(
+        "post": operation(
             "Activate a stored version; the old one drains",
             body={"type": "object", "required": ["version"], "properties": {"version": {"type": "string"}}},
-            errors=_MODEL,
+            errors=MODEL_ERRORS,
         )
     },
     "/api/models/{name}/rollback": {
-        "post": _op("Activate the newest version older than the active one", errors=(*_MODEL, 409))
+        "post": operation("Activate the newest version older than the active one", errors=(*MODEL_ERRORS, 409))
     },
-    "/openapi.json": {"get": _op("This document")},
+    "/api/tasks": {"get": operation("The installed tasks, who registered each, and the plugins left out")},
+    "/openapi.json": {"get": operation("This document")},
 }
-for _path, _ops in PATHS.items():  # every templated path declares its parameters
-    for _operation in _ops.values():
-        if params := _path_params(_path):
-            _operation["parameters"] = [*params, *_operation.get("parameters", [])]
 
 
-def spec() -> dict[str, Any]:
+def _with_params(paths: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Every templated path declares its parameters."""
+    out: dict[str, Any] = {}
+    for path, ops in paths.items():
+        out[path] = {m: dict(op) for m, op in ops.items()}
+        for op in out[path].values():
+            if params := _path_params(path):
+                op["parameters"] = [*params, *op.get("parameters", [])]
+    return out
+
+
+def spec(tasks: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """The document: the daemon's own routes and the installed tasks' (their ``paths``)."""
     return {
         "openapi": "3.1.0",
         "info": {"title": "llmosd", "version": __version__},
-        "paths": PATHS,
+        "paths": _with_params({**PATHS, **(tasks or {})}),
         "components": {
             "schemas": {
                 "Error": {

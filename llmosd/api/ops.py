@@ -56,7 +56,7 @@ async def status(request: web.Request) -> web.Response:
             "listeners": st.listeners,
             "state_dir": str(st.config.state_dir),
             "default_models": list(st.default_models),
-            "models": st.pool.status(),
+            "models": [s.status() | st.described(s) for s in st.pool.served()],
             "failed_models": dict(st.pool.failures),
             "sync": st.syncer.status() if st.syncer is not None else [],
         }
@@ -85,6 +85,13 @@ async def hardware(request: web.Request) -> web.Response:
     return web.json_response(st.hardware.as_dict() | {"placements": placements, "memory": memory})
 
 
+@routes.get("/api/tasks")
+async def tasks(request: web.Request) -> web.Response:
+    """The installed tasks (``llmosd.tasks`` entry points): who registered each, its routes and precisions,
+    and the plugins left out, with why."""
+    return web.json_response(state(request).tasks.report())
+
+
 @routes.get("/openapi.json")
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(spec())
+    return web.json_response(spec(state(request).tasks.paths()))

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import math
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -66,7 +65,7 @@ async def json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _model(body: dict[str, Any]) -> str:
+def model_of(body: dict[str, Any]) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("'model' is required and must be a non-empty string", "model")
@@ -77,7 +76,7 @@ def _is_ids(x: Any) -> bool:
     return isinstance(x, list) and bool(x) and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
 
 
-def _texts(body: dict[str, Any], limits: Config, ids: bool = False) -> list[Any]:
+def texts_of(body: dict[str, Any], limits: Config, ids: bool = False) -> list[Any]:
     """``input``: a string or a list of them; where ``ids``, also OpenAI's token arrays (one list of
     token ids, or a list of them), the model's own ids, taken as sent."""
     value = body.get("input")
@@ -104,87 +103,12 @@ def _texts(body: dict[str, Any], limits: Config, ids: bool = False) -> list[Any]
     return texts
 
 
-def _truncate(body: dict[str, Any]) -> bool:
+def truncate_of(body: dict[str, Any]) -> bool:
     """TEI's ``truncate``: cut an input over the model's limit there (true), or refuse it (false, the default)."""
     value = body.get("truncate", False)
     if not isinstance(value, bool):
         raise bad_request("'truncate' must be true or false", "truncate")
     return value
-
-
-@dataclass(frozen=True)
-class EmbeddingsRequest:
-    model: str
-    texts: list[Any]  # strings, or lists of token ids
-    encoding_format: str
-    dimensions: int | None
-    truncate: bool = False
-
-    @classmethod
-    def parse(cls, body: dict[str, Any], limits: Config) -> EmbeddingsRequest:
-        fmt = body.get("encoding_format", "float")
-        if fmt not in ("float", "base64"):
-            raise bad_request("'encoding_format' must be 'float' or 'base64'", "encoding_format")
-        dims = body.get("dimensions")
-        if dims is not None and (not isinstance(dims, int) or isinstance(dims, bool) or dims < 1):
-            raise bad_request("'dimensions' must be a positive integer", "dimensions")
-        return cls(_model(body), _texts(body, limits, ids=True), fmt, dims, _truncate(body))
-
-
-@dataclass(frozen=True)
-class ClassifyRequest:
-    model: str
-    texts: list[str]
-    top_k: int | None
-    truncate: bool = False
-
-    @classmethod
-    def parse(cls, body: dict[str, Any], limits: Config) -> ClassifyRequest:
-        top_k = body.get("top_k")
-        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
-            raise bad_request("'top_k' must be a positive integer", "top_k")
-        return cls(_model(body), _texts(body, limits), top_k, _truncate(body))
-
-
-@dataclass(frozen=True)
-class RerankRequest:
-    """The rerank shape llama.cpp, vLLM, Jina and TEI share: a query, documents (strings or ``{"text"}``),
-    ``top_n``, ``return_documents``."""
-
-    model: str
-    query: str
-    documents: list[str]
-    top_n: int | None
-    return_documents: bool
-    truncate: bool
-
-    @classmethod
-    def parse(cls, body: dict[str, Any], limits: Config) -> RerankRequest:
-        query = body.get("query")
-        if not isinstance(query, str) or not query.strip():
-            raise bad_request("'query' is required and must be a non-empty string", "query")
-        if len(query) > limits.max_input_chars:
-            raise bad_request(f"'query' is longer than {limits.max_input_chars} characters", "query")
-        docs = body.get("documents")
-        if not isinstance(docs, list) or not docs:
-            raise bad_request("'documents' must be a non-empty list of strings or {\"text\": ...} objects", "documents")
-        if len(docs) > limits.max_inputs:
-            raise bad_request(f"too many documents: {len(docs)} > {limits.max_inputs}", "documents")
-        texts = []
-        for i, d in enumerate(docs):
-            text = d.get("text") if isinstance(d, dict) else d
-            if not isinstance(text, str) or not text.strip():
-                raise bad_request(f'document {i} must be a non-empty string or {{"text": ...}}', "documents")
-            if len(text) > limits.max_input_chars:
-                raise bad_request(f"document {i} is longer than {limits.max_input_chars} characters", "documents")
-            texts.append(text)
-        top_n = body.get("top_n")
-        if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 1):
-            raise bad_request("'top_n' must be a positive integer", "top_n")
-        back = body.get("return_documents", True)
-        if not isinstance(back, bool):
-            raise bad_request("'return_documents' must be true or false", "return_documents")
-        return cls(_model(body), query, texts, top_n, back, _truncate(body))
 
 
 def priority_of(request: web.Request, body: dict[str, Any]) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -16,6 +16,7 @@ from llmosd.readiness import Readiness
 from llmosd.registry.throttle import Throttle
 from llmosd.scheduler import ModelPool, ServedModel
 from llmosd.store import ModelStore
+from llmosd.tasks import Tasks
 
 if TYPE_CHECKING:
     from llmosd.discovery.advertise import Advertiser
@@ -49,6 +50,7 @@ class AppState:
     default_models: tuple[str, ...] = ()
     started: float = field(default_factory=time.time)
     lag: LoopLag = field(default_factory=LoopLag)  # how late the event loop woke (the loop watch)
+    tasks: Tasks = field(default_factory=Tasks)  # the installed tasks (llmosd.tasks entry points)
 
     @property
     def config(self) -> Config:
@@ -78,6 +80,11 @@ class AppState:
     def status_line(self) -> str:
         return self.readiness.line
 
+    def described(self, served: ServedModel) -> dict[str, Any]:
+        """What the model's task adds to its card and status (a causal LM: its context, its template)."""
+        task = self.tasks.get(served.manifest.task)
+        return task.describe(served.loaded.backend) if task is not None and task.describe is not None else {}
+
 
 STATE = web.AppKey("state", AppState)
 
@@ -86,6 +93,7 @@ def state(request: web.Request) -> AppState:
     return request.app[STATE]
 
 
+TASK_KEY = "llmosd.task"  # request key: the task of the model that served the request
 HELD = "llmosd.held"  # request key: the models this request holds, released by the middleware
 
 
@@ -94,4 +102,5 @@ async def hold(request: web.Request, name: str, keep_alive_s: float | None = Non
     MODEL.set(name)  # the log records of this request carry MODEL=
     served = await state(request).pool.acquire(name, keep_alive_s)
     request.setdefault(HELD, []).append(served)
+    request[TASK_KEY] = served.manifest.task  # the per-task request counters (metrics.track)
     return served

@@ -40,6 +40,7 @@ from llmosd.reload import reconcile
 from llmosd.runtime.memory import fix_mmap_threshold
 from llmosd.seed import DEFAULT_MODELS
 from llmosd.systemd import Notifier
+from llmosd.tasks import Tasks, discover
 from llmosd.token import ensure_token
 from llmosd.versions import ModelVersions
 
@@ -54,15 +55,15 @@ class Daemon:
     notifier: Notifier
 
 
-def build(config: Config, hw: Hardware, notifier: Notifier) -> Daemon:
+def build(config: Config, hw: Hardware, tasks: Tasks, notifier: Notifier) -> Daemon:
     """The stages, wired: each receives what it needs of the stages before it, and all of them the one
-    set of hardware facts."""
+    set of hardware facts and the one set of installed tasks."""
     live = Live(config, ensure_token(config.token_file))
     defaults = tuple(d.name for d in DEFAULT_MODELS) if config.seed_defaults else ()
     readiness = Readiness()
-    hardware = HardwareStage(live, hw)
+    hardware = HardwareStage(live, hw, tasks)
     store = StoreStage(live)
-    pool = PoolStage(live, store, hardware, defaults)
+    pool = PoolStage(live, store, hardware, defaults, tasks)
     versions = ModelVersions(
         store.store,
         pool.pool,
@@ -71,7 +72,17 @@ def build(config: Config, hw: Hardware, notifier: Notifier) -> Daemon:
     )
     lag = LoopLag(config.loop_block_ms / 1000)
     st = AppState(
-        live, store.store, pool.pool, versions, hw, readiness, store.throttle, store.install_id, defaults, lag=lag
+        live,
+        store.store,
+        pool.pool,
+        versions,
+        hw,
+        readiness,
+        store.throttle,
+        store.install_id,
+        defaults,
+        lag=lag,
+        tasks=tasks,
     )
     listeners = ListenerStage(st)
     sync = SyncStage(st)
@@ -123,8 +134,11 @@ async def serve(
     errors: list[BaseException] = []
     daemon: Daemon | None = None
     try:
-        # Blocking (NVML, a session per provider): in a thread. Never raises: unknowns are reported.
-        daemon = build(config, await asyncio.to_thread(probe_hardware), notifier)
+        # Blocking (NVML, a session per provider; the task packages' imports): in threads. Neither raises:
+        # unknowns and broken task packages are reported.
+        hw, tasks = await asyncio.gather(asyncio.to_thread(probe_hardware), asyncio.to_thread(discover))
+        log.info("tasks: %s", ", ".join(f"{e.task.name} ({e.package})" for e in tasks.entries) or "none")
+        daemon = build(config, hw, tasks, notifier)
         await daemon.chain.start()
         if reload_config is not None:
             running = daemon

@@ -22,6 +22,7 @@ from llmosd.scheduler import BatchPolicy, GenerationLimits, ModelPool
 from llmosd.scheduler.tuning import Tuner, TuningPolicy
 from llmosd.store import ModelStore, sweep_tmp
 from llmosd.systemd import Notifier
+from llmosd.tasks import Tasks
 from llmosd.token import ensure_token
 
 log = logging.getLogger("llmosd")
@@ -73,11 +74,11 @@ class HardwareStage(Stage):
 
     name = "hardware"
 
-    def __init__(self, live: Live, hardware: Hardware) -> None:
+    def __init__(self, live: Live, hardware: Hardware, tasks: Tasks) -> None:
         self.hardware = hardware
         config = live.config
         selector = ProviderSelector(config.device, config.threads or None, config.ort_spinning, hardware.cuda)
-        self.sessions = Loader(selector)
+        self.sessions = Loader(selector, tasks.adapters())
 
     async def start(self) -> None:
         log.info("hardware: %s", describe_hardware(self.hardware))
@@ -107,7 +108,9 @@ class PoolStage(Stage):
 
     name = "pool"
 
-    def __init__(self, live: Live, store: StoreStage, hardware: HardwareStage, pinned: tuple[str, ...]) -> None:
+    def __init__(
+        self, live: Live, store: StoreStage, hardware: HardwareStage, pinned: tuple[str, ...], tasks: Tasks
+    ) -> None:
         self.live, self.pinned = live, pinned
         config, hw = live.config, hardware.hardware
         policy = TuningPolicy(
@@ -115,6 +118,7 @@ class PoolStage(Stage):
             config.latency_budget_ms,
             max_sequences=config.max_sequences,
             kv_cache_bytes=config.kv_cache_mb << 20,
+            budgets_ms={name: task.latency_budget_ms for name, task in tasks.items()},
         )
         self.pool = ModelPool(
             store.store,

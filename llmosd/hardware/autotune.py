@@ -17,14 +17,10 @@ from llmosd.store.profiles import PROFILES, Profiles
 
 HEADROOM = 0.8  # of the memory that is free, what batches may take
 SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-# Default latency budgets per task, in ms: an embedding call should feel interactive; a decode step is
-# the gap between two tokens of every stream (100 ms: 10 tokens/s, faster than people read).
-BUDGETS_MS = {
-    "feature-extraction": 250.0,
-    "text-classification": 250.0,
-    "text-ranking": 250.0,
-    "text-generation": 100.0,
-}
+# Latency budgets where a task names none (each task's Task.latency_budget_ms): an encoder batch should
+# feel interactive; a decode step is the gap between two tokens of every stream (100 ms: 10 tokens/s).
+ENCODER_BUDGET_MS = 250.0
+DECODE_BUDGET_MS = 100.0
 
 
 @dataclass(frozen=True)

@@ -6,13 +6,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from llmosd.runtime.generator import TextGenerator
-from llmosd.runtime.pooling import POOLINGS
+from llmosd.runtime.adapters import Adapters, Adapting, Served
 from llmosd.runtime.providers import Placement, ProviderSelector
-from llmosd.runtime.tasks import ClassifierModel, EmbeddingModel, RankingModel
-from llmosd.runtime.tokenizer import TextTokenizer
 from llmosd.store import Manifest, ManifestError, ModelStore
-from llmosd.store.manifest import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +17,7 @@ log = logging.getLogger(__name__)
 class LoadedModel:
     manifest: Manifest
     placement: Placement
-    backend: EmbeddingModel | ClassifierModel | RankingModel | TextGenerator
+    backend: Served  # a Backend (the dynamic batcher serves it) or a TextGenerator (the generation engine)
     session: Any = None  # the ONNX session the backend runs (also served raw, over /v2)
 
     @property
@@ -29,17 +25,11 @@ class LoadedModel:
         return self.manifest.name
 
 
-def _runtime_setting(manifest: Manifest, key: str) -> Any:
-    try:
-        return manifest.runtime[key]
-    except KeyError:
-        raise ManifestError(f"{manifest.ref}: manifest runtime settings lack {key!r}") from None
-
-
 def load(
     store: ModelStore,
     manifest: Manifest,
     selector: ProviderSelector,
+    adapters: Adapters,
     max_context: int = 0,
     target: str | None = None,
     threads: int | None = None,
@@ -50,46 +40,33 @@ def load(
 
     ``max_context`` caps a causal LM's context (0: the model's own); ``target`` and ``threads`` are
     placement's choice for this instance; ``verify`` False skips hashing (a further instance of a
-    version just verified); ``max_sequences`` is the rows a causal LM's cache is laid out for."""
-    if manifest.task not in TASKS:
-        raise ManifestError(f"{manifest.ref}: task {manifest.task!r} cannot be served")
+    version just verified); ``max_sequences`` is the rows a causal LM's cache is laid out for.
+    ``adapters``: the registered tasks' runtime adapters, by task."""
+    adapter = adapters.get(manifest.task)
+    if adapter is None:  # a plugin's model whose package is not installed (any more)
+        known = ", ".join(sorted(adapters)) or "none"
+        raise ManifestError(f"{manifest.ref}: no installed task serves {manifest.task!r} (installed: {known})")
     if verify:
         store.verify(manifest)
     data = {f.path: store.blob_path(f.digest) for f in manifest.files if f.role == "model-data"}
     session, placement = selector.create(store.file_path(manifest, "model"), manifest.devices, target, threads, data)
-    backend = _adapter(store, manifest, session, max_context, max_sequences)
+    sampling = store.sampling(manifest.name)  # `llmosd models set`, over the manifest's
+    tokenizer = store.file_path(manifest, "tokenizer")
+    adapting = Adapting(session, tokenizer, manifest.runtime, manifest.ref, max_context, max_sequences, sampling)
+    backend = adapter(adapting)
     backend.warmup()
     log.info("loaded %s (%s, %s) on %s", manifest.ref, manifest.task, manifest.precision, placement.device)
     return LoadedModel(manifest, placement, backend, session)
 
 
-def _adapter(
-    store: ModelStore, manifest: Manifest, session: Any, max_context: int, max_sequences: int
-) -> EmbeddingModel | ClassifierModel | RankingModel | TextGenerator:
-    tokenizer_path = store.file_path(manifest, "tokenizer")
-    if manifest.task == "text-generation":
-        generator = TextGenerator(session, tokenizer_path, manifest.runtime, max_context, max_sequences)
-        generator.sampling_defaults |= store.sampling(manifest.name)  # `llmosd models set`, over the manifest's
-        return generator
-    tokenizer = TextTokenizer(tokenizer_path, int(_runtime_setting(manifest, "max_seq_length")))
-    if manifest.task == "feature-extraction":
-        pooling = _runtime_setting(manifest, "pooling")
-        if pooling not in POOLINGS:
-            raise ManifestError(f"{manifest.ref}: unknown pooling {pooling!r}")
-        return EmbeddingModel(session, tokenizer, pooling, bool(_runtime_setting(manifest, "normalize")))
-    if manifest.task == "text-ranking":
-        return RankingModel(session, tokenizer, str(_runtime_setting(manifest, "score")))
-    labels = [str(x) for x in _runtime_setting(manifest, "labels")]
-    multi = manifest.runtime.get("problem_type") == "multi_label_classification"
-    return ClassifierModel(session, tokenizer, labels, multi)
-
-
 @dataclass(frozen=True)
 class Loader:
     """What the pool creates sessions with (Ollama's scheduler receives its ``newServerFn`` the same way):
-    ``load`` on the provider choice built from the hardware probe. Tests hand the pool their own."""
+    ``load`` on the provider choice built from the hardware probe, with the registered tasks' adapters.
+    Tests hand the pool their own."""
 
     selector: ProviderSelector
+    adapters: Adapters
 
     @property
     def threads(self) -> int:
@@ -106,4 +83,4 @@ class Loader:
         verify: bool = True,
         max_sequences: int = 16,
     ) -> LoadedModel:
-        return load(store, manifest, self.selector, max_context, target, threads, verify, max_sequences)
+        return load(store, manifest, self.selector, self.adapters, max_context, target, threads, verify, max_sequences)

@@ -16,8 +16,9 @@ from llmosd.runtime.tokenizer import Ids, TextTokenizer
 _WARMUP = ["warm up the session", "a second, somewhat longer sentence to warm up a batch of two"]
 
 
-class _EncoderModel:
-    """Shared by encoder tasks: tokenise, pad to the batch's longest, run the session."""
+class EncoderModel:
+    """Shared by encoder tasks (a plugin's too): tokenise, pad to the batch's longest, run the session.
+    A subclass gives ``_values`` (one row per input) or overrides ``run`` (outputs of other shapes)."""
 
     def __init__(self, session: Any, tokenizer: TextTokenizer) -> None:
         self.session = session
@@ -27,7 +28,8 @@ class _EncoderModel:
     def prepare(self, inputs: Sequence[Input], truncate: bool = True) -> list[Encoding | Ids]:
         return self.tokenizer.encode_inputs(inputs, truncate)
 
-    def _forward(self, batch: Sequence[Encoding | Ids], options: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    def forward(self, batch: Sequence[Encoding | Ids], options: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """The session's first output for the padded batch, and the batch's attention mask."""
         padded = self.tokenizer.pad(batch)
         feeds = {
             "input_ids": padded.input_ids,
@@ -39,7 +41,7 @@ class _EncoderModel:
 
     def release(self) -> None:
         """Give the arena's spare memory back (a one-token run that shrinks it as it ends)."""
-        self._forward(self.prepare(["x"]), shrink_options(self.session))
+        self.forward(self.prepare(["x"]), shrink_options(self.session))
         trim_heap()
 
     def run(self, batch: Sequence[Encoding | Ids]) -> list[Output]:
@@ -54,7 +56,7 @@ class _EncoderModel:
             self.run(self.prepare(_WARMUP[:n]))
 
 
-class EmbeddingModel(_EncoderModel):
+class EmbeddingModel(EncoderModel):
     def __init__(self, session: Any, tokenizer: TextTokenizer, pooling: str, normalized: bool) -> None:
         super().__init__(session, tokenizer)
         self.pooling = pooling
@@ -62,12 +64,12 @@ class EmbeddingModel(_EncoderModel):
         self.dimensions = int(session.get_outputs()[0].shape[-1])
 
     def _values(self, batch: Sequence[Encoding | Ids]) -> np.ndarray:
-        hidden, mask = self._forward(batch)
+        hidden, mask = self.forward(batch)
         vectors = pool(hidden, mask, self.pooling)
         return normalize(vectors) if self.normalized else vectors
 
 
-class RankingModel(_EncoderModel):
+class RankingModel(EncoderModel):
     """A cross-encoder: each input a (query, document) pair, its value one relevance score. ``score``:
     sigmoid of a single logit (sentence-transformers' CrossEncoder with one label), or the second of
     two labels' softmax (rerankers trained as binary classifiers)."""
@@ -85,20 +87,20 @@ class RankingModel(_EncoderModel):
             self.run(self.prepare([(_WARMUP[0], t) for t in _WARMUP[:n]]))
 
     def _values(self, batch: Sequence[Encoding | Ids]) -> np.ndarray:
-        logits, _ = self._forward(batch)
+        logits, _ = self.forward(batch)
         logits = logits.astype(np.float32)
         if self.score == "sigmoid":
             return sigmoid(logits[:, :1])
         return softmax(logits)[:, 1:2]
 
 
-class ClassifierModel(_EncoderModel):
+class ClassifierModel(EncoderModel):
     def __init__(self, session: Any, tokenizer: TextTokenizer, labels: list[str], multi_label: bool) -> None:
         super().__init__(session, tokenizer)
         self.labels = labels
         self.multi_label = multi_label
 
     def _values(self, batch: Sequence[Encoding | Ids]) -> np.ndarray:
-        logits, _ = self._forward(batch)
+        logits, _ = self.forward(batch)
         logits = logits.astype(np.float32)
         return sigmoid(logits) if self.multi_label else softmax(logits)

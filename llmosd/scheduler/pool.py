@@ -370,14 +370,13 @@ class ModelPool:
         self._notify()
 
     async def close(self) -> None:
+        if self.tuner is not None:
+            self.tuner.stopping.set()  # a calibration in its thread stops at its next run
         for task in [*self._tuning, *([self._watcher] if self._watcher else [])]:
-            task.cancel()  # a calibration in its thread finishes on its own
+            task.cancel()
         await asyncio.gather(*self._retiring, *self._giving_up, return_exceptions=True)
         for name in list(self._models):
             await self.unload(name)
-
-    def status(self) -> list[dict[str, object]]:
-        return [s.status() for s in self.served()]
 
 
 def _interruption(instance: Instance) -> Callable[[], bool]:

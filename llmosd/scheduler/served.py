@@ -265,10 +265,4 @@ class ServedModel:
             "queued_by_priority": by_priority,
             "instances": [self._instance_status(k) for k in range(len(self.instances))],
         }
-        engine = self.instances[0].worker
-        if isinstance(engine, GenerationEngine):
-            out |= {
-                "context_length": engine.model.context_length,
-                "kv_bytes_per_token": engine.model.lm.bytes_per_token,
-            }
-        return out
+        return out  # what the model's task adds (a causal LM's context) comes from the task: AppState.described

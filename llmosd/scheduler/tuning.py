@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 from llmosd.hardware import Hardware
 from llmosd.hardware.autotune import (
-    BUDGETS_MS,
+    DECODE_BUDGET_MS,
+    ENCODER_BUDGET_MS,
     BatchProfile,
     CostModel,
     LoadMeter,
@@ -42,16 +43,21 @@ log = logging.getLogger(__name__)
 _TEXT = "the quick brown fox jumps over the lazy dog while the appliance measures its batches "
 
 
+class TuningStopped(Exception):
+    """A calibration given up because the daemon stops."""
+
+
 @dataclass(frozen=True)
 class TuningPolicy:
     enabled: bool = True
-    latency_budget_ms: float = 0.0  # 0: by task (BUDGETS_MS)
+    latency_budget_ms: float = 0.0  # 0: by task (budgets_ms)
     seq_len: int = 128  # the input length calibrated at (capped by the model's maximum)
     max_sequences: int = 16  # generation: the ceiling the tuned row count stays under
     kv_cache_bytes: int = 1 << 30  # generation: the KV budget that bounds rows by memory
     kv_width: int = 256  # generation: cache positions per row while calibrating
     attempts: int = 3  # calibrations tried before a disturbed one is given up on (the defaults stay)
     pause_s: float = 2.0  # between them: a burst of other work may be over
+    budgets_ms: Mapping[str, float] = field(default_factory=dict)  # by task: the installed tasks' own
 
 
 class Tuner:
@@ -60,6 +66,17 @@ class Tuner:
         self.hardware = hardware
         self.policy = policy
         self.cache = ProfileCache(store.root)
+        # Set when the pool closes: a calibration in its thread stops at its next run instead of
+        # finishing its attempts (a minute on 2 cores), which the process's exit would wait for.
+        self.stopping = threading.Event()
+
+    def _checked(self, run: Callable[..., object]) -> Callable[..., object]:
+        def checked(*args: int) -> object:
+            if self.stopping.is_set():
+                raise TuningStopped("the daemon is stopping")
+            return run(*args)
+
+        return checked
 
     def key(self, loaded: LoadedModel) -> str:
         """What the measurement depends on: the device, and on the CPU the threads this instance has
@@ -99,8 +116,8 @@ class Tuner:
                 attempt,
                 attempts,
             )
-            if attempt < attempts:
-                time.sleep(self.policy.pause_s)
+            if attempt < attempts and self.stopping.wait(self.policy.pause_s):
+                raise TuningStopped("the daemon is stopping")
         if disturbed(others, cores):
             why = f"not trusted: other processes kept {others:.1f} cores busy while it measured ({profile.reason})"
             profile = replace(profile, others_cores=round(others, 2), disturbed=True, reason=why)
@@ -117,9 +134,9 @@ class Tuner:
             return self._tune_generator(loaded, backend)
         m = loaded.manifest
         seq_len = min(self.policy.seq_len, int(m.runtime.get("max_seq_length", 512)))
-        budget = self.policy.latency_budget_ms or BUDGETS_MS.get(m.task, 250.0)
+        budget = self.policy.latency_budget_ms or self.policy.budgets_ms.get(m.task, ENCODER_BUDGET_MS)
         bound = memory_bound(self._free_bytes(loaded.placement.device), self._weights(loaded), self._per_input(loaded))
-        run = _runner(backend)
+        run = self._checked(_runner(backend))
         trials = calibrate(lambda b: run(b, seq_len), bound, budget, repeats=5)
         # Shorter inputs too, for the cost model: most texts are far below the calibrated length.
         shorter = sorted({max(8, seq_len // 8), max(8, seq_len // 2)} - {seq_len})
@@ -139,7 +156,7 @@ class Tuner:
         """Rows decoded together: bounded by the KV budget and ``max_sequences``, then the count with the
         best tokens/s whose decode step stays within the budget (the inter-token latency each stream sees)."""
         m = loaded.manifest
-        budget = self.policy.latency_budget_ms or BUDGETS_MS.get(m.task, 100.0)
+        budget = self.policy.latency_budget_ms or self.policy.budgets_ms.get(m.task, DECODE_BUDGET_MS)
         width = min(self.policy.kv_width, model.context_length // 2)  # room for the steps
         per_row = width * model.lm.bytes_per_token
         bound = max(1, min(self.policy.max_sequences, self.policy.kv_cache_bytes // per_row, model.lm.capacity))
@@ -153,7 +170,7 @@ class Tuner:
                 rows.append(lm.fork(first))
             lm.decode(rows[:n], [1] * n)  # each step adds a position: ~50 steps fit the 256 spare
 
-        trials = calibrate(step, bound, budget, repeats=5)
+        trials = calibrate(self._checked(step), bound, budget, repeats=5)
         lm.reset()
         release_quietly(lm.release, m.ref)
         chosen, reason = choose(trials, budget)

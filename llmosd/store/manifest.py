@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from llmosd.store.names import check_digest, check_name, check_title, check_version
 
 SCHEMA = 1
-TASKS = ("feature-extraction", "text-classification", "text-ranking", "text-generation")
+# A task's name (which tasks exist is the installed packages' business, llmosd.tasks: the store keeps
+# a plugin's model even while no installed package serves it).
+TASK_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{0,63}")
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 # model-data: the weights of a graph stored with external data (``model.onnx.data``, past protobuf's 2 GB)
 ROLES = ("model", "model-data", "tokenizer", "config", "generation-config")
@@ -94,8 +97,8 @@ class Manifest:
             if isinstance(exc, ManifestError):
                 raise
             raise ManifestError(f"malformed manifest: {exc}") from exc
-        if manifest.task not in TASKS:
-            raise ManifestError(f"unknown task {manifest.task!r}")
+        if not isinstance(manifest.task, str) or not TASK_NAME.fullmatch(manifest.task):
+            raise ManifestError(f"malformed task name {manifest.task!r}")
         if manifest.precision not in PRECISIONS:
             raise ManifestError(f"unknown precision {manifest.precision!r}")
         if bad := sorted({f.role for f in manifest.files} - set(ROLES)):

@@ -1,0 +1,175 @@
+"""The text-ranking task: POST /v1/rerank and /rerank. A cross-encoder scores each (query, document) pair,
+and the documents come back best first, in the shape llama.cpp's server, vLLM, Jina and TEI share
+(``results`` of ``index``, ``relevance_score`` and the ``document``). The pairs go through the model's
+batcher like embeddings do."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from llmosd.api.tasks import (
+    GEN_HEADERS,
+    MODEL_ERRORS,
+    TRUNCATE,
+    Config,
+    bad_request,
+    encoder_request,
+    model_of,
+    operation,
+    truncate_of,
+)
+from llmosd.runtime.adapters import Adapting
+from llmosd.runtime.tasks import RankingModel
+from llmosd.tasks import encoders
+from llmosd.tasks.contract import INVARIANT, Export, Source, Task, Tolerance
+
+NAME = "text-ranking"
+routes = web.RouteTableDef()
+
+
+@dataclass(frozen=True)
+class RerankRequest:
+    """The rerank shape llama.cpp, vLLM, Jina and TEI share: a query, documents (strings or ``{"text"}``),
+    ``top_n``, ``return_documents``."""
+
+    model: str
+    query: str
+    documents: list[str]
+    top_n: int | None
+    return_documents: bool
+    truncate: bool
+
+    @classmethod
+    def parse(cls, body: dict[str, Any], limits: Config) -> RerankRequest:
+        query = body.get("query")
+        if not isinstance(query, str) or not query.strip():
+            raise bad_request("'query' is required and must be a non-empty string", "query")
+        if len(query) > limits.max_input_chars:
+            raise bad_request(f"'query' is longer than {limits.max_input_chars} characters", "query")
+        texts = _documents(body.get("documents"), limits)
+        top_n = body.get("top_n")
+        if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 1):
+            raise bad_request("'top_n' must be a positive integer", "top_n")
+        back = body.get("return_documents", True)
+        if not isinstance(back, bool):
+            raise bad_request("'return_documents' must be true or false", "return_documents")
+        return cls(model_of(body), query, texts, top_n, back, truncate_of(body))
+
+
+def _documents(docs: Any, limits: Config) -> list[str]:
+    if not isinstance(docs, list) or not docs:
+        raise bad_request("'documents' must be a non-empty list of strings or {\"text\": ...} objects", "documents")
+    if len(docs) > limits.max_inputs:
+        raise bad_request(f"too many documents: {len(docs)} > {limits.max_inputs}", "documents")
+    texts = []
+    for i, d in enumerate(docs):
+        text = d.get("text") if isinstance(d, dict) else d
+        if not isinstance(text, str) or not text.strip():
+            raise bad_request(f'document {i} must be a non-empty string or {{"text": ...}}', "documents")
+        if len(text) > limits.max_input_chars:
+            raise bad_request(f"document {i} is longer than {limits.max_input_chars} characters", "documents")
+        texts.append(text)
+    return texts
+
+
+@routes.post("/v1/rerank")
+@routes.post("/rerank")
+async def rerank(request: web.Request) -> web.Response:
+    req, _, run = await encoder_request(request, RerankRequest.parse, NAME)
+    outputs = await run([(req.query, d) for d in req.documents])
+    order = sorted(range(len(outputs)), key=lambda i: -float(outputs[i].values[0]))[: req.top_n]
+    results = []
+    for i in order:
+        result: dict[str, object] = {"index": i, "relevance_score": float(outputs[i].values[0])}
+        if req.return_documents:
+            result["document"] = {"text": req.documents[i]}
+        results.append(result)
+    tokens = sum(o.tokens for o in outputs)
+    return web.json_response(
+        {
+            "id": f"rerank-{uuid.uuid4().hex}",
+            "object": "list",
+            "model": req.model,
+            "results": results,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )
+
+
+_BODY = {
+    "type": "object",
+    "required": ["model", "query", "documents"],
+    "properties": {
+        "model": {"type": "string"},
+        "query": {"type": "string", "minLength": 1},
+        "documents": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "oneOf": [
+                    {"type": "string", "minLength": 1},
+                    {
+                        "type": "object",
+                        "required": ["text"],
+                        "properties": {"text": {"type": "string", "minLength": 1}},
+                    },
+                ]
+            },
+        },
+        "top_n": {"type": "integer", "minimum": 1},
+        "return_documents": {"type": "boolean"},
+        "truncate": TRUNCATE,
+    },
+}
+PATHS = {
+    path: {
+        "post": operation(
+            "Rerank documents against a query with a cross-encoder (llama.cpp / vLLM / Jina / TEI shape)",
+            ok={"type": "object", "required": ["model", "results", "usage"]},
+            body=_BODY,
+            errors=(*MODEL_ERRORS, 504),
+            headers=GEN_HEADERS,
+        )
+    }
+    for path in ("/v1/rerank", "/rerank")
+}
+
+
+def adapter(a: Adapting) -> RankingModel:
+    return RankingModel(a.session, a.tokenizer(), str(a.setting("score")))
+
+
+def score_settings(src: Source) -> dict[str, Any]:
+    """How a cross-encoder's logits become a relevance score: one label, its sigmoid (sentence-transformers'
+    CrossEncoder); two, the second's softmax (binary rerankers); more is not a reranker."""
+    labels = int(src.config.get("num_labels") or len(src.config.get("id2label") or {}) or 1)
+    if labels not in (1, 2):
+        raise ValueError(f"a reranker has one or two labels; this model has {labels}: export it as text-classification")
+    return {"score": "sigmoid" if labels == 1 else "softmax"}
+
+
+# Cross-encoders (rerankers): sequence classification over (query, document) pairs, one relevance score
+# each. The gate is on the scores the daemon serves (after sigmoid or softmax).
+TASK = Task(
+    name=NAME,
+    summary="Rerank documents against a query with a cross-encoder (/v1/rerank, /rerank)",
+    adapter=adapter,
+    export=Export(
+        optimum_task="text-classification",
+        tolerances={
+            "fp32": Tolerance(max_abs_diff=1e-4, batch_invariance=INVARIANT),
+            "fp16": Tolerance(max_abs_diff=1e-2, batch_invariance=INVARIANT),
+            "int8": Tolerance(max_abs_diff=0.05, batch_invariance=INVARIANT),
+        },
+        settings=score_settings,
+        reference=encoders.ranking_reference,
+        figures=encoders.max_abs_diff,
+        pairs=True,
+    ),
+    routes=routes,
+    paths=PATHS,
+)
