@@ -684,6 +684,54 @@ def _model_transfer_commands(models: argparse._SubParsersAction[argparse.Argumen
     s.set_defaults(func=cmd_models_sign)
 
 
+def cmd_tokens_add(args: argparse.Namespace) -> int:
+    from llmosd.tokens import add_token, parse_scopes
+
+    config = _config(args)
+    token = add_token(config.token_file, args.name, parse_scopes(args.scope))
+    print(token)
+    print(f"added token {args.name!r}: reload the daemon to apply it (systemctl reload llmosd)", file=sys.stderr)
+    return 0
+
+
+def cmd_tokens_list(args: argparse.Namespace) -> int:
+    from llmosd.tokens import list_tokens
+
+    tokens = list_tokens(_config(args).token_file)
+    if args.json:
+        print(json.dumps(tokens, indent=2))
+    for t in [] if args.json else tokens:
+        scopes = t["scopes"] if isinstance(t["scopes"], list) else []
+        print(f"{t['name']}  {','.join(str(x) for x in scopes)}  created {t['created']}")
+    return 0
+
+
+def cmd_tokens_revoke(args: argparse.Namespace) -> int:
+    from llmosd.tokens import revoke_token
+
+    revoke_token(_config(args).token_file, args.name)
+    print(f"revoked token {args.name!r}: reload the daemon to apply it (systemctl reload llmosd)")
+    return 0
+
+
+def _token_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Named, scoped bearer tokens for LAN clients: llmosd tokens add | list | revoke."""
+    tokens = sub.add_parser("tokens", help="named, scoped bearer tokens").add_subparsers(dest="tokens", required=True)
+    s = tokens.add_parser("add", help="print a new token (shown once; stored hashed)")
+    _add_config_flags(s)
+    s.add_argument("name")
+    s.add_argument("--scope", required=True, help="infer, read, admin (comma-separated)")
+    s.set_defaults(func=cmd_tokens_add)
+    s = tokens.add_parser("list", help="names, scopes, creation times")
+    _add_config_flags(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_tokens_list)
+    s = tokens.add_parser("revoke", help="remove a token")
+    _add_config_flags(s)
+    s.add_argument("name")
+    s.set_defaults(func=cmd_tokens_revoke)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmosd", description="Edge appliance daemon for language models")
     p.add_argument("--version", action="version", version=f"llmosd {__version__}")
@@ -691,6 +739,7 @@ def parser() -> argparse.ArgumentParser:
     _daemon_commands(sub)
     _export_command(sub)
     _model_commands(sub)
+    _token_commands(sub)
     return p
 
 
@@ -703,6 +752,7 @@ def main(argv: list[str] | None = None) -> int:
     from llmosd.store.manifest import ManifestError
     from llmosd.store.names import InvalidName
     from llmosd.systemd.install import InstallError
+    from llmosd.tokens import TokenError
 
     try:
         result: int = args.func(args)
@@ -716,6 +766,7 @@ def main(argv: list[str] | None = None) -> int:
         ListenError,
         RegistryError,
         InstallError,
+        TokenError,
     ) as exc:
         print(f"llmosd: {exc}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -109,3 +110,113 @@ def test_non_local_clients_need_the_token(netns: str, store_dir: Path, tmp_path:
     assert "\x00" not in log and "\x1b" not in log
     assert "refused GET /v1/models/x\\x0a2026-12-01 00:00:00,000 INFO llmosd: forged\\x00\\x1b[2J from" in log
     assert "wrong-token-value" not in log and d.token not in log
+
+
+SCOPES_CLIENT = textwrap.dedent(
+    """
+    import json, sys, urllib.request, urllib.error
+    url, model, tokens = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    def call(method, path, body, token):
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(url + path, data=data, method=method, headers={"Content-Type": "application/json"})
+        req.add_header("Authorization", "Bearer " + token)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return [r.status, ""]
+        except urllib.error.HTTPError as e:
+            err = json.loads(e.read())["error"]  # KServe's /v2 errors are a string
+            return [e.code, err["message"] if isinstance(err, dict) else err]
+    routes = {
+        "embed": ("POST", "/v1/embeddings", {"model": model, "input": "hello"}),
+        "models": ("GET", "/v1/models", None),
+        "status": ("GET", "/api/status", None),
+        "metrics": ("GET", "/metrics", None),
+        "pull": ("POST", "/api/models/pull", {}),
+        "sampling": ("POST", "/api/models/" + model + "/sampling", {"sampling": {"temperature": 0.5}}),
+        "oip": ("GET", "/v2/models/" + model, None),
+    }
+    print(json.dumps({who: {r: call(*spec, token) for r, spec in routes.items()} for who, token in tokens.items()}))
+"""
+)
+
+
+def test_scoped_tokens_each_reach_their_routes_and_revocation_applies_on_reload(
+    netns: str, store_dir: Path, tmp_path: Path
+) -> None:
+    import json
+    import signal
+    import time
+
+    from tests.conftest import llmosd, store_with
+
+    state = store_with(store_dir, tmp_path / "state", (DEFAULT,))
+    made = {}
+    for name, scope in (("app", "infer"), ("grafana", "read"), ("ops", "admin")):
+        r = llmosd("tokens", "add", name, "--scope", scope, "--state-dir", str(state))
+        assert r.returncode == 0, r.stderr
+        made[name] = r.stdout.strip()
+    stored = (state / "tokens.json").read_text()
+    assert all(t not in stored for t in made.values())  # hashed at rest
+    assert (state / "tokens.json").stat().st_mode & 0o077 == 0
+    bad = llmosd("tokens", "add", "x", "--scope", "root", "--state-dir", str(state))
+    assert bad.returncode != 0 and "infer, read, admin" in bad.stderr
+
+    env = {"LLMOSD_MDNS": "false", "LLMOSD_AUTOTUNE": "false"}
+    d = start_daemon(state, tmp_path, "--host", HOST_ADDR, env=env)
+
+    def client(tokens: dict[str, str]) -> dict[str, dict[str, list[Any]]]:
+        cmd = ["ip", "netns", "exec", netns, sys.executable, "-c", SCOPES_CLIENT]
+        r = subprocess.run(
+            [*cmd, f"http://{HOST_ADDR}:{d.port}", DEFAULT, json.dumps(tokens)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 0, r.stderr
+        out: dict[str, dict[str, list[Any]]] = json.loads(r.stdout)
+        return out
+
+    try:
+        got = client({**made, "legacy": d.token})
+        codes = {who: {route: v[0] for route, v in routes.items()} for who, routes in got.items()}
+        assert codes["app"] == {
+            "embed": 200,
+            "models": 200,
+            "oip": 200,
+            "status": 403,
+            "metrics": 403,
+            "pull": 403,
+            "sampling": 403,
+        }
+        assert "lacks the 'read' scope that GET /api/status needs" in got["app"]["status"][1]
+        assert "lacks the 'admin' scope that POST /api/models/pull needs" in got["app"]["pull"][1]
+        assert codes["grafana"] == {
+            "embed": 403,
+            "models": 200,
+            "oip": 200,
+            "status": 200,
+            "metrics": 200,
+            "pull": 403,
+            "sampling": 403,
+        }
+        assert "(grafana) lacks the 'infer' scope that POST /v1/embeddings needs" in got["grafana"]["embed"][1]
+        for admin in ("ops", "legacy"):  # the token file's token keeps working as an admin token
+            assert codes[admin]["embed"] == 200 and codes[admin]["status"] == 200 and codes[admin]["metrics"] == 200
+            # past the scope check: the routes refuse an empty pull and an encoder's sampling themselves
+            assert codes[admin]["pull"] == 400 and codes[admin]["sampling"] == 400
+
+        revoked = llmosd("tokens", "revoke", "app", "--state-dir", str(state))
+        assert revoked.returncode == 0, revoked.stderr
+        listed = llmosd("tokens", "list", "--json", "--state-dir", str(state))
+        assert [t["name"] for t in json.loads(listed.stdout)] == ["grafana", "ops"]
+        seen = d.log.read_text().count("tokens: ")
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while d.log.read_text().count("tokens: ") == seen and time.monotonic() < deadline:
+            time.sleep(0.1)
+        after = client({"app": made["app"], "ops": made["ops"]})
+        assert after["app"]["embed"][0] == 401 and after["ops"]["embed"][0] == 200
+    finally:
+        assert d.stop() == 0
+    log = d.log.read_text()
+    assert "token app lacks the 'read' scope" in log and all(t not in log for t in made.values())

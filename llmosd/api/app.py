@@ -9,6 +9,7 @@ from aiohttp import web
 from llmosd.api import admin, debug, lifecycle, metrics, oip, openai, ops
 from llmosd.api.connections import CONNECTIONS, Connections, Limits, mark
 from llmosd.api.middleware import auth, errors, release_held
+from llmosd.api.scopes import TASK_ROUTES
 from llmosd.api.state import STATE, AppState
 
 log = logging.getLogger(__name__)
@@ -48,9 +49,12 @@ def _add_task_routes(app: web.Application, app_state: AppState) -> None:
     """Each installed task's routes; a task that claims a route the daemon serves itself is left out
     whole (the registry already refused one task's route claimed by another)."""
     own = {(r.method, r.resource.canonical) for r in app.router.routes() if r.resource is not None}
+    added: set[tuple[str, str]] = set()
     for entry in app_state.tasks.entries:
         routes = [r for r in entry.task.routes if isinstance(r, web.RouteDef)]
         if clash := sorted((r.method, r.path) for r in routes if (r.method, r.path) in own):
             log.warning("task %s (%s) left out: %s %s is the daemon's own", entry.task.name, entry.package, *clash[0])
             continue
         app.add_routes(entry.task.routes)
+        added |= {(r.method, r.path) for r in routes}
+    app[TASK_ROUTES] = frozenset(added)  # inference routes: the 'infer' scope

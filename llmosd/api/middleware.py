@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import logging
 import socket
@@ -12,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from llmosd.api.errors import STATUS_TYPES, ApiError, error_response, kserve_error
+from llmosd.api.scopes import needed
 from llmosd.api.state import HELD, state
 from llmosd.logs import REQUEST_ID, printable
 from llmosd.scheduler import BatcherClosed, InvalidInput, InvalidRequest, QueueFull
@@ -81,12 +81,14 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 @web.middleware
 async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Non-local clients present a bearer token (401 without a valid one) whose scopes include what the
+    route needs (403 naming the scope otherwise: ``api/scopes.py``)."""
     if request.path in PUBLIC_PATHS or is_local(request):
         return await handler(request)
     header = request.headers.get("Authorization", "")
     scheme, _, presented = header.partition(" ")
-    expected = state(request).token
-    if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), expected.encode()):
+    grant = state(request).live.tokens.grant(presented.strip()) if scheme.lower() == "bearer" else None
+    if grant is None:
         # Never log what was presented: a near-miss token is still a secret.
         log.warning(
             "refused %s %s from %s: %s bearer token",
@@ -100,6 +102,19 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
             "a valid bearer token is required from non-local clients",
             type="authentication_error",
             headers={"WWW-Authenticate": "Bearer"},
+        )
+    route, scopes = needed(request)
+    if not grant.allows(scopes):
+        wanted = " or ".join(f"'{s}'" for s in sorted(scopes))
+        log.warning(
+            "refused %s from %s: token %s lacks the %s scope",
+            printable(route),
+            printable(request.remote),
+            grant.name,
+            wanted,
+        )
+        raise ApiError(
+            403, f"this token ({grant.name}) lacks the {wanted} scope that {route} needs", type="permission_error"
         )
     return await handler(request)
 

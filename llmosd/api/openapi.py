@@ -31,7 +31,7 @@ _REASONS = {
     206: "Partial content (a Range request)",
     400: "The request is invalid: the message says which field and why",
     401: "A non-local client sent no valid bearer token",
-    403: "Refused by policy (an untrusted signature)",
+    403: "Refused: the token lacks the scope the route needs, or by policy (an untrusted signature)",
     404: "No such model, version or file",
     408: "The request body did not arrive in time",
     409: "The request conflicts with the store's state",
@@ -86,7 +86,7 @@ def operation(
     responses: dict[str, Any] = {"200": {"description": "OK", "content": content}}
     for code, response in (extra or {}).items():
         responses[str(code)] = response
-    statuses = set(errors) | {429} | (set() if public else {401}) | (set(_BODY) if body else set())
+    statuses = set(errors) | {429} | (set() if public else {401, 403}) | (set(_BODY) if body else set())
     schema = _KSERVE_ERROR if kserve else _ERROR
     for code in sorted(statuses):
         responses[str(code)] = {"description": _REASONS[code], "content": {_JSON: {"schema": schema}}}

@@ -17,6 +17,7 @@ from llmosd.registry.throttle import Throttle
 from llmosd.scheduler import ModelPool, ServedModel
 from llmosd.store import ModelStore
 from llmosd.tasks import Tasks
+from llmosd.tokens import Tokens
 
 if TYPE_CHECKING:
     from llmosd.discovery.advertise import Advertiser
@@ -30,6 +31,7 @@ class Live:
 
     config: Config
     token: str
+    tokens: Tokens = field(default_factory=Tokens)  # the token file's (admin) and the named, scoped ones
     listeners: tuple[str, ...] = ()
     advertiser: Advertiser | None = None  # once registered on the LAN over mDNS
     syncer: Syncer | None = None  # the registry sync, when the config subscribes to anything

@@ -42,6 +42,7 @@ from llmosd.seed import DEFAULT_MODELS
 from llmosd.systemd import Notifier
 from llmosd.tasks import Tasks, discover
 from llmosd.token import ensure_token
+from llmosd.tokens import load_tokens
 from llmosd.versions import ModelVersions
 
 log = logging.getLogger("llmosd")
@@ -58,7 +59,8 @@ class Daemon:
 def build(config: Config, hw: Hardware, tasks: Tasks, notifier: Notifier) -> Daemon:
     """The stages, wired: each receives what it needs of the stages before it, and all of them the one
     set of hardware facts and the one set of installed tasks."""
-    live = Live(config, ensure_token(config.token_file))
+    token = ensure_token(config.token_file)
+    live = Live(config, token, load_tokens(config.token_file, token))
     defaults = tuple(d.name for d in DEFAULT_MODELS) if config.seed_defaults else ()
     readiness = Readiness()
     hardware = HardwareStage(live, hw, tasks)

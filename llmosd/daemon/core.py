@@ -24,6 +24,7 @@ from llmosd.store import ModelStore, sweep_tmp
 from llmosd.systemd import Notifier
 from llmosd.tasks import Tasks
 from llmosd.token import ensure_token
+from llmosd.tokens import load_tokens
 
 log = logging.getLogger("llmosd")
 
@@ -54,7 +55,8 @@ def describe_hardware(hw: Hardware) -> str:
 
 
 class Settings(Stage):
-    """The values every handler reads afresh: the log level and the access token."""
+    """The values every handler reads afresh: the log level and the access tokens (the tokens file is
+    read again at every reload: ``llmosd tokens add`` / ``revoke`` then SIGHUP)."""
 
     name = "settings"
 
@@ -64,8 +66,15 @@ class Settings(Stage):
     async def reload(self, change: Reload) -> None:
         if "log_level" in change.applied:
             set_level(change.config.log_level)
-        if "token_file" in change.applied:
-            self.live.token = ensure_token(change.config.token_file)
+        token_file = change.config.token_file
+        try:
+            token = ensure_token(token_file) if "token_file" in change.applied else self.live.token
+            tokens = await asyncio.to_thread(load_tokens, token_file, token)
+        except (OSError, ValueError) as exc:  # a broken file must not open the door or close the box
+            log.error("reload: the tokens stay as they were: %s", exc)
+            return
+        self.live.token, self.live.tokens = token, tokens
+        log.info("tokens: %d named, besides the token file's", len(tokens.named))
 
 
 class HardwareStage(Stage):
