@@ -103,6 +103,13 @@ class Config:
     max_connections_per_client: int = _knob(
         256, "open TCP connections one client address may hold; more are refused with 429 (Unix socket: no limit)"
     )
+    rate_limit_rps: float = _knob(
+        0.0, "requests a second each non-local client (its token, and its address) may make on average (0: no limit)"
+    )
+    rate_limit_tokens_per_s: float = _knob(
+        0.0, "generated tokens a second each non-local client may have on average (0: no limit)"
+    )
+    rate_limit_burst_s: float = _knob(10.0, "the rate limits' buckets hold this many seconds of their rate")
     mdns: bool = _knob(True, "advertise on the LAN over mDNS (_llmosd._tcp) when the TCP listener is not loopback")
     mdns_name: str = _knob("", "mDNS instance name (default: the host name)")
     mdns_interfaces: str = _knob("", "comma-separated interfaces to advertise on (default: every one that is up)")

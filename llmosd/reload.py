@@ -39,6 +39,9 @@ READ_LIVE = frozenset(
         "body_min_rate_kb_s",
         "write_timeout_s",
         "max_connections_per_client",
+        "rate_limit_rps",
+        "rate_limit_tokens_per_s",
+        "rate_limit_burst_s",
     }
 )
 LIVE = BATCHING | SYNC | READ_LIVE

@@ -220,3 +220,71 @@ def test_scoped_tokens_each_reach_their_routes_and_revocation_applies_on_reload(
         assert d.stop() == 0
     log = d.log.read_text()
     assert "token app lacks the 'read' scope" in log and all(t not in log for t in made.values())
+
+
+RATE_CLIENT = textwrap.dedent(
+    """
+    import json, sys, time, urllib.request, urllib.error
+    url, token, model, lm = sys.argv[1:5]
+    def call(path, body):
+        req = urllib.request.Request(url + path, data=json.dumps(body).encode(), headers={
+            "Content-Type": "application/json", "Authorization": "Bearer " + token})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return [r.status, None, ""]
+        except urllib.error.HTTPError as e:
+            return [e.code, e.headers.get("Retry-After"), json.loads(e.read())["error"]["message"]]
+    embed = {"model": model, "input": "hello"}
+    out = {"burst": [call("/v1/embeddings", embed) for _ in range(5)]}
+    time.sleep(1.2)
+    chat = {"model": lm, "messages": [{"role": "user", "content": "Count."}], "max_tokens": 6, "ignore_eos": True}
+    out["chat"] = call("/v1/chat/completions", chat)
+    out["after_chat"] = call("/v1/embeddings", embed)
+    print(json.dumps(out))
+"""
+)
+
+
+def test_rate_limits_answer_429_with_retry_after_per_client(netns: str, store_dir: Path, tmp_path: Path) -> None:
+    import http.client
+    import json
+    import socket
+
+    from tests.conftest import SMOLLM2, store_with, unix_json
+
+    state = store_with(store_dir, tmp_path / "state", (DEFAULT, SMOLLM2))
+    env = {
+        "LLMOSD_MDNS": "false",
+        "LLMOSD_AUTOTUNE": "false",
+        "LLMOSD_SEED_DEFAULTS": "false",
+        "LLMOSD_RATE_LIMIT_RPS": "2",  # buckets of 2 s: 4 requests at once
+        "LLMOSD_RATE_LIMIT_TOKENS_PER_S": "1",  # and 2 generated tokens
+        "LLMOSD_RATE_LIMIT_BURST_S": "2",
+    }
+    d = start_daemon(state, tmp_path, "--host", HOST_ADDR, env=env)
+    try:
+        cmd = ["ip", "netns", "exec", netns, sys.executable, "-c", RATE_CLIENT]
+        r = subprocess.run(
+            [*cmd, f"http://{HOST_ADDR}:{d.port}", d.token, DEFAULT, SMOLLM2],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 0, r.stderr
+        got = json.loads(r.stdout)
+        for _ in range(10):  # local clients are the box's own: never limited
+            unix_json(d, "/v1/embeddings", {"model": DEFAULT, "input": "local"})
+        conn = http.client.HTTPConnection("localhost", timeout=30)
+        conn.sock = socket.socket(socket.AF_UNIX)
+        conn.sock.connect(str(d.socket))
+        conn.request("GET", "/metrics")
+        metrics = conn.getresponse().read().decode()
+    finally:
+        assert d.stop() == 0
+    assert [c[0] for c in got["burst"]] == [200, 200, 200, 200, 429], got
+    assert got["burst"][4][1] == "1" and "rate limited" in got["burst"][4][2]
+    assert got["chat"][0] == 200, got
+    # six tokens generated against a bucket of two: the next request waits out the debt (about 4 s)
+    status, retry, _ = got["after_chat"]
+    assert status == 429 and 3 <= int(retry) <= 5, got
+    assert "llmosd_rate_limited_requests_total 2.0" in metrics

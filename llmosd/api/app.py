@@ -9,6 +9,7 @@ from aiohttp import web
 from llmosd.api import admin, debug, lifecycle, metrics, oip, openai, ops
 from llmosd.api.connections import CONNECTIONS, Connections, Limits, mark
 from llmosd.api.middleware import auth, errors, release_held
+from llmosd.api.ratelimit import LIMITS, Buckets, rate_limit
 from llmosd.api.scopes import TASK_ROUTES
 from llmosd.api.state import STATE, AppState
 
@@ -17,11 +18,12 @@ log = logging.getLogger(__name__)
 
 def make_app(app_state: AppState) -> web.Application:
     app = web.Application(
-        middlewares=[mark, metrics.track, errors, auth, release_held],
+        middlewares=[mark, metrics.track, errors, auth, rate_limit, release_held],
         client_max_size=app_state.config.max_body_bytes,
     )
     app[STATE] = app_state
     app[metrics.METRICS] = metrics.Metrics(app_state)
+    app[LIMITS] = Buckets()
     app[lifecycle.PULLS] = lifecycle.Pulls()
 
     def limits() -> Limits:  # the config of the moment: a reload changes them for every connection

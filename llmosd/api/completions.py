@@ -17,6 +17,7 @@ from llmosd.api.errors import ApiError, bad_request
 from llmosd.api.gen_requests import ChatRequest, CompletionRequest, Sampling
 from llmosd.api.logprobs import Logprobs
 from llmosd.api.metrics import MODEL_KEY
+from llmosd.api.ratelimit import STREAMS_KEY
 from llmosd.api.requests import deadline, json_body, keep_alive_of, priority_of, timeout_of
 from llmosd.api.state import hold, state
 from llmosd.scheduler import (
@@ -149,7 +150,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     s = req.sampling
     engine = await _engine(request, s.model, body)
     prepared = await prepare_completion(engine, s.options(priority, st.config), req.prompts)
-    streams = start(engine, prepared)
+    streams = request[STREAMS_KEY] = start(engine, prepared)  # their tokens count against the rate limit
     prompts, prompt_tokens = prepared.prompts, prepared.prompt_tokens
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     echo = [engine.decode(p) if req.echo else "" for p in prompts]
@@ -201,7 +202,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     s = req.sampling
     engine = await _engine(request, s.model, body)
     prepared = await prepare_chat(engine, s.options(priority, st.config), req.messages, req.tools.offered)
-    streams = start(engine, prepared)
+    streams = request[STREAMS_KEY] = start(engine, prepared)  # their tokens count against the rate limit
     prompt = prepared.prompts[0]
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     shape = _logprobs(engine, s)

@@ -173,6 +173,11 @@ class Metrics:
             ["task", "status"],
             registry=self.registry,
         )
+        self.rate_limited = Counter(
+            "llmosd_rate_limited_requests",
+            "Requests refused with 429 by the per-token and per-address rate limits",
+            registry=self.registry,
+        )
         self.latency = PromHistogram(
             "llmosd_request_duration_seconds",
             "HTTP request time, streams included",

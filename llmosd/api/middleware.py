@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from llmosd.api.errors import STATUS_TYPES, ApiError, error_response, kserve_error
+from llmosd.api.ratelimit import GRANT_KEY
 from llmosd.api.scopes import needed
 from llmosd.api.state import HELD, state
 from llmosd.logs import REQUEST_ID, printable
@@ -116,6 +117,7 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         raise ApiError(
             403, f"this token ({grant.name}) lacks the {wanted} scope that {route} needs", type="permission_error"
         )
+    request[GRANT_KEY] = grant.name  # the rate limits count per token
     return await handler(request)
 
 
