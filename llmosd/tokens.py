@@ -77,6 +77,8 @@ def _grant(path: Path, entry: dict[str, object]) -> tuple[str, Grant]:
     name, digest, scopes = entry.get("name"), entry.get("sha256"), entry.get("scopes")
     if not isinstance(name, str) or not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
         raise TokenError(f"{path}: an entry lacks a name or a sha256")
+    if not _NAME.fullmatch(name):  # names reach logs and error messages: no control characters
+        raise TokenError(f"{path}: token name {name!r}: letters, digits, '.', '_' or '-', at most 64")
     if not isinstance(scopes, list) or not scopes or not set(scopes) <= set(SCOPES):
         raise TokenError(f"{path}: token {name!r} has scopes {scopes!r}; choose from {', '.join(SCOPES)}")
     return digest, Grant(name, frozenset(str(s) for s in scopes))

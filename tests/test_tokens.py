@@ -44,6 +44,10 @@ def test_a_broken_tokens_file_is_refused_with_its_reason(tmp_path: Path) -> None
     (tmp_path / "tokens.json").write_text(json.dumps({"tokens": [{"name": "x", "sha256": "00", "scopes": ["infer"]}]}))
     with pytest.raises(TokenError, match="lacks a name or a sha256"):
         load_tokens(tmp_path / "token", "")
+    forged = {"name": "x\n2026-12-01 INFO llmosd: forged", "sha256": "0" * 64, "scopes": ["infer"]}
+    (tmp_path / "tokens.json").write_text(json.dumps({"tokens": [forged]}))
+    with pytest.raises(TokenError, match="token name"):
+        load_tokens(tmp_path / "token", "")
     (tmp_path / "tokens.json").write_text("{")
     with pytest.raises(TokenError, match="not a tokens file"):
         load_tokens(tmp_path / "token", "")
