@@ -110,7 +110,11 @@ def test_the_daemon_tells_the_notify_socket_ready_status_watchdog_reload_and_sto
             families = text_string_to_metric_families(r.read().decode())
             metrics = {s.name: s.value for f in families for s in f.samples}
         blocks = [int(ms) for ms in re.findall(r"event loop blocked for (\d+) ms", d.log.read_text())]
-        assert len(blocks) >= 2 and 2300 < blocks[-2] < 4000 and 250 < blocks[-1] < 1000, blocks
+        assert any(2300 < b < 4000 for b in blocks), blocks
+        # The 0.3 s block is a block, or, where the loop watch saw other processes keep the cores busy
+        # meanwhile (CI once), a starved wake-up (logged at debug level): counted either way.
+        starved = metrics["llmosd_event_loop_starved_total"]
+        assert 250 < blocks[-1] < 1000 or starved >= 1, (blocks, starved)
         assert metrics["llmosd_event_loop_blocks_total"] == len(blocks)
         assert 2.3 < metrics["llmosd_event_loop_lag_max_seconds"] < 4.0
 
