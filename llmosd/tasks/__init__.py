@@ -7,7 +7,7 @@ from llmosd.runtime.adapters import Adapting
 from llmosd.runtime.backend import Input, InvalidInput, Output
 from llmosd.runtime.tasks import EncoderModel
 from llmosd.runtime.tokenizer import Batch, TextTokenizer
-from llmosd.tasks.contract import INVARIANT, PRECISIONS, Checked, Export, Source, Task, Tolerance, stack
+from llmosd.tasks.contract import INVARIANT, PRECISIONS, Checked, Export, Source, Task, Tolerance, deferred
 from llmosd.tasks.registry import GROUP, Tasks, discover
 
 __all__ = [
@@ -27,6 +27,6 @@ __all__ = [
     "Tasks",
     "TextTokenizer",
     "Tolerance",
+    "deferred",
     "discover",
-    "stack",
 ]

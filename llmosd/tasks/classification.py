@@ -24,8 +24,7 @@ from llmosd.api.tasks import (
 )
 from llmosd.runtime.adapters import Adapting
 from llmosd.runtime.tasks import ClassifierModel
-from llmosd.tasks import encoders
-from llmosd.tasks.contract import INVARIANT, Export, Source, Task, Tolerance
+from llmosd.tasks.contract import INVARIANT, Export, Source, Task, Tolerance, deferred
 
 NAME = "text-classification"
 routes = web.RouteTableDef()
@@ -106,8 +105,8 @@ TASK = Task(
             "int8": Tolerance(max_abs_diff=0.05, label_agreement=0.9, batch_invariance=INVARIANT),
         },
         settings=label_settings,
-        reference=encoders.classification_reference,
-        figures=encoders.classification_figures,
+        reference=deferred("exporters.references:classification_reference"),
+        figures=deferred("exporters.references:classification_figures"),
     ),
     routes=routes,
     paths=PATHS,

@@ -10,13 +10,13 @@ to write one.
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import numpy.typing as npt
 from aiohttp import web
 
@@ -133,6 +133,12 @@ class Task:
         return [(q, texts[(i + k) % len(texts)]) for i, q in enumerate(texts) for k in (1, 2, 3)]
 
 
-def stack(arrays: Sequence[Array]) -> np.ndarray:
-    """Per-input arrays of one width as one matrix (what the built-in encoders' figures compare)."""
-    return np.stack([np.asarray(a, dtype=np.float32) for a in arrays])
+def deferred(target: str) -> Callable[..., Any]:
+    """A hook that lives in export-only code (``"module:function"``), imported when first called: in the
+    exporter's child process, never when the daemon imports the task."""
+
+    def call(*args: Any) -> Any:
+        module, _, name = target.partition(":")
+        return getattr(importlib.import_module(module), name)(*args)
+
+    return call

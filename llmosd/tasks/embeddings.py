@@ -30,8 +30,7 @@ from llmosd.runtime.pooling import POOLINGS
 from llmosd.runtime.tasks import EmbeddingModel
 from llmosd.scheduler import ServedModel
 from llmosd.store import ManifestError
-from llmosd.tasks import encoders
-from llmosd.tasks.contract import INVARIANT, Export, Source, Task, Tolerance
+from llmosd.tasks.contract import INVARIANT, Export, Source, Task, Tolerance, deferred
 
 NAME = "feature-extraction"
 routes = web.RouteTableDef()
@@ -174,8 +173,8 @@ TASK = Task(
             "int8": Tolerance(min_cosine=0.99, mean_cosine=0.995, batch_invariance=INVARIANT),
         },
         settings=_settings,
-        reference=encoders.embedding_reference,
-        figures=encoders.embedding_figures,
+        reference=deferred("exporters.references:embedding_reference"),
+        figures=deferred("exporters.references:embedding_figures"),
         # For MiniLM per-token int8 runs 1.45x fp32 at min cosine 0.9925 (bench/int8.py).
         auto=("int8", "fp32"),
     ),

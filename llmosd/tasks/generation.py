@@ -10,7 +10,7 @@ from llmosd.api import completions
 from llmosd.api.openapi import GENERATION_PATHS
 from llmosd.runtime.adapters import Adapting, Served
 from llmosd.runtime.generator import TextGenerator
-from llmosd.tasks.contract import Checked, Export, Source, Task, Tolerance
+from llmosd.tasks.contract import Export, Source, Task, Tolerance, deferred
 
 NAME = "text-generation"
 
@@ -66,13 +66,6 @@ def generation_settings(src: Source) -> dict[str, Any]:
     }
 
 
-def _validate(check: Checked) -> dict[str, float]:
-    """Teacher-forced top-1 agreement and perplexity against PyTorch (run in the exporter's child)."""
-    from exporters.validate_generation import OnnxCausalLM, figures
-
-    return figures(check.src, OnnxCausalLM(check.session), check.tokenizer.raw)
-
-
 # One gate for every precision (issue 13): teacher-forced top-1 agreement with PyTorch fp32 on the
 # decisive positions of a fixed text >= 0.95, perplexity within 5 % either way. fp32 must match.
 TASK = Task(
@@ -90,7 +83,7 @@ TASK = Task(
             "int4": Tolerance(top1_agreement=0.95, perplexity_ratio=1.05),
         },
         settings=generation_settings,
-        validate=_validate,
+        validate=deferred("exporters.validate_generation:validate_task"),
         # On CPU MatMulNBits int4 decodes faster than int8; a GGUF Q4 source passes at int4 by its own
         # blocks, a re-quantised one often does not and gets int8.
         auto=("int4", "int8", "fp32"),

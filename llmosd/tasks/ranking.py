@@ -24,8 +24,7 @@ from llmosd.api.tasks import (
 )
 from llmosd.runtime.adapters import Adapting
 from llmosd.runtime.tasks import RankingModel
-from llmosd.tasks import encoders
-from llmosd.tasks.contract import INVARIANT, Export, Source, Task, Tolerance
+from llmosd.tasks.contract import INVARIANT, Export, Source, Task, Tolerance, deferred
 
 NAME = "text-ranking"
 routes = web.RouteTableDef()
@@ -166,8 +165,8 @@ TASK = Task(
             "int8": Tolerance(max_abs_diff=0.05, batch_invariance=INVARIANT),
         },
         settings=score_settings,
-        reference=encoders.ranking_reference,
-        figures=encoders.max_abs_diff,
+        reference=deferred("exporters.references:ranking_reference"),
+        figures=deferred("exporters.references:max_abs_diff"),
         pairs=True,
     ),
     routes=routes,

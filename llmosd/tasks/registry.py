@@ -53,9 +53,6 @@ class Tasks(Mapping[str, Task]):
     def adapters(self) -> dict[str, Adapter]:
         return {e.task.name: e.task.adapter for e in self.entries}
 
-    def routes(self) -> list[web.AbstractRouteDef]:
-        return [r for e in self.entries for r in e.task.routes]
-
     def paths(self) -> dict[str, Mapping[str, Any]]:
         """The tasks' routes as OpenAPI path items."""
         return {path: item for e in self.entries for path, item in e.task.paths.items()}
@@ -106,33 +103,22 @@ def collect(found: Iterable[tuple[str, str, str, Any]]) -> Tasks:
     return Tasks(tuple(entries), tuple(problems))
 
 
-def _loaded(ep: importlib.metadata.EntryPoint) -> tuple[str, str, str, Any]:
-    dist = ep.dist
-    package, version = (dist.name, dist.version) if dist is not None else ("(unknown)", "")
-    try:
-        return ep.name, package, version, ep.load()
-    except Exception as exc:  # a plugin's own bug: reported, never the daemon's end
-        return ep.name, package, version, _Broken(f"{type(exc).__name__}: {exc}")
-
-
-@dataclass(frozen=True)
-class _Broken:
-    why: str
-
-
 def discover() -> Tasks:
     """Every installed distribution's ``llmosd.tasks`` entry points, llmosd's own first. Blocking (imports)."""
     points = sorted(
         importlib.metadata.entry_points(group=GROUP),
         key=lambda ep: (ep.dist is None or ep.dist.name != _OWN, ep.dist.name if ep.dist else "", ep.name),
     )
-    loaded = [_loaded(ep) for ep in points]
-    broken = [
-        f"{pkg}'s entry point {n!r} failed to load: {obj.why}" for n, pkg, _, obj in loaded if isinstance(obj, _Broken)
-    ]
-    tasks = collect(entry for entry in loaded if not isinstance(entry[3], _Broken))
-    for problem in broken:
-        log.warning("task left out: %s", problem)
+    loaded: list[tuple[str, str, str, Any]] = []
+    broken: list[str] = []
+    for ep in points:
+        package, version = (ep.dist.name, ep.dist.version) if ep.dist is not None else ("(unknown)", "")
+        try:
+            loaded.append((ep.name, package, version, ep.load()))
+        except Exception as exc:  # a plugin's own bug: reported, never the daemon's end
+            broken.append(f"{package}'s entry point {ep.name!r} failed to load: {type(exc).__name__}: {exc}")
+            log.warning("task left out: %s", broken[-1])
+    tasks = collect(loaded)
     if not any(e.package == _OWN for e in tasks.entries):
         # llmosd's own tasks come from its installed metadata: a source tree nobody installed has none
         broken.append("llmosd's built-in tasks are not registered: install llmosd (pip install -e .)")

@@ -2,8 +2,7 @@
 
 A reference is fed llmosd's own tokenisation of the validation inputs (the padded batch) and returns
 one array per input; figures compare it with the served pipeline's outputs on the ONNX artifact. The
-references run in the exporter's child process only: torch and transformers are imported inside them,
-never when the daemon imports this module.
+tasks name them with ``deferred`` (llmosd.tasks.contract): imported in the exporter's child only.
 """
 
 from __future__ import annotations
@@ -15,9 +14,13 @@ from typing import Any
 import numpy as np
 
 from llmosd.runtime.tokenizer import Batch
-from llmosd.tasks.contract import stack
 
 Arrays = Sequence[np.ndarray]
+
+
+def stack(arrays: Arrays) -> np.ndarray:
+    """Per-input arrays of one width as one matrix."""
+    return np.stack([np.asarray(a, dtype=np.float32) for a in arrays])
 
 
 def torch_pool(hidden: Any, mask: Any, mode: str) -> Any:
