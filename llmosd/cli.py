@@ -514,7 +514,9 @@ def cmd_discover(args: argparse.Namespace) -> int:
 def _one_line(a: Any) -> str:
     models = ", ".join(a.models) + (", ..." if a.models_truncated else "")
     auth = "token required" if a.auth else "no token"
-    return f"{a.name}  {a.url}  llmosd {a.version}  on {', '.join(a.devices)}  [{auth}]  models: {models or '-'}"
+    tls = f"  sha256 {a.fingerprint}" if a.fingerprint else ""
+    line = f"{a.name}  {a.url}  llmosd {a.version}  on {', '.join(a.devices)}  [{auth}]  models: {models or '-'}"
+    return line + tls
 
 
 def _tune_here(config: Config, name: str) -> dict[str, Any]:
@@ -714,6 +716,57 @@ def cmd_tokens_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _served_certificate(args: argparse.Namespace) -> tuple[Path, Any]:
+    from cryptography import x509
+
+    from llmosd.tls import CertError
+    from llmosd.tls.certs import describe
+    from llmosd.tls.server import certificate_path
+
+    path = certificate_path(_config(args))
+    try:
+        pem = path.read_bytes()
+    except FileNotFoundError:
+        raise CertError(f"no certificate at {path} yet: the daemon makes it when it first starts with TLS on") from None
+    except OSError as exc:
+        raise CertError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return path, describe(x509.load_pem_x509_certificates(pem)[0])
+    except ValueError:
+        raise CertError(f"{path} holds no PEM certificate") from None
+
+
+def cmd_cert_export(args: argparse.Namespace) -> int:
+    """The PEM a client trusts (``curl --cacert``): only the leaf, which is all a self-signed box has."""
+    _, cert = _served_certificate(args)
+    sys.stdout.write(cert.pem.decode())
+    return 0
+
+
+def cmd_cert_show(args: argparse.Namespace) -> int:
+    path, cert = _served_certificate(args)
+    if args.json:
+        print(json.dumps({"path": str(path)} | cert.as_dict(), indent=2))
+        return 0
+    print(f"certificate  {path}{' (self-signed)' if cert.self_signed else ''}")
+    print(f"sha256       {cert.fingerprint}")
+    print(f"valid until  {cert.not_after:%Y-%m-%d %H:%M} UTC")
+    print(f"names        {', '.join([*cert.dns_names, *cert.addresses]) or '-'}")
+    return 0
+
+
+def _cert_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The TCP port's TLS certificate: llmosd cert export | show."""
+    cert = sub.add_parser("cert", help="the TLS certificate LAN clients pin").add_subparsers(dest="cert", required=True)
+    s = cert.add_parser("export", help="print the certificate (PEM), for curl --cacert and other clients")
+    _add_config_flags(s)
+    s.set_defaults(func=cmd_cert_export)
+    s = cert.add_parser("show", help="its SHA-256 fingerprint (what mDNS advertises), expiry and names")
+    _add_config_flags(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_cert_show)
+
+
 def _token_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Named, scoped bearer tokens for LAN clients: llmosd tokens add | list | revoke."""
     tokens = sub.add_parser("tokens", help="named, scoped bearer tokens").add_subparsers(dest="tokens", required=True)
@@ -740,6 +793,7 @@ def parser() -> argparse.ArgumentParser:
     _export_command(sub)
     _model_commands(sub)
     _token_commands(sub)
+    _cert_commands(sub)
     return p
 
 
@@ -752,6 +806,7 @@ def main(argv: list[str] | None = None) -> int:
     from llmosd.store.manifest import ManifestError
     from llmosd.store.names import InvalidName
     from llmosd.systemd.install import InstallError
+    from llmosd.tls import CertError
     from llmosd.tokens import TokenError
 
     try:
@@ -767,6 +822,7 @@ def main(argv: list[str] | None = None) -> int:
         RegistryError,
         InstallError,
         TokenError,
+        CertError,
     ) as exc:
         print(f"llmosd: {exc}", file=sys.stderr)
         return 2

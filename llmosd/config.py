@@ -100,6 +100,15 @@ class Config:
     body_min_rate_kb_s: float = _knob(16.0, "slowest request-body upload accepted after the grace (0: no minimum)")
     keepalive_timeout_s: float = _knob(30.0, "an idle connection (no request started) is closed after this long")
     write_timeout_s: float = _knob(30.0, "a client that takes none of a response (streams too) this long is dropped")
+    tls: str = _knob(
+        "auto",
+        "TLS on the TCP port: auto (on unless it listens on loopback only), on or off",
+        choices=("auto", "on", "off"),
+    )
+    tls_cert_file: Path | None = _knob(
+        None, "the site's own certificate, PEM, its chain after it (default: a self-signed one in STATE/tls)"
+    )
+    tls_key_file: Path | None = _knob(None, "the key of tls_cert_file, PEM, unencrypted")
     max_connections_per_client: int = _knob(
         256, "open TCP connections one client address may hold; more are refused with 429 (Unix socket: no limit)"
     )
@@ -159,6 +168,8 @@ class Config:
             object.__setattr__(self, "token_file", self.state_dir / "token")
         if self.trust_dir is None:
             object.__setattr__(self, "trust_dir", self.state_dir / "trust")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("tls_cert_file and tls_key_file go together: set both, or neither for a self-signed one")
 
     @property
     def socket_enabled(self) -> bool:

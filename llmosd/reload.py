@@ -23,6 +23,7 @@ SYNC = frozenset(
         "peer_cache",
     }
 )
+TLS = frozenset({"tls_cert_file", "tls_key_file"})  # the listener loads the pair again (at every reload too)
 # read per request or per pull from the config the handlers see
 READ_LIVE = frozenset(
     {
@@ -44,7 +45,7 @@ READ_LIVE = frozenset(
         "rate_limit_burst_s",
     }
 )
-LIVE = BATCHING | SYNC | READ_LIVE
+LIVE = BATCHING | SYNC | TLS | READ_LIVE
 
 
 @dataclass(frozen=True)

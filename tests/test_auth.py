@@ -16,20 +16,21 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import DEFAULT, start_daemon
+from tests.conftest import DEFAULT, Daemon, llmosd, start_daemon
 
 HOST_ADDR, NS_ADDR = "10.203.71.1", "10.203.71.2"
 
 CLIENT = textwrap.dedent(
     """
-    import json, sys, urllib.request, urllib.error
+    import json, ssl, sys, urllib.request, urllib.error
     url, token, model = sys.argv[1], sys.argv[2], sys.argv[3]
+    tls = ssl.create_default_context(cafile=sys.argv[4])  # the exported certificate, as curl --cacert
     def call(path, token=None, body=None):
         req = urllib.request.Request(url + path, data=body, headers={"Content-Type": "application/json"})
         if token:
             req.add_header("Authorization", "Bearer " + token)
         try:
-            with urllib.request.urlopen(req, timeout=10) as r:
+            with urllib.request.urlopen(req, timeout=10, context=tls) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
@@ -48,6 +49,16 @@ CLIENT = textwrap.dedent(
 
 def sh(*cmd: str) -> None:
     subprocess.run(cmd, check=True, capture_output=True)
+
+
+def exported(d: Daemon, where: Path) -> Path:
+    """The daemon's certificate as ``llmosd cert export`` prints it (what a client trusts: TLS is on,
+    tls = "auto", for a listener the LAN reaches)."""
+    r = llmosd("cert", "export", "--state-dir", str(d.state_dir))
+    assert r.returncode == 0 and r.stdout.startswith("-----BEGIN CERTIFICATE-----"), r.stderr
+    path = where / "box.pem"
+    path.write_text(r.stdout)
+    return path
 
 
 @pytest.fixture
@@ -75,7 +86,10 @@ def netns() -> Iterator[str]:
 
 def test_non_local_clients_need_the_token(netns: str, store_dir: Path, tmp_path: Path) -> None:
     # mDNS off: this test is about the token; advertising is tested between two namespaces of its own
-    d = start_daemon(store_dir, tmp_path, "--host", HOST_ADDR, env={"LLMOSD_MDNS": "false"})
+    from tests.conftest import store_with
+
+    state = store_with(store_dir, tmp_path / "state", (DEFAULT,))
+    d = start_daemon(state, tmp_path, "--host", HOST_ADDR, env={"LLMOSD_MDNS": "false"})
     try:
         r = subprocess.run(
             [
@@ -83,9 +97,10 @@ def test_non_local_clients_need_the_token(netns: str, store_dir: Path, tmp_path:
                 sys.executable,
                 "-c",
                 CLIENT,
-                f"http://{HOST_ADDR}:{d.port}",
+                f"https://{HOST_ADDR}:{d.port}",
                 d.token,
                 DEFAULT,
+                str(exported(d, tmp_path)),
             ],
             capture_output=True,
             text=True,
@@ -114,14 +129,15 @@ def test_non_local_clients_need_the_token(netns: str, store_dir: Path, tmp_path:
 
 SCOPES_CLIENT = textwrap.dedent(
     """
-    import json, sys, urllib.request, urllib.error
+    import json, ssl, sys, urllib.request, urllib.error
     url, model, tokens = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    tls = ssl.create_default_context(cafile=sys.argv[4])
     def call(method, path, body, token):
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(url + path, data=data, method=method, headers={"Content-Type": "application/json"})
         req.add_header("Authorization", "Bearer " + token)
         try:
-            with urllib.request.urlopen(req, timeout=30) as r:
+            with urllib.request.urlopen(req, timeout=30, context=tls) as r:
                 return [r.status, ""]
         except urllib.error.HTTPError as e:
             err = json.loads(e.read())["error"]  # KServe's /v2 errors are a string
@@ -147,7 +163,7 @@ def test_scoped_tokens_each_reach_their_routes_and_revocation_applies_on_reload(
     import signal
     import time
 
-    from tests.conftest import llmosd, store_with
+    from tests.conftest import store_with
 
     state = store_with(store_dir, tmp_path / "state", (DEFAULT,))
     made = {}
@@ -167,7 +183,7 @@ def test_scoped_tokens_each_reach_their_routes_and_revocation_applies_on_reload(
     def client(tokens: dict[str, str]) -> dict[str, dict[str, list[Any]]]:
         cmd = ["ip", "netns", "exec", netns, sys.executable, "-c", SCOPES_CLIENT]
         r = subprocess.run(
-            [*cmd, f"http://{HOST_ADDR}:{d.port}", DEFAULT, json.dumps(tokens)],
+            [*cmd, f"https://{HOST_ADDR}:{d.port}", DEFAULT, json.dumps(tokens), str(exported(d, tmp_path))],
             capture_output=True,
             text=True,
             timeout=120,
@@ -224,13 +240,14 @@ def test_scoped_tokens_each_reach_their_routes_and_revocation_applies_on_reload(
 
 RATE_CLIENT = textwrap.dedent(
     """
-    import json, sys, time, urllib.request, urllib.error
+    import json, ssl, sys, time, urllib.request, urllib.error
     url, token, model, lm = sys.argv[1:5]
+    tls = ssl.create_default_context(cafile=sys.argv[5])
     def call(path, body):
         req = urllib.request.Request(url + path, data=json.dumps(body).encode(), headers={
             "Content-Type": "application/json", "Authorization": "Bearer " + token})
         try:
-            with urllib.request.urlopen(req, timeout=60) as r:
+            with urllib.request.urlopen(req, timeout=60, context=tls) as r:
                 return [r.status, None, ""]
         except urllib.error.HTTPError as e:
             return [e.code, e.headers.get("Retry-After"), json.loads(e.read())["error"]["message"]]
@@ -265,7 +282,7 @@ def test_rate_limits_answer_429_with_retry_after_per_client(netns: str, store_di
     try:
         cmd = ["ip", "netns", "exec", netns, sys.executable, "-c", RATE_CLIENT]
         r = subprocess.run(
-            [*cmd, f"http://{HOST_ADDR}:{d.port}", d.token, DEFAULT, SMOLLM2],
+            [*cmd, f"https://{HOST_ADDR}:{d.port}", d.token, DEFAULT, SMOLLM2, str(exported(d, tmp_path))],
             capture_output=True,
             text=True,
             timeout=120,
@@ -288,3 +305,169 @@ def test_rate_limits_answer_429_with_retry_after_per_client(netns: str, store_di
     status, retry, _ = got["after_chat"]
     assert status == 429 and 3 <= int(retry) <= 5, got
     assert "llmosd_rate_limited_requests_total 2.0" in metrics
+
+
+TLS_CLIENT = textwrap.dedent(
+    """
+    import hashlib, http.client, json, ssl, subprocess, sys
+    import openai
+    from llmosd.client import Client, ConnectionFailed
+    from llmosd.client.pinning import CertificateRefused, unverified
+    url, token, model, fp, cafile = sys.argv[1:6]
+    host, port = url.removeprefix("https://").split(":")
+    def seen(sock):
+        return hashlib.sha256(sock.getpeercert(binary_form=True)).hexdigest()
+    def presented():
+        conn = http.client.HTTPSConnection(host, int(port), timeout=10, context=unverified())
+        conn.connect()
+        try:
+            return seen(conn.sock)
+        finally:
+            conn.close()
+    out = {}
+    client = Client(url, token=token, fingerprint=fp)
+    out["sdk"] = len(client.load_model(model).embed("pinned")[0])
+    try:
+        Client(url, token=token, fingerprint="0" * 64).models()
+    except CertificateRefused as exc:
+        out["wrong"] = str(exc)
+    try:
+        Client(url, token=token).models()
+    except ConnectionFailed as exc:
+        out["unpinned"] = str(exc)
+    pinned_http = openai.DefaultHttpxClient(verify=client.ssl_context())
+    pinned = openai.OpenAI(base_url=url + "/v1", api_key=token, http_client=pinned_http)
+    out["openai_pinned"] = len(pinned.embeddings.create(model=model, input="x").data[0].embedding)
+    cacert = ssl.create_default_context(cafile=cafile)  # host names checked too: the address is a SAN
+    recipe = openai.OpenAI(base_url=url + "/v1", api_key=token, http_client=openai.DefaultHttpxClient(verify=cacert))
+    out["openai_cacert"] = [m.id for m in recipe.models.list().data]
+    auth = ["-H", "Authorization: Bearer " + token]
+    fetch = ["curl", "-sS", "--cacert", cafile, *auth, url + "/v1/models"]
+    curl = subprocess.run(fetch, capture_output=True, text=True)
+    out["curl"] = [m["id"] for m in json.loads(curl.stdout)["data"]]
+    plain = "http://" + url.removeprefix("https://") + "/v1/models"
+    curl = subprocess.run(["curl", "-sS", "-w", "%{http_code}", *auth, plain], capture_output=True, text=True)
+    out["plain"] = curl.stdout
+    kept = http.client.HTTPSConnection(host, int(port), timeout=10, context=unverified())
+    kept.request("GET", "/healthz")
+    kept.getresponse().read()
+    sock = kept.sock
+    out["kept"] = seen(sock)
+    print(json.dumps(out), flush=True)
+    for _ in sys.stdin:  # after each reload: the kept connection still answers, a new one sees the new cert
+        kept.request("GET", "/healthz")
+        r = kept.getresponse()
+        r.read()
+        print(json.dumps({"kept": [r.status, kept.sock is sock, seen(kept.sock)], "new": presented()}), flush=True)
+"""
+)
+
+
+def site_certificate(cert: Path, key: Path, address: str) -> str:
+    """A site's own pair (here self-made, as a site CA's would arrive); its fingerprint."""
+    import datetime as dt
+    import ssl
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from llmosd.tls.certs import fingerprint, make_certificate
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    pem = make_certificate(private, ["site-box.example"], [address], dt.datetime.now(dt.UTC))
+    key.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    cert.write_bytes(pem)
+    return fingerprint(ssl.PEM_cert_to_DER_cert(pem.decode()))
+
+
+def test_tls_is_on_for_the_lan_pinned_by_clients_and_renewed_on_reload(
+    netns: str, store_dir: Path, tmp_path: Path
+) -> None:
+    """tls = "auto" on a LAN address: the SDK pinned by fingerprint, the openai SDK pinned and by the
+    exported certificate, curl --cacert, a wrong pin refused, plain HTTP answered with a clear 400; then a
+    reload to the site's own files, a renewal of those files in place and a broken file, each while a
+    connection opened before stays open."""
+    import json
+    import signal
+    import time
+
+    from tests.conftest import store_with, unix_json
+
+    state = store_with(store_dir, tmp_path / "state", (DEFAULT,))
+    config = tmp_path / "llmosd.toml"
+    config.write_text("")
+    env = {"LLMOSD_MDNS": "false", "LLMOSD_AUTOTUNE": "false", "LLMOSD_SEED_DEFAULTS": "false"}
+    d = start_daemon(state, tmp_path, "--host", HOST_ADDR, "--config", str(config), env=env)
+    client: subprocess.Popen[str] | None = None
+
+    def reload_until(text: str) -> None:
+        seen = d.log.read_text().count(text)
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while d.log.read_text().count(text) == seen:
+            assert time.monotonic() < deadline, d.log.read_text()[-3000:]
+            time.sleep(0.1)
+
+    def check() -> dict[str, Any]:
+        assert client is not None and client.stdin is not None and client.stdout is not None
+        client.stdin.write("check\n")
+        client.stdin.flush()
+        answer: dict[str, Any] = json.loads(client.stdout.readline())
+        return answer
+
+    try:
+        shown = llmosd("cert", "show", "--json", "--state-dir", str(state))
+        assert shown.returncode == 0, shown.stderr
+        auto = json.loads(shown.stdout)
+        fp = auto["fingerprint"]
+        assert auto["self_signed"] and HOST_ADDR in auto["addresses"] and "localhost" in auto["dns_names"]
+        assert unix_json(d, "/api/status")["tls"]["fingerprint"] == fp
+        assert (state / "tls" / "key.pem").stat().st_mode & 0o077 == 0
+        url = f"https://{HOST_ADDR}:{d.port}"
+        cmd = ["ip", "netns", "exec", netns, sys.executable, "-c", TLS_CLIENT]
+        client = subprocess.Popen(
+            [*cmd, url, d.token, DEFAULT, fp, str(exported(d, tmp_path))],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert client.stdout is not None
+        line = client.stdout.readline()
+        assert line, client.communicate(timeout=10)[1][-3000:]
+        got = json.loads(line)
+        assert got["sdk"] == 384 and got["openai_pinned"] == 384
+        assert got["openai_cacert"] == [DEFAULT] and got["curl"] == [DEFAULT]
+        assert got["wrong"] == f"{url} presented the certificate {fp}, not the pinned {'0' * 64}; nothing was sent"
+        assert "its certificate is not trusted (self-signed certificate); pin it with fingerprint=" in got["unpinned"]
+        plain = json.loads(got["plain"][:-3])
+        assert got["plain"].endswith("400") and plain["error"]["type"] == "tls_required"
+        assert plain["error"]["message"] == f"this port speaks HTTPS only: use {url}/ (plain HTTP is refused)"
+        assert got["kept"] == fp
+
+        site_cert, site_key = tmp_path / "site.pem", tmp_path / "site.key"
+        site_fp = site_certificate(site_cert, site_key, HOST_ADDR)
+        config.write_text(f'tls_cert_file = "{site_cert}"\ntls_key_file = "{site_key}"\n')
+        reload_until(f"now presenting the certificate {site_fp}")
+        assert check() == {"kept": [200, True, fp], "new": site_fp}
+        assert unix_json(d, "/api/status")["tls"]["source"] == str(site_cert)
+
+        renewed_fp = site_certificate(site_cert, site_key, HOST_ADDR)  # renewed in place, as certbot does
+        reload_until(f"now presenting the certificate {renewed_fp}")
+        assert check() == {"kept": [200, True, fp], "new": renewed_fp}
+
+        site_cert.write_text("not a certificate\n")  # a broken renewal changes nothing
+        reload_until("the certificate in use stays")
+        assert check() == {"kept": [200, True, fp], "new": renewed_fp}
+    finally:
+        if client is not None:
+            client.kill()
+            client.wait(10)
+        assert d.stop() == 0
+    log = d.log.read_text()
+    assert f"{site_cert} holds no PEM certificate; the certificate in use stays" in log
+    assert f"refused plain HTTP from {NS_ADDR} on the TLS port" in log and d.token not in log

@@ -68,7 +68,7 @@ class Watch:
 
 
 def store_copy(store_dir: Path, dst: Path, keep: tuple[str, ...]) -> Path:
-    shutil.copytree(store_dir, dst, symlinks=True)
+    shutil.copytree(store_dir, dst, symlinks=True, ignore=shutil.ignore_patterns("tls"))  # a box's own key
     (dst / "id").unlink(missing_ok=True)  # a copied install id would make two boxes one (as a cloned disk does)
     for model in (dst / "models").iterdir():
         if model.name not in keep:
@@ -122,6 +122,17 @@ SDK = textwrap.dedent(
     from llmosd.client import async_discover, discover
     out["discover"] = [a.name for a in discover(3)]
     out["async_discover"] = [a.id for a in asyncio.run(async_discover(3))]
+    # a known_hosts line with another certificate and key for this box: refused, whatever mDNS says
+    import os
+    from llmosd.client.pinning import CertificateRefused
+    with open(os.environ["LLMOSD_KNOWN_HOSTS"]) as f:
+        out["known"] = f.read()
+    with open(os.environ["LLMOSD_KNOWN_HOSTS"], "w") as f:
+        f.write(f"id:{install_id} {'a' * 64} {'b' * 64}\\n")
+    try:
+        Client(name=name, token=token).models()
+    except CertificateRefused as exc:
+        out["impostor"] = str(exc)
     print(json.dumps(out))
     """
 )
@@ -139,12 +150,14 @@ def test_an_appliance_is_found_across_namespaces_and_follows_its_models(
     try:
         assert wait_advertised(a) == NAME
         install_id = unix_json(a, "/api/status")["id"]
+        fp = unix_json(a, "/api/status")["tls"]["fingerprint"]  # tls = "auto": on for a LAN listener
         found = watch.expect(lambda e: e["event"] == "added" and e["name"] == NAME)
         assert (
-            found["addresses"] == [A_ADDR] and found["port"] == a.port and found["url"] == f"http://{A_ADDR}:{a.port}"
+            found["addresses"] == [A_ADDR] and found["port"] == a.port and found["url"] == f"https://{A_ADDR}:{a.port}"
         )
         assert (found["api"], found["id"], found["path"], found["devices"]) == ("1", install_id, "/v1", ["cpu"])
-        assert found["models"] == [DEFAULT] and found["auth"] is True and found["tls"] is False
+        assert found["models"] == [DEFAULT] and found["auth"] is True and found["tls"] is True
+        assert found["fingerprint"] == fp
         assert a.token not in json.dumps(found)  # never a secret in TXT
 
         r = subprocess.run(
@@ -172,19 +185,29 @@ def test_an_appliance_is_found_across_namespaces_and_follows_its_models(
         watch.expect(lambda e: e["event"] == "updated" and e["addresses"] == [A_ADDR])  # flushed on the LAN too
 
         # the SDK finds it by name (sync) and by id (async) and serves with the token
+        known = tmp_path / "known_hosts"
         r = subprocess.run(
             [*lan.run(lan.b), sys.executable, "-c", SDK, NAME, a.token, DEFAULT, install_id],
             capture_output=True,
             text=True,
             timeout=120,
-            env=dict(os.environ, LLMOSD_SOCKET=str(tmp_path / "absent.sock"), LLMOSD_URL="", LLMOSD_TOKEN=""),
+            env=dict(
+                os.environ,
+                LLMOSD_SOCKET=str(tmp_path / "absent.sock"),
+                LLMOSD_URL="",
+                LLMOSD_TOKEN="",
+                LLMOSD_KNOWN_HOSTS=str(known),
+            ),
         )
         assert r.returncode == 0, r.stderr[-3000:]
         sdk = json.loads(r.stdout)
-        assert sdk["where"] in (f"http://{A_ADDR}:{a.port}", f"http://{A_EXTRA}:{a.port}") and sdk["dims"] == 384
+        assert sdk["where"] in (f"https://{A_ADDR}:{a.port}", f"https://{A_EXTRA}:{a.port}") and sdk["dims"] == 384
+        # pinned by the fp= record, and recorded on first use under the box's install id
+        assert sdk["known"].split()[:2] == [f"id:{install_id}", fp]
         assert sdk["without_token"] == [401, "authentication_error"]
         assert sdk["async"][1:] == [384, install_id] and sdk["async"][0].endswith(f":{a.port}")
         assert sdk["discover"] == [NAME] and sdk["async_discover"] == [install_id]
+        assert f"with a key other than the one recorded at first use ({'a' * 64}" in sdk["impostor"]
 
         # a second appliance with the same name, on the other host: renamed, and both are seen
         b = advertising_daemon(lan, lan.b, store_copy(store_dir, tmp_path / "b-state", (DEFAULT,)), tmp_path / "b")
@@ -292,6 +315,7 @@ def test_avahi_sees_the_advertisement(lan: Lan, store_dir: Path, tmp_path: Path)
         assert fields[7] == A_ADDR and fields[8] == str(a.port)
         txt = dict(x.strip('"').split("=", 1) for x in fields[9].split('" "'))
         assert txt["id"] == install_id and txt["models"] == DEFAULT and txt["auth"] == "1" and txt["api"] == "1"
+        assert txt["tls"] == "1" and txt["fp"] == unix_json(a, "/api/status")["tls"]["fingerprint"]
     finally:
         a.stop()
         for p in (avahi, bus):

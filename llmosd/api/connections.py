@@ -38,7 +38,7 @@ class Limits:
     max_per_client: int
 
 
-def _raw_response(status: str, message: str, type: str, headers: str = "") -> bytes:
+def raw_response(status: str, message: str, type: str, headers: str = "") -> bytes:
     body = json.dumps({"error": {"type": type, "message": message}}).encode()
     head = (
         f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
@@ -100,7 +100,7 @@ class Guard(asyncio.Protocol):
             if self.owner.per_address[address] >= limit:
                 self.refused = True
                 message = f"too many connections from {address} (limit {limit}); close some and retry"
-                refusal = _raw_response("429 Too Many Requests", message, "rate_limit_error", "Retry-After: 1\r\n")
+                refusal = raw_response("429 Too Many Requests", message, "rate_limit_error", "Retry-After: 1\r\n")
                 transport.write(refusal)
                 transport.close()
                 self.owner.warn_refused(address, limit)
@@ -163,7 +163,7 @@ class Guard(asyncio.Protocol):
         limit = self.owner.limits().header_timeout_s
         log.info("closed a connection from %s: no complete request headers within %g s", self._who(), limit)
         message = f"the request headers did not arrive within {limit:g} s"
-        self.transport.write(_raw_response("408 Request Timeout", message, "timeout_error"))
+        self.transport.write(raw_response("408 Request Timeout", message, "timeout_error"))
         self._linger(self.transport)
 
     def _linger(self, transport: asyncio.Transport) -> None:

@@ -12,6 +12,7 @@ from llmosd import __version__
 from llmosd.api.errors import error_response
 from llmosd.api.openapi import spec
 from llmosd.api.state import AppState, state
+from llmosd.tls.server import ServerTls
 
 routes = web.RouteTableDef()
 
@@ -39,6 +40,12 @@ def worker_problems(st: AppState) -> list[str]:
     return down + lost
 
 
+def tls_status(tls: ServerTls | None) -> dict[str, object] | None:
+    if tls is None or tls.certificate is None:
+        return None
+    return {"source": tls.source} | tls.certificate.as_dict()
+
+
 @routes.get("/api/status")
 async def status(request: web.Request) -> web.Response:
     st = state(request)
@@ -54,6 +61,7 @@ async def status(request: web.Request) -> web.Response:
             "pid": os.getpid(),
             "rss_bytes": psutil.Process().memory_info().rss,
             "listeners": st.listeners,
+            "tls": tls_status(st.live.tls),
             "state_dir": str(st.config.state_dir),
             "default_models": list(st.default_models),
             "models": [s.status() | st.described(s) for s in st.pool.served()],

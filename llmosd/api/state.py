@@ -21,6 +21,7 @@ from llmosd.tokens import Tokens
 
 if TYPE_CHECKING:
     from llmosd.discovery.advertise import Advertiser
+    from llmosd.tls.server import ServerTls
     from llmosd.versions import ModelVersions, Syncer
 
 
@@ -34,6 +35,7 @@ class Live:
     tokens: Tokens = field(default_factory=Tokens)  # the token file's (admin) and the named, scoped ones
     listeners: tuple[str, ...] = ()
     advertiser: Advertiser | None = None  # once registered on the LAN over mDNS
+    tls: ServerTls | None = None  # when the TCP listener speaks TLS: its context and certificate
     syncer: Syncer | None = None  # the registry sync, when the config subscribes to anything
 
 

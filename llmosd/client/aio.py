@@ -11,10 +11,16 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
 from llmosd.client.errors import DONE, ConnectionFailed, error_from, sse_event
+from llmosd.client.pinning import CertificateRefused, KnownHosts, presented_async, settle, untrusted
 from llmosd.client.target import Target, local_target, nothing_local, pick
 from llmosd.discovery.txt import Appliance
+
+
+class _Unreachable(OSError):
+    """The box did not answer the handshake that reads its certificate: nothing was sent."""
 
 
 class AsyncClient:
@@ -31,8 +37,13 @@ class AsyncClient:
         timeout: float = 600.0,
         retries: int = 3,
         discover_timeout: float = 3.0,
+        fingerprint: str | None = None,
+        known_hosts: Path | None = None,
     ) -> None:
         self.token = token if token is not None else os.environ.get("LLMOSD_TOKEN")
+        self.fingerprint = fingerprint or os.environ.get("LLMOSD_FINGERPRINT") or None
+        self.known_hosts = KnownHosts(known_hosts)
+        self._pins: dict[str, str | None] = {}  # per base URL: the fingerprint held to, or None (CAs)
         self.timeout = timeout
         self.retries = retries
         self._want = (url, socket, name, id, discover_timeout)
@@ -80,17 +91,43 @@ class AsyncClient:
             )
         return self._session, target
 
+    async def _ssl(self, target: Target) -> aiohttp.Fingerprint | bool:
+        """What the connection to ``target`` is held to (see ``llmosd.client.pinning``)."""
+        url = URL(str(target.url))
+        if target.socket or url.scheme != "https":
+            return True
+        where = str(target.url)
+        if where not in self._pins:
+            try:
+                der = await presented_async(url.host or "localhost", url.port or 443, self.timeout)
+            except (OSError, TimeoutError) as exc:
+                raise _Unreachable(str(exc) or type(exc).__name__) from exc
+            self._pins[where] = settle(der, target, self.fingerprint, self.known_hosts)
+        pin = self._pins[where]
+        return aiohttp.Fingerprint(bytes.fromhex(pin)) if pin else True
+
     async def _open(self, method: str, path: str, body: dict[str, Any] | None) -> aiohttp.ClientResponse:
         session, target = await self._http()
         headers = {"Accept": "application/json"}
         if self.token and not target.socket:
             headers["Authorization"] = f"Bearer {self.token}"
         attempt = 0
+        repinned = False
         while True:
             base = "http://llmosd" if target.socket else str(target.url).rstrip("/")
             try:
-                response = await session.request(method, base + path, json=body, headers=headers)
-            except aiohttp.ClientConnectorError as exc:  # nothing was sent: the next address, if any
+                tls = await self._ssl(target)
+                response = await session.request(method, base + path, json=body, headers=headers, ssl=tls)
+            except aiohttp.ServerFingerprintMismatch as exc:
+                if repinned:
+                    message = f"{target.where} presents a certificate other than the pinned one"
+                    raise CertificateRefused(message) from exc
+                repinned = True  # the box renewed its certificate since the pin was settled: settle again
+                self._pins.pop(str(target.url), None)
+                continue
+            except aiohttp.ClientConnectorCertificateError as exc:
+                raise ConnectionFailed(untrusted(target.where, exc.certificate_error)) from exc
+            except (aiohttp.ClientConnectorError, _Unreachable) as exc:  # nothing was sent: the next address
                 following = target.next()
                 if following is None:
                     raise ConnectionFailed(f"cannot reach llmosd at {target.where}: {exc}") from exc

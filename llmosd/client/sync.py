@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from llmosd.client.errors import DONE, ConnectionFailed, error_from, sse_event
+from llmosd.client.pinning import (
+    CertificateRefused,
+    KnownHosts,
+    matches,
+    pinned_context,
+    presented,
+    settle,
+    untrusted,
+    unverified,
+)
 from llmosd.client.target import local_target, nothing_local, pick
 from llmosd.discovery.txt import Appliance
 
@@ -27,6 +38,21 @@ class _UnixConnection(http.client.HTTPConnection):
         sock.settimeout(self.timeout)
         sock.connect(self._path)
         self.sock = sock
+
+
+class _PinnedConnection(http.client.HTTPSConnection):
+    """HTTPS held to one certificate fingerprint, checked before the request is written."""
+
+    def __init__(self, host: str, port: int | None, timeout: float, pin: str) -> None:
+        super().__init__(host, port, timeout=timeout, context=unverified())
+        self.pin = pin
+
+    def connect(self) -> None:
+        super().connect()
+        assert isinstance(self.sock, ssl.SSLSocket)
+        if not matches(self.sock.getpeercert(binary_form=True), self.pin):
+            self.close()
+            raise CertificateRefused(f"{self.host}:{self.port} now presents a certificate other than {self.pin}")
 
 
 class Client:
@@ -44,10 +70,17 @@ class Client:
         timeout: float = 600.0,
         retries: int = 3,
         discover_timeout: float = 3.0,
+        fingerprint: str | None = None,
+        known_hosts: Path | None = None,
     ) -> None:
+        """``fingerprint``: the SHA-256 of the certificate an https URL must present (else
+        ``LLMOSD_FINGERPRINT``; a box found on the LAN is pinned by its record and ``known_hosts``)."""
         self.timeout = timeout
         self.retries = retries
         self.token = token if token is not None else os.environ.get("LLMOSD_TOKEN")
+        self.fingerprint = fingerprint or os.environ.get("LLMOSD_FINGERPRINT") or None
+        self.known_hosts = KnownHosts(known_hosts)
+        self._pins: dict[str, str | None] = {}  # per base URL: the fingerprint held to, or None (CAs)
         target = None if name or id else local_target(url, socket)
         if target is None:
             found = Client.discover(discover_timeout)
@@ -67,12 +100,42 @@ class Client:
     def where(self) -> str:
         return self.target.where
 
+    @property
+    def url(self) -> str | None:
+        """The base URL connected to (None on the Unix socket)."""
+        return self.target.url
+
+    def _pin(self) -> str | None:
+        where = str(self.target.url)
+        if where not in self._pins:
+            url = urlsplit(where)
+            der = presented(url.hostname or "localhost", url.port or 443, self.timeout)
+            self._pins[where] = settle(der, self.target, self.fingerprint, self.known_hosts)
+        return self._pins[where]
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A context for other HTTP clients (the openai SDK's ``httpx.Client(verify=...)``) that trusts
+        the box's pinned certificate and nothing else; the system's CAs when no pin applies."""
+        if not str(self.target.url).startswith("https://"):
+            raise ConnectionFailed(f"{self.where} is not served over TLS")
+        url = urlsplit(str(self.target.url))
+        der = presented(url.hostname or "localhost", url.port or 443, self.timeout)
+        if settle(der, self.target, self.fingerprint, self.known_hosts) is None:
+            return ssl.create_default_context()
+        return pinned_context(der)
+
     def _connection(self) -> http.client.HTTPConnection:
         if self.target.socket:
             return _UnixConnection(self.target.socket, self.timeout)
         url = urlsplit(str(self.target.url))
-        cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
-        return cls(url.hostname or "localhost", url.port, timeout=self.timeout)
+        host = url.hostname or "localhost"
+        if url.scheme != "https":
+            return http.client.HTTPConnection(host, url.port, timeout=self.timeout)
+        pin = self._pin()
+        if pin is None:
+            context = ssl.create_default_context()
+            return http.client.HTTPSConnection(host, url.port, timeout=self.timeout, context=context)
+        return _PinnedConnection(host, url.port, self.timeout, pin)
 
     def _open(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[Any, http.client.HTTPResponse]:
         headers = {"Accept": "application/json"}
@@ -83,12 +146,22 @@ class Client:
         if self.token and not self.target.socket:
             headers["Authorization"] = f"Bearer {self.token}"
         attempt = 0
+        repinned = False
         while True:
-            conn = self._connection()
+            conn: http.client.HTTPConnection | None = None
             try:
+                conn = self._connection()
                 conn.connect()
+            except CertificateRefused:
+                if repinned or self._pins.pop(str(self.target.url), None) is None:
+                    raise
+                repinned = True  # the box renewed its certificate since the pin was settled: settle again
+                continue
+            except ssl.SSLCertVerificationError as exc:
+                raise ConnectionFailed(untrusted(self.where, exc)) from exc
             except OSError as exc:  # nothing was sent: the appliance's next address, if it has one
-                conn.close()
+                if conn is not None:
+                    conn.close()
                 following = self.target.next()
                 if following is None:
                     raise ConnectionFailed(f"cannot reach llmosd at {self.where}: {exc}") from exc

@@ -41,6 +41,7 @@ from llmosd.runtime.memory import fix_mmap_threshold
 from llmosd.seed import DEFAULT_MODELS
 from llmosd.systemd import Notifier
 from llmosd.tasks import Tasks, discover
+from llmosd.tls.server import ServerTls
 from llmosd.token import ensure_token
 from llmosd.tokens import load_tokens
 from llmosd.versions import ModelVersions
@@ -86,7 +87,7 @@ def build(config: Config, hw: Hardware, tasks: Tasks, notifier: Notifier) -> Dae
         lag=lag,
         tasks=tasks,
     )
-    listeners = ListenerStage(st)
+    listeners = ListenerStage(st, ServerTls())
     sync = SyncStage(st)
     beat = HeartbeatStage(readiness, notifier, lambda: chain.status())  # what the stages say (the sync's state)
     watch = LoopWatchStage(lag)

@@ -26,7 +26,7 @@ def lan_peers(st: AppState) -> list[Peer]:
     and those its advertiser has heard on the interfaces it advertises on."""
     if not st.config.peer_cache or st.advertiser is None:
         return []
-    return [Peer(a.url, st.token, a.name) for a in st.advertiser.neighbours()]
+    return [Peer(a.url, st.token, a.name, a.fingerprint) for a in st.advertiser.neighbours()]
 
 
 def make_syncer(st: AppState) -> Syncer | None:
@@ -92,6 +92,7 @@ def txt_content(st: AppState) -> dict[str, str]:
         auth=True,  # LAN clients always need the token (only loopback and the Unix socket go without)
         models=[s.name for s in served],
         devices=devices,
+        fingerprint=st.live.tls.certificate.fingerprint if st.live.tls and st.live.tls.certificate else "",
     )
 
 

@@ -13,21 +13,31 @@ SERVICE_TYPE = "_llmosd._tcp.local."
 TXT_API = "1"
 MODELS_BYTES = 160  # the models value's budget; the full list is at /v1/models
 MORE = ",..."  # ends a truncated models list
+HEX = frozenset("0123456789abcdef")
 
 
 def txt_records(
-    *, install_id: str, version: str, auth: bool, models: Sequence[str], devices: Sequence[str], tls: bool = False
+    *,
+    install_id: str,
+    version: str,
+    auth: bool,
+    models: Sequence[str],
+    devices: Sequence[str],
+    fingerprint: str = "",
 ) -> dict[str, str]:
-    return {
+    """``fingerprint``: the SHA-256 of the TLS certificate's DER, hex ("" when the port is plain). It is
+    public (the certificate is sent to anyone who connects); clients pin it."""
+    records = {
         "api": TXT_API,
         "id": install_id,
         "ver": version,
-        "tls": "1" if tls else "0",
+        "tls": "1" if fingerprint else "0",
         "auth": "1" if auth else "0",
         "models": models_value(models),
         "dev": ",".join(devices) or "cpu",
         "path": "/v1",
     }
+    return records | ({"fp": fingerprint} if fingerprint else {})
 
 
 def models_value(models: Sequence[str]) -> str:
@@ -60,6 +70,7 @@ class Appliance:
     path: str
     host: str  # the mDNS host name the addresses belong to
     revision: int = 0  # TXT "rev": bumped by the daemon at every change of the records
+    fingerprint: str = ""  # TXT "fp": the SHA-256 of its TLS certificate (DER, hex), which clients pin
 
     @property
     def url(self) -> str:
@@ -90,6 +101,7 @@ class Appliance:
             "path": self.path,
             "host": self.host,
             "revision": self.revision,
+            "fingerprint": self.fingerprint,
         }
 
 
@@ -118,4 +130,5 @@ def appliance(service_name: str, addresses: Sequence[str], port: int, server: st
         path=txt.get("path", "/v1"),
         host=server,
         revision=int(txt["rev"]) if txt.get("rev", "").isdigit() else 0,
+        fingerprint=fp if len(fp := txt.get("fp", "").lower()) == 64 and all(c in HEX for c in fp) else "",
     )

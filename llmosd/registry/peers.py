@@ -24,6 +24,11 @@ class Peer:
     url: str  # another appliance's base URL
     token: str  # its bearer token (a site shares one)
     name: str = ""
+    fingerprint: str = ""  # its TLS certificate's SHA-256 as it advertises it: pinned, no CA involved
+
+    @property
+    def ssl(self) -> aiohttp.Fingerprint | bool:
+        return aiohttp.Fingerprint(bytes.fromhex(self.fingerprint)) if self.fingerprint else True
 
     def __str__(self) -> str:
         return self.name or self.url
@@ -47,6 +52,7 @@ async def fetch(
             f"{peer.url}/api/blobs/{digest}",
             headers={**headers, "Authorization": f"Bearer {peer.token}"},
             timeout=timeout,
+            ssl=peer.ssl,
         )
         if r.status not in (200, 206):
             r.release()
