@@ -7,6 +7,7 @@ frozen dataclass validated at start. Errors name the bad key and where it came f
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -119,6 +120,9 @@ class Config:
         0.0, "generated tokens a second each non-local client may have on average (0: no limit)"
     )
     rate_limit_burst_s: float = _knob(10.0, "the rate limits' buckets hold this many seconds of their rate")
+    metrics_scrape_from: str = _knob(
+        "", "networks (comma-separated, e.g. 10.0.0.0/24) whose clients may GET /metrics without a token"
+    )
     mdns: bool = _knob(True, "advertise on the LAN over mDNS (_llmosd._tcp) when the TCP listener is not loopback")
     mdns_name: str = _knob("", "mDNS instance name (default: the host name)")
     mdns_interfaces: str = _knob("", "comma-separated interfaces to advertise on (default: every one that is up)")
@@ -170,6 +174,14 @@ class Config:
             object.__setattr__(self, "trust_dir", self.state_dir / "trust")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ConfigError("tls_cert_file and tls_key_file go together: set both, or neither for a self-signed one")
+        self.scrape_networks  # noqa: B018 (validates: a bad network stops the start, or a reload keeps the old)
+
+    @property
+    def scrape_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        try:
+            return tuple(ipaddress.ip_network(n, strict=False) for n in items(self.metrics_scrape_from))
+        except ValueError as exc:
+            raise ConfigError(f"metrics_scrape_from: {exc}") from None
 
     @property
     def socket_enabled(self) -> bool:

@@ -43,6 +43,7 @@ READ_LIVE = frozenset(
         "rate_limit_rps",
         "rate_limit_tokens_per_s",
         "rate_limit_burst_s",
+        "metrics_scrape_from",
     }
 )
 LIVE = BATCHING | SYNC | TLS | READ_LIVE

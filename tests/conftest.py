@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.netns import Lan, two_boxes
+from tests.netns import Lan, one_client, two_boxes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DATA = Path(__file__).parent / "data"
@@ -358,3 +358,20 @@ def lan() -> Iterator[Lan]:
     """Two network namespaces joined by a veth pair (tests/netns.py)."""
     with two_boxes() as boxes:
         yield boxes
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A LAN client's namespace (tests/netns.py one_client): the daemon listens on HOST_ADDR."""
+    with one_client() as ns:
+        yield ns
+
+
+def exported(d: Daemon, where: Path) -> Path:
+    """The daemon's certificate as ``llmosd cert export`` prints it (what a client trusts: TLS is on,
+    tls = "auto", for a listener the LAN reaches)."""
+    r = llmosd("cert", "export", "--state-dir", str(d.state_dir))
+    assert r.returncode == 0 and r.stdout.startswith("-----BEGIN CERTIFICATE-----"), r.stderr
+    path = where / "box.pem"
+    path.write_text(r.stdout)
+    return path

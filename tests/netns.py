@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pytest
 
 A_ADDR, B_ADDR, A_EXTRA = "10.204.72.1", "10.204.72.2", "10.204.72.11"
+HOST_ADDR, NS_ADDR = "10.203.71.1", "10.203.71.2"  # one_client(): this host's end, the client's
 
 
 def sh(*cmd: str) -> None:
@@ -27,12 +28,40 @@ class Lan:
         return ("ip", "netns", "exec", ns)
 
 
-@contextmanager
-def two_boxes() -> Iterator[Lan]:
+def _need_root() -> None:
     if os.geteuid() != 0:
         if os.environ.get("LLMOSD_TEST_STRICT"):
             pytest.fail("network namespaces need root, and CI runs as root")
         pytest.skip("network namespaces need root (CI runs as root)")
+
+
+@contextmanager
+def one_client() -> Iterator[str]:
+    """A namespace joined to this host by a veth pair: a LAN client (at NS_ADDR) of a daemon listening on
+    HOST_ADDR here, which sees it as a non-local address."""
+    ns, host_if, ns_if = f"llmosd-t{os.getpid()}", f"lh{os.getpid() % 100000}", f"ln{os.getpid() % 100000}"
+    _need_root()
+    try:
+        sh("ip", "netns", "add", ns)
+    except (subprocess.CalledProcessError, FileNotFoundError) as exc:
+        pytest.skip(f"'ip netns add' refused here: {exc}")
+    try:
+        sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+        sh("ip", "link", "set", ns_if, "netns", ns)
+        sh("ip", "addr", "add", f"{HOST_ADDR}/24", "dev", host_if)
+        sh("ip", "link", "set", host_if, "up")
+        sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{NS_ADDR}/24", "dev", ns_if)
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "up")
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        yield ns
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@contextmanager
+def two_boxes() -> Iterator[Lan]:
+    _need_root()
     tag = os.getpid() % 100000
     lan = Lan(f"llmosd-a{tag}", f"llmosd-b{tag}")
     try:

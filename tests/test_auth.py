@@ -6,19 +6,14 @@ namespace, at an address we assign, must present the bearer token.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.conftest import DEFAULT, Daemon, llmosd, start_daemon
-
-HOST_ADDR, NS_ADDR = "10.203.71.1", "10.203.71.2"
+from tests.conftest import DEFAULT, exported, llmosd, start_daemon
+from tests.netns import HOST_ADDR, NS_ADDR
 
 CLIENT = textwrap.dedent(
     """
@@ -45,43 +40,6 @@ CLIENT = textwrap.dedent(
     }))
 """
 )
-
-
-def sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True)
-
-
-def exported(d: Daemon, where: Path) -> Path:
-    """The daemon's certificate as ``llmosd cert export`` prints it (what a client trusts: TLS is on,
-    tls = "auto", for a listener the LAN reaches)."""
-    r = llmosd("cert", "export", "--state-dir", str(d.state_dir))
-    assert r.returncode == 0 and r.stdout.startswith("-----BEGIN CERTIFICATE-----"), r.stderr
-    path = where / "box.pem"
-    path.write_text(r.stdout)
-    return path
-
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    ns, host_if, ns_if = f"llmosd-t{os.getpid()}", f"lh{os.getpid() % 100000}", f"ln{os.getpid() % 100000}"
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root (CI runs as root)")
-    try:
-        sh("ip", "netns", "add", ns)
-    except (subprocess.CalledProcessError, FileNotFoundError) as exc:
-        pytest.skip(f"'ip netns add' refused here: {exc}")
-    try:
-        sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if)
-        sh("ip", "link", "set", ns_if, "netns", ns)
-        sh("ip", "addr", "add", f"{HOST_ADDR}/24", "dev", host_if)
-        sh("ip", "link", "set", host_if, "up")
-        sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{NS_ADDR}/24", "dev", ns_if)
-        sh("ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "up")
-        sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-        yield ns
-    finally:
-        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 def test_non_local_clients_need_the_token(netns: str, store_dir: Path, tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ def test_precedence(tmp_path: Path) -> None:
         ('log_level = "loud"\n', "config key 'log_level'"),
         ("max_batch_size = 0\n", "config key 'max_batch_size'"),
         ("port = [\n", "not valid TOML"),
+        ('metrics_scrape_from = "10.0.0.0/33"\n', "metrics_scrape_from: '10.0.0.0/33'"),
     ],
 )
 def test_bad_file_names_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -49,3 +50,15 @@ def test_bad_env_names_the_variable() -> None:
 def test_secrets_are_not_in_the_logged_config(tmp_path: Path) -> None:
     c = load_config({"state_dir": str(tmp_path)}, {})
     assert "token" not in " ".join(v for k, v in c.redacted().items() if k != "token_file")
+
+
+def test_scrape_networks_take_cidrs_and_addresses() -> None:
+    import ipaddress
+
+    c = load_config({}, {"LLMOSD_METRICS_SCRAPE_FROM": "10.0.0.7/24, 192.168.1.5,fd00::/8"})
+    assert c.scrape_networks == (
+        ipaddress.ip_network("10.0.0.0/24"),  # host bits are dropped, as a person writing 10.0.0.7/24 means
+        ipaddress.ip_network("192.168.1.5/32"),
+        ipaddress.ip_network("fd00::/8"),
+    )
+    assert load_config({}, {}).scrape_networks == ()

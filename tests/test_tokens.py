@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llmosd.api.scopes import ADMIN, EITHER, INFER, READ, ROUTES
+from llmosd.api.scopes import ADMIN, EITHER, INFER, PUBLIC, READ, ROUTES
 from llmosd.tokens import TokenError, add_token, list_tokens, load_tokens, parse_scopes, revoke_token
 
 
@@ -62,8 +62,7 @@ def test_every_route_declares_its_scope(tmp_path: Path) -> None:
 
     cfg = load_config({"state_dir": str(tmp_path), "debug_api": True}, {})
     app = make_app(AppState(Live(cfg, "x" * 32), None, None, None, None, tasks=discover()))  # type: ignore[arg-type]
-    public = {"/healthz", "/readyz"}
     served = {(r.method, r.resource.canonical) for r in app.router.routes() if r.method != "HEAD" and r.resource}
-    undeclared = {k for k in served - set(ROUTES) - app[TASK_ROUTES] if k[1] not in public}
+    undeclared = {k for k in served - set(ROUTES) - app[TASK_ROUTES] if k[1] not in PUBLIC}
     assert not undeclared
     assert ("POST", "/v1/embeddings") in app[TASK_ROUTES] and ("POST", "/v1/rerank") in app[TASK_ROUTES]

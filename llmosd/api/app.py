@@ -6,7 +6,7 @@ import logging
 
 from aiohttp import web
 
-from llmosd.api import admin, debug, lifecycle, metrics, oip, openai, ops
+from llmosd.api import admin, console, debug, lifecycle, metrics, oip, openai, ops, stats
 from llmosd.api.connections import CONNECTIONS, Connections, Limits, mark
 from llmosd.api.middleware import auth, errors, release_held
 from llmosd.api.ratelimit import LIMITS, Buckets, rate_limit
@@ -38,6 +38,8 @@ def make_app(app_state: AppState) -> web.Application:
         lifecycle.routes,
         admin.routes,
         metrics.routes,
+        stats.routes,
+        console.routes,
     )
     for family in families:  # lifecycle before admin: /api/models/pulls is not a model called "pulls"
         app.add_routes(family)

@@ -20,9 +20,10 @@ from prometheus_client.registry import Collector
 from llmosd.api.state import STATE, TASK_KEY, AppState
 from llmosd.hardware.gpu import gpu_usage
 from llmosd.scheduler import DynamicBatcher, GenerationEngine
-from llmosd.scheduler.histogram import SECONDS, Snapshot
+from llmosd.scheduler.histogram import SECONDS, Histogram, Snapshot
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+NOT_SERVED = "(not served)"  # the model label of a request that named a model this box does not serve
 MODEL_KEY = "llmosd.model"  # handlers put the model they served under this request key
 
 routes = web.RouteTableDef()
@@ -158,6 +159,30 @@ class SchedulerCollector(Collector):
         yield util
 
 
+class ModelLatency(Collector):
+    """Request time by the served model a request named (the console's per-model p50 and p99)."""
+
+    def __init__(self) -> None:
+        self.by_model: dict[str, Histogram] = {}  # served names only: a bounded set
+
+    def observe(self, model: str, seconds: float) -> None:
+        self.by_model.setdefault(model, Histogram()).observe(seconds)
+
+    def snapshot(self, model: str) -> Snapshot:
+        return self.by_model.get(model, EMPTY).snapshot()
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(
+            "llmosd_model_request_duration_seconds", "HTTP request time by the model it named", labels=["model"]
+        )
+        for model, histogram in list(self.by_model.items()):
+            _histogram(family, [model], histogram.snapshot())
+        yield family
+
+
+EMPTY = Histogram()  # never observed: what a model no request named yet reads as
+
+
 class Metrics:
     def __init__(self, app_state: AppState, usage: Callable[[], list[tuple[str, int, int, int]]] = gpu_usage) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
@@ -185,6 +210,8 @@ class Metrics:
             buckets=SECONDS,
             registry=self.registry,
         )
+        self.model_latency = ModelLatency()
+        self.registry.register(self.model_latency)
         ProcessCollector(namespace="llmosd", registry=self.registry)  # RSS, open fds, CPU seconds
         self.registry.register(SchedulerCollector(app_state, usage))
 
@@ -210,10 +237,14 @@ async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
         metrics = request.app[METRICS]
-        metrics.requests.labels(route, _model_label(request), str(status)).inc()
+        model = _model_label(request)
+        elapsed = time.perf_counter() - started
+        metrics.requests.labels(route, model, str(status)).inc()
         if isinstance(task := request.get(TASK_KEY), str):  # a served model's manifest: a bounded set
             metrics.task_requests.labels(task, str(status)).inc()
-        metrics.latency.labels(route).observe(time.perf_counter() - started)
+        metrics.latency.labels(route).observe(elapsed)
+        if model and model != NOT_SERVED:
+            metrics.model_latency.observe(model, elapsed)
 
 
 def _model_label(request: web.Request) -> str:
@@ -223,7 +254,7 @@ def _model_label(request: web.Request) -> str:
     if not isinstance(name, str) or not name:
         return ""
     served = {s.name for s in request.app[STATE].pool.served()}
-    return name if name in served else "(not served)"
+    return name if name in served else NOT_SERVED
 
 
 @routes.get("/metrics")

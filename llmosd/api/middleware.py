@@ -12,7 +12,7 @@ from aiohttp import web
 
 from llmosd.api.errors import STATUS_TYPES, ApiError, error_response, kserve_error
 from llmosd.api.ratelimit import GRANT_KEY
-from llmosd.api.scopes import needed
+from llmosd.api.scopes import SCRAPE, needed, public, route_of
 from llmosd.api.state import HELD, state
 from llmosd.logs import REQUEST_ID, printable
 from llmosd.scheduler import BatcherClosed, InvalidInput, InvalidRequest, QueueFull
@@ -23,7 +23,16 @@ from llmosd.store import InvalidName, NotFound
 log = logging.getLogger("llmosd.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})  # probes reveal nothing and need no token
+
+
+def remote_address(request: web.Request) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(request.remote or "")
+    except ValueError:  # a Unix-socket peer has no address
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped  # a dual-stack listener's IPv4 client, as the IPv4 networks name it
+    return address
 
 
 def is_local(request: web.Request) -> bool:
@@ -32,10 +41,16 @@ def is_local(request: web.Request) -> bool:
     sock = transport.get_extra_info("socket") if transport else None
     if sock is not None and sock.family == socket.AF_UNIX:
         return True
-    try:
-        return ipaddress.ip_address(request.remote or "").is_loopback
-    except ValueError:
+    address = remote_address(request)
+    return address is not None and address.is_loopback
+
+
+def may_scrape(request: web.Request) -> bool:
+    """GET /metrics from a network metrics_scrape_from names: a Prometheus that holds no token."""
+    if route_of(request) != SCRAPE:
         return False
+    address = remote_address(request)
+    return address is not None and any(address in net for net in state(request).config.scrape_networks)
 
 
 @web.middleware
@@ -84,7 +99,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Non-local clients present a bearer token (401 without a valid one) whose scopes include what the
     route needs (403 naming the scope otherwise: ``api/scopes.py``)."""
-    if request.path in PUBLIC_PATHS or is_local(request):
+    if public(request) or is_local(request) or may_scrape(request):
         return await handler(request)
     header = request.headers.get("Authorization", "")
     scheme, _, presented = header.partition(" ")

@@ -370,6 +370,22 @@ PATHS: dict[str, dict[str, Any]] = {
         "post": operation("Activate the newest version older than the active one", errors=(*MODEL_ERRORS, 409))
     },
     "/api/tasks": {"get": operation("The installed tasks, who registered each, and the plugins left out")},
+    "/api/stats": {
+        "get": operation("One sample of the console's figures, cumulative (counters, latency buckets, memory)")
+    },
+    "/": {
+        "get": operation(
+            "The console, for people (static; it reads /api/stats with a token)", ok_types=("text/html",), public=True
+        )
+    },
+    "/console/{name}": {
+        "get": operation(
+            "The console's script, styles and chart library",
+            errors=(404,),
+            ok_types=("text/javascript", "text/css", "text/plain", "text/html"),
+            public=True,
+        )
+    },
     "/openapi.json": {"get": operation("This document")},
 }
 

@@ -32,6 +32,7 @@ ROUTES: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/api/tasks"): READ,
     ("GET", "/api/blobs/{digest}"): READ,  # verified model files, for LAN peers
     ("GET", "/metrics"): READ,
+    ("GET", "/api/stats"): READ,  # the console's charts
     ("GET", "/openapi.json"): READ,
     ("POST", "/api/models/pull"): ADMIN,
     ("POST", "/api/models/{name}/activate"): ADMIN,
@@ -41,16 +42,33 @@ ROUTES: dict[tuple[str, str], frozenset[str]] = {
     ("POST", "/api/debug/block-loop"): ADMIN,
     ("POST", "/api/debug/fault"): ADMIN,
 }
+# No token at all: probes reveal nothing, and the console's page and assets are static files with no data
+# in them (the page asks for a token, then reads the read-scoped routes with it).
+PUBLIC = frozenset({"/healthz", "/readyz", "/", "/console/{name}"})
+SCRAPE = ("GET", "/metrics")  # what metrics_scrape_from opens to its networks without a token
 TASK_ROUTES = web.AppKey("task_routes", frozenset)  # the installed tasks' (method, path): inference routes
+
+
+def route_of(request: web.Request) -> tuple[str, str] | None:
+    """The matched route as (METHOD, canonical path), HEAD as GET; None when no route matched. The route
+    and not the path decides, so no spelling of a path reaches a route without its scope."""
+    resource = request.match_info.route.resource
+    if resource is None:
+        return None
+    return ("GET" if request.method == "HEAD" else request.method), resource.canonical
+
+
+def public(request: web.Request) -> bool:
+    route = route_of(request)
+    return route is not None and route[0] == "GET" and route[1] in PUBLIC
 
 
 def needed(request: web.Request) -> tuple[str, frozenset[str]]:
     """The route as ``METHOD /path`` and the scopes any of which lets a token call it."""
-    resource = request.match_info.route.resource
-    if resource is None:  # no such route (a 404 or 405 follows): any valid token may learn that
+    route = route_of(request)
+    if route is None:  # no such route (a 404 or 405 follows): any valid token may learn that
         return request.path, INFER | READ | ADMIN
-    path = resource.canonical
-    method = "GET" if request.method == "HEAD" else request.method
+    method, path = route
     if (method, path) in request.app.get(TASK_ROUTES, frozenset()):
         return f"{method} {path}", INFER
     return f"{method} {path}", ROUTES.get((method, path), ADMIN)
