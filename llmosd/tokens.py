@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+
+from llmosd.atomic import replace_file
 
 # infer: the inference routes (/v1 requests, task routes, /v2 infer) and the model list apps read;
 # read: status, models, hardware, tasks, metrics; admin: everything (pull, activate, rollback, tune, delete...)
@@ -91,13 +92,7 @@ def load_tokens(token_file: Path, legacy: str) -> Tokens:
 
 
 def _write(path: Path, entries: list[dict[str, object]]) -> None:
-    staging = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"tokens": entries}, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(staging, path)
+    replace_file(path, json.dumps({"tokens": entries}, indent=2), 0o600)
 
 
 def parse_scopes(text: str) -> list[str]:

@@ -19,6 +19,7 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmosd.atomic import replace_file
 from llmosd.client.errors import ConnectionFailed
 from llmosd.client.target import Target
 from llmosd.tls.certs import Certificate, fingerprint, from_der
@@ -71,10 +72,7 @@ class KnownHosts:
     def put(self, name: str, cert: Certificate) -> None:
         kept = [line for line in self._lines() if line.split()[:1] != [name]]
         kept.append(f"{name} {cert.fingerprint} {cert.key_pin}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        tmp.write_text("\n".join(kept) + "\n")
-        os.replace(tmp, self.path)
+        replace_file(self.path, "\n".join(kept) + "\n")  # fingerprints are public: 0644, as SSH's
 
 
 def unverified() -> ssl.SSLContext:

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import os
 import socket
 import time
 import uuid
@@ -21,6 +20,7 @@ import psutil
 from zeroconf import IPVersion, NonUniqueNameException, ServiceInfo
 from zeroconf.asyncio import AsyncZeroconf
 
+from llmosd.atomic import replace_file
 from llmosd.discovery.browse import Browser
 from llmosd.discovery.txt import SERVICE_TYPE, Appliance
 
@@ -40,9 +40,7 @@ def install_id(state_dir: Path) -> str:
         if len(value) == 32 and all(c in "0123456789abcdef" for c in value):
             return value
     value = uuid.uuid4().hex
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(value + "\n")
-    os.replace(tmp, path)
+    replace_file(path, value + "\n")
     return value
 
 

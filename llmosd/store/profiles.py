@@ -10,12 +10,12 @@ garbage collection removes those whose files no version holds any more.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from llmosd.atomic import replace_file
 from llmosd.store.names import check_digest
 
 PROFILES = "profiles"  # the folder under the store's root
@@ -41,10 +41,7 @@ class Profiles:
 
     def put(self, model_digest: str, device: str, raw: dict[str, Any]) -> Path:
         path = self._path(model_digest, device)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(raw, indent=2))
-        os.replace(tmp, path)
+        replace_file(path, json.dumps(raw, indent=2))
         return path
 
     def prune(self, live: Iterable[str]) -> int:

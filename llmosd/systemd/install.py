@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from llmosd.atomic import replace_file
+
 UNITS = ("llmosd.service", "llmosd.socket")
 SERVICE_USER = "llmosd"
 # user managers have no privileges to drop and no other users to become
@@ -122,11 +124,7 @@ def install(user: bool, *, dry_run: bool = False) -> Plan:
     if dry_run:
         return p
     for path, content in p.files.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(content)
-        tmp.chmod(0o644)
-        os.replace(tmp, path)
+        replace_file(path, content)
     for cmd in p.commands:
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:

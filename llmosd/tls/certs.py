@@ -9,11 +9,9 @@ addresses rotate daily, and a fingerprint that churns with them would break ever
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import ipaddress
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from llmosd.atomic import replace_file
 
 VALID_DAYS = 365
 RENEW_DAYS = 30  # renewed when fewer days than this are left
@@ -126,19 +126,6 @@ def load_pair(cert_path: Path, key_path: Path, now: dt.datetime | None = None) -
     return described
 
 
-def _write_private(path: Path, data: bytes, mode: int) -> None:
-    """Replace ``path`` atomically with a file born with ``mode`` (a key is never readable by others)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _key(path: Path) -> Key:
     """The box's key: read, or made on first use."""
     if path.exists():
@@ -148,7 +135,7 @@ def _key(path: Path) -> Key:
         return key
     key = ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    _write_private(path, pem, 0o600)
+    replace_file(path, pem, 0o600)
     return key
 
 
@@ -201,5 +188,5 @@ def self_signed(
     if current is not None and current.days_left(when) > RENEW_DAYS and current.covers(dns_names, addresses):
         return cert_path, key_path, current, False
     pem = make_certificate(key, dns_names, addresses, when)
-    _write_private(cert_path, pem, 0o644)  # public: `llmosd cert export` and any user may read it
+    replace_file(cert_path, pem, 0o644)  # public: `llmosd cert export` and any user may read it
     return cert_path, key_path, describe(x509.load_pem_x509_certificate(pem)), True
