@@ -51,6 +51,8 @@ async def test_metrics_count_requests_tokens_and_describe_the_process(daemon: Da
     assert delta("llmosd_prompt_tokens_total", model=SMOLLM2) == completion["usage"]["prompt_tokens"]
     assert delta("llmosd_inference_seconds_count", model=SMOLLM2, device="cpu", phase="decode") == 6
     assert delta("llmosd_batch_size_count", model=DEFAULT) >= 1
+    assert delta("llmosd_model_request_duration_seconds_count", model=DEFAULT) == 3  # by the model it named
+    assert delta("llmosd_model_request_duration_seconds_count", model=SMOLLM2) == 1
     assert value(after, "llmosd_models_loaded") == 4
     assert (
         value(
@@ -68,3 +70,24 @@ async def test_metrics_count_requests_tokens_and_describe_the_process(daemon: Da
     assert value(after, "llmosd_process_resident_memory_bytes") > 100e6
     assert value(after, "llmosd_process_open_fds") > 3
     assert value(after, "llmosd_device_memory_bytes", device="cpu", state="total") > 1e9
+
+
+async def test_the_gauges_an_inference_gateway_routes_on_follow_a_running_generation(daemon: Daemon) -> None:
+    """Waiting and running requests and KV-cache use per model (README "Behind an inference gateway"):
+    read in the middle of a stream, then after it."""
+    body = {"model": SMOLLM2, "prompt": "Once", "max_tokens": 120, "ignore_eos": True, "stream": True}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(daemon.url + "/v1/completions", json=body) as r:
+            assert r.status == 200
+            for _ in range(4):  # a few tokens out: the row runs, and the engine published its counts after a step
+                await r.content.readuntil(b"\n\n")
+            during = await scrape(s, daemon)
+            async for _ in r.content:
+                pass
+        after = await scrape(s, daemon)
+    assert value(during, "llmosd_running_sequences", model=SMOLLM2) == 1
+    assert value(during, "llmosd_queue_depth", model=SMOLLM2) == 0
+    assert 0 < value(during, "llmosd_kv_cache_usage_ratio", model=SMOLLM2) <= 1
+    assert value(after, "llmosd_running_sequences", model=SMOLLM2) == 0
+    assert value(after, "llmosd_kv_cache_usage_ratio", model=SMOLLM2) == 0
+    assert ("llmosd_kv_cache_usage_ratio", (("model", DEFAULT),)) not in after  # encoders have no KV cache

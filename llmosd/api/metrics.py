@@ -69,6 +69,20 @@ def _engine_sums() -> dict[str, CounterMetricFamily | GaugeMetricFamily]:
     }
 
 
+def _model_gauges() -> tuple[GaugeMetricFamily, CounterMetricFamily, GaugeMetricFamily]:
+    model = ["model"]
+    ready = GaugeMetricFamily("llmosd_model_ready", "1 while every worker of the model runs", labels=model)
+    restarts = CounterMetricFamily(
+        "llmosd_worker_restarts", "Worker threads restarted after dying (this version)", labels=model
+    )
+    kv_usage = GaugeMetricFamily(  # what inference gateways route on (vLLM's kv_cache_usage_perc)
+        "llmosd_kv_cache_usage_ratio",
+        "KV cache the running rows reserve (prompt plus max_tokens each), as a fraction of the budget",
+        labels=model,
+    )
+    return ready, restarts, kv_usage
+
+
 class SchedulerCollector(Collector):
     """Reads the model pool and the devices at scrape time."""
 
@@ -95,10 +109,7 @@ class SchedulerCollector(Collector):
         sizes = HistogramMetricFamily("llmosd_batch_size", "Inputs per batch run", labels=["model"])
         items = CounterMetricFamily("llmosd_inference_items", "Inputs run by the batcher", labels=["model"])
         sums = _engine_sums()  # generation statistics summed over a model's engines
-        ready = GaugeMetricFamily("llmosd_model_ready", "1 while every worker of the model runs", labels=["model"])
-        restarts = CounterMetricFamily(
-            "llmosd_worker_restarts", "Worker threads restarted after dying (this version)", labels=["model"]
-        )
+        ready, restarts, kv_usage = _model_gauges()
         for s in served:
             m = s.manifest
             ready.add_metric([m.name], 1 if s.healthy() else 0)
@@ -125,7 +136,11 @@ class SchedulerCollector(Collector):
                     _histogram(infer, [m.name, device, "decode"], snap)
                 for field, family in sums.items():
                     family.add_metric([m.name], sum(getattr(g, field) for _, g in engines))
-        yield from (loaded, info, depth, rejected, wait, infer, sizes, items, *sums.values(), ready, restarts)
+                budget = sum(
+                    i.worker.limits.kv_cache_bytes for i in s.instances if isinstance(i.worker, GenerationEngine)
+                )
+                kv_usage.add_metric([m.name], sum(g.kv_reserved_bytes for _, g in engines) / max(budget, 1))
+        yield from (loaded, info, depth, rejected, wait, infer, sizes, items, *sums.values(), kv_usage, ready, restarts)
         yield from self._loop()
         yield from self._devices()
 
