@@ -187,18 +187,22 @@ class Daemon:
         assert self.proc is not None
         return peak_rss_mb(self.proc.pid)
 
+    def get_json(self, path: str) -> Any:
+        """GET ``path`` over the Unix socket (HTTP/1.0: the daemon closes when done); the JSON body."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(self.sock))
+            s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        return json.loads(data.split(b"\r\n\r\n", 1)[1])
+
     def wait_tuned(self, timeout_s: float = 300) -> str:
         """Until the first model's batch profile is measured and trusted (load before that would
         disturb the calibration, and the daemon would keep its defaults for a minute)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.connect(str(self.sock))
-                s.sendall(b"GET /api/status HTTP/1.0\r\n\r\n")
-                data = b""
-                while chunk := s.recv(65536):
-                    data += chunk
-            tuned = json.loads(data.split(b"\r\n\r\n", 1)[1])["models"][0]["instances"][0]["tuned"]
+            tuned = self.get_json("/api/status")["models"][0]["instances"][0]["tuned"]
             if tuned and not tuned.startswith("not trusted"):
                 return str(tuned)
             time.sleep(0.5)

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -33,13 +31,7 @@ from llmosd.scheduler.planning import partition
 
 def cost_model(daemon: Daemon) -> CostModel:
     """The cost model of the daemon's first model, from /api/hardware."""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(str(daemon.sock))
-        s.sendall(b"GET /api/hardware HTTP/1.0\r\n\r\n")
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    profile = json.loads(data.split(b"\r\n\r\n", 1)[1])["placements"][0]["batch_profile"]
+    profile = daemon.get_json("/api/hardware")["placements"][0]["batch_profile"]
     if not profile or not profile.get("cost"):
         raise SystemExit("the daemon's profile has no cost model (autotune off or not trusted)")
     return CostModel(**profile["cost"])
