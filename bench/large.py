@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generation import LLAMA_CACHE, LLAMA_FLAGS, build_llama_server
+from llama import LLAMA_CACHE, LLAMA_FLAGS, build_llama_server, llama_source
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / ".state" / "large"
@@ -102,7 +102,7 @@ def gguf_q4_0(src: Path, work: Path) -> Path:
     if out.is_file():
         return out
     build = LLAMA_CACHE / "build"
-    subprocess.run(["cmake", "-S", str(_llama_source()), "-B", str(build), "-G", "Ninja", *LLAMA_FLAGS], check=True)
+    subprocess.run(["cmake", "-S", str(llama_source()), "-B", str(build), "-G", "Ninja", *LLAMA_FLAGS], check=True)
     subprocess.run(["ninja", "-C", str(build), "llama-quantize", "llama-bench"], check=True)
     deps = LLAMA_CACHE / "pydeps"  # the converter imports sentencepiece before it looks for tokenizer.json
     if not deps.is_dir():
@@ -110,16 +110,12 @@ def gguf_q4_0(src: Path, work: Path) -> Path:
             [sys.executable, "-m", "pip", "install", "-q", "--target", str(deps), "sentencepiece"], check=True
         )
     f16 = work / "large-f16.gguf"
-    env = dict(os.environ, PYTHONPATH=f"{_llama_source() / 'gguf-py'}:{deps}")
-    convert = [sys.executable, str(_llama_source() / "convert_hf_to_gguf.py"), str(src), "--outfile", str(f16)]
+    env = dict(os.environ, PYTHONPATH=f"{llama_source() / 'gguf-py'}:{deps}")
+    convert = [sys.executable, str(llama_source() / "convert_hf_to_gguf.py"), str(src), "--outfile", str(f16)]
     subprocess.run([*convert, "--outtype", "f16"], check=True, capture_output=True, env=env)
     subprocess.run([str(build / "bin" / "llama-quantize"), str(f16), str(out), "Q4_0", str(THREADS)], check=True)
     f16.unlink()
     return out
-
-
-def _llama_source() -> Path:
-    return next(LLAMA_CACHE.glob("llama_cpp_python-*/vendor/llama.cpp"))
 
 
 def timed(cmd: list[str]) -> tuple[str, float]:

@@ -1,0 +1,53 @@
+"""llama.cpp's ``llama-server``, built once from the llama-cpp-python sdist's vendored source and cached
+outside the repository (cmake + ninja, ~7 min on 2 cores). The benches and the routing tests share it:
+
+    python bench/llama.py          # builds it if needed, then prints the binary's path
+
+llama.cpp is a peer in benches and tests only, never a dependency of llmosd.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+LLAMA_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llmosd-bench" / "llama.cpp"
+LLAMA_FLAGS = (
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_BUILD_UI=OFF",
+)
+
+
+def llama_source() -> Path:
+    return next(LLAMA_CACHE.glob("llama_cpp_python-*/vendor/llama.cpp"))
+
+
+def build_llama_server() -> Path:
+    """The cached binary, or a fresh build of it. A stamp file marks a finished build (the binaries find
+    their shared libraries by the build folder's absolute path, so the folder cannot be renamed into
+    place): a killed build is built again."""
+    build = LLAMA_CACHE / "build"
+    binary, done = build / "bin" / "llama-server", build / ".llmosd-built"
+    if binary.is_file() and done.is_file():
+        return binary
+    LLAMA_CACHE.mkdir(parents=True, exist_ok=True)
+    if not any(LLAMA_CACHE.glob("llama_cpp_python-*/vendor/llama.cpp")):
+        pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "llama-cpp-python"]
+        subprocess.run([*pip, "-d", str(LLAMA_CACHE)], check=True)
+        sdist = sorted(LLAMA_CACHE.glob("llama_cpp_python-*.tar.gz"))[-1]
+        shutil.unpack_archive(sdist, LLAMA_CACHE)
+    configure = ["cmake", "-S", str(llama_source()), "-B", str(build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release"]
+    subprocess.run([*configure, *LLAMA_FLAGS], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["ninja", "-C", str(build), "llama-server"], check=True, stdout=subprocess.DEVNULL)
+    done.touch()
+    return binary
+
+
+if __name__ == "__main__":
+    print(build_llama_server())
