@@ -5,6 +5,7 @@ content; one that fails or lies is skipped and the registry serves the file."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +27,10 @@ class Peer:
     name: str = ""
     fingerprint: str = ""  # its TLS certificate's SHA-256 as it advertises it: pinned, no CA involved
 
-    @property
+    @functools.cached_property
     def ssl(self) -> aiohttp.Fingerprint | bool:
+        # one object per peer: aiohttp keys its connection pool on it by identity (a new one per blob
+        # would open a new connection per blob)
         return aiohttp.Fingerprint(bytes.fromhex(self.fingerprint)) if self.fingerprint else True
 
     def __str__(self) -> str:
