@@ -14,22 +14,23 @@ from llmosd.config import Config, ConfigError, client_socket, knobs, load_config
 from llmosd.store.manifest import PRECISIONS
 
 _FLAG_KEYS = ("config", "state_dir", "socket", "host", "port", "log_level", "device")
+SERVE_KEYS = tuple(f.name for f in knobs())  # serve takes every knob as a flag; the other commands the above
 
 
 def _add_config_flags(p: argparse.ArgumentParser, keys: tuple[str, ...] = _FLAG_KEYS) -> None:
     helps = {f.name: f.metadata["help"] for f in knobs()}
     for key in keys:
-        p.add_argument(f"--{key.replace('_', '-')}", dest=key, default=None, help=helps[key])
+        p.add_argument(f"--{key.replace('_', '-')}", dest=key, default=None, help=helps[key].replace("%", "%%"))
 
 
-def _config(args: argparse.Namespace) -> Config:
-    return load_config({k: getattr(args, k, None) for k in _FLAG_KEYS})
+def _config(args: argparse.Namespace, keys: tuple[str, ...] = _FLAG_KEYS) -> Config:
+    return load_config({k: getattr(args, k, None) for k in keys})
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from llmosd.daemon import serve
 
-    return asyncio.run(serve(_config(args), reload_config=lambda: _config(args)))
+    return asyncio.run(serve(_config(args, SERVE_KEYS), reload_config=lambda: _config(args, SERVE_KEYS)))
 
 
 def _store(args: argparse.Namespace) -> Any:
@@ -538,8 +539,8 @@ def _tune_here(config: Config, name: str) -> dict[str, Any]:
 
 def _daemon_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The daemon and the box: serve, status, tune, discover, install-service, hardware."""
-    s = sub.add_parser("serve", help="run the daemon in the foreground")
-    _add_config_flags(s)
+    s = sub.add_parser("serve", help="run the daemon in the foreground (every config key is a flag: --KEY VALUE)")
+    _add_config_flags(s, SERVE_KEYS)
     s.set_defaults(func=cmd_serve)
     s = sub.add_parser("status", help="ask the running daemon over its Unix socket")
     _add_config_flags(s)

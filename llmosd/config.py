@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmosd.routing.policy import RouteTable, parse_routes
+
 DEFAULT_PORT = 11411
 
 
@@ -158,6 +160,20 @@ class Config:
         "precision of seeded default models (auto: the fastest that passes the quality gate)",
         choices=("auto", "fp32", "int8", "int4"),
     )
+    route: str = _knob(
+        "local",
+        "where requests go: local, prefer-local, prefer-remote or remote; NAME=POLICY items override it per model "
+        '(e.g. "prefer-local,gpt-4o-mini=remote"; in TOML also a [route] table with "default")',
+    )
+    lan_upstreams: bool = _knob(False, "route to the llmosd appliances found on the LAN over mDNS (see route)")
+    lan_token_file: Path | None = _knob(
+        None, "the token sent to LAN peers: one line (a site token) or NAME TOKEN lines (default: this box's own)"
+    )
+    openai_upstream_url: str = _knob(
+        "", "an OpenAI-compatible base URL to route to, e.g. https://api.openai.com/v1 or http://gpu-box:8000/v1"
+    )
+    openai_upstream_key_file: Path | None = _knob(None, "a file holding the API key sent to openai_upstream_url")
+    openai_upstream_name: str = _knob("", "the upstream's name in X-Llmosd-Route and /metrics (default: its host)")
     debug_api: bool = _knob(
         False, "enable POST /api/debug/block-loop, which blocks the event loop on purpose (to test the watchdog)"
     )
@@ -175,6 +191,17 @@ class Config:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ConfigError("tls_cert_file and tls_key_file go together: set both, or neither for a self-signed one")
         self.scrape_networks  # noqa: B018 (validates: a bad network stops the start, or a reload keeps the old)
+        self.routes  # noqa: B018 (the same)
+        if self.openai_upstream_url and not self.openai_upstream_url.startswith(("http://", "https://")):
+            url = self.openai_upstream_url
+            raise ConfigError(f"openai_upstream_url: expected an http:// or https:// URL (got {url!r})")
+
+    @property
+    def routes(self) -> RouteTable:
+        try:
+            return parse_routes(self.route)
+        except ValueError as exc:
+            raise ConfigError(f"route: {exc}") from None
 
     @property
     def scrape_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -202,6 +229,14 @@ class Config:
 def items(value: str) -> list[str]:
     """A comma-separated config value as its non-empty, stripped items."""
     return [x.strip() for x in value.split(",") if x.strip()]
+
+
+def route_items(table: Mapping[str, Any], origin: str) -> str:
+    """A TOML [route] table as the knob's string form ("DEFAULT,NAME=POLICY,...")."""
+    if not all(isinstance(v, str) for v in table.values()):
+        raise ConfigError(f"config key 'route' from {origin}: every value of the [route] table is a policy string")
+    rest = [f"{k}={v}" for k, v in table.items() if k != "default"]
+    return ",".join([table["default"], *rest] if "default" in table else rest)
 
 
 def knobs() -> list[dataclasses.Field[Any]]:
@@ -298,6 +333,8 @@ def load_config(flags: Mapping[str, Any] | None = None, environ: Mapping[str, st
         for key, value in data.items():
             if key not in keys or key == "config":
                 raise ConfigError(f"unknown config key {key!r} in {path}")
+            if key == "route" and isinstance(value, dict):  # [route] default = "...", MODEL = "..."
+                value = route_items(value, str(path))
             values[key] = _coerce(key, value, str(path))
         values["config"] = Path(path)
     for key in keys:

@@ -23,6 +23,9 @@ SYNC = frozenset(
         "peer_cache",
     }
 )
+ROUTING = frozenset(  # the router's stage reads the secrets and builds the upstreams again
+    {"lan_upstreams", "lan_token_file", "openai_upstream_url", "openai_upstream_key_file", "openai_upstream_name"}
+)
 TLS = frozenset({"tls_cert_file", "tls_key_file"})  # the listener loads the pair again (at every reload too)
 # read per request or per pull from the config the handlers see
 READ_LIVE = frozenset(
@@ -44,9 +47,10 @@ READ_LIVE = frozenset(
         "rate_limit_tokens_per_s",
         "rate_limit_burst_s",
         "metrics_scrape_from",
+        "route",
     }
 )
-LIVE = BATCHING | SYNC | TLS | READ_LIVE
+LIVE = BATCHING | SYNC | TLS | ROUTING | READ_LIVE
 
 
 @dataclass(frozen=True)

@@ -276,13 +276,44 @@ def reference_embeddings() -> np.ndarray:
 # A test that needs one of these (an exported store, a daemon serving it, PyTorch's reference, two network
 # namespaces) is slow: `make test-fast` (pytest -m "not slow") leaves it out. Modules that export, build
 # packages or boot containers by themselves say so with a module-level `pytestmark = pytest.mark.slow`.
-SLOW_FIXTURES = frozenset({"store_dir", "tiny_classifier_src", "daemon", "reference_embeddings", "lan"})
+SLOW_FIXTURES = frozenset(
+    {"store_dir", "tiny_classifier_src", "daemon", "reference_embeddings", "lan", "llama_server_bin"}
+)
+LLAMA_BUILD: list[subprocess.Popen[str]] = []  # bench/llama.py building llama-server beside the other tests
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    tools = shutil.which("cmake") and shutil.which("ninja") and shutil.which("c++")
+    if tools and any("llama_server_bin" in getattr(item, "fixturenames", ()) for item in items):
+        # one build per run (~7 min of 2 cores), started now at the lowest priority so that it takes the
+        # time the other tests leave idle (waiting on daemons, mDNS, browsers); cached outside the repo
+        log = Path(os.environ.get("TMPDIR", "/tmp")) / f"llmosd-llama-build-{os.getpid()}.log"
+        LLAMA_BUILD.append(
+            subprocess.Popen(
+                ["nice", "-n", "19", sys.executable, str(Path(__file__).parent.parent / "bench" / "llama.py")],
+                stdout=subprocess.PIPE,
+                stderr=log.open("w"),
+                text=True,
+            )
+        )
+
+
+@pytest.fixture(scope="session")
+def llama_server_bin() -> Path:
+    """llama.cpp's llama-server, built from the llama-cpp-python sdist's vendored source (bench/llama.py)."""
+    if not LLAMA_BUILD:
+        if os.environ.get("LLMOSD_TEST_STRICT"):
+            pytest.fail("building llama-server needs cmake, ninja and a C++ compiler, which CI installs")
+        pytest.skip("building llama-server needs cmake, ninja and a C++ compiler (CI installs them)")
+    build = LLAMA_BUILD[0]
+    out, _ = build.communicate(timeout=2400)
+    if build.returncode != 0:
+        log = Path(os.environ.get("TMPDIR", "/tmp")) / f"llmosd-llama-build-{os.getpid()}.log"
+        pytest.fail(f"building llama-server failed ({build.returncode}):\n{log.read_text()[-3000:]}")
+    return Path(out.strip().splitlines()[-1])
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import logging
 
 from aiohttp import web
 
-from llmosd.api import admin, console, debug, lifecycle, metrics, oip, openai, ops, stats
+from llmosd.api import admin, console, debug, lifecycle, metrics, oip, openai, ops, routing, stats
 from llmosd.api.connections import CONNECTIONS, Connections, Limits, mark
 from llmosd.api.middleware import auth, errors, release_held
 from llmosd.api.ratelimit import LIMITS, Buckets, rate_limit
@@ -18,10 +18,11 @@ log = logging.getLogger(__name__)
 
 def make_app(app_state: AppState) -> web.Application:
     app = web.Application(
-        middlewares=[mark, metrics.track, errors, auth, rate_limit, release_held],
+        middlewares=[mark, metrics.track, errors, auth, rate_limit, routing.route, release_held],
         client_max_size=app_state.config.max_body_bytes,
     )
     app[STATE] = app_state
+    app.on_response_prepare.append(routing.add_header)
     app[metrics.METRICS] = metrics.Metrics(app_state)
     app[LIMITS] = Buckets()
     app[lifecycle.PULLS] = lifecycle.Pulls()

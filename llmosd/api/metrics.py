@@ -195,6 +195,29 @@ class ModelLatency(Collector):
         yield family
 
 
+class RoutingCollector(Collector):
+    """Where requests went (``route``: local, lan:NAME, upstream:NAME) and which upstreams answer."""
+
+    def __init__(self, app_state: AppState) -> None:
+        self.state = app_state
+
+    def collect(self) -> Iterator[Metric]:
+        router = self.state.router
+        routed = CounterMetricFamily(
+            "llmosd_routed_requests", "Requests by the route that answered them", labels=["model", "route"]
+        )
+        for (model, route), n in sorted(router.routed.items()):
+            routed.add_metric([model, route], n)
+        up = GaugeMetricFamily("llmosd_upstream_up", "1 while an upstream answers its checks", labels=["route"])
+        in_flight = GaugeMetricFamily(
+            "llmosd_upstream_in_flight", "Requests forwarded, not yet answered", labels=["route"]
+        )
+        for u in router.upstreams():
+            up.add_metric([u.route], 1 if u.health.up else 0)
+            in_flight.add_metric([u.route], u.in_flight)
+        yield from (routed, up, in_flight)
+
+
 EMPTY = Histogram()  # never observed: what a model no request named yet reads as
 
 
@@ -229,6 +252,7 @@ class Metrics:
         self.registry.register(self.model_latency)
         ProcessCollector(namespace="llmosd", registry=self.registry)  # RSS, open fds, CPU seconds
         self.registry.register(SchedulerCollector(app_state, usage))
+        self.registry.register(RoutingCollector(app_state))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -252,7 +276,7 @@ async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
         metrics = request.app[METRICS]
-        model = _model_label(request)
+        model = model_label(request)
         elapsed = time.perf_counter() - started
         metrics.requests.labels(route, model, str(status)).inc()
         if isinstance(task := request.get(TASK_KEY), str):  # a served model's manifest: a bounded set
@@ -262,7 +286,7 @@ async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
             metrics.model_latency.observe(model, elapsed)
 
 
-def _model_label(request: web.Request) -> str:
+def model_label(request: web.Request) -> str:
     """The model a request named, as a label only when this box serves it: a client's free text would
     make one series per name it invents (and one unencodable name broke the whole exposition)."""
     name = request.get(MODEL_KEY)

@@ -270,7 +270,13 @@ GENERATION_PATHS: dict[str, dict[str, Any]] = {
 
 PATHS: dict[str, dict[str, Any]] = {
     "/v1/models": {
-        "get": operation("List the served models (OpenAI shape)", ok={"type": "object", "required": ["object", "data"]})
+        "get": {
+            **operation(
+                "List the served models (OpenAI shape); ?reachable=1 adds what the upstreams serve, with routes",
+                ok={"type": "object", "required": ["object", "data"]},
+            ),
+            "parameters": [{"name": "reachable", "in": "query", "required": False, "schema": {"type": "string"}}],
+        }
     },
     "/v1/models/{model}": {
         "get": operation("One served model", ok={"type": "object", "required": ["id", "object"]}, errors=MODEL_ERRORS)

@@ -67,6 +67,7 @@ async def status(request: web.Request) -> web.Response:
             "models": [s.status() | st.described(s) for s in st.pool.served()],
             "failed_models": dict(st.pool.failures),
             "sync": st.syncer.status() if st.syncer is not None else [],
+            "routing": {"route": st.config.route, "upstreams": st.router.describe()},
         }
     )
 

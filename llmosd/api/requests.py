@@ -16,6 +16,9 @@ from llmosd.api.state import STATE
 from llmosd.config import Config
 from llmosd.scheduler.priority import NORMAL, parse_priority
 
+RAW_BODY = "llmosd.raw_body"  # request keys: the body and its JSON, once something read them
+JSON_BODY = "llmosd.json_body"
+
 
 async def read_body(request: web.Request) -> bytes:
     """The whole body, refused early when it cannot fit and cut off when it arrives too slowly.
@@ -24,6 +27,8 @@ async def read_body(request: web.Request) -> bytes:
     on average (nginx's client_body_timeout, as a rate): a stalled or trickled upload is a 408, not a
     descriptor held for minutes. A ``Content-Length`` over the limit is a 413 before anything is read.
     """
+    if (read := request.get(RAW_BODY)) is not None:  # read already (the router looked at its model)
+        return bytes(read)
     config: Config = request.app[STATE].config
     limit = config.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
@@ -59,7 +64,7 @@ def too_large(limit: int) -> ApiError:
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
-    body = decode_json(await read_body(request))
+    body = request[JSON_BODY] if JSON_BODY in request else decode_json(await read_body(request))
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object")
     return body

@@ -14,6 +14,7 @@ from llmosd.logs import MODEL
 from llmosd.loopwatch import LoopLag
 from llmosd.readiness import Readiness
 from llmosd.registry.throttle import Throttle
+from llmosd.routing.router import Router
 from llmosd.scheduler import ModelPool, ServedModel
 from llmosd.store import ModelStore
 from llmosd.tasks import Tasks
@@ -55,6 +56,7 @@ class AppState:
     started: float = field(default_factory=time.time)
     lag: LoopLag = field(default_factory=LoopLag)  # how late the event loop woke (the loop watch)
     tasks: Tasks = field(default_factory=Tasks)  # the installed tasks (llmosd.tasks entry points)
+    router: Router = field(default_factory=Router)  # LAN peers and upstreams (routes nothing by default)
 
     @property
     def config(self) -> Config:

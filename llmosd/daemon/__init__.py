@@ -1,8 +1,8 @@
 """The daemon's life: a chain of stages started in order and stopped in reverse.
 
-config → hardware → store → heartbeat → loop watch → pool → listeners → seed → sync → mDNS. Stopping undoes
+config → hardware → store → heartbeat → loop watch → pool → routing → listeners → seed → sync → mDNS. Stopping undoes
 them the other way round: the mDNS goodbye first, then the sync and the seeding, then the listeners drain
-the requests in flight, then the pool, the heartbeat (it pings through the drain), the store. SIGHUP hands a
+the requests in flight, then the router, the pool, the heartbeat (it pings through the drain), the store. SIGHUP hands a
 re-read config to every stage; each applies the values it owns.
 """
 
@@ -31,12 +31,14 @@ from llmosd.daemon.core import (
 from llmosd.daemon.lan import MdnsStage, SyncStage, lan_peers
 from llmosd.daemon.listening import ListenerStage
 from llmosd.daemon.models import SeedStage
+from llmosd.daemon.routing import RouterStage
 from llmosd.hardware import Hardware, probe
 from llmosd.logs import setup_logging
 from llmosd.loopwatch import LoopLag
 from llmosd.readiness import Readiness
 from llmosd.registry.access import Registries
 from llmosd.reload import reconcile
+from llmosd.routing.router import Router
 from llmosd.runtime.memory import fix_mmap_threshold
 from llmosd.seed import DEFAULT_MODELS
 from llmosd.systemd import Notifier
@@ -86,12 +88,14 @@ def build(config: Config, hw: Hardware, tasks: Tasks, notifier: Notifier) -> Dae
         defaults,
         lag=lag,
         tasks=tasks,
+        router=Router(store.install_id),
     )
     listeners = ListenerStage(st, ServerTls())
     sync = SyncStage(st)
     beat = HeartbeatStage(readiness, notifier, lambda: chain.status())  # what the stages say (the sync's state)
     watch = LoopWatchStage(lag)
-    stages: list[Stage] = [Settings(live), hardware, store, beat, watch, pool, listeners, SeedStage(st), sync]
+    routing = RouterStage(st)
+    stages: list[Stage] = [Settings(live), hardware, store, beat, watch, pool, routing, listeners, SeedStage(st), sync]
     chain = Chain([*stages, MdnsStage(st, listeners)])
     return Daemon(chain, st, listeners, notifier)
 

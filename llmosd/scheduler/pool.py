@@ -79,6 +79,7 @@ class ModelPool:
         self._models: dict[str, ServedModel] = {}
         self._lock = asyncio.Lock()
         self.failures: dict[str, str] = {}  # models unloaded because a worker kept dying, and why
+        self.load_seconds: dict[str, float] = {}  # each model's last load (the router weighs it)
         self._giving_up: set[asyncio.Task[None]] = set()
 
     def set_policy(self, policy: BatchPolicy) -> None:
@@ -149,9 +150,11 @@ class ModelPool:
             current = self._models.get(name)
             if current and current.manifest.version == manifest.version:
                 return current
+            started = time.monotonic()
             need, targets = await self._make_room(manifest)
             instances = await self._instances(manifest, need, targets)
             served = self._models[name] = ServedModel(instances)
+            self.load_seconds[name] = time.monotonic() - started
             self.failures.pop(name, None)
         if current:  # new requests already go to the new version; the old one finishes what it holds
             log.info("activated %s; %s drains, then unloads", served.manifest.ref, current.manifest.ref)
