@@ -69,6 +69,14 @@ def upstream_message(status: int, body: bytes, route: str) -> tuple[int, str, st
     return status, f"{route}: {message}", kind or "invalid_request_error"
 
 
+async def _head(answer: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body's first ``limit`` bytes (``read(n)`` gives what has arrived, perhaps one segment)."""
+    data = b""
+    while len(data) < limit and (chunk := await answer.content.read(limit - len(data))):
+        data += chunk
+    return data
+
+
 def _kept(headers: Any) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.title() in KEPT or k.lower().startswith("x-ratelimit-")}
 
@@ -99,7 +107,7 @@ async def forward(
                 retry = answer.headers.get("Retry-After", "1")
                 raise NotAccepted(upstream, f"answered {answer.status}", answer.status, retry)
             if answer.status >= 400:
-                text = await answer.content.read(ERROR_BODY_BYTES)
+                text = await _head(answer, ERROR_BODY_BYTES)
                 raise UpstreamFailed(upstream, *upstream_message(answer.status, text, upstream.route))
             response = web.StreamResponse(status=answer.status, headers=_kept(answer.headers))
             if answer.content_length is not None and answer.headers.get("Content-Encoding", "identity") == "identity":

@@ -115,7 +115,10 @@ class Router:
     async def run(self, lan: Callable[[], Sequence[Appliance] | None], tokens: Callable[[], LanTokens]) -> None:
         """Until cancelled: follow the LAN's appliances and check each upstream when it is due."""
         while True:
-            self.sync_lan(lan(), tokens())
+            try:
+                self.sync_lan(lan(), tokens())
+            except Exception:  # a bad record must not end the checks of every upstream
+                log.exception("routing: reading the LAN's appliances failed; keeping the last ones")
             for u in self.upstreams():
                 if u.route not in self._checking and u.health.due(CHECK_EVERY_S):
                     self._checking.add(u.route)
