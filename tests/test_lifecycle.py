@@ -126,7 +126,11 @@ async def test_the_loop_watch_counts_a_block_past_its_limit_and_not_the_work_tha
         await asyncio.sleep(0)
     assert lag.blocks == 0
     with caplog.at_level(logging.WARNING, logger="llmosd.loopwatch"):
-        time.sleep(0.25)  # on the loop, as a handler calling blocking code would
+        # on the loop, as a handler computing without yielding would: busy, so that the machine's other
+        # load (a build, a calibration) can use one core at most and the watch sees our block, not them
+        end = time.perf_counter() + 0.25
+        while time.perf_counter() < end:
+            pass
         await asyncio.sleep(0.05)
     assert lag.blocks == 1 and 0.2 < lag.worst_s < 1.0, lag
     assert "event loop blocked for" in caplog.text and "(limit 100 ms)" in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
@@ -84,7 +85,12 @@ async def test_the_gauges_an_inference_gateway_routes_on_follow_a_running_genera
             during = await scrape(s, daemon)
             async for _ in r.content:
                 pass
-        after = await scrape(s, daemon)
+        # the engine publishes its counts after each step: the row it freed shows within a step or so
+        deadline = asyncio.get_running_loop().time() + 5
+        while value(after := await scrape(s, daemon), "llmosd_running_sequences", model=SMOLLM2) and (
+            asyncio.get_running_loop().time() < deadline
+        ):
+            await asyncio.sleep(0.05)
     assert value(during, "llmosd_running_sequences", model=SMOLLM2) == 1
     assert value(during, "llmosd_queue_depth", model=SMOLLM2) == 0
     assert 0 < value(during, "llmosd_kv_cache_usage_ratio", model=SMOLLM2) <= 1
