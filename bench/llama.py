@@ -1,7 +1,7 @@
 """llama.cpp's ``llama-server``, built once from the llama-cpp-python sdist's vendored source and cached
 outside the repository (cmake + ninja, ~7 min on 2 cores). The benches and the routing tests share it:
 
-    python bench/llama.py          # builds it if needed, then prints the binary's path
+    python bench/llama.py [--jobs N]   # builds it if needed, then prints the binary's path
 
 llama.cpp is a peer in benches and tests only, never a dependency of llmosd.
 """
@@ -28,7 +28,7 @@ def llama_source() -> Path:
     return next(LLAMA_CACHE.glob("llama_cpp_python-*/vendor/llama.cpp"))
 
 
-def build_llama_server() -> Path:
+def build_llama_server(jobs: int = 0) -> Path:
     """The cached binary, or a fresh build of it. A stamp file marks a finished build (the binaries find
     their shared libraries by the build folder's absolute path, so the folder cannot be renamed into
     place): a killed build is built again."""
@@ -44,10 +44,15 @@ def build_llama_server() -> Path:
         shutil.unpack_archive(sdist, LLAMA_CACHE)
     configure = ["cmake", "-S", str(llama_source()), "-B", str(build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release"]
     subprocess.run([*configure, *LLAMA_FLAGS], check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["ninja", "-C", str(build), "llama-server"], check=True, stdout=subprocess.DEVNULL)
+    parallel = ["-j", str(jobs)] if jobs else []  # ninja's default: every core and two more
+    subprocess.run(["ninja", "-C", str(build), *parallel, "llama-server"], check=True, stdout=subprocess.DEVNULL)
     done.touch()
     return binary
 
 
 if __name__ == "__main__":
-    print(build_llama_server())
+    import argparse
+
+    p = argparse.ArgumentParser(description="build llama-server (cached) and print its path")
+    p.add_argument("--jobs", type=int, default=0, help="parallel compile jobs (default: ninja's)")
+    print(build_llama_server(p.parse_args().jobs))

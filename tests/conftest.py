@@ -288,12 +288,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
     tools = shutil.which("cmake") and shutil.which("ninja") and shutil.which("c++")
     if tools and any("llama_server_bin" in getattr(item, "fixturenames", ()) for item in items):
-        # one build per run (~7 min of 2 cores), started now at the lowest priority so that it takes the
-        # time the other tests leave idle (waiting on daemons, mDNS, browsers); cached outside the repo
+        # one build per run (~14 core-minutes), started now at the lowest priority and two compiles at a
+        # time, so that it takes the time the other tests leave idle (waiting on daemons, mDNS, browsers);
+        # cached outside the repo
         log = Path(os.environ.get("TMPDIR", "/tmp")) / f"llmosd-llama-build-{os.getpid()}.log"
         LLAMA_BUILD.append(
             subprocess.Popen(
-                ["nice", "-n", "19", sys.executable, str(Path(__file__).parent.parent / "bench" / "llama.py")],
+                [
+                    "nice",
+                    "-n",
+                    "19",
+                    sys.executable,
+                    str(Path(__file__).parent.parent / "bench" / "llama.py"),
+                    "--jobs",
+                    "1",
+                ],
                 stdout=subprocess.PIPE,
                 stderr=log.open("w"),
                 text=True,
