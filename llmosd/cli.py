@@ -795,6 +795,9 @@ def parser() -> argparse.ArgumentParser:
     _model_commands(sub)
     _token_commands(sub)
     _cert_commands(sub)
+    from llmosd.ray.deploy import add_parser  # imports Ray only when it runs
+
+    add_parser(sub)
     return p
 
 
