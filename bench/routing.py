@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from embeddings import CORPUS, Daemon, connect, corpus, ensure_model, http_request, pct, roundtrip, send
@@ -88,8 +89,9 @@ def wait_peer(d: Daemon, route: str, timeout_s: float = 60) -> None:
     raise RuntimeError(f"{route} never came up")
 
 
-async def lone_latencies(d: Daemon, n: int) -> list[float]:
-    reader, writer = await connect(d, unix=True)
+async def lone_latencies(d: Any, n: int, unix: bool = True) -> list[float]:
+    """``n`` one-sentence requests in sequence on one connection; each one's latency."""
+    reader, writer = await connect(d, unix=unix)
     out = []
     for i in range(n):
         request = http_request(MODEL, [CORPUS[i % 24]])
