@@ -7,6 +7,7 @@ frozen dataclass validated at start. Errors name the bad key and where it came f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import os
 import tomllib
@@ -196,7 +197,7 @@ class Config:
             url = self.openai_upstream_url
             raise ConfigError(f"openai_upstream_url: expected an http:// or https:// URL (got {url!r})")
 
-    @property
+    @functools.cached_property  # read per request by the routing middleware: parsed once per config
     def routes(self) -> RouteTable:
         try:
             return parse_routes(self.route)

@@ -292,8 +292,7 @@ def model_label(request: web.Request) -> str:
     name = request.get(MODEL_KEY)
     if not isinstance(name, str) or not name:
         return ""
-    served = {s.name for s in request.app[STATE].pool.served()}
-    return name if name in served else NOT_SERVED
+    return name if request.app[STATE].pool.serves(name) else NOT_SERVED
 
 
 @routes.get("/metrics")

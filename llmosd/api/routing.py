@@ -35,7 +35,7 @@ LOAD_BYTES_PER_S = 150e6  # a first load's estimate (hashing and session creatio
 
 
 def local_view(st: AppState, model: str) -> Local:
-    if any(s.name == model for s in st.pool.served()):
+    if st.pool.serves(model):
         return Local(stored=True, loaded=True, load_s=0.0)
     try:
         if not st.store.active_version(model):

@@ -74,10 +74,12 @@ class Router:
     def candidates(self, model: str) -> list[Candidate]:
         """The upstreams that are up and list the model: LAN peers with it loaded (the least busy first),
         then LAN peers that have it stored, then the OpenAI-compatible upstream (it may cost money)."""
-        lan = [u for u in self.lan.values() if u.candidate(model)]
-        lan.sort(key=lambda u: (not u.models[model], u.in_flight, u.answer_s, u.name))
-        ordered = [*lan, *([self.openai] if self.openai and self.openai.candidate(model) else [])]
-        return [c for u in ordered if (c := u.candidate(model)) is not None]
+        lan = sorted(
+            ((u, c) for u in self.lan.values() if (c := u.candidate(model)) is not None),
+            key=lambda uc: (not uc[1].loaded, uc[0].in_flight, uc[1].answer_s, uc[0].name),
+        )
+        cloud = self.openai.candidate(model) if self.openai is not None else None
+        return [c for _, c in lan] + ([cloud] if cloud is not None else [])
 
     def plan(self, model: str, policy: str, local: Local) -> Plan:
         return plan(policy, local, self.candidates(model))

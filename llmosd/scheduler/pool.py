@@ -140,6 +140,9 @@ class ModelPool:
         served.last_used = time.monotonic()
         return served
 
+    def serves(self, name: str) -> bool:
+        return name in self._models
+
     def served(self) -> list[ServedModel]:
         return [self._models[n] for n in sorted(self._models)]
 
