@@ -115,11 +115,18 @@ def test_a_chat_the_box_lacks_is_answered_by_its_lan_peer(boxes: tuple[Daemon, D
     assert status == 200, routed
     assert headers["X-Llmosd-Route"] == "lan:box-a"
     assert routed["choices"][0]["message"] == direct["choices"][0]["message"]
-    status, headers, raw = call(b, "/v1/chat/completions", CHAT | {"temperature": 0, "stream": True})
+    streamed = CHAT | {"temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    status, headers, raw = call(b, "/v1/chat/completions", streamed)
     assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
     assert headers["X-Llmosd-Route"] == "lan:box-a"
     assert streamed_text(raw) == direct["choices"][0]["message"]["content"]
     assert raw.rstrip().endswith("data: [DONE]")
+    # what the peer generated for box-b's clients, as its answers' usage says (it counts against a
+    # client's rate_limit_tokens_per_s as local tokens do)
+    tokens = routed["usage"]["completion_tokens"]
+    assert tokens > 0
+    labels = f'model="{SMOLLM2}",route="lan:box-a"'
+    assert metric_reaches(b, "llmosd_routed_generated_tokens_total", labels, 2 * tokens) == 2 * tokens
     # an error of the peer's comes back in llmosd's shape, the peer named
     status, headers, error = call(b, "/v1/chat/completions", CHAT | {"max_tokens": -1})
     assert status == 400 and headers["X-Llmosd-Route"] == "lan:box-a"
@@ -167,6 +174,15 @@ def test_no_secret_reaches_logs_status_or_metrics(boxes: tuple[Daemon, Daemon]) 
         for text in (d.log.read_text(), json.dumps(status), metrics):
             assert SITE_TOKEN not in text
     assert upstream(b, "lan:box-a")["credentials"] is True
+
+
+def metric_reaches(d: Daemon, name: str, labels: str, want: float) -> float:
+    """The metric once it shows ``want`` (an answer's tail is counted just after the client has it), or
+    its value after 5 s."""
+    deadline = time.monotonic() + 5
+    while (got := metric(d, name, labels)) != want and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return got
 
 
 def metric(d: Daemon, name: str, labels: str) -> float:
@@ -247,13 +263,23 @@ def test_llama_server_as_a_cloud_upstream_through_the_openai_sdk(cloud: tuple[Ll
     direct = OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=server.key)
     expected = direct.chat.completions.create(**asked).choices[0].message.content
     via = OpenAI(base_url=f"http://127.0.0.1:{d.port}/v1", api_key="loopback-needs-none")
+    labels = 'model="cloud-smollm",route="upstream:llama"'
+    before = metric(d, "llmosd_routed_generated_tokens_total", labels)
     raw = via.chat.completions.with_raw_response.create(**asked)
     assert raw.headers["x-llmosd-route"] == "upstream:llama"
     assert raw.parse().choices[0].message.content == expected
+    usage = raw.parse().usage
+    assert usage is not None and usage.completion_tokens > 0
+    want = before + usage.completion_tokens
+    assert metric_reaches(d, "llmosd_routed_generated_tokens_total", labels, want) == want
+    before += usage.completion_tokens
     with via.chat.completions.with_streaming_response.create(**asked, stream=True) as stream:
         assert stream.headers["x-llmosd-route"] == "upstream:llama"
-        text = "".join(c.choices[0].delta.content or "" for c in stream.parse() if c.choices)
-    assert text == expected
+        chunks = [c for c in stream.parse() if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    # no usage asked for: the stream is counted an event with text a token, as the client saw them
+    want = before + sum(1 for c in chunks if c.choices[0].delta.content)
+    assert metric_reaches(d, "llmosd_routed_generated_tokens_total", labels, want) == want
     with pytest.raises(BadRequestError) as refused:  # llama-server's 400, in llmosd's shape, named
         via.chat.completions.create(model="cloud-smollm", messages=[{"role": "user"}])  # type: ignore[list-item]
     assert refused.value.response.headers["x-llmosd-route"] == "upstream:llama"

@@ -1,5 +1,6 @@
 """The routing policy and its pieces, without a network: the ``route`` knob, the plan each policy gives,
-the token file, the error an upstream's answer becomes, the backoff of a dead upstream."""
+the token file, the error an upstream's answer becomes, the backoff of a dead upstream, the tokens an
+answer passing through says were generated."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from llmosd.config import ConfigError, load_config
 from llmosd.routing.policy import Candidate, Local, Plan, parse_routes, plan
 from llmosd.routing.proxy import upstream_message
 from llmosd.routing.upstreams import BACKOFF_S, Health, LanTokens, Upstream, openai_base, openai_name
+from llmosd.routing.usage import LINE_BYTES, WHOLE_BYTES, Tally
 
 HERE = Local(stored=True, loaded=True, load_s=0.0)
 STORED = Local(stored=True, loaded=False, load_s=2.0)
@@ -114,3 +116,37 @@ def test_an_upstream_never_shows_its_secret() -> None:
     assert u.url("/v1/chat/completions") == "https://api.openai.com/v1/chat/completions"
     assert openai_base("http://gpu-box:8000") == "http://gpu-box:8000/v1"
     assert openai_name("https://user:pw@api.example.com/v1") == "api.example.com"
+
+
+def tally(content_type: str, *chunks: bytes) -> int:
+    t = Tally()
+    t.begin(content_type)
+    for c in chunks:
+        t.feed(c)
+    t.close()
+    return t.completion_tokens
+
+
+def test_a_forwarded_answer_is_counted_by_its_usage_else_by_its_events() -> None:
+    whole = b'{"choices": [{"message": {"content": "Blue."}}], "usage": {"completion_tokens": 3}}'
+    assert tally("application/json", whole[:20], whole[20:]) == 3
+    assert tally("application/json", b'{"choices": []}') == 0  # no usage: nothing is guessed
+    assert tally("application/json", b"x" * (WHOLE_BYTES + 1)) == 0
+    events = [
+        b'data: {"choices": [{"delta": {"role": "assistant"}}]}\n\n',  # no text: not a token
+        b'data: {"choices": [{"delta": {"content": "Bl"}}]}\n\n',
+        b'data: {"choices": [{"delta": {"content": "ue"}}]}\r\n\r\n',
+        b'data: {"choices": [{"delta": {"tool_calls": [{"index": 0}]}}]}\n\n',
+        b'data: {"choices": [{"text": "."}]}\n\n',  # /v1/completions
+        b": keep-alive\n\ndata: [DONE]\n\n",
+    ]
+    stream = b"".join(events)
+    assert tally("text/event-stream; charset=utf-8", *events) == 4
+    assert tally("text/event-stream", *(stream[i : i + 7] for i in range(0, len(stream), 7))) == 4  # cut anywhere
+    usage = b'data: {"choices": [], "usage": {"completion_tokens": 9}}\n\n'
+    assert tally("text/event-stream", stream[:-14], usage, b"data: [DONE]\n\n") == 9  # its own count wins
+    assert tally("text/event-stream", events[1], events[2].rstrip()) == 2  # a last line without its newline
+    # a line held past LINE_BYTES before its newline is dropped, not kept growing; the next one counts
+    long = b'data: {"choices": [{"delta": {"content": "' + b"x" * 2 * LINE_BYTES + b'"}}]}\n\n'
+    cut = 3 * LINE_BYTES // 4
+    assert tally("text/event-stream", long[:cut], long[cut : 2 * cut], long[2 * cut :], events[1]) == 1

@@ -208,6 +208,13 @@ class RoutingCollector(Collector):
         )
         for (model, route), n in sorted(router.routed.items()):
             routed.add_metric([model, route], n)
+        generated = CounterMetricFamily(
+            "llmosd_routed_generated_tokens",
+            "Tokens generated elsewhere for this box's clients, as the answers report them",
+            labels=["model", "route"],
+        )
+        for (model, route), n in sorted(router.generated.items()):
+            generated.add_metric([model, route], n)
         up = GaugeMetricFamily("llmosd_upstream_up", "1 while an upstream answers its checks", labels=["route"])
         in_flight = GaugeMetricFamily(
             "llmosd_upstream_in_flight", "Requests forwarded, not yet answered", labels=["route"]
@@ -215,7 +222,7 @@ class RoutingCollector(Collector):
         for u in router.upstreams():
             up.add_metric([u.route], 1 if u.health.up else 0)
             in_flight.add_metric([u.route], u.in_flight)
-        yield from (routed, up, in_flight)
+        yield from (routed, generated, up, in_flight)
 
 
 EMPTY = Histogram()  # never observed: what a model no request named yet reads as

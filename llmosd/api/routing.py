@@ -13,11 +13,13 @@ from aiohttp import web
 from llmosd.api.decode import decode_json
 from llmosd.api.errors import ApiError
 from llmosd.api.metrics import MODEL_KEY, NOT_SERVED, model_label
+from llmosd.api.ratelimit import STREAMS_KEY
 from llmosd.api.requests import JSON_BODY, RAW_BODY, read_body
 from llmosd.api.scopes import route_of
 from llmosd.api.state import AppState, state
 from llmosd.routing.policy import LOCAL, Local, Plan
 from llmosd.routing.proxy import HOP, NotAccepted, UpstreamFailed
+from llmosd.routing.usage import Tally
 from llmosd.scheduler import QueueFull
 from llmosd.store import InvalidName, StoreError
 
@@ -31,6 +33,7 @@ ROUTE_KEY = "llmosd.route"  # request key: the route the request took (or was la
 ROUTED = frozenset(
     ("POST", p) for p in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/v1/classify")
 )
+GENERATING = frozenset(("/v1/chat/completions", "/v1/completions"))  # their answers' tokens are counted
 LOAD_BYTES_PER_S = 150e6  # a first load's estimate (hashing and session creation) when none was measured
 
 
@@ -103,14 +106,20 @@ async def _attempt(request: web.Request, handler: Handler, st: AppState, model: 
                 log.info("routing: %s: the local queue is full; overflowing to %s", model, p.targets[i + 1])
                 continue
         request[MODEL_KEY] = model  # an upstream listed it: a bounded label
+        tally = Tally() if request.path in GENERATING else None
+        if tally is not None:  # what the upstream generates counts against the client's token limit
+            request[STREAMS_KEY] = [tally]
         try:
-            response = await st.router.forward(request, request[RAW_BODY], target)
+            response = await st.router.forward(request, request[RAW_BODY], target, tally)
         except NotAccepted as exc:
             refused.append(exc)
             log.info("routing: %s: %s did not take it (%s)%s", model, target, exc.why, "; trying the next" * more)
             continue
         except UpstreamFailed as exc:
             raise ApiError(exc.status, exc.message, type=exc.type) from None
+        finally:
+            if tally is not None and tally.completion_tokens:
+                st.router.generated[(model, target)] += tally.completion_tokens
         if i == 0:
             log.info("routing: %s to %s (%s)", model, target, p.reason)
         return response

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from llmosd.logs import REQUEST_ID
 from llmosd.routing.upstreams import Upstream
+from llmosd.routing.usage import Tally
 
 CONNECT_S = 5.0
 ERROR_BODY_BYTES = 64 << 10  # the most of an upstream's error body read to name its message
@@ -82,9 +83,15 @@ def _kept(headers: Any) -> dict[str, str]:
 
 
 async def forward(
-    session: aiohttp.ClientSession, request: web.Request, body: bytes, upstream: Upstream, hop: str
+    session: aiohttp.ClientSession,
+    request: web.Request,
+    body: bytes,
+    upstream: Upstream,
+    hop: str,
+    tally: Tally | None = None,
 ) -> web.StreamResponse:
-    """Send ``body`` to the upstream's version of the request's path and stream its answer back."""
+    """Send ``body`` to the upstream's version of the request's path and stream its answer back; a
+    ``tally`` reads, on the way, how many tokens the answer says were generated."""
     headers = {k: v for k in SENT if (v := request.headers.get(k))} | upstream.headers() | {HOP: hop}
     if request_id := REQUEST_ID.get():
         headers["X-Request-Id"] = request_id  # one id in both journals
@@ -114,8 +121,12 @@ async def forward(
                 # a whole answer keeps its length (a compressed one is passed on decompressed: chunked)
                 response.content_length = answer.content_length
             await response.prepare(request)
+            if tally is not None:
+                tally.begin(answer.headers.get("Content-Type", ""))
             try:
                 async for chunk in answer.content.iter_any():
+                    if tally is not None:
+                        tally.feed(chunk)
                     await response.write(chunk)
             except aiohttp.ClientError as exc:
                 # too late for an error answer: cut the client's connection too, so that it sees an
@@ -124,6 +135,9 @@ async def forward(
                 if request.transport is not None:
                     request.transport.abort()
                 return response
+            finally:
+                if tally is not None:  # what was generated is spent, even if the client left mid-stream
+                    tally.close()
             await response.write_eof()
             return response
     finally:

@@ -17,6 +17,7 @@ from llmosd.discovery.txt import Appliance
 from llmosd.routing.policy import Candidate, Local, Plan, plan
 from llmosd.routing.proxy import NotAccepted, forward
 from llmosd.routing.upstreams import LanTokens, Upstream
+from llmosd.routing.usage import Tally
 
 log = logging.getLogger("llmosd.routing")
 
@@ -32,6 +33,7 @@ class Router:
         self.openai: Upstream | None = None
         self.session: aiohttp.ClientSession | None = None
         self.routed: Counter[tuple[str, str]] = Counter()  # (model label, route) -> requests
+        self.generated: Counter[tuple[str, str]] = Counter()  # (model, route) -> tokens its answers report
         self._checking: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.loads: set[asyncio.Task[None]] = set()  # models loading here while a peer answers for them
@@ -84,12 +86,14 @@ class Router:
     def plan(self, model: str, policy: str, local: Local) -> Plan:
         return plan(policy, local, self.candidates(model))
 
-    async def forward(self, request: web.Request, body: bytes, route: str) -> web.StreamResponse:
+    async def forward(
+        self, request: web.Request, body: bytes, route: str, tally: Tally | None = None
+    ) -> web.StreamResponse:
         upstream = self.upstream(route)
         if upstream is None or self.session is None:  # gone from the LAN since the plan was made
             raise NotAccepted(Upstream("lan", route, ""), "gone")
         try:
-            return await forward(self.session, request, body, upstream, self.hop)
+            return await forward(self.session, request, body, upstream, self.hop, tally)
         except NotAccepted as exc:
             if exc.connect:
                 upstream.health.failed(exc.why)
