@@ -1,9 +1,12 @@
 """Scale-out on Ray Serve, on a real local cluster the test starts on 127.0.0.1 (a head and one worker
-process, one CPU each): ``llmosd ray deploy`` runs two replicas from the store; both answer, the same
-as a single daemon; a replica killed mid-load loses only what it held, and Serve brings it back."""
+process, one CPU each): ``llmosd ray deploy --autoscale`` adds a replica under load (the replicas on
+Serve's proxy directly); ``--replicas 2`` (behind the ingress) runs two from the store, both answering
+the same as a single daemon; a replica killed mid-load loses nothing (the ingress sends what it held to
+the other), and Serve brings it back."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -16,7 +19,7 @@ import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -25,7 +28,8 @@ from tests.conftest import DEFAULT, SENTENCES, SMOLLM2, Daemon, free_port, llmos
 
 pytestmark = pytest.mark.slow
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
-MAX_ONGOING = 64  # llmosd.ray.replica's max_ongoing_requests: what one replica may hold
+CLIENTS = 8  # sending while a replica is killed
+LONG = 6  # generations running on both replicas then
 
 
 def ray_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -33,8 +37,13 @@ def ray_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
     return subprocess.run([*RAY, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
+class Cluster(NamedTuple):
+    address: str
+    port: int  # Serve's HTTP proxy: the first deploy on a cluster fixes it for every later one
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     pytest.importorskip("ray.serve", reason="Ray Serve is the ray extra (CI installs it with dev)")
     port = free_port()
     temp = tmp_path_factory.mktemp("ray")
@@ -57,14 +66,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         worker = ray_cli("start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1", "--num-cpus", "1")
         assert worker.returncode == 0, worker.stderr[-3000:]
-        yield f"127.0.0.1:{port}"
+        yield Cluster(f"127.0.0.1:{port}", free_port())
     finally:
         ray_cli("stop", "--force")
         shutil.rmtree(temp, ignore_errors=True)
 
 
 def post(port: int, path: str, body: dict[str, Any]) -> tuple[int, Any, bytes]:
-    """(status, headers (read case-blind: Serve's proxy sends them in lower case), body)."""
+    """(status, headers (read case-blind: Serve's proxy sends them in lower case), body); status 0 for
+    an answer cut off mid-body."""
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}{path}", json.dumps(body).encode(), {"Content-Type": "application/json"}
     )
@@ -73,6 +83,8 @@ def post(port: int, path: str, body: dict[str, Any]) -> tuple[int, Any, bytes]:
             return r.status, r.headers, r.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.headers, exc.read()
+    except (http.client.IncompleteRead, ConnectionError) as exc:  # an answer cut off: a replica died under it
+        return 0, {}, repr(exc).encode()
 
 
 def vectors(raw: bytes) -> np.ndarray:
@@ -88,20 +100,14 @@ def replicas_seen(port: int, tries: int = 60) -> set[str]:
     return seen
 
 
-def test_two_replicas_answer_like_one_daemon_and_a_killed_one_comes_back(
-    cluster: str, store_dir: Path, daemon: Daemon, tmp_path: Path
-) -> None:
-    state = store_with(store_dir, tmp_path / "state", (DEFAULT, SMOLLM2))
-    port = free_port()
+def deploy(cluster: Cluster, state: Path, *args: str, port: int = 0) -> str:
+    port = port or cluster.port
     r = llmosd(
         "ray",
         "deploy",
-        DEFAULT,
-        SMOLLM2,
+        *args,
         "--address",
-        cluster,
-        "--replicas",
-        "2",
+        cluster.address,
         "--http-port",
         str(port),
         "--state-dir",
@@ -109,7 +115,47 @@ def test_two_replicas_answer_like_one_daemon_and_a_killed_one_comes_back(
         timeout=600,
     )
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
-    assert f"http://127.0.0.1:{port}/v1" in r.stdout
+    assert f"http://127.0.0.1:{cluster.port}/v1" in r.stdout, r.stdout  # where the proxy really is
+    return r.stdout
+
+
+def test_autoscaling_adds_a_replica_under_load(cluster: Cluster, store_dir: Path, tmp_path: Path) -> None:
+    """``--autoscale 1:2`` starts one replica; 16 clients keep more requests ongoing than one replica's
+    target, and Serve's autoscaler adds the second, which answers too. With no ingress: the replicas
+    take Serve's proxy themselves."""
+    state = store_with(store_dir, tmp_path / "state", (DEFAULT,))
+    port = cluster.port
+    scaling = ("--autoscale", "1:2", "--target-ongoing", "4", "--upscale-delay", "1")
+    deploy(cluster, state, DEFAULT, *scaling, "--ingress-replicas", "0")
+    assert len(replicas_seen(port, 10)) == 1
+    seen: set[str] = set()
+    statuses: list[int] = []
+    stop = time.monotonic() + 120
+
+    def client(_: int) -> None:
+        while len(seen) < 2 and time.monotonic() < stop:
+            status, headers, _raw = post(port, "/v1/embeddings", {"model": DEFAULT, "input": SENTENCES[:32]})
+            statuses.append(status)
+            if status == 200:
+                seen.add(headers["X-Llmosd-Replica"])
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(client, range(16)))
+    print(f"second replica after {time.monotonic() - started:.1f} s, {len(statuses)} requests")
+    assert len(seen) == 2, seen
+    assert set(statuses) == {200}, sorted(set(statuses))  # scaling up loses nothing
+
+
+def test_two_replicas_answer_like_one_daemon_and_a_killed_one_comes_back(
+    cluster: Cluster, store_dir: Path, daemon: Daemon, tmp_path: Path
+) -> None:
+    """Runs after the autoscaling test on the same cluster: the redeploy replaces its replicas, and a
+    port other than the proxy's is reported, not silently assumed."""
+    state = store_with(store_dir, tmp_path / "state", (DEFAULT, SMOLLM2))
+    port = cluster.port
+    out = deploy(cluster, state, DEFAULT, SMOLLM2, "--replicas", "2", port=free_port())
+    assert "--http-host/--http-port are ignored" in out
     seen = replicas_seen(port)
     assert len(seen) == 2, seen
     # the same answers as a single daemon serving the same store
@@ -131,25 +177,40 @@ def test_two_replicas_answer_like_one_daemon_and_a_killed_one_comes_back(
     assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
     chunks = [json.loads(line[6:]) for line in raw.decode().splitlines() if line.startswith("data: {")]
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == want
+    prompt = {"model": SMOLLM2, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
+    want = unix_json(daemon, "/v1/completions", prompt)["choices"][0]["text"]
+    status, _, raw = post(port, "/v1/completions", prompt)
+    assert status == 200 and json.loads(raw)["choices"][0]["text"] == want
+    status, _, raw = post(port, "/v1/completions", prompt | {"stream": True})
+    chunks = [json.loads(line[6:]) for line in raw.decode().splitlines() if line.startswith("data: {")]
+    assert status == 200 and "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == want
     status, _, raw = post(port, "/v1/chat/completions", {"model": SMOLLM2, "messages": []})
     assert status == 400 and "messages" in json.loads(raw)["error"]["message"]  # llmosd's own validation
-    # kill one replica's process while 8 clients keep sending
+    # Kill one replica's process while 8 clients keep sending embeddings and 6 long generations run on
+    # both replicas (seconds each, so the victim is surely decoding some when it dies): what it held is
+    # sent again by the ingress, to the other replica.
     victim = sorted(seen)[0]
-    answers: list[tuple[int, bytes]] = []
+    count = {"model": SMOLLM2, "prompt": "Count: 1, 2, 3,", "max_tokens": 256, "temperature": 0, "ignore_eos": True}
 
-    def one(i: int) -> tuple[int, bytes]:
+    def one(i: int) -> tuple[int, Any, bytes]:
         if i == 40:
             os.kill(int(victim.split("@")[0]), signal.SIGKILL)
-        status, _, raw = post(port, "/v1/embeddings", {"model": DEFAULT, "input": texts})
-        return status, raw
+        return post(port, "/v1/embeddings", {"model": DEFAULT, "input": texts})
 
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(LONG) as slow, ThreadPoolExecutor(CLIENTS) as pool:
+        generations = [slow.submit(post, port, "/v1/completions", count) for _ in range(LONG)]
         answers = list(pool.map(one, range(200)))
-    failed = [a for a in answers if a[0] != 200]
-    assert len(failed) <= MAX_ONGOING, failed[:3]  # at most what the dead replica held
-    for status, raw in answers:
-        if status == 200:
-            np.testing.assert_allclose(vectors(raw), local, atol=1e-5)
+        long = [g.result() for g in generations]
+    failed = [a for a in answers + long if a[0] != 200]
+    retried = [a for a in answers + long if a[0] == 200 and a[1].get("X-Llmosd-Retried")]
+    print(f"killed {victim}: {len(failed)} of {200 + LONG} failed, {len(retried)} answered after a resend")
+    assert not failed, [(a[0], a[2][:300]) for a in failed[:3]]
+    assert any(a[1].get("X-Llmosd-Retried") for a in long)  # some were decoding on the victim
+    for _, headers, _raw in answers + long:
+        assert headers["X-Llmosd-Replica"] != victim or not headers.get("X-Llmosd-Retried")
+    for _, _, raw in answers:
+        np.testing.assert_allclose(vectors(raw), local, atol=1e-5)
+    assert all(json.loads(raw)["usage"]["completion_tokens"] == 256 for _, _, raw in long)
     # Serve replaces it: two replicas answer again, one of them new
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
