@@ -47,7 +47,8 @@ def test_non_local_clients_need_the_token(netns: str, store_dir: Path, tmp_path:
     from tests.conftest import store_with
 
     state = store_with(store_dir, tmp_path / "state", (DEFAULT,))
-    d = start_daemon(state, tmp_path, "--host", HOST_ADDR, env={"LLMOSD_MDNS": "false"})
+    env = {"LLMOSD_MDNS": "false", "LLMOSD_SEED_DEFAULTS": "false", "LLMOSD_AUTOTUNE": "false"}  # nor an export
+    d = start_daemon(state, tmp_path, "--host", HOST_ADDR, env=env)
     try:
         r = subprocess.run(
             [
