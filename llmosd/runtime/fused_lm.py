@@ -77,6 +77,10 @@ class FusedLM:
         self.lengths = [0] * slots  # positions written, per slot
         self._free = list(range(slots))  # a heap: the lowest free slot is taken first
         self._used: set[int] = set()
+        # Rows a decode step runs at least: 2 where a lone row's kernels differ from a batch's (AVX2's
+        # MatMulNBits takes another path at M = 1), so that a row alone is decoded as in a batch.
+        # settle_lone_rows() measures which, at load.
+        self.min_rows = 1
         # Prompts' leading blocks, copied into a new row instead of prefilled (GroupQueryAttention runs
         # the rest of the prompt against them as a "subsequent prompt").
         self.prefix = PrefixCache(self.bytes_per_token) if prefix_cache else None
@@ -113,16 +117,20 @@ class FusedLM:
         return [a[slot, :, b * BLOCK : (b + 1) * BLOCK].copy() for a in self._arrays]
 
     def decode(self, rows: Sequence[int], tokens: Sequence[int]) -> FloatArray:
-        end = max(rows) + 1
-        width = max(self.lengths[r] for r in rows) + 1
-        if width > self.max_len:
+        if max(self.lengths[r] for r in rows) + 1 > self.max_len:
             raise ValueError(f"a row would pass its {self.max_len} cache positions")
+        end = min(max(max(rows) + 1, self.min_rows), self.slots)
+        # Every slot up to the highest asked runs. A free one is a one-position dummy. A row in use but not
+        # asked (a prompt being scored one position a run beside running rows) runs at its own length: it
+        # writes only its next position, which its own next step overwrites (a dummy would have written
+        # over its first position). A full row, which never runs again, writes over its last.
+        span = [min(self.lengths[r], self.max_len - 1) + 1 if r in self._used else 1 for r in range(end)]
         ids = np.zeros((end, 1), np.int64)
-        mask = np.zeros((end, width), np.int64)
-        mask[:, 0] = 1  # slots not asked for run as one-position dummies
+        mask = np.zeros((end, max(span)), np.int64)
+        for r, n in enumerate(span):
+            mask[r, :n] = 1
         for r, t in zip(rows, tokens, strict=True):
             ids[r, 0] = t
-            mask[r, : self.lengths[r] + 1] = 1
         logits = self._run(0, end, ids, mask)
         for r in rows:
             self.lengths[r] += 1
