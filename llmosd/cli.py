@@ -431,6 +431,7 @@ def cmd_hardware(args: argparse.Namespace) -> int:
     print(f"CPU: {cpu.model} ({cpu.arch}), {cpu.physical_cores} cores / {cpu.logical_cores} threads")
     free, total = cpu.memory_available / 2**30, cpu.memory_total / 2**30
     print(f"  ISA: {' '.join(cpu.isa) or '-'}; memory {free:.1f} of {total:.1f} GiB free")
+    print(f"  ONNX Runtime's CPU kernels: {' '.join(cpu.kernels) or 'baseline (no AVX2 or NEON)'}")
     if hw.gpus:
         print(f"GPU driver {hw.driver_version}, CUDA {hw.cuda_driver_version}")
     for g in hw.gpus:

@@ -28,6 +28,7 @@ def test_the_probe_on_this_machine_is_clean_and_cpu_only() -> None:
     hw = json.loads(r.stdout)
     assert hw["cpu"]["logical_cores"] >= 1 and hw["cpu"]["memory_total"] > GIB
     assert "avx2" in hw["cpu"]["isa"] or "neon" in hw["cpu"]["isa"]
+    assert "avx2" in hw["cpu"]["kernels"] or "neon" in hw["cpu"]["kernels"]
     assert hw["gpus"] == [] and hw["nvml"] != "ok"  # no NVIDIA driver here
     providers = {p["name"]: p for p in hw["providers"]}
     assert providers["CPUExecutionProvider"]["available"]
@@ -36,6 +37,7 @@ def test_the_probe_on_this_machine_is_clean_and_cpu_only() -> None:
         assert "libcuda.so.1" in providers["CUDAExecutionProvider"]["reason"]
     r = subprocess.run([sys.executable, "-m", "llmosd", "hardware"], capture_output=True, text=True)
     assert r.returncode == 0 and "CPUExecutionProvider: available" in r.stdout and "GPU" in r.stdout
+    assert "ONNX Runtime's CPU kernels: " in r.stdout
 
 
 def test_arm_cpuinfo_reports_neon(tmp_path: Path) -> None:
@@ -46,6 +48,25 @@ def test_arm_cpuinfo_reports_neon(tmp_path: Path) -> None:
     cpu = probe_cpu(tmp_path / "cpuinfo")
     assert "neon" in cpu.isa and "asimddp" in cpu.isa and "avx2" not in cpu.isa
     assert probe_cpu(tmp_path / "missing").isa == ()  # unreadable: empty, not an exception
+
+
+def test_kernel_levels_follow_mlas_platform_checks() -> None:
+    """The levels ONNX Runtime's MLAS picks kernels by, read from /proc/cpuinfo's flags as its CPUID checks
+    read them: AVX-512 needs all four core parts, VNNI needs them, AMX needs tile and int8."""
+    from llmosd.hardware.model import kernel_levels
+
+    zen2 = {"avx", "avx2", "fma", "f16c"}
+    assert kernel_levels(zen2, "x86_64") == ("avx2",)
+    assert kernel_levels(zen2 | {"avx512f", "avx512_vnni"}, "x86_64") == ("avx2",)  # no BW/DQ/VL: no AVX-512
+    zen4 = zen2 | {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"}
+    assert kernel_levels(zen4, "x86_64") == ("avx2", "avx512", "avx512-vnni")
+    spr = zen4 | {"avx_vnni", "amx_tile", "amx_int8"}
+    assert kernel_levels(spr, "x86_64") == ("avx2", "avx-vnni", "avx512", "avx512-vnni", "amx")
+    assert kernel_levels({"avx", "f16c"}, "x86_64") == ()  # MLAS's AVX/SSE baseline
+    assert kernel_levels({"asimd", "asimddp", "i8mm"}, "aarch64") == ("neon", "dotprod", "i8mm")
+    _, flags = parse_cpuinfo(Path("/proc/cpuinfo").read_text())
+    here = probe_cpu()
+    assert here.kernels == kernel_levels(flags, here.arch)  # the probe reports what the flags say
 
 
 @dataclass

@@ -51,7 +51,9 @@ def generation_limits(config: Config) -> GenerationLimits:
 def describe_hardware(hw: Hardware) -> str:
     gpus = ", ".join(f"{g.device_id} {g.name}" for g in hw.gpus) or f"no GPU ({hw.nvml})"
     providers = ", ".join(p.name.removesuffix("ExecutionProvider") for p in hw.providers if p.available)
-    return f"{hw.cpu.physical_cores} cores {hw.cpu.arch} [{' '.join(hw.cpu.isa)}]; {gpus}; ORT providers: {providers}"
+    kernels = "/".join(hw.cpu.kernels) or "baseline"
+    cpu = f"{hw.cpu.physical_cores} cores {hw.cpu.arch} [{' '.join(hw.cpu.isa)}], kernels {kernels}"
+    return f"{cpu}; {gpus}; ORT providers: {providers}"
 
 
 class Settings(Stage):

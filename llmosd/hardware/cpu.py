@@ -16,6 +16,8 @@ ISA_FLAGS = (
     "f16c",
     "avx512f",
     "avx512bw",
+    "avx512dq",
+    "avx512vl",
     "avx512_vnni",
     "avx512_bf16",
     "avx_vnni",
@@ -26,6 +28,7 @@ ISA_FLAGS = (
     "asimddp",  # arm64's dot product
     "sve",
     "i8mm",
+    "bf16",
 )
 
 

@@ -19,6 +19,11 @@ class CpuInfo:
     memory_total: int  # bytes
     memory_available: int
 
+    @property
+    def kernels(self) -> tuple[str, ...]:
+        """The ISA levels ONNX Runtime's CPU kernels are chosen by on this CPU (kernel_levels)."""
+        return kernel_levels(self.isa, self.arch)
+
 
 @dataclass(frozen=True)
 class GpuInfo:
@@ -62,6 +67,30 @@ class Hardware:
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
+        out["cpu"]["kernels"] = list(self.cpu.kernels)
         for gpu, raw in zip(self.gpus, out["gpus"], strict=True):
             raw["device_id"] = gpu.device_id
         return out
+
+
+def kernel_levels(isa: tuple[str, ...] | set[str], arch: str) -> tuple[str, ...]:
+    """The instruction sets ONNX Runtime's MLAS chooses its CPU kernels by, as its platform check does
+    (core/mlas/lib/platform.cpp): AVX2 with FMA, AVX-VNNI, AVX-512 core (F, BW, DQ, VL), AVX-512 VNNI,
+    AMX (tile and int8: its int8 GEMMs only, where the kernel grants the tile state); on arm64 NEON,
+    dot product, i8mm, SVE, BF16. What it picks changes speed and, for some shapes, the rounding."""
+    flags = set(isa)
+    if arch in ("aarch64", "arm64"):
+        names = (("asimd", "neon"), ("asimddp", "dotprod"), ("i8mm", "i8mm"), ("sve", "sve"), ("bf16", "bf16"))
+        return tuple(level for flag, level in names if flag in flags)
+    levels = []
+    if {"avx2", "fma"} <= flags:
+        levels.append("avx2")
+        if "avx_vnni" in flags:
+            levels.append("avx-vnni")
+        if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+            levels.append("avx512")
+            if "avx512_vnni" in flags:
+                levels.append("avx512-vnni")
+        if {"amx_tile", "amx_int8"} <= flags:
+            levels.append("amx")
+    return tuple(levels)
