@@ -31,7 +31,7 @@ test: $(STAMP)
 	$(BIN)/ruff check llmosd exporters tests bench packaging
 	$(BIN)/ruff format --check llmosd exporters tests bench packaging
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
 
 # The inner loop: lint, types and every test that needs no exported model, daemon, namespace or container.
 test-fast: $(STAMP)

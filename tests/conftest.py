@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -131,7 +132,44 @@ def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for src, task, precision, name in jobs:
         r = export(src, task, precision, name, state)
         assert r.returncode == 0, r.stderr[-3000:]
+    if WANT_EMULATED and shutil.which("qemu-x86_64") and platform.machine() == "x86_64":
+        work = tmp_path_factory.mktemp("emulated")
+        own = store_with(state, work / "state", (SMOLLM2,))
+        log = work / "stderr.log"  # a file, not a pipe nobody reads for minutes
+        cmd = emulated_command(own, SMOLLM2)
+        EMULATED.append((subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log.open("w"), text=True), log))
     return state
+
+
+# tests/test_isa.py's run of SmolLM2 on an emulated AVX2 CPU: minutes of one core, so it starts as soon as
+# the store exists, at the lowest priority, and runs beside the other tests
+EMULATED: list[tuple[subprocess.Popen[str], Path]] = []  # the run and its stderr
+WANT_EMULATED: list[bool] = []  # set at collection: a collected test waits on it
+AVX2_CPU = "EPYC-Rome"  # qemu's model of an AMD Zen 2: AVX2 and FMA, no AVX-512
+
+
+def emulated_command(store: Path, model: str) -> list[str]:
+    script = Path(__file__).parent / "isa_steps.py"
+    return ["nice", "-n", "19", "qemu-x86_64", "-cpu", AVX2_CPU, sys.executable, str(script), str(store), model]
+
+
+@pytest.fixture(scope="session")
+def emulated_avx2(store_dir: Path) -> tuple[subprocess.Popen[str], Path]:
+    """The emulated run started with the store, and its stderr (a fixture: tests import this module under
+    another name than pytest does, so a list of it read from a test would be another, empty one)."""
+    require_qemu()
+    assert EMULATED, "the emulated run did not start with the store"
+    return EMULATED[0]
+
+
+def require_qemu() -> None:
+    if shutil.which("qemu-x86_64") is not None and platform.machine() == "x86_64":
+        return
+    if platform.machine() != "x86_64":
+        pytest.skip("emulating an x86 CPU on another architecture is not what this checks")
+    if os.environ.get("LLMOSD_TEST_STRICT"):
+        pytest.fail("qemu-x86_64 is missing; CI installs it (apt-get install qemu-user)")
+    pytest.skip("qemu-x86_64 is missing (apt-get install qemu-user)")
 
 
 @pytest.fixture(scope="session")
@@ -282,10 +320,20 @@ SLOW_FIXTURES = frozenset(
 LLAMA_BUILD: list[subprocess.Popen[str]] = []  # bench/llama.py building llama-server beside the other tests
 
 
+def pytest_sessionfinish() -> None:
+    """Nothing started beside the tests outlives them (a run cut short, or a test deselected)."""
+    for proc in (*(p for p, _ in EMULATED), *LLAMA_BUILD):
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    if any("emulated_avx2" in getattr(item, "fixturenames", ()) for item in items):
+        WANT_EMULATED.append(True)
     tools = shutil.which("cmake") and shutil.which("ninja") and shutil.which("c++")
     if tools and any("llama_server_bin" in getattr(item, "fixturenames", ()) for item in items):
         # one build per run (~14 core-minutes), started now at the lowest priority and two compiles at a

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
+import numpy as np
 from tokenizers import Tokenizer
 
 from llmosd.runtime.causal_lm import CausalLM, RightAlignedRows
@@ -12,7 +15,10 @@ from llmosd.runtime.chat import ChatTemplate, Message
 from llmosd.runtime.decoder import Decoder
 from llmosd.runtime.fused_lm import FusedLM, is_fused
 from llmosd.runtime.grammar import Grammars
+from llmosd.runtime.invariance import ALONE, Invariance, settle
 from llmosd.runtime.tools import Tool
+
+log = logging.getLogger(__name__)
 
 
 class TextGenerator:
@@ -31,6 +37,8 @@ class TextGenerator:
         self.context_length = min(model_context, max_context) if max_context > 0 else model_context
         self.session = session
         # A fused graph's cache is preallocated: a slot per row decoded together, the context long.
+        self.invariance = Invariance(True, ALONE, 0.0)  # until warmup() measures it
+        self.rechecked: dict[str, Any] | None = None  # the gate's short form on this CPU, where it ran
         self.lm = self.decoder(max_sequences, self.context_length, prefix_cache=True)
         # What a request's absent sampling fields take (the manifest's, then `llmosd models set`).
         self.sampling_defaults: dict[str, float | int] = dict(runtime.get("sampling") or {})
@@ -44,7 +52,9 @@ class TextGenerator:
         can run a prompt against cached positions: a fused one; the tuner's, beside it)."""
         vocab = self.tokenizer.get_vocab_size()
         if is_fused(self.session):
-            return FusedLM(self.session, vocab, rows, positions, prefix_cache)
+            lm = FusedLM(self.session, vocab, rows, positions, prefix_cache)
+            lm.min_rows = self.invariance.min_rows  # the tuner times steps as the engine runs them
+            return lm
         return RightAlignedRows(CausalLM(self.session, vocab))
 
     def _token(self, token_id: object) -> str:
@@ -64,10 +74,40 @@ class TextGenerator:
         return self.encode(self.chat.render(messages, tools), special=False)
 
     def warmup(self) -> None:
-        """One prefill and a decode step at one and two rows, so the first request pays no set-up."""
-        logits, one = self.lm.prefill(self.encode("warm up", special=False) or [0])
-        self.lm.decode([one], [int(logits.argmax())])
-        _, two = self.lm.prefill(self.encode("warm up a second row", special=False) or [0])
-        self.lm.decode([one, two], [0, 0])
-        self.lm.free(one)
-        self.lm.free(two)
+        """Prefills and decode steps at one and two rows, so the first request pays no set-up; they also
+        settle how a lone row is decoded (llmosd.runtime.invariance)."""
+        a = self.encode("warm up", special=False) or [0]
+        b = self.encode("warm up a second row", special=False) or [0]
+        self.invariance = settle(self.lm, a, b)
+        if not self.invariance.exact:
+            log.warning(
+                "a row's tokens may depend on the rows decoded beside it on this CPU (logits differ by up to %.3g)",
+                self.invariance.max_logit_diff,
+            )
+
+    def recheck(self, reference: Mapping[str, Any]) -> dict[str, Any]:
+        """The validation gate's short form, on this box's kernels: the exporting box's text teacher-forced
+        through the served decoder (a position a step, as the engine runs it), its next token at each
+        decisive position against PyTorch's there; and whether a row decodes alone as beside others."""
+        ids, positions, top1 = reference.get("ids"), reference.get("positions"), reference.get("top1")
+        if not (_ints(ids) and _ints(positions) and _ints(top1) and len(positions) == len(top1) > 0):
+            raise ValueError("the manifest's recheck data is malformed")
+        if max(positions) >= len(ids) or len(ids) >= self.context_length:
+            raise ValueError("the manifest's recheck data does not fit this model")
+        logits, row = self.lm.prefill(ids[:1])
+        got = [int(logits.argmax())]
+        try:
+            for token in ids[1:]:
+                got.append(int(self.lm.decode([row], [token])[0].argmax()))
+        finally:
+            self.lm.free(row)
+        agree = np.asarray([got[p] for p in positions]) == np.asarray(top1)
+        return {
+            "top1_agreement": float(agree.mean()),
+            "positions": len(positions),
+            "batch_invariance": self.invariance.as_dict(),
+        }
+
+
+def _ints(value: object) -> TypeGuard[list[int]]:
+    return isinstance(value, list) and all(isinstance(v, int) and v >= 0 for v in value)

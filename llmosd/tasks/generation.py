@@ -28,6 +28,8 @@ def describe(backend: Served) -> dict[str, Any]:
         "context_length": backend.context_length,
         "chat_template": backend.chat is not None,
         "kv_bytes_per_token": backend.lm.bytes_per_token,
+        "batch_invariance": backend.invariance.as_dict(),
+        "rechecked_here": backend.rechecked,  # exported on a CPU with other kernels: the gate's short form
     }
 
 
