@@ -105,15 +105,28 @@ def validate(
         figs, inputs = export.validate(check), list(INPUTS)
     else:
         figs, inputs = _compared(task, export, check, runtime, tokenizer_file)
+    recheck = figs.pop("recheck", None)  # reference data, not a figure
     result: dict[str, Any] = {
         "reference": "pytorch fp32",
         "device": placement.device,
+        "cpu": built_on(),
         "inputs": inputs,
         "figures": figs,
         "tolerance": {k: v for k, v in vars(tol).items() if v is not None},
     }
+    if recheck is not None:
+        result["recheck"] = recheck
     problems = check_figures(figs, tol)
     if problems:
         raise ValidationFailed("; ".join(problems))
     result["passed"] = True
     return result
+
+
+def built_on() -> dict[str, Any]:
+    """The CPU the gate ran on, as the kernels ONNX Runtime chose by: a box whose kernels differ
+    re-checks the artifact before serving it (llmosd.scheduler.portable)."""
+    from llmosd.hardware.cpu import probe_cpu
+
+    cpu = probe_cpu()
+    return {"arch": cpu.arch, "kernels": list(cpu.kernels), "model": cpu.model}

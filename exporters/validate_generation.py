@@ -99,6 +99,13 @@ def figures(src: Path, model: OnnxCausalLM, tokenizer: Any) -> dict[str, Any]:
         "max_abs_logit_diff": float(np.abs(ref - cand).max()),
     }
     out["perplexity_ratio"] = out["perplexity"] / out["perplexity_reference"]
+    # What a box with other CPU kernels re-checks the artifact against before serving it (the gate's short
+    # form, without PyTorch): the text, and PyTorch's next token at each decisive position.
+    out["recheck"] = {
+        "ids": [int(i) for i in ids],
+        "positions": [int(p) for p in np.flatnonzero(decisive)],
+        "top1": [int(t) for t in ref.argmax(-1)[decisive]],
+    }
     # Free-running greedy, the export with its KV cache against PyTorch recomputing the whole prefix.
     prompt = tokenizer.encode(PROMPT).ids
     ref_ids, cand_ids = list(prompt), list(prompt)

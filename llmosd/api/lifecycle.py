@@ -18,6 +18,7 @@ from llmosd.api.requests import json_body
 from llmosd.api.state import state
 from llmosd.registry import DigestMismatch, NotEnoughSpace, RegistryError, parse_reference
 from llmosd.registry.signing import SignatureError
+from llmosd.scheduler.portable import NotPortable
 from llmosd.store import Manifest, NotFound, check_name, check_version
 from llmosd.versions import NoOlderVersion
 
@@ -145,6 +146,8 @@ async def activate(request: web.Request) -> web.Response:
         done = await st.versions.activate(name, version)
     except NotFound as exc:
         raise ApiError(404, str(exc), type="not_found_error", param="version") from None
+    except NotPortable as exc:  # validated on other CPU kernels, and failed the gate's short form here
+        raise ApiError(409, str(exc), type="conflict_error", param="version") from None
     return web.json_response(_card(done.manifest) | {"previous": done.previous, "serving": done.serving})
 
 

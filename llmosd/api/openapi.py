@@ -367,9 +367,9 @@ PATHS: dict[str, dict[str, Any]] = {
     "/api/models/pulls": {"get": operation("Pulls running and recently finished, with bytes per layer")},
     "/api/models/{name}/activate": {
         "post": operation(
-            "Activate a stored version; the old one drains",
+            "Activate a stored version; the old one drains (409: validated on other CPU kernels and refused here)",
             body={"type": "object", "required": ["version"], "properties": {"version": {"type": "string"}}},
-            errors=MODEL_ERRORS,
+            errors=(*MODEL_ERRORS, 409),
         )
     },
     "/api/models/{name}/rollback": {

@@ -17,6 +17,7 @@ from llmosd.scheduler.batcher import BatchPolicy, DynamicBatcher
 from llmosd.scheduler.errors import ModelUnavailable
 from llmosd.scheduler.generation import GenerationEngine, GenerationLimits
 from llmosd.scheduler.placement import Ledger, PlacementError, candidates, need_bytes
+from llmosd.scheduler.portable import check_portable
 from llmosd.scheduler.served import Instance, ServedModel
 from llmosd.scheduler.smoke import smoke_test
 from llmosd.scheduler.tuning import Tuner
@@ -183,6 +184,7 @@ class ModelPool:
                 loaded = await asyncio.to_thread(
                     self.sessions, self.store, manifest, self.max_context, target, None, True, 1
                 )
+                await asyncio.to_thread(check_portable, loaded, self.hardware.cpu, self.store)
                 await asyncio.to_thread(smoke_test, loaded)
             finally:
                 self.ledger.release(key)
@@ -220,6 +222,8 @@ class ModelPool:
                     i == 0,
                     self.limits.max_sequences,
                 )
+                # validated on other CPU kernels: the gate's short form here, once (kept in the store)
+                await asyncio.to_thread(check_portable, loaded, self.hardware.cpu, self.store)
             except Exception as exc:
                 if not out:
                     self.ledger.release(manifest.ref)

@@ -19,6 +19,9 @@ from llmosd.atomic import replace_file
 from llmosd.store.names import check_digest
 
 PROFILES = "profiles"  # the folder under the store's root
+# The same layout for another cached fact of the same key: ``checks/<model-digest>/<cpu-key>.json``, the
+# validation gate's short form run on this box's CPU kernels for an artifact exported on others.
+CHECKS = "checks"
 
 
 class Profiles:

@@ -8,6 +8,8 @@ Layout under ``root``::
     tmp/                                     partial work; never read by the server
     profiles/<model-digest>/<device>.json    measured batch profiles (llmosd.store.profiles): cached
                                              facts, pruned with the blobs they describe
+    checks/<model-digest>/<cpu-key>.json     the validation gate's short form on this box's CPU kernels,
+                                             for artifacts exported on others (cached the same way)
 
 Publishing writes blobs first, then the manifest into a temporary folder that is renamed into place,
 then swaps ``active``: a crash at any moment leaves the old or the new version active, never a mix.
@@ -30,7 +32,7 @@ from pathlib import Path
 from llmosd.store.digest import sha256_file
 from llmosd.store.manifest import FileEntry, Manifest, ManifestError
 from llmosd.store.names import check_digest, check_name, check_title, check_version
-from llmosd.store.profiles import PROFILES, Profiles
+from llmosd.store.profiles import CHECKS, PROFILES, Profiles
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,7 @@ class ModelStore:
         self.models = root / "models"
         self.tmp = root / "tmp"
         self.profiles = Profiles(root / PROFILES)
+        self.checks = Profiles(root / CHECKS)  # the gate's short form on this box's CPU (scheduler.portable)
         for d in (self.blobs, self.models, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
 
@@ -290,6 +293,7 @@ class ModelStore:
                 blob.unlink()
                 removed += 1
         self.profiles.prune(live)
+        self.checks.prune(live)
         return removed
 
 

@@ -93,7 +93,9 @@ class Export:
     settings: Callable[[Source], dict[str, Any]]  # the manifest's runtime settings, beside max_seq_length
     reference: Reference | None = None
     figures: Figures | None = None
-    validate: Callable[[Checked], dict[str, float]] | None = None
+    # figures of its own; under "recheck", the reference data its adapter's recheck() reads on a box whose
+    # CPU kernels differ from the exporting one's (llmosd.scheduler.portable)
+    validate: Callable[[Checked], dict[str, Any]] | None = None
     pairs: bool = False
     auto: tuple[str, ...] = ("int8", "fp32")  # `--precision auto`: tried in this order, first to pass kept
     # Int8 on the MatMuls only: per-channel signed weights. Per-tensor weights lose too much

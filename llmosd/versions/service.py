@@ -17,6 +17,7 @@ from llmosd.registry.access import Registries
 from llmosd.registry.peers import Peer
 from llmosd.registry.transfer import LayerProgress
 from llmosd.scheduler import GenerationRequest, ModelPool, SamplingParams
+from llmosd.scheduler.portable import validated_elsewhere
 from llmosd.store import Manifest, ModelStore, NotFound, StoreError
 
 
@@ -90,6 +91,11 @@ class ModelVersions:
     async def activate(self, name: str, version: str) -> Activated:
         if version not in self.store.versions(name):
             raise NotFound(f"model {name}:{version} is not in the store")
+        manifest = self.store.manifest(name, version)
+        if self.pool is not None and validated_elsewhere(manifest, self.pool.hardware.cpu):
+            # validated on other CPU kernels: the gate's short form here first (raises NotPortable,
+            # and the active version stays)
+            await self.pool.smoke_test(name, version)
         previous = self.store.active_version(name)
         await asyncio.to_thread(self.store.activate, name, version)
         serving = await self.serve(name)
