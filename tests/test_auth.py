@@ -136,7 +136,7 @@ def test_scoped_tokens_each_reach_their_routes_and_revocation_applies_on_reload(
     bad = llmosd("tokens", "add", "x", "--scope", "root", "--state-dir", str(state))
     assert bad.returncode != 0 and "infer, read, admin" in bad.stderr
 
-    env = {"LLMOSD_MDNS": "false", "LLMOSD_AUTOTUNE": "false"}
+    env = {"LLMOSD_MDNS": "false", "LLMOSD_AUTOTUNE": "false", "LLMOSD_SEED_DEFAULTS": "false"}  # nor an export
     d = start_daemon(state, tmp_path, "--host", HOST_ADDR, env=env)
 
     def client(tokens: dict[str, str]) -> dict[str, dict[str, list[Any]]]:
