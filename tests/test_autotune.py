@@ -28,7 +28,7 @@ from llmosd.runtime import ProviderSelector, load
 from llmosd.scheduler.tuning import Tuner, TuningPolicy
 from llmosd.store import ModelStore
 from llmosd.tasks import discover
-from tests.conftest import DEFAULT, Daemon, llmosd
+from tests.conftest import DEFAULT, SMOLLM2, Daemon, llmosd
 
 GB = 1 << 30
 
@@ -117,6 +117,28 @@ def test_a_tune_on_a_busy_box_is_not_trusted_nor_cached(store_dir: Path, tmp_pat
     assert profile.disturbed and profile.others_cores > 0.5, profile
     assert profile.reason.startswith("not trusted: other processes kept")
     assert tuner.cached(loaded) is None and not (tmp_path / "profiles").exists()
+
+
+def test_a_calibration_stops_for_the_first_request_and_is_neither_applied_nor_cached(
+    store_dir: Path, tmp_path: Path
+) -> None:
+    """A request arriving mid-calibration has the session to itself from the next run on (the calibration
+    stops at once; the pool measures again when the instance is idle), SmolLM2's and MiniLM's alike."""
+    store = ModelStore(store_dir)
+    tuner = Tuner(store, probe(), TuningPolicy(latency_budget_ms=400, seq_len=64))
+    tuner.cache = ProfileCache(tmp_path)
+    for name in (DEFAULT, SMOLLM2):
+        loaded = load(store, store.manifest(name), ProviderSelector("cpu", 2, False), discover().adapters())
+        asked: list[int] = []
+
+        def interrupted(asked: list[int] = asked) -> bool:  # the instance took a request after the third run
+            asked.append(1)
+            return len(asked) > 3
+
+        profile = tuner.tune(loaded, interrupted)
+        assert profile.disturbed and profile.reason.startswith("not measured: requests arrived"), profile
+        assert profile.trials == () and len(asked) == 4  # no run after the request came
+        assert tuner.cached(loaded) is None
 
 
 def test_tuning_minilm_on_this_cpu_is_cached_and_chosen_within_its_budget(store_dir: Path, tmp_path: Path) -> None:

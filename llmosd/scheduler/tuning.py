@@ -47,6 +47,10 @@ class TuningStopped(Exception):
     """A calibration given up because the daemon stops."""
 
 
+class Yielded(Exception):
+    """A calibration stopped because requests arrived: they have the session (and the cores) to themselves."""
+
+
 @dataclass(frozen=True)
 class TuningPolicy:
     enabled: bool = True
@@ -70,10 +74,12 @@ class Tuner:
         # finishing its attempts (a minute on 2 cores), which the process's exit would wait for.
         self.stopping = threading.Event()
 
-    def _checked(self, run: Callable[..., object]) -> Callable[..., object]:
+    def _checked(self, run: Callable[..., object], interrupted: Callable[[], bool] | None) -> Callable[..., object]:
         def checked(*args: int) -> object:
             if self.stopping.is_set():
                 raise TuningStopped("the daemon is stopping")
+            if interrupted is not None and interrupted():
+                raise Yielded
             return run(*args)
 
         return checked
@@ -102,7 +108,15 @@ class Tuner:
         attempts = max(1, attempts or self.policy.attempts)
         for attempt in range(1, attempts + 1):
             meter = LoadMeter()
-            profile = self._measure(loaded)
+            try:
+                profile = self._measure(loaded, interrupted)
+            except Yielded:
+                # a request arrived: it runs now, not beside a calibration (the first answers after a start
+                # ran at half speed beside one); the pool measures again once the instance is idle
+                log.info("tuning %s: requests arrived; the calibration stops for them", loaded.manifest.ref)
+                why = "not measured: requests arrived, and the calibration stopped for them"
+                empty = self._profile(loaded, 0, 0.0, 0, [], 0, why)
+                return replace(empty, others_cores=round(meter.others_cores(), 2), disturbed=True)
             others = meter.others_cores()
             if interrupted is not None and interrupted():
                 why = f"not trusted: requests arrived while it measured ({profile.reason})"
@@ -128,20 +142,22 @@ class Tuner:
         log.info("tuned %s on %s: %s", loaded.manifest.ref, profile.device, profile.reason)
         return profile
 
-    def _measure(self, loaded: LoadedModel) -> BatchProfile:
+    def _measure(self, loaded: LoadedModel, interrupted: Callable[[], bool] | None = None) -> BatchProfile:
         backend = loaded.backend
         if isinstance(backend, TextGenerator):
-            return self._tune_generator(loaded, backend)
+            return self._tune_generator(loaded, backend, interrupted)
         m = loaded.manifest
         seq_len = min(self.policy.seq_len, int(m.runtime.get("max_seq_length", 512)))
         budget = self.policy.latency_budget_ms or self.policy.budgets_ms.get(m.task, ENCODER_BUDGET_MS)
         bound = memory_bound(self._free_bytes(loaded.placement.device), self._weights(loaded), self._per_input(loaded))
-        run = self._checked(_runner(backend))
-        trials = calibrate(lambda b: run(b, seq_len), bound, budget, repeats=5)
-        # Shorter inputs too, for the cost model: most texts are far below the calibrated length.
-        shorter = sorted({max(8, seq_len // 8), max(8, seq_len // 2)} - {seq_len})
-        samples = [Sample(t.batch, seq_len, t.latency_ms) for t in trials] + sweep(run, shorter, bound, budget)
-        release_quietly(backend.release, m.ref)  # the calibration's largest batches stayed in the arena
+        run = self._checked(_runner(backend), interrupted)
+        try:
+            trials = calibrate(lambda b: run(b, seq_len), bound, budget, repeats=5)
+            # Shorter inputs too, for the cost model: most texts are far below the calibrated length.
+            shorter = sorted({max(8, seq_len // 8), max(8, seq_len // 2)} - {seq_len})
+            samples = [Sample(t.batch, seq_len, t.latency_ms) for t in trials] + sweep(run, shorter, bound, budget)
+        finally:
+            release_quietly(backend.release, m.ref)  # the calibration's largest batches stayed in the arena
         chosen, reason = choose(trials, budget)
         cost = fit_cost(samples, budget)
         largest = max((s.batch for s in samples if s.ms <= budget), default=chosen)
@@ -152,7 +168,9 @@ class Tuner:
             )
         return self._profile(loaded, seq_len, budget, bound, trials, chosen, reason, cost, largest)
 
-    def _tune_generator(self, loaded: LoadedModel, model: TextGenerator) -> BatchProfile:
+    def _tune_generator(
+        self, loaded: LoadedModel, model: TextGenerator, interrupted: Callable[[], bool] | None
+    ) -> BatchProfile:
         """Rows decoded together: bounded by the KV budget and ``max_sequences``, then the count with the
         best tokens/s whose decode step stays within the budget (the inter-token latency each stream sees)."""
         m = loaded.manifest
@@ -170,9 +188,11 @@ class Tuner:
                 rows.append(lm.fork(first))
             lm.decode(rows[:n], [1] * n)  # each step adds a position: ~50 steps fit the 256 spare
 
-        trials = calibrate(self._checked(step), bound, budget, repeats=5)
-        lm.reset()
-        release_quietly(lm.release, m.ref)
+        try:
+            trials = calibrate(self._checked(step, interrupted), bound, budget, repeats=5)
+        finally:
+            lm.reset()
+            release_quietly(lm.release, m.ref)
         chosen, reason = choose(trials, budget)
         return self._profile(loaded, width, budget, bound, trials, chosen, reason.replace("inputs/s", "tokens/s"))
 
