@@ -45,7 +45,7 @@ class TextGenerator:
         self.eos_token_ids = frozenset(int(i) for i in runtime.get("eos_token_ids") or [])
         template = runtime.get("chat_template")
         self.chat = ChatTemplate(template, self._token(runtime.get("bos_token_id")), self._eos()) if template else None
-        self.grammars = Grammars(self.tokenizer, self.eos_token_ids)  # built on the first constrained request
+        self.grammars = Grammars(self.tokenizer, self.eos_token_ids)  # its vocabulary built by warmup()
 
     def decoder(self, rows: int, positions: int, prefix_cache: bool = False) -> Decoder:
         """A cache of its own over this model's session (the engine's, with a prefix cache where the graph
@@ -76,6 +76,10 @@ class TextGenerator:
     def warmup(self) -> None:
         """Prefills and decode steps at one and two rows, so the first request pays no set-up; they also
         settle how a lone row is decoded (llmosd.runtime.invariance)."""
+        # The grammar engine's view of the vocabulary: Rust that holds the GIL for up to ~60 ms (SmolLM2's
+        # 49k tokens), built with the model rather than inside the first constrained request, where it
+        # held the daemon's event loop past its 100 ms watch on a loaded box.
+        self.grammars.prepare()
         a = self.encode("warm up", special=False) or [0]
         b = self.encode("warm up a second row", special=False) or [0]
         self.invariance = settle(self.lm, a, b)

@@ -163,6 +163,10 @@ class Grammars:
         self._executor: llguidance.LLExecutor | None = None
         self.compiles = 0  # grammars compiled (cache misses)
 
+    def prepare(self) -> None:
+        """Build the vocabulary now (at load), not on the first constrained request."""
+        self._vocab()
+
     def _vocab(self) -> llguidance.LLTokenizer:
         with self._lock:
             if self._ll is None:
