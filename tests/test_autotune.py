@@ -90,11 +90,22 @@ def test_the_load_meter_sees_other_processes_and_not_its_own() -> None:
     while time.monotonic() - t0 < 0.5:  # this process busy: not "others"
         pass
     assert meter.others_cores() < baseline + 0.5
-    spinner = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<1.5: pass"])
+    spin = [sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<1.5: pass"]
+    spinner = subprocess.Popen(spin)
     try:
         meter = LoadMeter()
         time.sleep(1.0)
         assert meter.others_cores() >= 0.7  # one core spun by another process
+    finally:
+        spinner.wait(10)
+    meter = LoadMeter()
+    time.sleep(0.5)
+    baseline = meter.others_cores()
+    spinner = subprocess.Popen(["nice", "-n", "19", *spin])  # a low-priority one yields the core: not counted
+    try:
+        meter = LoadMeter()
+        time.sleep(1.0)
+        assert meter.others_cores() < baseline + 0.3
     finally:
         spinner.wait(10)
 

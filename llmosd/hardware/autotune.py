@@ -211,7 +211,9 @@ DISTURBED_CORES = 0.5
 
 class LoadMeter:
     """The cores the rest of the box kept busy (steal included: a VM's neighbours) while this process
-    measured, from /proc/stat's totals less this process's own CPU time (psutil)."""
+    measured, from /proc/stat's totals less this process's own CPU time (psutil). Time of processes at a
+    lower priority (nice > 0: a build, a backup) is left out: they yield the cores to the daemon (nice 19
+    gets about 1.5 % of a core it shares with it), so they neither skew a calibration nor starve its loop."""
 
     def __init__(self) -> None:
         import psutil
@@ -226,7 +228,7 @@ class LoadMeter:
 
     def _read(self) -> tuple[float, float, float]:
         t = self._psutil.cpu_times()
-        busy = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+        busy = t.user + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
         busy += getattr(t, "steal", 0.0)
         own = self._me.cpu_times()
         return time.monotonic(), busy, own.user + own.system
