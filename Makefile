@@ -39,9 +39,10 @@ test-fast: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
 
-# build/deb/llmosd_<version>_<arch>.deb (packaging/build-deb.sh says what is in it)
+# build/deb/llmosd_<version>_<arch>.deb (packaging/build-deb.sh says what is in it); ARCH=arm64 builds
+# for arm64 boxes from their wheels on PyPI
 deb: $(STAMP)
-	packaging/build-deb.sh
+	ARCH=$(ARCH) packaging/build-deb.sh
 
 bench: $(STAMP)
 	$(BIN)/python bench/embeddings.py $(ARGS)

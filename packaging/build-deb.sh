@@ -10,7 +10,8 @@ PY=${DEB_PYTHON:-/usr/bin/python3}
 OUT=${DEB_OUT:-build/deb}
 SEED_ARCHIVE=${SEED_ARCHIVE:-}
 VERSION=$("$PY" -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
-ARCH=$(dpkg --print-architecture)
+HOST_ARCH=$(dpkg --print-architecture)
+ARCH=${ARCH:-$HOST_ARCH}   # another one (make deb ARCH=arm64) takes that machine's wheels from PyPI
 PYMINOR=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 PYNEXT=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1] + 1}")')
 ROOT="$OUT/root"
@@ -19,7 +20,12 @@ rm -rf "$ROOT" && mkdir -p "$ROOT/opt" "$ROOT/DEBIAN"
 echo "venv: /opt/llmosd on $PY ($PYMINOR)"
 "$PY" -m venv "$ROOT/opt/llmosd"
 "$ROOT/opt/llmosd/bin/pip" install -q --no-compile --upgrade pip
-"$ROOT/opt/llmosd/bin/pip" install -q --no-compile .
+if [ "$ARCH" = "$HOST_ARCH" ]; then
+    "$ROOT/opt/llmosd/bin/pip" install -q --no-compile .
+else
+    echo "cross: $ARCH wheels for python $PYMINOR"
+    "${SEED_PYTHON:-.venv/bin/python}" packaging/cross_venv.py "$ROOT/opt/llmosd" "$ARCH" "$PYMINOR"
+fi
 STAGED=$(cd "$ROOT/opt/llmosd" && pwd)
 # the venv was made here and will live at /opt/llmosd: its scripts and pyvenv.cfg name the path
 grep -rlI --null "$STAGED" "$ROOT/opt/llmosd/bin" "$ROOT/opt/llmosd/pyvenv.cfg" | xargs -0 sed -i "s#$STAGED#/opt/llmosd#g"
