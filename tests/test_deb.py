@@ -108,3 +108,34 @@ def test_install_use_remove_and_purge(deb: Path, tmp_path: Path) -> None:
         )
         assert gone.strip() == "0", box.sh("find /etc/systemd/system -name 'llmosd*'", check=False)
         assert "llmosd" not in box.run("dpkg-query", "-W", "-f", "${Package} ${Status}\n", check=False).split()
+
+
+def test_the_arm64_venv_holds_aarch64_wheels_only(tmp_path: Path) -> None:
+    """`make deb ARCH=arm64` fills its venv with the wheels PyPI has for aarch64: every shared object is an
+    AArch64 ELF, ONNX Runtime is the CPU package (onnxruntime-gpu has no aarch64 wheel), and the console
+    script runs the venv's interpreter where the package installs it. (Run on an emulated arm64 Debian:
+    README, "Debian package".)"""
+    venv = tmp_path / "opt" / "llmosd"
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv)], check=True)
+    minor = subprocess.run(
+        ["/usr/bin/python3", "-c", "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    r = subprocess.run(
+        [sys.executable, str(REPO / "packaging/cross_venv.py"), str(venv), "arm64", minor],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    site = venv / "lib" / f"python{minor}" / "site-packages"
+    machines = set()
+    for so in site.rglob("*.so*"):
+        header = so.read_bytes()[:20]
+        if header[:4] == b"\x7fELF":
+            machines.add(int.from_bytes(header[18:20], "little"))
+    assert machines == {183}  # EM_AARCH64 only
+    assert (site / "onnxruntime").is_dir() and not list(site.glob("onnxruntime_gpu*"))
+    assert (site / "llmosd" / "cli.py").is_file()
+    assert (venv / "bin" / "llmosd").read_text().startswith("#!/opt/llmosd/bin/python3\n")
