@@ -206,14 +206,14 @@ def ops() -> list[Op]:
     ]
 
 
-def differences(run: Callable[[list[int]], np.ndarray]) -> tuple[float, float]:
-    """Largest difference of a row against itself alone, and against itself in the batch of 16."""
-    alone = np.stack([run([r])[0] for r in range(ROWS)])
-    full = run(list(range(ROWS)))
+def differences(run: Callable[[list[int]], np.ndarray], count: int = ROWS) -> tuple[float, float]:
+    """Largest difference of a row against itself alone, and against itself in the batch of all."""
+    alone = np.stack([run([r])[0] for r in range(count)])
+    full = run(list(range(count)))
     vs_alone = vs_full = 0.0
-    for m in BATCHES:
-        for start in range(0, ROWS, m):  # every row, at every position its batch gives it
-            rows = list(range(start, min(start + m, ROWS)))
+    for m in (b for b in BATCHES if b <= count):
+        for start in range(0, count, m):  # every row, at every position its batch gives it
+            rows = list(range(start, min(start + m, count)))
             if len(rows) < 2:
                 continue
             out = run(rows)
@@ -233,7 +233,9 @@ def timed(op: Op, rows: list[int], repeat: int) -> float:
     return statistics.median(times) * 1e6
 
 
-def decode_step(store: Path, model: str, repeat: int, emulated: bool) -> list[tuple[str, float, float, str, str]]:
+def decode_step(
+    store: Path, model: str, repeat: int, emulated: bool, count: int
+) -> list[tuple[str, float, float, str, str]]:
     """The fused graph's first decode step for 16 prompts, alone and in batches, a lone row run at M = 1
     and beside a dummy row (which the load chose is marked); the time of a step of one row, and of 16."""
     from llmosd.runtime import ProviderSelector, load
@@ -243,12 +245,12 @@ def decode_step(store: Path, model: str, repeat: int, emulated: bool) -> list[tu
 
     st = ModelStore(store)
     gen: Any = load(
-        st, st.manifest(model), ProviderSelector("cpu", 1, False), discover().adapters(), max_sequences=ROWS
+        st, st.manifest(model), ProviderSelector("cpu", 1, False), discover().adapters(), max_sequences=count
     )
     gen = gen.backend
     lm = gen.lm
     assert isinstance(lm, FusedLM), "not a fused decoder graph"
-    prompts = [gen.encode(" ".join(["word"] * (3 + 5 * r)), special=False) for r in range(ROWS)]
+    prompts = [gen.encode(" ".join(["word"] * (3 + 5 * r)), special=False) for r in range(count)]
 
     def run(rows: list[int], times: int = 0) -> np.ndarray:
         slots, tokens = [], []
@@ -274,8 +276,8 @@ def decode_step(store: Path, model: str, repeat: int, emulated: bool) -> list[tu
         name += ", served" if min_rows == served else ""
         one = sixteen = "-"
         if not emulated:
-            one, sixteen = (f"{run(list(range(m)), repeat)[0]:.0f}" for m in (1, ROWS))
-        out.append((f"decode step, {name}", *differences(run), one, sixteen))
+            one, sixteen = (f"{run(list(range(m)), repeat)[0]:.0f}" for m in (1, count))
+        out.append((f"decode step, {name}", *differences(run, count), one, sixteen))
     lm.min_rows = served
     return out
 
@@ -284,6 +286,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", type=Path, help="a store with a fused causal LM: the whole decode step too")
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--decode-rows", type=int, default=ROWS, help="prompts in the decode step's batches")
+    parser.add_argument("--only-decode", action="store_true", help="the decode step only (slow when emulated)")
     parser.add_argument("--repeat", type=int, default=50, help="timed calls per op and M (medians)")
     parser.add_argument("--emulate", metavar="CPU", help="run under qemu-x86_64 -cpu CPU (differences only)")
     args = parser.parse_args()
@@ -300,9 +304,9 @@ def main() -> None:
     where = f"qemu-user -cpu {emulated} (its CPUID; times left out)" if emulated else cpu.model
     kernels = "as the emulated CPU's CPUID says" if emulated else "/".join(cpu.kernels) or "baseline"
     print(f"# {where}; ONNX Runtime {ort.__version__}; MLAS kernels: {kernels}; one thread\n")
-    print("| op | shape | row alone vs in a batch | rows in batches of 2-16 | us/call M=1 | us/call M=16 |")
+    print("| op | shape | row alone vs in a batch | rows in batches of 2+ | us/call M=1 | us/call M=16 (all rows) |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
-    for op in ops():
+    for op in [] if args.only_decode else ops():
 
         def run(rows: list[int], op: Op = op) -> np.ndarray:
             out: np.ndarray = op.session.run(None, op.feeds(rows))[0]
@@ -314,7 +318,8 @@ def main() -> None:
             one, sixteen = (f"{timed(op, list(range(m)), args.repeat):.1f}" for m in (1, ROWS))
         print(f"| {op.name} | {op.shape} | {vs_alone:.3g} | {vs_full:.3g} | {one} | {sixteen} |", flush=True)
     if args.store:
-        for name, vs_alone, vs_full, one, sixteen in decode_step(args.store, args.model, args.repeat, bool(emulated)):
+        steps = decode_step(args.store, args.model, args.repeat, bool(emulated), args.decode_rows)
+        for name, vs_alone, vs_full, one, sixteen in steps:
             print(f"| {name} | {args.model} logits | {vs_alone:.3g} | {vs_full:.3g} | {one} | {sixteen} |")
 
 
