@@ -210,4 +210,6 @@ async def test_the_daemon_tunes_in_the_background_and_shows_why(daemon: Daemon) 
     assert all(t.throughput > 0 for t in rows.trials) and rows.chosen in [t.batch for t in rows.trials]
     async with aiohttp.ClientSession() as s, s.get(daemon.url + "/api/status") as resp:
         status = {m["name"]: m for m in (await resp.json())["models"]}
-    assert status["smollm2-135m-instruct"]["instances"][0]["max_sequences"] == rows.chosen
+    applied = status["smollm2-135m-instruct"]["instances"][0]["max_sequences"]
+    # a calibration other processes disturbed is shown, not applied: the default (max_sequences) stays
+    assert applied == (16 if rows.disturbed else rows.chosen), rows.reason
