@@ -59,11 +59,12 @@ def check_portable(loaded: LoadedModel, cpu: CpuInfo, store: ModelStore) -> dict
     if not validated_elsewhere(loaded.manifest, cpu) or not isinstance(backend, Rechecks):
         return None
     assert isinstance(made, dict) and isinstance(reference, dict)  # validated_elsewhere saw to it
-    digest = "+".join(f.digest for f in loaded.manifest.files if f.role in ("model", "model-data"))
+    digest = loaded.manifest.model_digest
     key = "cpu" + hashlib.sha256(json.dumps(here, sort_keys=True).encode()).hexdigest()[:16]
     result = store.checks.get(digest, key)
     if result is None:
-        tolerance = validation.get("tolerance", {}).get("top1_agreement")
+        tolerances = validation.get("tolerance")
+        tolerance = tolerances.get("top1_agreement") if isinstance(tolerances, dict) else None
         figures = backend.recheck(reference)
         passed = not isinstance(tolerance, int | float) or figures["top1_agreement"] >= tolerance
         result = {"exported_on": made, "here": here, "figures": figures, "tolerance": tolerance, "passed": passed}
@@ -78,10 +79,10 @@ def check_portable(loaded: LoadedModel, cpu: CpuInfo, store: ModelStore) -> dict
         )
     backend.rechecked = result
     if not result.get("passed"):
-        agreement = result.get("figures", {}).get("top1_agreement")
+        agreement = float(result.get("figures", {}).get("top1_agreement", 0.0))
         raise NotPortable(
             f"{loaded.manifest.ref} was validated on {_kernels(made)}; on this CPU ({_kernels(here)}) its "
-            f"top-1 agreement with the reference is {agreement}, below the gate's {result.get('tolerance')}"
+            f"top-1 agreement with the reference is {agreement:.3f}, below the gate's {result.get('tolerance')}"
         )
     return result
 

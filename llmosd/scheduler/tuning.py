@@ -94,7 +94,7 @@ class Tuner:
         return hardware_key(device, cpu.model, cores, gpu, ort.__version__)
 
     def cached(self, loaded: LoadedModel) -> BatchProfile | None:
-        return self.cache.get(self._digest(loaded), loaded.placement.device, self.key(loaded))
+        return self.cache.get(loaded.manifest.model_digest, loaded.placement.device, self.key(loaded))
 
     def tune(
         self, loaded: LoadedModel, interrupted: Callable[[], bool] | None = None, attempts: int = 0
@@ -210,7 +210,7 @@ class Tuner:
     ) -> BatchProfile:
         return BatchProfile(
             model=loaded.manifest.ref,
-            model_digest=self._digest(loaded),
+            model_digest=loaded.manifest.model_digest,
             device=loaded.placement.device,
             hardware=self.key(loaded),
             seq_len=seq_len,
@@ -222,10 +222,6 @@ class Tuner:
             cost=cost,
             largest=largest,
         )
-
-    def _digest(self, loaded: LoadedModel) -> str:
-        # the graph's, and its weights' where they are a file of their own (one graph may name many)
-        return "+".join(f.digest for f in loaded.manifest.files if f.role in ("model", "model-data"))
 
     def _weights(self, loaded: LoadedModel) -> int:
         return sum(f.size for f in loaded.manifest.files if f.role in ("model", "model-data"))

@@ -67,6 +67,12 @@ class Manifest:
     def ref(self) -> str:
         return f"{self.name}:{self.version}"
 
+    @property
+    def model_digest(self) -> str:
+        """What cached facts about the graph are keyed by (profiles/, checks/): the graph's digest, joined
+        with ``+`` to its weights' where they are a file of their own (one graph may name many)."""
+        return "+".join(f.digest for f in self.files if f.role in ("model", "model-data"))
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
