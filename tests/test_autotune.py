@@ -190,8 +190,9 @@ async def test_the_daemon_tunes_in_the_background_and_shows_why(daemon: Daemon) 
             status = {m["name"]: m for m in (await r.json())["models"]}
         instance = status[DEFAULT]["instances"][0]
         assert instance["tuned"] == profile["reason"]
-        if profile["disturbed"]:  # the test process was busy (torch) while the daemon measured
-            assert profile["reason"].startswith("not trusted: ") and instance["max_batch"] == 32  # the default
+        if profile["disturbed"]:  # other processes were busy while it measured, or requests stopped it
+            assert profile["reason"].startswith(("not trusted: ", "not measured: requests arrived"))
+            assert instance["max_batch"] == 32  # the default
         else:
             # An encoder runs up to the largest size any calibrated length ran within the budget, priced
             # by the fitted cost model (short inputs batch far beyond what 128-token ones do).
