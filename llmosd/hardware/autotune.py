@@ -211,15 +211,18 @@ DISTURBED_CORES = 0.5
 
 class LoadMeter:
     """The cores the rest of the box kept busy (steal included: a VM's neighbours) while this process
-    measured, from /proc/stat's totals less this process's own CPU time (psutil). Time of processes at a
-    lower priority (nice > 0: a build, a backup) is left out: they yield the cores to the daemon (nice 19
-    gets about 1.5 % of a core it shares with it), so they neither skew a calibration nor starve its loop."""
+    measured, from /proc/stat's totals less this process's own CPU time (psutil). ``nice`` False leaves
+    out processes at a lower priority (nice > 0: a build, a backup): they yield the cores to the
+    calibration's threads (nice 19 gets about 1.5 % of a core it shares with them), so they do not make a
+    calibration untrusted. The loop watch counts them (True): a box kept fully busy delays a wake-up
+    whatever the priorities, and such a wake-up is starvation, not a block."""
 
-    def __init__(self) -> None:
+    def __init__(self, nice: bool = True) -> None:
         import psutil
 
         self._psutil = psutil
         self._me = psutil.Process()
+        self._nice = nice
         self._start = self._read()
 
     def restart(self) -> None:
@@ -229,6 +232,7 @@ class LoadMeter:
     def _read(self) -> tuple[float, float, float]:
         t = self._psutil.cpu_times()
         busy = t.user + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+        busy += t.nice if self._nice else 0.0
         busy += getattr(t, "steal", 0.0)
         own = self._me.cpu_times()
         return time.monotonic(), busy, own.user + own.system

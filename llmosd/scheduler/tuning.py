@@ -107,7 +107,7 @@ class Tuner:
         cores = loaded.placement.threads or self.hardware.cpu.physical_cores
         attempts = max(1, attempts or self.policy.attempts)
         for attempt in range(1, attempts + 1):
-            meter = LoadMeter()
+            meter = LoadMeter(nice=False)  # lower-priority work yields to the calibration
             try:
                 profile = self._measure(loaded, interrupted)
             except Yielded:
