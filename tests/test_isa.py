@@ -6,7 +6,7 @@ kernel than a batch, and a row's greedy tokens changed beside others until a lon
 beside a dummy (llmosd.runtime.invariance).
 
 Emulation is slow (about 4 minutes of one core), so the run (tests/isa_steps.py) starts beside the
-other tests as soon as the session's store is exported (conftest.start_emulated), and this test waits
+other tests as soon as the session's store is exported (conftest.py's store_dir fixture), and this test waits
 for its answer."""
 
 from __future__ import annotations
