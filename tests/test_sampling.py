@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from llmosd.runtime.sampling import Sampler, SamplingParams
+from llmosd.runtime.sampling import MIN_REPETITION_PENALTY, NonFiniteLogits, Sampler, SamplingParams
 from llmosd.runtime.textstream import TextStream
 from tests.conftest import SMOLLM2
 
@@ -105,6 +105,22 @@ def test_a_grammar_mask_rules_tokens_out_whatever_else_asks_for_them() -> None:
     assert set(picked) <= set(few.tolist()) and len(picked) > 1
     with pytest.raises(ValueError, match="allows no token"):
         Sampler(SamplingParams(), VOCAB, []).pick(x, np.zeros(VOCAB, dtype=np.bool_))
+
+
+def test_the_smallest_accepted_values_keep_every_step_finite() -> None:
+    """A temperature under float32's smallest normal samples as greedy; the smallest repetition penalty
+    taken, with the largest bias, keeps the logits finite; a NaN or infinite logit fails the row."""
+    x = logits(4)
+    x[123] = 30.0  # a confident row, and 123 already seen: the penalty divides it
+    for t in (1e-38, 1e-30, 9e-6):
+        assert Sampler(SamplingParams(temperature=t, seed=1), VOCAB, []).pick(x) == 123
+    hot = SamplingParams(temperature=2.0, seed=2, repetition_penalty=MIN_REPETITION_PENALTY, logit_bias=((123, 100.0),))
+    assert Counter(Sampler(hot, VOCAB, [123]).pick(x) for _ in range(50)) == Counter({123: 50})
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y[7] = bad
+        with pytest.raises(NonFiniteLogits):
+            Sampler(SamplingParams(temperature=0), VOCAB, []).pick(y)
 
 
 def test_penalties_push_repeated_tokens_down() -> None:

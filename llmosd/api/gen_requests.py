@@ -251,7 +251,7 @@ class Sampling:
             temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
             top_p=_number(body, "top_p", 1.0, 0.0, 1.0, open_lo=True),
             top_k=max(_integer(body, "top_k", -1) or 0, 0),  # vLLM: -1 means off
-            repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, open_lo=True),
+            repetition_penalty=_number(body, "repetition_penalty", 1.0, *DEFAULT_RANGES["repetition_penalty"]),
             frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
             presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
             min_p=_number(body, "min_p", 0.0, 0.0, 1.0),

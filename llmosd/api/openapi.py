@@ -118,7 +118,7 @@ _SAMPLING: dict[str, Any] = {
     "seed": {"type": "integer"},
     "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
     "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
-    "repetition_penalty": {"type": "number", "exclusiveMinimum": 0},
+    "repetition_penalty": {"type": "number", "minimum": 0.01, "maximum": 10},
     "min_p": {"type": "number", "minimum": 0, "maximum": 1},
     "logit_bias": {
         "type": "object",

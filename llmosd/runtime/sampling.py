@@ -15,6 +15,20 @@ import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.float32]
 _NUCLEUS_SHORTLIST = 512  # top-p first looks among the best 512 tokens; a full sort only if they fall short
+# Below this a temperature samples as greedy (vLLM's _SAMPLING_EPS): logits a few units apart divided by it are
+# already millions apart, and much further down float32 division overflows to infinity (1e-38 is under its
+# smallest normal) and the softmax turns to NaN.
+MIN_TEMPERATURE = 1e-5
+# The smallest repetition penalty taken: a logit divided by less could pass float32's range; 0.01 already
+# makes every seen token 100 times likelier, far past any use.
+MIN_REPETITION_PENALTY = 0.01
+
+
+class NonFiniteLogits(ValueError):
+    """A row's logits hold NaN or infinity: that row fails with this rather than sample garbage."""
+
+    def __init__(self) -> None:
+        super().__init__("the model produced logits that are not finite (NaN or infinity), so generation stopped")
 
 
 @dataclass(frozen=True)
@@ -31,7 +45,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's top_logprobs bound; vLLM's default max_logprobs too
@@ -80,6 +94,8 @@ class Sampler:
         """The next token; ``allowed`` (a grammar's mask) rules out the rest before anything else sees them."""
         p = self.params
         x = self._penalise(logits)
+        if not np.isfinite(x).all():  # ~20 us a row: a NaN would otherwise become a plausible-looking token
+            raise NonFiniteLogits()
         if allowed is not None:
             if not allowed.any():
                 raise ValueError("the grammar allows no token here")
@@ -147,14 +163,14 @@ DEFAULT_RANGES: dict[str, tuple[float, float]] = {
     "temperature": (0.0, 2.0),
     "top_p": (0.0, 1.0),  # open below
     "top_k": (-1, 1 << 20),  # -1 or 0: no cut
-    "repetition_penalty": (0.0, 10.0),  # open below
+    "repetition_penalty": (MIN_REPETITION_PENALTY, 10.0),
     "frequency_penalty": (-2.0, 2.0),
     "presence_penalty": (-2.0, 2.0),
     "min_p": (0.0, 1.0),
     "max_tokens": (1, 1 << 24),
 }
 _INTEGERS = frozenset({"top_k", "max_tokens"})
-_OPEN_BELOW = frozenset({"top_p", "repetition_penalty"})
+_OPEN_BELOW = frozenset({"top_p"})
 
 
 def check_defaults(values: dict[str, object]) -> dict[str, float | int]:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, TypeVar
 from llmosd.runtime.generator import TextGenerator
 from llmosd.runtime.grammar import BoolArray, Constraint
 from llmosd.runtime.memory import IDLE_RELEASE_S, release_quietly
-from llmosd.runtime.sampling import FloatArray, Sampler, SamplingParams, TokenLogprob, token_logprob
+from llmosd.runtime.sampling import FloatArray, NonFiniteLogits, Sampler, SamplingParams, TokenLogprob, token_logprob
 from llmosd.runtime.textstream import TextStream
 from llmosd.scheduler.errors import QueueFull
 from llmosd.scheduler.histogram import Histogram
@@ -53,6 +53,14 @@ class GrammarFailed(ValueError):
 
     def __init__(self, reason: object) -> None:
         super().__init__(f"the grammar failed midway, so generation stopped: {reason}")
+
+
+def _row_failure(exc: ValueError, seq: _Sequence) -> ValueError | None:
+    """What one row's sampling error means for that row alone: its grammar failed, or its logits were not
+    finite. None: anything else, the engine's fault, which fails the batch."""
+    if isinstance(exc, NonFiniteLogits):
+        return exc
+    return GrammarFailed(exc) if seq.constraint is not None else None
 
 
 @dataclass(frozen=True)
@@ -426,9 +434,9 @@ class GenerationEngine(Worker[_Sequence, GenerationStream]):
                 if seq.row >= 0:
                     self.model.lm.free(seq.row)
                 self.stats.failed += 1
-                if seq.constraint is not None and isinstance(exc, ValueError):
-                    log.warning("grammar of a sequence of %s failed: %s", self.name, exc)
-                    self._fail([seq], GrammarFailed(exc))
+                if isinstance(exc, ValueError) and (why := _row_failure(exc, seq)) is not None:
+                    log.warning("a sequence of %s failed: %s", self.name, why)
+                    self._fail([seq], why)
                 else:
                     log.exception("prefill failed for %s", self.name)
                     self._fail([seq], RuntimeError(f"generation failed: {exc}"))
@@ -509,16 +517,16 @@ class GenerationEngine(Worker[_Sequence, GenerationStream]):
         logits, masks = self._while_masking(rows, step)
         eos = self.model.eos_token_ids
         chunks: list[tuple[_Sequence, Chunk | None]] = []
-        broken: list[tuple[_Sequence, GrammarFailed]] = []
+        broken: list[tuple[_Sequence, ValueError]] = []
         for i, s in enumerate(rows):
             try:
                 chunks.append((s, s.advance(logits[i], eos, masks[i])))
-            except ValueError as exc:  # GrammarError: a client's grammar hit a limit, only its row fails
-                if s.constraint is None:
+            except ValueError as exc:  # a client's grammar hit a limit, or the row's logits broke: only it fails
+                if (why := _row_failure(exc, s)) is None:
                     raise
-                log.warning("grammar of a sequence of %s failed: %s", self.name, exc)
+                log.warning("a sequence of %s failed: %s", self.name, why)
                 s.done = s.failed = True
-                broken.append((s, GrammarFailed(exc)))
+                broken.append((s, why))
         # Counters before delivery: a client that has its tokens must find them counted (a scrape right
         # after a response read one token short when this ran after the hand-off).
         elapsed = time.perf_counter() - started
