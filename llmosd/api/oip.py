@@ -13,7 +13,7 @@ import numpy.typing as npt
 from aiohttp import web
 
 from llmosd import __version__
-from llmosd.api.decode import decode_json
+from llmosd.api.decode import decode_json_off_loop
 from llmosd.api.errors import ApiError, bad_request, kserve_error
 from llmosd.api.metrics import MODEL_KEY
 from llmosd.api.ops import worker_problems
@@ -86,7 +86,7 @@ async def model_ready(request: web.Request) -> web.Response:
 async def infer(request: web.Request) -> web.Response:
     st = state(request)
     served = await _served(request)
-    header, binary = _split_body(await read_body(request), request.headers.get(HEADER_LENGTH))
+    header, binary = await _split_body(await read_body(request), request.headers.get(HEADER_LENGTH))
     feeds, wanted, binary_out = _parse(header, binary)
     try:  # every instance runs the same graph: the first one's signature checks the request
         TensorModel(served.loaded.session).check(feeds, [name for name, _ in wanted] if wanted else None)
@@ -132,14 +132,14 @@ def _datatype(array: npt.NDArray[Any]) -> str:
     raise ApiError(500, f"output dtype {array.dtype} has no KServe datatype", type="server_error")
 
 
-def _split_body(raw: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
+async def _split_body(raw: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
     if header_length is None:
         size = len(raw)
     elif not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(raw):
         raise bad_request(f"{HEADER_LENGTH} must be a byte count within the body")
     else:
         size = int(header_length)
-    header = decode_json(raw[:size], "the inference request header")
+    header = await decode_json_off_loop(raw[:size], "the inference request header")
     if not isinstance(header, dict):
         raise bad_request("the inference request must be a JSON object")
     return header, raw[size:]

@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from llmosd.api.decode import decode_json
+from llmosd.api.decode import decode_json_off_loop
 from llmosd.api.errors import ApiError, bad_request
 from llmosd.api.state import STATE
 from llmosd.config import Config
@@ -64,7 +64,7 @@ def too_large(limit: int) -> ApiError:
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
-    body = request[JSON_BODY] if JSON_BODY in request else decode_json(await read_body(request))
+    body = request[JSON_BODY] if JSON_BODY in request else await decode_json_off_loop(await read_body(request))
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object")
     return body

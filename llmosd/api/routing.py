@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from llmosd.api.decode import decode_json
+from llmosd.api.decode import decode_json_off_loop
 from llmosd.api.errors import ApiError
 from llmosd.api.metrics import MODEL_KEY, NOT_SERVED, model_label
 from llmosd.api.ratelimit import STREAMS_KEY
@@ -70,7 +70,7 @@ async def _route(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not table.routes_anything or HOP in request.headers:  # a forwarded request is answered here
         return await handler(request)
     body = request[RAW_BODY] = await read_body(request)
-    doc = request[JSON_BODY] = decode_json(body)
+    doc = request[JSON_BODY] = await decode_json_off_loop(body)
     model = doc.get("model") if isinstance(doc, dict) else None
     policy = table.policy(model) if isinstance(model, str) and model else LOCAL
     if policy == LOCAL:  # the handler also gives the 400 for a body without a model
