@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +15,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import BLOCKED, DEFAULT, SMOLLM2, Daemon, start_daemon, store_with
+from tests.conftest import BLOCKED, DEFAULT, SMOLLM2, Daemon, exported, start_daemon, store_with
+from tests.netns import HOST_ADDR, NS_ADDR
 
 LOOP_BLOCK_MS = 50  # the issue's bound on the event loop's largest block beside any hostile request
 
@@ -126,3 +130,62 @@ async def test_a_large_legitimate_body_is_decoded_off_the_loop(hostile: Daemon) 
         (status, answer), watch = await beside(hostile, post(hostile, "/v1/embeddings", body.encode()))
         assert status == 200 and len(answer["data"]) == 2000, answer.get("error")  # type: ignore[arg-type]
         assert not watch.blocks(), watch.blocks()
+
+
+RAW_CLIENT = textwrap.dedent(
+    """
+    import json, socket, ssl, sys
+    host, port, cafile, token = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    tls = ssl.create_default_context(cafile=cafile)
+    def send(head):
+        with socket.create_connection((host, port), timeout=10) as raw:
+            with tls.wrap_socket(raw, server_hostname=host) as s:
+                s.sendall(head)
+                got = b""
+                while chunk := s.recv(65536):
+                    got += chunk
+        return got.decode("latin-1")
+    t = token.encode()
+    heads = [
+        b"Authorization: Bearer " + t + b"\\x0b",
+        b"Authorization: Bearer " + t[:8] + b"\\x00" + t[8:],
+        b"Authori zation: Bearer " + t,
+        b" Authorization: Bearer " + t,
+        b"X-Api-Key: " + t + b"\\x7f",
+        b"Cookie: session=" + t + b"\\x01",
+        b"Authorization: Bearer " + t + b"A" * 9000,
+        b"Authorization: Bearer " + t + b"\\r\\n\\x01bad: x",
+    ]
+    out = [send(b"GET /v1/models HTTP/1.1\\r\\nHost: box\\r\\n" + h + b"\\r\\n\\r\\n") for h in heads]
+    out.append(send(b"GET /v1/models?token=" + t + b"\\x01 HTTP/1.1\\r\\nHost: box\\r\\n\\r\\n"))
+    print(json.dumps(out))
+"""
+)
+
+
+def test_a_malformed_header_never_writes_the_token_anywhere(netns: str, store_dir: Path, tmp_path: Path) -> None:
+    """``Authorization: Bearer <token>\\x0b`` from the LAN: aiohttp's parser answered a text 400 echoing the
+    line and logged an ERROR whose traceback held the token, for every request. Each variant from another
+    namespace, with the daemon's real token: a JSON 400 naming the parser's reason, one log line for the
+    client however many it sends, no traceback, and the token nowhere."""
+    state = store_with(store_dir, tmp_path / "state", (DEFAULT,))
+    env = {"LLMOSD_MDNS": "false", "LLMOSD_SEED_DEFAULTS": "false", "LLMOSD_AUTOTUNE": "false"}
+    d = start_daemon(state, tmp_path, "--host", HOST_ADDR, env=env)
+    try:
+        client = [sys.executable, "-c", RAW_CLIENT, HOST_ADDR, str(d.port), str(exported(d, tmp_path)), d.token]
+        r = subprocess.run(["ip", "netns", "exec", netns, *client], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        answers = json.loads(r.stdout)
+    finally:
+        assert d.stop() == 0
+    assert len(answers) == 9
+    for answer in answers:
+        head, _, body = answer.partition("\r\n\r\n")
+        assert head.split(" ")[1] == "400" and "application/json" in head, answer[:300]
+        assert json.loads(body)["error"]["message"].startswith("malformed HTTP request: "), body
+        assert d.token not in answer
+    log = d.log.read_text()
+    assert d.token not in log and d.token[:8] not in log
+    assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
+    lines = [line for line in log.splitlines() if "malformed HTTP request from" in line]
+    assert len(lines) == 1 and NS_ADDR in lines[0], lines  # the other eight are counted into its next line

@@ -23,6 +23,7 @@ from typing import cast
 
 from aiohttp import web
 
+from llmosd.api.parse_errors import ParseErrorLog, handlers
 from llmosd.logs import printable
 
 log = logging.getLogger("llmosd.api")
@@ -57,9 +58,12 @@ class Connections:
         self.refused = 0
         self._guards: dict[asyncio.BaseTransport, Guard] = {}
         self._last_warning = 0.0
+        self.parse_errors = ParseErrorLog()
 
-    def factory(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
-        return lambda: Guard(self, inner())
+    def factory(self, server: web.Server) -> Callable[[], asyncio.Protocol]:
+        """Each connection: aiohttp's handler (answering a malformed request safely), inside a Guard."""
+        make = handlers(server, self.parse_errors)
+        return lambda: Guard(self, make())
 
     def guard(self, transport: asyncio.BaseTransport | None) -> Guard | None:
         return self._guards.get(transport) if transport is not None else None
