@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import BLOCKED, DEFAULT, SMOLLM2, Daemon, exported, start_daemon, store_with
+from tests.conftest import BLOCKED, DEFAULT, SMOLLM2, Daemon, exported, start_daemon, store_with, unix_json
 from tests.netns import HOST_ADDR, NS_ADDR
 
 LOOP_BLOCK_MS = 50  # the issue's bound on the event loop's largest block beside any hostile request
@@ -33,6 +33,11 @@ def hostile(store_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "LLMOSD_LOOP_BLOCK_MS": str(LOOP_BLOCK_MS),
     }
     d = start_daemon(store, tmp_path_factory.mktemp("hostile-run"), env=env)
+    # Both models answer once and the start-up's last work (a load's warm-up) is over before any test
+    # reads the log: only what the tests send is measured.
+    unix_json(d, "/v1/embeddings", {"model": DEFAULT, "input": "warm"})
+    unix_json(d, "/v1/completions", {"model": SMOLLM2, "prompt": "warm", "max_tokens": 2})
+    time.sleep(1)
     yield d
     assert d.stop() == 0, d.log.read_text()[-3000:]
 
@@ -124,11 +129,12 @@ async def test_a_body_of_millions_of_values_is_a_413_without_blocking_the_loop(h
 async def test_a_large_legitimate_body_is_decoded_off_the_loop(hostile: Daemon) -> None:
     """Megabytes of text and a long token-id list: decoded (on the decoder's thread) and answered."""
     sentence = 'a sentence, [with] {brackets}, and \\"quotes\\".'
-    text = json.dumps({"model": DEFAULT, "input": [sentence] * 2000, "user": "x" * 3_000_000})
-    ids = json.dumps({"model": DEFAULT, "input": [list(range(1000, 1100))] * 2000})  # 200,000 values
+    # Few inputs: the model's own threads, computing thousands, compete with the loop for the two cores
+    text = json.dumps({"model": DEFAULT, "input": [sentence] * 20, "user": "x" * 3_000_000})
+    ids = json.dumps({"model": DEFAULT, "input": [list(range(1000, 1100))] * 20, "z": list(range(200_000))})
     for body in (text, ids):
         (status, answer), watch = await beside(hostile, post(hostile, "/v1/embeddings", body.encode()))
-        assert status == 200 and len(answer["data"]) == 2000, answer.get("error")  # type: ignore[arg-type]
+        assert status == 200 and len(answer["data"]) == 20, answer.get("error")  # type: ignore[arg-type]
         assert not watch.blocks(), watch.blocks()
 
 
@@ -189,3 +195,168 @@ def test_a_malformed_header_never_writes_the_token_anywhere(netns: str, store_di
     assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
     lines = [line for line in log.splitlines() if "malformed HTTP request from" in line]
     assert len(lines) == 1 and NS_ADDR in lines[0], lines  # the other eight are counted into its next line
+
+
+# ---- grammars: compiled off the loop and off the engine, within a budget, before the request is queued ----
+
+
+async def stream_gaps(d: Daemon, started: asyncio.Event, tokens: int = 200) -> list[float]:
+    """A greedy stream of ``tokens`` tokens; the gaps between its chunks (``started`` set at the first)."""
+    body = {"model": SMOLLM2, "prompt": "Once upon a time", "max_tokens": tokens, "temperature": 0}
+    body |= {"stream": True, "ignore_eos": True}
+    gaps: list[float] = []
+    async with aiohttp.ClientSession(d.url) as s, s.post("/v1/completions", json=body) as r:
+        assert r.status == 200
+        last = None
+        async for line in r.content:
+            if not line.startswith(b"data: {"):
+                continue
+            now = time.perf_counter()
+            if last is None:
+                started.set()
+            else:
+                gaps.append(now - last)
+            last = now
+    return gaps
+
+
+async def with_a_stream(d: Daemon, hostile: object) -> tuple[object, float, Watch]:
+    """Run ``hostile`` (a coroutine) once a stream beside it has started; its result, the stream's largest
+    gap while both ran, and what the daemon logged."""
+    watch, started = Watch(d), asyncio.Event()
+    stream = asyncio.create_task(stream_gaps(d, started))
+    await started.wait()
+    result = await hostile  # type: ignore[misc]
+    gaps = await stream
+    return result, max(gaps), watch
+
+
+def chat(**fields: object) -> bytes:
+    body = {"model": SMOLLM2, "messages": [{"role": "user", "content": "Answer in JSON."}], "max_tokens": 40}
+    return json.dumps(body | fields).encode()
+
+
+def schema_format(schema: object) -> dict[str, object]:
+    return {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+
+
+HOSTILE_PATTERN = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^(a{1000}){1000}$"}}}
+
+
+def tool(parameters: object) -> dict[str, object]:
+    return {"tools": [{"type": "function", "function": {"name": "f", "parameters": parameters}}]}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        schema_format(HOSTILE_PATTERN | {"required": ["a"]}),
+        tool(HOSTILE_PATTERN | {"required": ["a"]}) | {"tool_choice": "required"},
+    ],
+    ids=["response_format", "tool"],
+)
+async def test_a_hostile_pattern_is_a_400_naming_the_budget_every_time(hostile: Daemon, fields: object) -> None:
+    """`^(a{1000}){1000}$` stalled every stream ~4 s and the loop 0.5-0.8 s, and sent again answered 200 with
+    empty content from the cached grammar. Now: a 400 that names the engine's budget, each time."""
+    for _ in range(2):
+        started = time.perf_counter()
+        (status, answer), gap, watch = await with_a_stream(
+            hostile, post(hostile, "/v1/chat/completions", chat(**fields))
+        )  # type: ignore[arg-type,misc]
+        assert status == 400 and "budget" in answer["error"]["message"], answer
+        assert time.perf_counter() - started < 30
+        assert gap < 1.0, gap
+        assert not watch.blocks(), watch.blocks()
+
+
+UNSATISFIABLE = [
+    {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
+    {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
+    {"$defs": {"a": {"allOf": [{"$ref": "#/$defs/a"}]}}, "$ref": "#/$defs/a"},
+]
+
+
+@pytest.mark.parametrize("schema", UNSATISFIABLE, ids=["self", "mutual", "allOf-self"])
+async def test_a_schema_that_admits_nothing_is_a_400_before_generation(hostile: Daemon, schema: object) -> None:
+    status, answer = await post(hostile, "/v1/chat/completions", chat(**schema_format(schema)))
+    assert status == 400 and "admits no output" in answer["error"]["message"], answer  # type: ignore[index]
+
+
+async def test_tool_parameters_with_defs_and_refs_work_as_pydantic_writes_them(hostile: Daemon) -> None:
+    """What pydantic's model_json_schema() gives for a model with a nested model: the definitions under $defs,
+    referred to from the root. Embedded in the tool-call grammar they were lost ("Pointer '/$defs/A' does
+    not exist"); now the call's arguments follow them."""
+    import jsonschema
+
+    params = {
+        "$defs": {"City": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}},
+        "type": "object",
+        "properties": {"city": {"$ref": "#/$defs/City"}, "days": {"type": "integer", "minimum": 1}},
+        "required": ["city", "days"],
+    }
+    body = chat(**tool(params), tool_choice="required", temperature=0, max_tokens=80)
+    status, answer = await post(hostile, "/v1/chat/completions", body)
+    assert status == 200, answer
+    calls = answer["choices"][0]["message"]["tool_calls"]  # type: ignore[index]
+    assert calls and calls[0]["function"]["name"] == "f"
+    jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), params)
+
+
+# ---- prompt scoring (echo + logprobs) beside running streams ----
+
+
+def scoring(tokens: int) -> bytes:
+    body = {"model": SMOLLM2, "prompt": " the" * tokens, "max_tokens": 0, "echo": True, "logprobs": 1}
+    return json.dumps(body).encode()
+
+
+async def running_sequences(d: Daemon) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession(d.url) as s, s.get("/metrics") as r:
+        text = await r.text()
+    for family in text_string_to_metric_families(text):
+        if family.name == "llmosd_running_sequences":
+            return sum(x.value for x in family.samples if x.labels.get("model", "").startswith(SMOLLM2))
+    raise AssertionError("no llmosd_running_sequences in /metrics")
+
+
+async def test_prompt_scoring_runs_beside_streams_and_stops_when_its_client_leaves(hostile: Daemon) -> None:
+    """A 2,000-token `echo` + `logprobs` request scored its prompt one position a run while every other
+    sequence waited (a stream's largest gap: 118.7 s), and ran on after its client closed (the next
+    2-token completion: 115.8 s). Now each scored position is a row of the shared decode step."""
+
+    async def leave_early() -> float:
+        """The 2,000-token request, abandoned after 3 s; then how long a 2-token completion takes."""
+        async with aiohttp.ClientSession(hostile.url, timeout=aiohttp.ClientTimeout(total=3)) as s:
+            with pytest.raises(TimeoutError):
+                async with s.post("/v1/completions", data=scoring(2000)) as r:
+                    await r.read()
+        started = time.perf_counter()
+        status, answer = await complete_in(hostile, max_tokens=2)
+        assert status == 200, answer
+        return time.perf_counter() - started
+
+    next_one, gap, watch = await with_a_stream(hostile, leave_early())
+    assert gap < 1.0, gap
+    assert next_one < 5.0, next_one  # the abandoned scoring no longer holds the model
+    assert not watch.blocks(), watch.blocks()
+    for _ in range(50):  # the abandoned row left the batch (the stream has ended by now)
+        if await running_sequences(hostile) == 0:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("the abandoned scoring request still holds a row")
+
+    (status, answer), gap, _ = await with_a_stream(hostile, post(hostile, "/v1/completions", scoring(120)))
+    assert status == 200, answer
+    assert gap < 1.0, gap
+    lp = answer["choices"][0]["logprobs"]  # type: ignore[index]
+    assert "".join(lp["tokens"]).endswith(" the" * 120) and len(lp["token_logprobs"]) == len(lp["tokens"])
+    assert lp["token_logprobs"][0] is None
+    assert all(v <= 0 for v in lp["token_logprobs"][1:])
+
+
+async def complete_in(d: Daemon, **fields: object) -> tuple[int, dict[str, object]]:
+    async with aiohttp.ClientSession(d.url) as s:
+        return await complete(s, **fields)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import llguidance
 import numpy as np
 import numpy.typing as npt
-from llguidance.numpy import fill_next_token_bitmask_par
+from llguidance.numpy import fill_next_token_bitmask, fill_next_token_bitmask_par
 from tokenizers import Tokenizer
 
 if TYPE_CHECKING:
@@ -33,7 +33,35 @@ MaskArray = npt.NDArray[np.int32]
 # answer with newlines until max_tokens (what a flexible-whitespace grammar allows), and the JSON reads
 # the way models were trained to write it.
 _JSON_OPTIONS: JsonCompileOptions = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
-_LIMITS = llguidance.LLParserLimits(verbose_errors=False)  # errors name the schema's fault, not parser state
+# The grammar engine's budget. Lexer fuel counts derivative constructions (llguidance: "on the order of
+# 100 ns" each; about 0.5 us measured here for a counted-repetition regex), and it is what a hostile pattern
+# burns: `^(a{1000}){1000}$` spent the default million in 0.87 s here (4-5 s on slower boxes), holding the
+# GIL for 0.2 s at a time, and with it the event loop. 50,000 to start (the first mask and the forced
+# prefix, at compile time, off the loop and off the engine: 0.016 s here, the GIL held 6 ms at most; at
+# 100,000 the loop waited 51-53 ms beside a running stream) and 50,000 a step (masks are computed while
+# the model runs) bound what one grammar costs. Past them it fails with "too many expressions
+# constructed", a 400 that names the budget. The schemas of the tests spend far less.
+INITIAL_LEXER_FUEL = 50_000
+STEP_LEXER_FUEL = 50_000
+_LIMITS = llguidance.LLParserLimits(
+    verbose_errors=False,  # errors name the schema's fault, not parser state
+    initial_lexer_fuel=INITIAL_LEXER_FUEL,
+    step_lexer_fuel=STEP_LEXER_FUEL,
+)
+_EXPLAINED = {  # llguidance's words for a spent budget or a grammar that admits nothing, and what they mean
+    "too many expressions constructed": f"it needs more work than the grammar engine's budget allows "
+    f"(llguidance lexer fuel: {INITIAL_LEXER_FUEL} to start, {STEP_LEXER_FUEL} a token); simplify its "
+    "patterns (counted repetitions multiply)",
+    "NoExtensionBias": "it admits no output at all (a schema that refers only to itself, or contradicts itself)",
+}
+
+
+def explain(error: str) -> str:
+    """llguidance's error, with what it means where it is one of the budget's or an empty language."""
+    for words, meaning in _EXPLAINED.items():
+        if words in error:
+            return meaning
+    return error.replace("\n<non-verbose/>", "").strip()
 
 
 class GrammarError(ValueError):
@@ -133,14 +161,16 @@ class _Vocabulary:
 
 
 class Constraint:
-    """One sequence's matcher: which tokens may come next, and the tokens it took."""
+    """One sequence's matcher: which tokens may come next, and the tokens it took. ``key``: its compiled
+    grammar's digest (a grammar that fails midway is dropped from the cache by it)."""
 
-    def __init__(self, matcher: llguidance.LLMatcher) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, key: str = "") -> None:
         self.matcher = matcher
+        self.key = key
 
     def consume(self, token: int) -> None:
         if not self.matcher.consume_token(token):
-            raise GrammarError(f"the grammar refused token {token}: {self.matcher.get_error()}")
+            raise GrammarError(f"the grammar failed at token {token}: {explain(self.matcher.get_error())}")
 
     @property
     def finished(self) -> bool:
@@ -179,20 +209,57 @@ class Grammars:
             return self._ll
 
     def compile(self, spec: GrammarSpec) -> Constraint:
-        """A fresh matcher for ``spec`` (compiled once per digest). Raises GrammarError."""
+        """A fresh matcher for ``spec`` (compiled once per digest), whose first mask is computed here, so a
+        grammar over the engine's budget or admitting nothing fails now, before its request is queued, and
+        is never cached. Raises GrammarError. Blocking: call it off the event loop."""
         key = spec.digest
         with self._compiling:  # one compilation at a time: requests racing with one schema compile it once
             with self._lock:
-                if key in self._compiled:
+                cached = self._compiled.get(key)
+                if cached is not None:
                     self._compiled.move_to_end(key)
-                    return Constraint(self._compiled[key].deep_copy())
-            matcher = self._build(spec)
-            with self._lock:
+            if cached is None:
+                cached = self._build(spec)
                 self.compiles += 1
-                self._compiled[key] = matcher
+            constraint = Constraint(cached.deep_copy(), key)
+            try:
+                self._first_mask(constraint)
+            except GrammarError:
+                self.forget(key)  # its lexer (shared by every copy) may have failed: never hand it out again
+                raise
+            with self._lock:
+                self._compiled[key] = cached
                 while len(self._compiled) > self._capacity:
                     self._compiled.popitem(last=False)
-        return Constraint(matcher.deep_copy())
+        return constraint
+
+    def forget(self, key: str) -> None:
+        """Drop a compiled grammar (one whose sequence failed midway: the copies share its lexer's state)."""
+        with self._lock:
+            self._compiled.pop(key, None)
+
+    def _first_mask(self, constraint: Constraint) -> None:
+        """The mask before any token: the lexer's start-up work is done here, off the engine, and a grammar
+        whose language is empty (only the end is allowed, and it is not complete) is refused."""
+        ll = self._vocab()
+        bits: MaskArray = np.zeros((1, (ll.vocab_size + 31) // 32), dtype=np.int32)
+        fill_next_token_bitmask(constraint.matcher, bits, 0)
+        matcher = constraint.matcher
+        if matcher.is_error():
+            raise GrammarError(explain(matcher.get_error()))
+        allowed = np.flatnonzero(np.unpackbits(bits.view(np.uint8), bitorder="little"))
+        if not matcher.is_accepting() and not set(allowed.tolist()) - set(self._eos):
+            raise GrammarError(_EXPLAINED["NoExtensionBias"])
+        # The tokens every answer starts with (`{"a": "` for a required property) lead the lexer into the
+        # first lexemes: taking them on a copy builds those here too, where a pattern over the budget
+        # fails before its request is queued rather than at its first token.
+        forced = matcher.compute_ff_tokens()
+        if forced:
+            probe = matcher.deep_copy()
+            if probe.consume_tokens(forced):
+                fill_next_token_bitmask(probe, bits, 0)
+            if probe.is_error():
+                raise GrammarError(explain(probe.get_error()))
 
     def _build(self, spec: GrammarSpec) -> llguidance.LLMatcher:
         ll = self._vocab()

@@ -75,21 +75,52 @@ def written(calls: tuple[ToolCall, ...]) -> str:
 def grammar(tools: list[Tool], parallel: bool) -> GrammarSpec:
     """Output that is only tool calls, each naming one of ``tools`` with arguments that match its
     parameters (``tool_choice`` ``required``, or a named function when ``tools`` is that one)."""
-    one = {
+    defs: dict[str, Any] = {}
+    arguments = []
+    for i, t in enumerate(tools):
+        if _refers(t.parameters):  # its "#/..." pointers name its own root: it moves under $defs, rebased
+            defs[f"tool{i}"] = _rebased(t.parameters, f"#/$defs/tool{i}")
+            arguments.append({"$ref": f"#/$defs/tool{i}"})
+        else:
+            arguments.append(t.parameters)
+    one: dict[str, Any] = {
         "anyOf": [
             {
                 "type": "object",
-                "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+                "properties": {"name": {"const": t.name}, "arguments": args},
                 "required": ["name", "arguments"],
                 "additionalProperties": False,
             }
-            for t in tools
+            for t, args in zip(tools, arguments, strict=True)
         ],
         "x-guidance": _JSON_LAYOUT,
     }
+    if defs:
+        one["$defs"] = defs
     more = ' (", " call)*' if parallel else ""
     lark = f'start: "{OPEN}[" call{more} "]{CLOSE}"\ncall: %json {json.dumps(one)}'
     return GrammarSpec("grammar", lark)
+
+
+def _refers(schema: Any) -> bool:
+    """Whether a schema holds a local ``$ref`` ("#", "#/$defs/…": pydantic's output)."""
+    if isinstance(schema, dict):
+        ref = schema.get("$ref")
+        return (isinstance(ref, str) and ref.startswith("#")) or any(_refers(v) for v in schema.values())
+    return isinstance(schema, list) and any(_refers(v) for v in schema)
+
+
+def _rebased(schema: Any, base: str) -> Any:
+    """``schema`` with each local ``$ref`` pointing under ``base`` ("#/$defs/A" becomes base + "/$defs/A")."""
+    if isinstance(schema, dict):
+        out = {k: _rebased(v, base) for k, v in schema.items()}
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#"):
+            out["$ref"] = base + ref[1:]
+        return out
+    if isinstance(schema, list):
+        return [_rebased(v, base) for v in schema]
+    return schema
 
 
 def parse_tool_calls(text: str, names: frozenset[str]) -> tuple[str, list[ToolCall]]:

@@ -55,14 +55,6 @@ class GrammarFailed(ValueError):
         super().__init__(f"the grammar failed midway, so generation stopped: {reason}")
 
 
-def _row_failure(exc: ValueError, seq: _Sequence) -> ValueError | None:
-    """What one row's sampling error means for that row alone: its grammar failed, or its logits were not
-    finite. None: anything else, the engine's fault, which fails the batch."""
-    if isinstance(exc, NonFiniteLogits):
-        return exc
-    return GrammarFailed(exc) if seq.constraint is not None else None
-
-
 @dataclass(frozen=True)
 class GenerationLimits:
     max_sequences: int = 16  # rows decoded together
@@ -161,6 +153,37 @@ class _Sequence:
     done: bool = False
     failed: bool = False  # its grammar failed: it ends with an error
     row: int = -1  # its row in the model's cache, once prefilled
+    # Where its prompt's log-probabilities are asked: prompt positions fed so far. The fused graph gives the
+    # last position's logits only, so the prompt is scored a position a decode step, beside the other rows
+    # (one step is the longest it holds them; it leaves at the next step once cancelled).
+    scored: int = 0
+    entries: list[TokenLogprob | None] = field(default_factory=list)
+
+    @property
+    def scoring(self) -> bool:
+        return 0 < self.scored < len(self.request.prompt_ids)
+
+    def next_input(self) -> int:
+        """The token this row feeds the next step: its prompt's next one while scored, else its last."""
+        return self.request.prompt_ids[self.scored] if self.scoring else self.tokens[-1]
+
+    def wants_mask(self) -> bool:
+        """A grammar's mask is needed for a step whose logits will be sampled."""
+        last = len(self.request.prompt_ids) - 1
+        return self.constraint is not None and (not self.scoring or self.scored == last)
+
+    def score(self, logits: FloatArray) -> bool:
+        """Take the logits of the position just fed (the first, at prefill, with ``scored`` 0); True once
+        the whole prompt is in and ``logits`` are the next token's."""
+        ids, top = self.request.prompt_ids, self.request.logprobs or 0
+        if self.scored == 0:
+            self.entries = [None]  # the first token has no context to be scored in
+        self.scored += 1
+        if self.scored < len(ids):
+            self.entries.append(token_logprob(logits, ids[self.scored], top))
+            return False
+        self.prompt_logprobs, self.entries = tuple(self.entries), []
+        return True
 
     def advance(self, logits: FloatArray, eos: frozenset[int], allowed: BoolArray | None = None) -> Chunk | None:
         """Sample from this row's logits (among the tokens its grammar allows) and take the token; return
@@ -424,6 +447,10 @@ class GenerationEngine(Worker[_Sequence, GenerationStream]):
                 started = time.perf_counter()
                 (logits, seq.row), masks = self._while_masking([seq], partial(self._prefill, seq))
                 self.stats.prefill_time.observe(time.perf_counter() - started)
+                if seq.scoring:  # the rest of its prompt is scored beside the other rows, a position a step
+                    self.stats.prefill_tokens += 1
+                    joining.append(seq)
+                    continue
                 if seq.request.max_tokens == 0:  # the prompt scored, nothing to generate
                     seq.done = True
                     chunk: Chunk | None = Chunk("", 0, "length", prompt_logprobs=seq.prompt_logprobs)
@@ -434,7 +461,7 @@ class GenerationEngine(Worker[_Sequence, GenerationStream]):
                 if seq.row >= 0:
                     self.model.lm.free(seq.row)
                 self.stats.failed += 1
-                if isinstance(exc, ValueError) and (why := _row_failure(exc, seq)) is not None:
+                if isinstance(exc, ValueError) and (why := self._row_failure(exc, seq)) is not None:
                     log.warning("a sequence of %s failed: %s", self.name, why)
                     self._fail([seq], why)
                 else:
@@ -452,23 +479,25 @@ class GenerationEngine(Worker[_Sequence, GenerationStream]):
                 joining.append(seq)
 
     def _prefill(self, seq: _Sequence) -> tuple[FloatArray, int]:
-        """Prefill a row. Where the prompt's log-probabilities are asked, one position a run: the fused
-        graph computes the last position's logits only (lm-evaluation-harness's loglikelihood requests
-        are short; the other rows wait those runs)."""
+        """Prefill a row; where its prompt's log-probabilities are asked, only its first token (the rest is
+        scored a position a step, in ``_step``)."""
         req = seq.request
         if not (req.prompt_logprobs and req.logprobs is not None):
             return self.model.lm.prefill(req.prompt_ids)
         logits, row = self.model.lm.prefill(req.prompt_ids[:1])
-        entries: list[TokenLogprob | None] = [None]
-        try:
-            for token in req.prompt_ids[1:]:
-                entries.append(token_logprob(logits, token, req.logprobs))
-                logits = self.model.lm.decode([row], [token])[0]
-        except BaseException:
-            self.model.lm.free(row)
-            raise
-        seq.prompt_logprobs = tuple(entries)
+        seq.score(logits)
         return logits, row
+
+    def _row_failure(self, exc: ValueError, seq: _Sequence) -> ValueError | None:
+        """What one row's sampling error means for that row alone: its grammar failed (and is dropped from
+        the cache: its copies share the failed lexer), or its logits were not finite. None: anything else,
+        the engine's fault, which fails the batch."""
+        if isinstance(exc, NonFiniteLogits):
+            return exc
+        if seq.constraint is None:
+            return None
+        self.model.grammars.forget(seq.constraint.key)
+        return GrammarFailed(exc)
 
     def _fits(self, seq: _Sequence, running: list[_Sequence]) -> bool:
         if len(running) >= min(self.limits.max_sequences, self.model.lm.capacity):
@@ -492,7 +521,7 @@ class GenerationEngine(Worker[_Sequence, GenerationStream]):
         """``run()`` (the model's step), with the grammar masks of the constrained rows computed meanwhile
         on another thread (llguidance and ONNX Runtime both let go of the GIL): an unconstrained batch
         waits for nothing, a constrained one mostly not for its masks."""
-        constrained = [i for i, s in enumerate(rows) if s.constraint is not None]
+        constrained = [i for i, s in enumerate(rows) if s.wants_mask()]
         if not constrained:
             return run(), [None] * len(rows)
         self.stats.constrained_tokens += len(constrained)
@@ -513,16 +542,26 @@ class GenerationEngine(Worker[_Sequence, GenerationStream]):
     def _step(self, rows: list[_Sequence]) -> None:
         started = time.perf_counter()
         lm = self.model.lm
-        step = partial(lm.decode, [s.row for s in rows], [s.tokens[-1] for s in rows])
+        step = partial(lm.decode, [s.row for s in rows], [s.next_input() for s in rows])
         logits, masks = self._while_masking(rows, step)
         eos = self.model.eos_token_ids
         chunks: list[tuple[_Sequence, Chunk | None]] = []
         broken: list[tuple[_Sequence, ValueError]] = []
+        scored = sampled = 0  # rows that fed a prompt position, rows that sampled a token
         for i, s in enumerate(rows):
             try:
+                if s.scoring:
+                    scored += 1
+                    if not s.score(logits[i]):
+                        continue
+                    if s.request.max_tokens == 0:  # the prompt scored, nothing to generate
+                        s.done = True
+                        chunks.append((s, Chunk("", 0, "length", prompt_logprobs=s.prompt_logprobs)))
+                        continue
+                sampled += 1
                 chunks.append((s, s.advance(logits[i], eos, masks[i])))
             except ValueError as exc:  # a client's grammar hit a limit, or the row's logits broke: only it fails
-                if (why := _row_failure(exc, s)) is None:
+                if (why := self._row_failure(exc, s)) is None:
                     raise
                 log.warning("a sequence of %s failed: %s", self.name, why)
                 s.done = s.failed = True
@@ -533,8 +572,9 @@ class GenerationEngine(Worker[_Sequence, GenerationStream]):
         st = self.stats
         st.step_time.observe(elapsed)
         st.steps += 1
-        st.decode_tokens += len(rows)
-        st.generated_tokens += len(rows)
+        st.decode_tokens += len(rows) - scored
+        st.prefill_tokens += scored
+        st.generated_tokens += sampled
         st.largest_batch = max(st.largest_batch, len(rows))
         rate = len(rows) / max(elapsed, 1e-6)
         st.tokens_per_s = ewma(st.tokens_per_s, rate)
