@@ -216,6 +216,9 @@ RATE_CLIENT = textwrap.dedent(
     chat = {"model": lm, "messages": [{"role": "user", "content": "Count."}], "max_tokens": 6, "ignore_eos": True}
     out["chat"] = call("/v1/chat/completions", chat)
     out["after_chat"] = call("/v1/embeddings", embed)
+    time.sleep(2.2)  # the request bucket refills (the generated tokens' stays in debt a while)
+    token = "wrong-token-guessed-0"
+    out["guessing"] = [call("/v1/embeddings", embed) for _ in range(5)]
     print(json.dumps(out))
 """
 )
@@ -263,7 +266,10 @@ def test_rate_limits_answer_429_with_retry_after_per_client(netns: str, store_di
     # six tokens generated against a bucket of two: the next request waits out the debt (about 4 s)
     status, retry, _ = got["after_chat"]
     assert status == 429 and 3 <= int(retry) <= 5, got
-    assert "llmosd_rate_limited_requests_total 2.0" in metrics
+    # A wrong token draws on the address's requests too: four refusals, then a 429 (and no more log lines).
+    assert [c[0] for c in got["guessing"]] == [401, 401, 401, 401, 429], got
+    assert "llmosd_rate_limited_requests_total 3.0" in metrics
+    assert d.log.read_text().count("wrong bearer token") == 4
 
 
 TLS_CLIENT = textwrap.dedent(

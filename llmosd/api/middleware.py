@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from llmosd.api.errors import STATUS_TYPES, ApiError, error_response, kserve_error
-from llmosd.api.ratelimit import GRANT_KEY
+from llmosd.api.ratelimit import GRANT_KEY, charge_refusal
 from llmosd.api.scopes import SCRAPE, needed, public, route_of
 from llmosd.api.state import HELD, state
 from llmosd.logs import REQUEST_ID, printable
@@ -86,7 +86,9 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
         if exc.status == 413:
             message = f"request body too large (limit {state(request).config.max_body_bytes} bytes)"
-        response = render(exc.status, message or exc.reason, STATUS_TYPES.get(exc.status, "error"))
+        # aiohttp's 405 names the methods the path takes in Allow (RFC 9110 requires it): keep it
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        response = render(exc.status, message or exc.reason, STATUS_TYPES.get(exc.status, "error"), headers=allow)
     except Exception:
         log.exception("internal error in %s %s (request %s)", request.method, printable(request.path), request_id)
         response = render(500, f"internal error (request id {request_id})", "server_error")
@@ -105,6 +107,7 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     scheme, _, presented = header.partition(" ")
     grant = state(request).live.tokens.grant(presented.strip()) if scheme.lower() == "bearer" else None
     if grant is None:
+        charge_refusal(request)  # past the client's rate: a 429, not one more 401 and log line
         # Never log what was presented: a near-miss token is still a secret.
         log.warning(
             "refused %s %s from %s: %s bearer token",

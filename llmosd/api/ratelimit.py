@@ -63,6 +63,24 @@ def _keys(request: web.Request) -> list[str]:
     return [f"addr:{request.remote}", *([f"token:{grant}"] if isinstance(grant, str) else [])]
 
 
+def charge_refusal(request: web.Request) -> None:
+    """A request refused for its token (401) costs its address one request of the limit, as any other
+    would: a client guessing tokens is held to the same rate, and past it gets a 429 (and no log line)."""
+    config, buckets = state(request).config, request.app[LIMITS]
+    rps, burst = config.rate_limit_rps, config.rate_limit_burst_s
+    if not rps:
+        return
+    if wait := buckets.take(f"addr:{request.remote}", rps, max(1.0, rps * burst), 1.0, time.monotonic()):
+        request.app[METRICS].rate_limited.inc()
+        raise ApiError(
+            429,
+            f"rate limited: this client may make {rps:g} requests a second, refused ones included; "
+            f"retry in {math.ceil(wait)} s",
+            type="rate_limit_error",
+            headers={"Retry-After": str(math.ceil(wait))},
+        )
+
+
 @web.middleware
 async def rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
     """After auth: only requests that presented a token reach here limited (see GRANT_KEY)."""
