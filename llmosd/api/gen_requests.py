@@ -28,6 +28,7 @@ from llmosd.scheduler import (
 MAX_N = 16
 MAX_STOPS = 16
 MAX_LOGIT_BIAS = 1024  # entries; OpenAI documents the map without a count, vLLM takes any
+MAX_STOP_TOKEN_IDS = 1024  # vLLM takes any number; more than this many stop ids is no stop list
 MAX_GRAMMAR_CHARS = 100_000  # a schema, regex or grammar as sent; llguidance bounds the compiled size itself
 MAX_CHOICES = 1024
 _SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's json_schema.name
@@ -75,11 +76,17 @@ def _stops(body: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _token_ids(body: dict[str, Any], key: str) -> frozenset[int]:
+    """Token ids: at most MAX_STOP_TOKEN_IDS, each under 2^31 (the vocabulary is checked where the model is
+    known: scheduler/prepare.py)."""
     value = body.get(key)
     if value is None:
         return frozenset()
-    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
-        raise bad_request(f"'{key}' must be a list of token ids", key)
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_STOP_TOKEN_IDS
+        or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in value)
+    ):
+        raise bad_request(f"'{key}' must be a list of at most {MAX_STOP_TOKEN_IDS} token ids", key)
     return frozenset(value)
 
 

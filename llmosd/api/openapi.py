@@ -63,8 +63,14 @@ def _path_params(path: str) -> list[dict[str, Any]]:
     return [{"name": n, "in": "path", "required": True, "schema": _PARAM_SCHEMAS[n]} for n in names]
 
 
-_NAME = {"type": "string", "minLength": 1}
-_PARAM_SCHEMAS: dict[str, dict[str, Any]] = {"name": _NAME, "model": _NAME, "version": _NAME, "digest": _NAME}
+# Path parameters, as strict as the store's own checks (llmosd/store/names.py); /v1/models/{model} may
+# name a model of the LAN or the cloud, so only its length is held.
+_PARAM_SCHEMAS: dict[str, dict[str, Any]] = {
+    "name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,63}$"},
+    "model": {"type": "string", "minLength": 1},
+    "version": {"type": "string", "pattern": "^[1-9][0-9]{0,8}$"},
+    "digest": {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"},
+}
 
 
 def operation(
@@ -100,12 +106,12 @@ def operation(
 
 def text_request(inputs: dict[str, Any] = TEXTS, **extra: dict[str, Any]) -> dict[str, Any]:
     """A body with ``model`` and ``input`` (one text or a list), plus route-specific fields."""
-    properties = {"model": {"type": "string"}, "input": inputs, "truncate": TRUNCATE, **extra}
+    properties = {"model": {"type": "string", "minLength": 1}, "input": inputs, "truncate": TRUNCATE, **extra}
     return {"type": "object", "required": ["model", "input"], "properties": properties}
 
 
 _SAMPLING: dict[str, Any] = {
-    "model": {"type": "string"},
+    "model": {"type": "string", "minLength": 1},
     "max_tokens": {"type": ["integer", "null"], "minimum": 1},
     "temperature": {"type": "number", "minimum": 0, "maximum": 2},
     "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
@@ -114,7 +120,11 @@ _SAMPLING: dict[str, Any] = {
     "stream": {"type": "boolean"},
     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
     "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 16}]},
-    "stop_token_ids": {"type": "array", "items": {"type": "integer"}},
+    "stop_token_ids": {
+        "type": "array",
+        "maxItems": 1024,
+        "items": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
+    },
     "seed": {"type": "integer"},
     "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
     "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
@@ -254,7 +264,14 @@ GENERATION_PATHS: dict[str, dict[str, Any]] = {
                             {
                                 "type": "object",
                                 "required": ["type", "function"],
-                                "properties": {"type": {"enum": ["function"]}, "function": {"type": "object"}},
+                                "properties": {
+                                    "type": {"enum": ["function"]},
+                                    "function": {
+                                        "type": "object",
+                                        "required": ["name"],
+                                        "properties": {"name": {"type": "string", "minLength": 1}},
+                                    },
+                                },
                             },
                         ]
                     },

@@ -138,6 +138,10 @@ def check(model: TextGenerator, options: GenerationOptions) -> None:
     vocab = model.lm.vocab_size
     if any(t >= vocab for t, _ in options.params.logit_bias):
         raise InvalidRequest(f"'logit_bias' names token ids outside the vocabulary (it has {vocab})", "logit_bias")
+    if any(t >= vocab for t in options.stop_token_ids):
+        raise InvalidRequest(
+            f"'stop_token_ids' names token ids outside the vocabulary (it has {vocab})", "stop_token_ids"
+        )
 
 
 def constraints(model: TextGenerator, options: GenerationOptions, count: int) -> list[Constraint | None]:

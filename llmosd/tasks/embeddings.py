@@ -98,7 +98,7 @@ PATHS = {
             body=text_request(
                 {"oneOf": [*TEXTS["oneOf"], IDS, {"type": "array", "items": IDS, "minItems": 1}]},
                 encoding_format={"enum": ["float", "base64"]},
-                dimensions={"type": "integer"},
+                dimensions={"type": "integer", "minimum": 1},
                 user={"type": "string"},
             ),
             errors=(*MODEL_ERRORS, 504),
