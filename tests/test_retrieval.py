@@ -97,6 +97,25 @@ async def test_rerank_scores_are_pytorchs_and_come_back_best_first(reranker: tup
     assert 'route="/v1/rerank"' in metrics and 'route="/rerank"' in metrics
 
 
+async def test_teis_own_rerank_shape(reranker: tuple[Path, Path], served: Daemon) -> None:
+    """TEI's /rerank as TEI documents it: ``texts``, ``return_text``, ``raw_scores``, ``truncate``, no model
+    (the box's only reranker answers), and a bare list of ``index`` and ``score`` back, best first."""
+    expected = pytorch_scores(reranker[0], QUERY, DOCS)
+    async with aiohttp.ClientSession(served.url) as s:
+        async with s.post("/rerank", json={"query": QUERY, "texts": DOCS, "raw_scores": False, "truncate": False}) as r:
+            plain = await r.json()
+            assert r.status == 200, plain
+        async with s.post("/rerank", json={"query": QUERY, "texts": DOCS, "return_text": True}) as r:
+            texts = await r.json()
+        async with s.post("/rerank", json={"query": QUERY, "texts": DOCS, "raw_scores": True}) as r:
+            raw = await r.json()
+            assert r.status == 400 and "raw_scores" in raw["error"]["message"], raw
+    assert sorted(x["index"] for x in plain) == [0, 1, 2, 3] and all(set(x) == {"index", "score"} for x in plain)
+    assert [x["score"] for x in plain] == sorted((x["score"] for x in plain), reverse=True)
+    assert all(abs(x["score"] - expected[x["index"]]) < 1e-5 for x in plain)
+    assert [x["text"] for x in texts] == [DOCS[x["index"]] for x in plain]
+
+
 async def test_the_client_reranks(served: Daemon) -> None:
     async with AsyncClient(socket=served.socket) as client:
         model = await client.load_model("tiny-rerank")

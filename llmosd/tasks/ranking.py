@@ -5,12 +5,15 @@ batcher like embeddings do."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
 
+from llmosd.api.state import STATE
 from llmosd.api.tasks import (
     GEN_HEADERS,
     MODEL_ERRORS,
@@ -24,6 +27,7 @@ from llmosd.api.tasks import (
 )
 from llmosd.runtime.adapters import Adapting
 from llmosd.runtime.tasks import RankingModel
+from llmosd.store import ModelStore, NotFound
 from llmosd.tasks.contract import INVARIANT, Export, Source, Task, Tolerance, deferred
 
 NAME = "text-ranking"
@@ -33,14 +37,16 @@ routes = web.RouteTableDef()
 @dataclass(frozen=True)
 class RerankRequest:
     """The rerank shape llama.cpp, vLLM, Jina and TEI share: a query, documents (strings or ``{"text"}``),
-    ``top_n``, ``return_documents``."""
+    ``top_n``, ``return_documents``; or TEI's own (``texts``, ``return_text``, ``raw_scores``, no model
+    where the box has one reranker), answered in TEI's shape."""
 
-    model: str
+    model: str  # "" in TEI's shape without one: the store's only text-ranking model
     query: str
     documents: list[str]
     top_n: int | None
     return_documents: bool
     truncate: bool
+    tei: bool = False
 
     @classmethod
     def parse(cls, body: dict[str, Any], limits: Config) -> RerankRequest:
@@ -49,38 +55,71 @@ class RerankRequest:
             raise bad_request("'query' is required and must be a non-empty string", "query")
         if len(query) > limits.max_input_chars:
             raise bad_request(f"'query' is longer than {limits.max_input_chars} characters", "query")
-        texts = _documents(body.get("documents"), limits)
+        tei = "texts" in body and "documents" not in body
+        texts = _documents(body.get("texts" if tei else "documents"), limits, "texts" if tei else "documents")
         top_n = body.get("top_n")
         if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 1):
             raise bad_request("'top_n' must be a positive integer", "top_n")
-        back = body.get("return_documents", True)
+        key = "return_text" if tei else "return_documents"
+        back = body.get(key, not tei)  # TEI leaves the text out unless asked; the others send it back
         if not isinstance(back, bool):
-            raise bad_request("'return_documents' must be true or false", "return_documents")
-        return cls(model_of(body), query, texts, top_n, back, truncate_of(body))
+            raise bad_request(f"'{key}' must be true or false", key)
+        raw = body.get("raw_scores", False)
+        if not isinstance(raw, bool):
+            raise bad_request("'raw_scores' must be true or false", "raw_scores")
+        if raw:
+            raise bad_request(
+                "'raw_scores' is not supported: the score served is the one the export validated against "
+                "PyTorch (the sigmoid, or the softmax, of the model's logits), not the logits",
+                "raw_scores",
+            )
+        model = model_of(body) if not tei or body.get("model") is not None else ""
+        return cls(model, query, texts, top_n, back, truncate_of(body), tei)
 
 
-def _documents(docs: Any, limits: Config) -> list[str]:
+def _documents(docs: Any, limits: Config, key: str) -> list[str]:
     if not isinstance(docs, list) or not docs:
-        raise bad_request("'documents' must be a non-empty list of strings or {\"text\": ...} objects", "documents")
+        raise bad_request(f"'{key}' must be a non-empty list of strings or {{\"text\": ...}} objects", key)
     if len(docs) > limits.max_inputs:
-        raise bad_request(f"too many documents: {len(docs)} > {limits.max_inputs}", "documents")
+        raise bad_request(f"too many documents: {len(docs)} > {limits.max_inputs}", key)
     texts = []
     for i, d in enumerate(docs):
         text = d.get("text") if isinstance(d, dict) else d
         if not isinstance(text, str) or not text.strip():
-            raise bad_request(f'document {i} must be a non-empty string or {{"text": ...}}', "documents")
+            raise bad_request(f'document {i} must be a non-empty string or {{"text": ...}}', key)
         if len(text) > limits.max_input_chars:
-            raise bad_request(f"document {i} is longer than {limits.max_input_chars} characters", "documents")
+            raise bad_request(f"document {i} is longer than {limits.max_input_chars} characters", key)
         texts.append(text)
     return texts
+
+
+def _only_reranker(store: ModelStore) -> str:
+    """TEI serves one model and its clients name none: the store's only text-ranking model, if it has one."""
+    found = []
+    for name in store.names():
+        with contextlib.suppress(NotFound):
+            if store.manifest(name).task == NAME:
+                found.append(name)
+    if len(found) != 1:
+        held = f"it holds {len(found)}: {', '.join(found)}" if found else "it holds none"
+        raise bad_request(f"'model' is required unless the box holds exactly one reranker ({held})", "model")
+    return found[0]
 
 
 @routes.post("/v1/rerank")
 @routes.post("/rerank")
 async def rerank(request: web.Request) -> web.Response:
-    req, _, run = await encoder_request(request, RerankRequest.parse, NAME)
+    req, _, run = await encoder_request(request, _parser(request), NAME)
     outputs = await run([(req.query, d) for d in req.documents])
     order = sorted(range(len(outputs)), key=lambda i: -float(outputs[i].values[0]))[: req.top_n]
+    if req.tei:  # TEI's answer: a bare list, best first
+        items: list[dict[str, object]] = []
+        for i in order:
+            item: dict[str, object] = {"index": i, "score": float(outputs[i].values[0])}
+            if req.return_documents:
+                item["text"] = req.documents[i]
+            items.append(item)
+        return web.json_response(items)
     results = []
     for i in order:
         result: dict[str, object] = {"index": i, "relevance_score": float(outputs[i].values[0])}
@@ -99,36 +138,56 @@ async def rerank(request: web.Request) -> web.Response:
     )
 
 
+def _parser(request: web.Request) -> Callable[[dict[str, Any], Config], RerankRequest]:
+    """RerankRequest.parse, with TEI's missing model resolved to the store's only reranker."""
+    store = request.app[STATE].store
+
+    def parse(body: dict[str, Any], limits: Config) -> RerankRequest:
+        req = RerankRequest.parse(body, limits)
+        return replace(req, model=_only_reranker(store)) if not req.model else req
+
+    return parse
+
+
+_DOCUMENTS = {
+    "type": "array",
+    "minItems": 1,
+    "items": {
+        "oneOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "object", "required": ["text"], "properties": {"text": {"type": "string", "minLength": 1}}},
+        ]
+    },
+}
 _BODY = {
     "type": "object",
-    "required": ["model", "query", "documents"],
+    "required": ["query"],
+    # llama.cpp's, vLLM's, Jina's: a model and documents; TEI's: texts (and a model where the box has more
+    # than one reranker)
+    "anyOf": [{"required": ["model", "documents"]}, {"required": ["texts"], "not": {"required": ["documents"]}}],
     "properties": {
-        "model": {"type": "string"},
+        "model": {"type": "string", "minLength": 1},
         "query": {"type": "string", "minLength": 1},
-        "documents": {
-            "type": "array",
-            "minItems": 1,
-            "items": {
-                "oneOf": [
-                    {"type": "string", "minLength": 1},
-                    {
-                        "type": "object",
-                        "required": ["text"],
-                        "properties": {"text": {"type": "string", "minLength": 1}},
-                    },
-                ]
-            },
-        },
+        "documents": _DOCUMENTS,
+        "texts": _DOCUMENTS,
         "top_n": {"type": "integer", "minimum": 1},
         "return_documents": {"type": "boolean"},
+        "return_text": {"type": "boolean"},
+        "raw_scores": {"const": False},
         "truncate": TRUNCATE,
     },
+}
+_ANSWER = {
+    "anyOf": [
+        {"type": "object", "required": ["model", "results", "usage"]},
+        {"type": "array", "items": {"type": "object", "required": ["index", "score"]}},  # TEI's shape
+    ]
 }
 PATHS = {
     path: {
         "post": operation(
             "Rerank documents against a query with a cross-encoder (llama.cpp / vLLM / Jina / TEI shape)",
-            ok={"type": "object", "required": ["model", "results", "usage"]},
+            ok=_ANSWER,
             body=_BODY,
             errors=(*MODEL_ERRORS, 504),
             headers=GEN_HEADERS,
