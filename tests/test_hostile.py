@@ -19,6 +19,7 @@ from tests.conftest import BLOCKED, DEFAULT, SMOLLM2, Daemon, exported, start_da
 from tests.netns import HOST_ADDR, NS_ADDR
 
 LOOP_BLOCK_MS = 50  # the issue's bound on the event loop's largest block beside any hostile request
+WRITE_TIMEOUT_S = 2
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,7 @@ def hostile(store_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "LLMOSD_MDNS": "false",
         "LLMOSD_AUTOTUNE": "false",
         "LLMOSD_LOOP_BLOCK_MS": str(LOOP_BLOCK_MS),
+        "LLMOSD_WRITE_TIMEOUT_S": str(WRITE_TIMEOUT_S),
     }
     d = start_daemon(store, tmp_path_factory.mktemp("hostile-run"), env=env)
     # Both models answer once and the start-up's last work (a load's warm-up) is over before any test
@@ -360,3 +362,65 @@ async def test_prompt_scoring_runs_beside_streams_and_stops_when_its_client_leav
 async def complete_in(d: Daemon, **fields: object) -> tuple[int, dict[str, object]]:
     async with aiohttp.ClientSession(d.url) as s:
         return await complete(s, **fields)
+
+
+async def test_a_stream_nobody_reads_is_dropped_a_write_timeout_after_its_last_acknowledged_byte(
+    hostile: Daemon,
+) -> None:
+    """A client that reads nothing of a stream kept its generation row 20 s past write_timeout_s: the timer
+    started only once the kernel's buffers (800 KB) and the transport's were full, which a stream of tokens
+    takes long to fill. Now it runs from the last byte the client's side acknowledged."""
+    import socket
+
+    body = json.dumps(
+        {"model": SMOLLM2, "prompt": "Count:", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    ).encode()
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    watch = Watch(hostile)
+    sock = socket.create_connection(("127.0.0.1", hostile.port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # its window closes after a few kB
+    try:
+        sock.sendall(head % len(body) + body)
+        started = time.monotonic()
+        while "dropped a connection" not in watch.logged():
+            assert time.monotonic() - started < 30, "the stream nobody reads is still running"
+            await asyncio.sleep(0.1)
+        took = time.monotonic() - started
+    finally:
+        sock.close()
+    # The window closes within a second or so of the first tokens; then the write timeout runs.
+    assert took < WRITE_TIMEOUT_S + 4, took
+    for _ in range(20):
+        if await running_sequences(hostile) == 0:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("the dropped stream's row is still running")
+
+
+# ---- the smaller items ----
+
+
+async def test_every_405_names_the_allowed_methods(hostile: Daemon) -> None:
+    async with aiohttp.ClientSession(hostile.url) as s:
+        for method, path, allowed in [
+            ("GET", "/v1/completions", "POST"),
+            ("DELETE", "/v1/embeddings", "POST"),
+            ("POST", "/metrics", "GET"),
+            ("PUT", f"/v2/models/{DEFAULT}/infer", "POST"),
+        ]:
+            async with s.request(method, path) as r:
+                assert r.status == 405, (method, path)
+                assert allowed in r.headers.get("Allow", ""), (method, path, dict(r.headers))
+                assert (await r.json())["error"]
+
+
+@pytest.mark.parametrize(
+    ("ids", "needle"),
+    [([2**70], "at most 1024 token ids"), (list(range(100_000)), "at most 1024"), ([49_152], "outside the vocabulary")],
+    ids=["2^70", "100000 ids", "past the vocabulary"],
+)
+async def test_stop_token_ids_are_bounded(hostile: Daemon, ids: list[int], needle: str) -> None:
+    async with aiohttp.ClientSession(hostile.url) as s:
+        status, answer = await complete(s, stop_token_ids=ids)
+    assert status == 400 and needle in answer["error"]["message"], answer  # type: ignore[index]

@@ -12,14 +12,17 @@ handler is done, so the header timer runs only while a request is arriving.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import socket
+import struct
+import termios
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -31,6 +34,22 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # After a refusal of our own, read (and drop) what the client still sends this long before closing:
 # closing with its bytes unread makes the kernel answer RST, which can destroy the refusal in flight.
 LINGER_S = 2.0
+
+
+PROGRESS_CHECK_S = 0.5  # how often a connection that owes its client bytes is checked for progress
+
+
+def tcp_progress(sock: Any) -> tuple[int, int] | None:
+    """(bytes the peer has acknowledged, bytes sent and not yet acknowledged) of a TCP socket, from the
+    kernel (TCP_INFO's tcpi_bytes_acked, Linux 4.1+, and SIOCOUTQ); None where it cannot tell."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
+        owed = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (OSError, AttributeError):
+        return None
+    if len(info) < 128:
+        return None
+    return struct.unpack_from("Q", info, 120)[0], owed
 
 
 @dataclass(frozen=True)
@@ -93,6 +112,10 @@ class Guard(asyncio.Protocol):
         self.in_request = False
         self._header_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
+        # The client's progress, where the kernel tells it (TCP): acknowledged bytes and when they last grew
+        self._progress_timer: asyncio.TimerHandle | None = None
+        self._acked = -1
+        self._acked_at = 0.0
         self._linger_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, base: asyncio.BaseTransport) -> None:
@@ -140,6 +163,8 @@ class Guard(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
         self._cancel_write_timer()
+        if self._progress_timer is not None:
+            self._progress_timer.cancel()
         if self._linger_timer is not None:
             self._linger_timer.cancel()
         if self.refused:
@@ -156,6 +181,9 @@ class Guard(asyncio.Protocol):
     def started(self) -> None:
         self.in_request = True
         self._cancel_header_timer()
+        if self._progress_timer is None and self.address is not None:
+            self._acked, self._acked_at = -1, time.monotonic()
+            self._progress_timer = asyncio.get_running_loop().call_later(PROGRESS_CHECK_S, self._check_progress)
 
     def finished(self) -> None:
         self.in_request = False
@@ -188,6 +216,28 @@ class Guard(asyncio.Protocol):
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+
+    def _check_progress(self) -> None:
+        """A client that has taken none of what it is owed for write_timeout_s is dropped, timed from the
+        last byte it acknowledged: the pause above only starts once the kernel's buffers and the
+        transport's are full, which a slow stream (an SSE answer) takes minutes to do."""
+        self._progress_timer = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        sock = transport.get_extra_info("socket")
+        progress = tcp_progress(sock) if sock is not None else None  # asyncio's TransportSocket, TLS or not
+        if progress is None:
+            return  # the pause timer alone
+        acked, owed = progress
+        now = time.monotonic()
+        if owed == 0 or acked != self._acked:
+            self._acked, self._acked_at = acked, now
+        elif now - self._acked_at >= self.owner.limits().write_timeout_s:
+            self._write_stalled()
+            return
+        if self.in_request or owed:
+            self._progress_timer = asyncio.get_running_loop().call_later(PROGRESS_CHECK_S, self._check_progress)
 
     def _cancel_write_timer(self) -> None:
         if self._write_timer is not None:
