@@ -71,14 +71,16 @@ def charge_refusal(request: web.Request) -> None:
     if not rps:
         return
     if wait := buckets.take(f"addr:{request.remote}", rps, max(1.0, rps * burst), 1.0, time.monotonic()):
-        request.app[METRICS].rate_limited.inc()
-        raise ApiError(
-            429,
-            f"rate limited: this client may make {rps:g} requests a second, refused ones included; "
-            f"retry in {math.ceil(wait)} s",
-            type="rate_limit_error",
-            headers={"Retry-After": str(math.ceil(wait))},
-        )
+        raise _limited(request, f"this client may make {rps:g} requests a second, refused ones included", wait)
+
+
+def _limited(request: web.Request, limits: str, wait: float) -> ApiError:
+    """The 429 (counted in /metrics) for a client past ``limits``, retrying in ``wait`` seconds."""
+    request.app[METRICS].rate_limited.inc()
+    retry = math.ceil(wait)
+    return ApiError(
+        429, f"rate limited: {limits}; retry in {retry} s", type="rate_limit_error", headers={"Retry-After": str(retry)}
+    )
 
 
 @web.middleware
@@ -93,14 +95,8 @@ async def rate_limit(request: web.Request, handler: Handler) -> web.StreamRespon
     waits = [buckets.take(k, rps, max(1.0, rps * burst), 1.0, now) for k in keys] if rps else []
     waits += [buckets.take("gen:" + k, tps, max(1.0, tps * burst), 0.0, now) for k in keys] if tps else []
     if wait := max(waits, default=0.0):
-        request.app[METRICS].rate_limited.inc()
-        raise ApiError(
-            429,
-            f"rate limited: this client may make {rps:g} requests and generate {tps:g} tokens a second "
-            f"(0: no limit); retry in {math.ceil(wait)} s",
-            type="rate_limit_error",
-            headers={"Retry-After": str(math.ceil(wait))},
-        )
+        limits = f"this client may make {rps:g} requests and generate {tps:g} tokens a second (0: no limit)"
+        raise _limited(request, limits, wait)
     try:
         return await handler(request)
     finally:
