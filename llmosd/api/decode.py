@@ -35,10 +35,15 @@ def _constant(name: str) -> float:
     raise _Refused(f"{name} is not a JSON number; send a finite number")
 
 
-def _float(text: str) -> float:
+def _float(text: str) -> float | int:
+    """A JSON number written with a fraction or an exponent. One whose value is a whole number (1.0, 2e3)
+    is an integer, as JSON Schema counts it, so "max_tokens": 8.0 is taken where 8 is (and 1e20 is a
+    number too large for max_tokens, not a wrong type)."""
     value = float(text)
     if not math.isfinite(value):
         raise _Refused(f"the number {text[:40]} is out of range; send a finite number")
+    if value.is_integer():
+        return int(value)
     return value
 
 

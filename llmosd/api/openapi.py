@@ -6,15 +6,18 @@ from collections.abc import Mapping
 from typing import Any
 
 from llmosd import __version__
+from llmosd.api.requests import TIMEOUT_PATTERN
+from llmosd.runtime.sampling import OPEN_BELOW
+from llmosd.runtime.tensors import NUMPY_TYPES
 from llmosd.scheduler import DEFAULT_RANGES
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
-TEXTS = {
-    "oneOf": [
-        {"type": "string", "minLength": 1},
-        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
-    ]
-}
+# Not empty, nor only whitespace as Python's str.strip() counts it: that is also \x1c-\x1f and \x85,
+# which a JSON Schema's (ECMAScript's) \S takes for text
+NOT_BLANK = "[^\\s\\x1c-\\x1f\\x85]"
+_TEXT = {"type": "string", "pattern": NOT_BLANK}
+TEXTS = {"oneOf": [_TEXT, {"type": "array", "items": _TEXT, "minItems": 1}]}
+_CHOICES = {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1024}
 IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
 TRUNCATE = {"type": "boolean", "description": "cut an input over the model's limit there (default: refuse, 400)"}
 
@@ -47,7 +50,7 @@ _TIMEOUT_HEADER = {
     "name": "X-Request-Timeout",
     "in": "header",
     "required": False,
-    "schema": {"type": "string"},
+    "schema": {"type": "string", "pattern": TIMEOUT_PATTERN},
     "description": "seconds in (0, 3600]; past it the request is dropped and answered 504",
 }
 _PRIORITY_HEADER = {
@@ -63,12 +66,13 @@ def _path_params(path: str) -> list[dict[str, Any]]:
     return [{"name": n, "in": "path", "required": True, "schema": _PARAM_SCHEMAS[n]} for n in names]
 
 
+_VERSION = {"type": "string", "pattern": "^[1-9][0-9]{0,8}$"}
 # Path parameters, as strict as the store's own checks (llmosd/store/names.py); /v1/models/{model} may
 # name a model of the LAN or the cloud, so only its length is held.
 _PARAM_SCHEMAS: dict[str, dict[str, Any]] = {
-    "name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,63}$"},
+    "name": {"type": "string", "pattern": "^(?!.*[.][.])[a-z0-9][a-z0-9._-]{0,63}$"},
     "model": {"type": "string", "minLength": 1},
-    "version": {"type": "string", "pattern": "^[1-9][0-9]{0,8}$"},
+    "version": _VERSION,
     "digest": {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"},
 }
 
@@ -88,7 +92,7 @@ def operation(
     """One operation: its 200 (a JSON schema, or other media types) and every error it can answer,
     each in the error shape of its family (KServe's string on /v2)."""
     ok_schema = ok or {"type": "object"}
-    content = {t: {"schema": ok_schema if t == _JSON else {"type": "string"}} for t in ok_types}
+    content = {t: {"schema": ok_schema if t == _JSON else _OTHER.get(t, {"type": "string"})} for t in ok_types}
     responses: dict[str, Any] = {"200": {"description": "OK", "content": content}}
     for code, response in (extra or {}).items():
         responses[str(code)] = response
@@ -119,13 +123,18 @@ _SAMPLING: dict[str, Any] = {
     "n": {"type": "integer", "minimum": 1, "maximum": 16},
     "stream": {"type": "boolean"},
     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
-    "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 16}]},
+    "stop": {
+        "oneOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 16},
+        ]
+    },
     "stop_token_ids": {
         "type": "array",
         "maxItems": 1024,
         "items": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
     },
-    "seed": {"type": "integer"},
+    "seed": {"type": "integer", "minimum": -(2**63), "maximum": 2**64 - 1},
     "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
     "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
     "repetition_penalty": {"type": "number", "minimum": 0.01, "maximum": 10},
@@ -146,23 +155,30 @@ _SAMPLING: dict[str, Any] = {
             "json_schema": {
                 "type": "object",
                 "required": ["name"],
-                "properties": {"name": {"type": "string"}, "schema": {"type": "object"}, "strict": {"type": "boolean"}},
+                "properties": {
+                    "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                    "schema": {"type": "object"},
+                    "strict": {"type": "boolean"},
+                },
             },
         },
     },
-    "structured_outputs": {
+    "structured_outputs": {  # exactly one (a JSON schema sent as a JSON string is taken too)
         "type": "object",
+        "minProperties": 1,
+        "maxProperties": 1,
+        "additionalProperties": False,
         "properties": {
-            "json": {"oneOf": [{"type": "object"}, {"type": "string"}]},
+            "json": {"type": "object"},
             "regex": {"type": "string"},
-            "choice": {"type": "array", "items": {"type": "string"}},
+            "choice": _CHOICES,
             "grammar": {"type": "string", "description": "Lark or GBNF"},
-            "json_object": {"type": "boolean"},
+            "json_object": {"const": True},
         },
     },
     "guided_json": {"oneOf": [{"type": "object"}, {"type": "string"}]},
     "guided_regex": {"type": "string"},
-    "guided_choice": {"type": "array", "items": {"type": "string"}},
+    "guided_choice": _CHOICES,
     "guided_grammar": {"type": "string"},
 }
 _TOOL_CALL = {
@@ -178,15 +194,42 @@ _TOOL_CALL = {
         },
     },
 }
-_MESSAGE = {
-    "type": "object",
-    "required": ["role"],
-    "properties": {
-        "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
-        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}, {"type": "null"}]},
-        "tool_calls": {"type": "array", "items": _TOOL_CALL},
-        "tool_call_id": {"type": "string"},
-    },
+_CONTENT = {
+    "oneOf": [
+        {"type": "string"},
+        {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["type", "text"],
+                "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+            },
+        },
+    ]
+}
+_MESSAGE = {  # by role, as the server checks them: a tool answer names its call, an assistant may call
+    "oneOf": [
+        {
+            "type": "object",
+            "required": ["role", "content"],
+            "properties": {"role": {"enum": ["system", "developer", "user"]}, "content": _CONTENT},
+        },
+        {
+            "type": "object",
+            "required": ["role"],
+            "properties": {
+                "role": {"const": "assistant"},
+                "content": {"oneOf": [_CONTENT, {"type": "null"}]},
+                "tool_calls": {"type": "array", "items": _TOOL_CALL},
+                "function_call": {"type": "null"},  # the legacy field: refused
+            },
+        },
+        {
+            "type": "object",
+            "required": ["role", "content", "tool_call_id"],
+            "properties": {"role": {"const": "tool"}, "content": _CONTENT, "tool_call_id": {"type": "string"}},
+        },
+    ]
 }
 _TOOL = {
     "type": "object",
@@ -210,10 +253,34 @@ _OIP = {
     "required": ["inputs"],
     "properties": {
         "id": {"type": "string"},
-        "inputs": {"type": "array", "items": {"type": "object", "required": ["name", "shape", "datatype"]}},
+        "inputs": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["name", "shape", "datatype"],
+                "properties": {
+                    "name": {"type": "string", "minLength": 1},
+                    "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                    "datatype": {"enum": sorted(NUMPY_TYPES)},
+                    "data": {"type": "array"},
+                    "parameters": {"type": "object"},
+                },
+                "anyOf": [{"required": ["data"]}, {"required": ["parameters"]}],  # parameters: binary data
+            },
+        },
         "outputs": {"type": "array", "items": {"type": "object", "required": ["name"]}},
         "parameters": {"type": "object"},
     },
+}
+# Before OpenAPI 3.2 (itemSchema), a text/event-stream's schema describes each event: its data here is an
+# OpenAI chunk as JSON text, or [DONE]
+_OTHER: dict[str, dict[str, Any]] = {
+    "text/event-stream": {
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
+    }
 }
 _STREAM_NOTE = " With stream: true, text/event-stream of OpenAI chunks ending with data: [DONE]."
 
@@ -233,11 +300,25 @@ GENERATION_PATHS: dict[str, dict[str, Any]] = {
                 "required": ["model", "prompt"],
                 "properties": {
                     **_SAMPLING,
-                    "prompt": {},
+                    "prompt": {  # a string, token ids, or up to 16 of either
+                        "oneOf": [
+                            {"type": "string"},
+                            IDS,
+                            {
+                                "type": "array",
+                                "minItems": 1,
+                                "maxItems": 16,
+                                "items": {"oneOf": [{"type": "string"}, IDS]},
+                            },
+                        ]
+                    },
                     "echo": {"type": "boolean"},
                     "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 20},
-                    "max_tokens": {"type": ["integer", "null"], "minimum": 0},  # 0 only with echo
+                    "max_tokens": {"type": ["integer", "null"], "minimum": 0},
                 },
+                # max_tokens 0 (score the prompt, generate nothing) only with echo
+                "if": {"required": ["max_tokens"], "properties": {"max_tokens": {"const": 0}}},
+                "then": {"required": ["echo"], "properties": {"echo": {"const": True}}},
             },
             errors=(*MODEL_ERRORS, 504),
             ok_types=(_JSON, "text/event-stream"),
@@ -277,6 +358,9 @@ GENERATION_PATHS: dict[str, dict[str, Any]] = {
                     },
                     "parallel_tool_calls": {"type": "boolean"},
                 },
+                # top_logprobs only with logprobs: true
+                "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer"}}},
+                "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
             },
             errors=(*MODEL_ERRORS, 504),
             ok_types=(_JSON, "text/event-stream"),
@@ -339,7 +423,7 @@ PATHS: dict[str, dict[str, Any]] = {
                         "additionalProperties": False,
                         "properties": {
                             key: {"type": ["integer" if key in ("top_k", "max_tokens") else "number", "null"]}
-                            | {"minimum": lo, "maximum": hi}
+                            | {"exclusiveMinimum" if key in OPEN_BELOW else "minimum": lo, "maximum": hi}
                             for key, (lo, hi) in DEFAULT_RANGES.items()
                         },
                     }
@@ -359,7 +443,7 @@ PATHS: dict[str, dict[str, Any]] = {
     "/api/models/{name}": {
         "get": {
             **operation("A model version's manifest (active unless ?version=)", errors=(400, 404)),
-            "parameters": [{"name": "version", "in": "query", "required": False, "schema": {"type": "string"}}],
+            "parameters": [{"name": "version", "in": "query", "required": False, "schema": _VERSION}],
         }
     },
     "/api/models/pull": {
@@ -385,7 +469,7 @@ PATHS: dict[str, dict[str, Any]] = {
     "/api/models/{name}/activate": {
         "post": operation(
             "Activate a stored version; the old one drains (409: validated on other CPU kernels and refused here)",
-            body={"type": "object", "required": ["version"], "properties": {"version": {"type": "string"}}},
+            body={"type": "object", "required": ["version"], "properties": {"version": _VERSION}},
             errors=(*MODEL_ERRORS, 409),
         )
     },

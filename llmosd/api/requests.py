@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -129,15 +130,20 @@ def priority_of(request: web.Request, body: dict[str, Any]) -> int:
         raise bad_request(str(exc), "priority") from None
 
 
+# A decimal number of seconds in (0, 3600], as the OpenAPI document states it (the header is checked
+# against this, not against whatever float() takes: "1e3", "5_0", " 5").
+TIMEOUT_PATTERN = (
+    r"^0*(?:(?:[1-9][0-9]{0,2}|[12][0-9]{3}|3[0-5][0-9]{2})(?:\.[0-9]+)?|3600(?:\.0+)?|\.[0-9]*[1-9][0-9]*)$"
+)
+_TIMEOUT = re.compile(TIMEOUT_PATTERN)
+
+
 def timeout_of(request: web.Request) -> float | None:
     """``X-Request-Timeout`` in seconds: past it the request is dropped and answered 504."""
     raw = request.headers.get("X-Request-Timeout")
     if raw is None:
         return None
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = -1.0
+    seconds = float(raw) if _TIMEOUT.match(raw) else -1.0
     if not 0 < seconds <= 3600:
         raise bad_request("X-Request-Timeout must be a number of seconds in (0, 3600]", "X-Request-Timeout")
     return seconds

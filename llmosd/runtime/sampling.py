@@ -170,7 +170,7 @@ DEFAULT_RANGES: dict[str, tuple[float, float]] = {
     "max_tokens": (1, 1 << 24),
 }
 _INTEGERS = frozenset({"top_k", "max_tokens"})
-_OPEN_BELOW = frozenset({"top_p"})
+OPEN_BELOW = frozenset({"top_p"})  # ranges open at their lower end
 
 
 def check_defaults(values: dict[str, object]) -> dict[str, float | int]:
@@ -186,10 +186,10 @@ def check_defaults(values: dict[str, object]) -> dict[str, float | int]:
             number is None
             or (integer and not isinstance(number, int))
             or not lo <= number <= hi
-            or (key in _OPEN_BELOW and number == lo)
+            or (key in OPEN_BELOW and number == lo)
         ):
             kind = "an integer" if integer else "a number"
-            above = " above the lower end" if key in _OPEN_BELOW else ""
+            above = " above the lower end" if key in OPEN_BELOW else ""
             raise ValueError(f"{key} must be {kind} in [{lo}, {hi}]{above}")
         out[key] = int(number) if integer else float(number)
     return out

@@ -13,6 +13,8 @@ from typing import Any
 
 from aiohttp import web
 
+from llmosd.api.errors import ApiError
+from llmosd.api.openapi import NOT_BLANK
 from llmosd.api.state import STATE
 from llmosd.api.tasks import (
     GEN_HEADERS,
@@ -100,8 +102,10 @@ def _only_reranker(store: ModelStore) -> str:
         with contextlib.suppress(NotFound):
             if store.manifest(name).task == NAME:
                 found.append(name)
-    if len(found) != 1:
-        held = f"it holds {len(found)}: {', '.join(found)}" if found else "it holds none"
+    if not found:
+        raise ApiError(404, "no 'model' named, and the box holds no reranker (a text-ranking model)", param="model")
+    if len(found) > 1:
+        held = f"it holds {len(found)}: {', '.join(found)}"
         raise bad_request(f"'model' is required unless the box holds exactly one reranker ({held})", "model")
     return found[0]
 
@@ -154,8 +158,8 @@ _DOCUMENTS = {
     "minItems": 1,
     "items": {
         "oneOf": [
-            {"type": "string", "minLength": 1},
-            {"type": "object", "required": ["text"], "properties": {"text": {"type": "string", "minLength": 1}}},
+            {"type": "string", "pattern": NOT_BLANK},
+            {"type": "object", "required": ["text"], "properties": {"text": {"type": "string", "pattern": NOT_BLANK}}},
         ]
     },
 }
@@ -167,7 +171,7 @@ _BODY = {
     "anyOf": [{"required": ["model", "documents"]}, {"required": ["texts"], "not": {"required": ["documents"]}}],
     "properties": {
         "model": {"type": "string", "minLength": 1},
-        "query": {"type": "string", "minLength": 1},
+        "query": {"type": "string", "pattern": NOT_BLANK},
         "documents": _DOCUMENTS,
         "texts": _DOCUMENTS,
         "top_n": {"type": "integer", "minimum": 1},
