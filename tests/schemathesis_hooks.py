@@ -58,6 +58,8 @@ def map_case(context: Any, case: Any) -> Any:
             value = body.get(key)
             if isinstance(value, int | float) and not isinstance(value, bool) and value > MAX_TOKENS:
                 body[key] = MAX_TOKENS  # 1e30 is an integer to JSON Schema, and to the daemon
+        if isinstance(body.get("prompt"), list) and body["prompt"] and not isinstance(body["prompt"][0], int):
+            del body["prompt"][2:]  # at most two prompts (each one more sequence to generate)
         if isinstance(body.get("tools"), list):
             del body["tools"][MAX_TOOLS:]  # each tool lengthens the prompt: 128 made one case a 10 s prefill
         n = body.get("n")
