@@ -54,6 +54,9 @@ def map_case(context: Any, case: Any) -> Any:
     if isinstance(body, dict):
         if "model" in body:
             body["model"] = _pick(repr(sorted(body, key=str)) + str(len(str(body))), body["model"], task)
+        if task == "text-generation" and ("messages" in body or "prompt" in body):
+            # bounded even where a case names none: the store may hold a model default of thousands
+            body.setdefault("max_tokens", MAX_TOKENS)
         for key in ("max_tokens", "max_completion_tokens"):
             value = body.get(key)
             if isinstance(value, int | float) and not isinstance(value, bool) and value > MAX_TOKENS:

@@ -150,6 +150,8 @@ _SAMPLING: dict[str, Any] = {
     "response_format": {
         "type": "object",
         "required": ["type"],
+        "if": {"properties": {"type": {"const": "json_schema"}}},
+        "then": {"required": ["json_schema"]},
         "properties": {
             "type": {"enum": ["text", "json_object", "json_schema"]},
             "json_schema": {
