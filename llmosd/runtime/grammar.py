@@ -168,6 +168,10 @@ class Constraint:
         self.matcher = matcher
         self.key = key
 
+    def copy(self) -> Constraint:
+        """Another sequence's matcher for the same grammar, in this one's state."""
+        return Constraint(self.matcher.deep_copy(), self.key)
+
     def consume(self, token: int) -> None:
         if not self.matcher.consume_token(token):
             raise GrammarError(f"the grammar failed at token {token}: {explain(self.matcher.get_error())}")

@@ -149,7 +149,8 @@ def constraints(model: TextGenerator, options: GenerationOptions, count: int) ->
     if options.grammar is None:
         return [None] * count
     try:
-        return [model.grammars.compile(options.grammar) for _ in range(count)]
+        first = model.grammars.compile(options.grammar)  # checked once (its first mask), then copied
+        return [first, *(first.copy() for _ in range(count - 1))]
     except GrammarError as exc:
         raise InvalidRequest(f"the grammar cannot be compiled: {exc}", options.grammar_param) from None
 
