@@ -29,6 +29,7 @@ ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "phi3", "gemma", "gemma2
 PRECISIONS = ("fp32", "int8", "int4")
 PROTOBUF_LIMIT = 2_000_000_000  # one ONNX file; beyond it weights need an external data file
 EXTERNAL_DATA = "model.onnx.data"  # the store's model-data role; the graph names its weights by it
+KEEP_INPUT = "logits_to_keep"  # positions whose logits a run returns, the last ones (transformers' name)
 
 # Measured on SmolLM2-135M against PyTorch fp32 (teacher-forced, 64 positions): rtn 0.63 top-1, rtn
 # with an int8 LM head 0.70, k_quant_mixed 0.75 (blocks of 16: 0.81, and slower than int8).
@@ -66,6 +67,8 @@ def build(src: Path, out: Path, precision: str, options: dict[str, str]) -> tupl
         model = _load(raw / "model.onnx")
     if precision == "int4" and not carry and quantize_embedding(model):  # the builder quantises only a tied one
         steps["embedding"] = "int8, symmetric blocks of 32 (GatherBlockQuantized)"
+    if keep_logits(model):
+        steps["logits"] = f"the last position's, or the last {KEEP_INPUT} positions' where asked (prompt scoring)"
     final = out / "model.onnx"
     # Weights in a file of their own unless asked (or past protobuf's 2 GB, always): ORT then maps them and
     # keeps less (SmolLM2 int4: resident 190 MB instead of 239, load peak 271 instead of 319).
@@ -193,6 +196,49 @@ def quantize_embedding(model: Any, block: int = 32) -> bool:
     at = list(g.node).index(gather)
     g.node.remove(gather)
     g.node.insert(at, lookup)
+    return True
+
+
+def keep_logits(model: Any) -> bool:
+    """The builder's pruned LM head (``Gather(-1)`` + ``Unsqueeze``: the last position's logits only)
+    becomes ``Slice(-logits_to_keep:)`` over the final norm's output, ``logits_to_keep`` a required input
+    (an initializer as a default would do for ``run``, but IO binding refuses to bind one). A prompt is
+    then scored in chunks, every position's logits from one run, while prefill and decode still pay for
+    one position's LM head (they bind 1). False, untouched, where the graph has no such pair."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = model.graph
+    gather = next((n for n in g.node if n.name == "/lm_head/prune/Gather"), None)
+    unsqueeze = next((n for n in g.node if n.name == "/lm_head/prune/Unsqueeze"), None)
+    if gather is None or unsqueeze is None or any(i.name == KEEP_INPUT for i in g.input):
+        return False
+    hidden = gather.input[0]
+    negated, ends = f"/lm_head/keep/{KEEP_INPUT}_neg", "/lm_head/keep/ends"
+    g.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), ends),
+            numpy_helper.from_array(np.array([1], np.int64), "/lm_head/keep/axes"),
+        ]
+    )
+    g.input.append(helper.make_tensor_value_info(KEEP_INPUT, TensorProto.INT64, [1]))
+    neg = helper.make_node("Neg", [KEEP_INPUT], [negated], name="/lm_head/keep/Neg")
+    cut = helper.make_node(
+        "Slice", [hidden, negated, ends, "/lm_head/keep/axes"], list(unsqueeze.output), name="/lm_head/keep/Slice"
+    )
+    at = list(g.node).index(gather)
+    g.node.remove(gather)
+    g.node.remove(unsqueeze)
+    g.node.insert(at, neg)
+    g.node.insert(at + 1, cut)
+    used = {i for n in g.node for i in n.input}
+    dropped = {c for c in (*gather.input[1:], *unsqueeze.input[1:]) if c not in used}  # the pair's constants
+    kept = [t for t in g.initializer if t.name not in dropped]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    for value in [*g.output, *g.value_info]:  # the pruned length 1 becomes the asked count
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) == 3 and dims[1].dim_value == 1 and (value.name == "logits" or value.name.startswith("/lm_head")):
+            dims[1].dim_param = KEEP_INPUT
     return True
 
 

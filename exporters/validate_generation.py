@@ -25,7 +25,9 @@ class OnnxCausalLM:
         self.inputs = {i.name: i for i in session.get_inputs()}
         self.past = [name for name in self.inputs if name.startswith("past_key_values.")]
         logits = next(o for o in session.get_outputs() if o.name == "logits")
-        self.last_only = logits.shape[1] == 1  # a pruned LM head (the fused recipe): one position a run
+        # A pruned LM head (the fused recipe: the last position's logits unless a run asks for more with
+        # logits_to_keep): one position a run, as the server decodes.
+        self.last_only = logits.shape[1] == 1 or "logits_to_keep" in self.inputs
 
     def empty_past(self) -> dict[str, np.ndarray]:
         feeds = {}
@@ -44,6 +46,8 @@ class OnnxCausalLM:
             feeds["attention_mask"] = np.ones((1, past_len + n), dtype=np.int64)
         if "position_ids" in self.inputs:
             feeds["position_ids"] = np.arange(past_len, past_len + n, dtype=np.int64)[None, :]
+        if "logits_to_keep" in self.inputs:
+            feeds["logits_to_keep"] = np.array([1], dtype=np.int64)
         outputs = self.session.run(None, feeds)
         names = [o.name for o in self.session.get_outputs()]
         present = {
