@@ -104,9 +104,23 @@ def test_a_long_rows_cache_pages_go_back_when_it_leaves(smol: TextGenerator) -> 
     assert after <= grown - 0.8 * cache, (after, grown)  # ...and are returned when the row leaves
 
 
-def test_prefill_computes_the_last_positions_logits_only(smol: TextGenerator) -> None:
+def test_a_run_computes_the_last_positions_logits_unless_it_keeps_more(smol: TextGenerator) -> None:
+    """Prefill and decode pay for one position's LM head (the builder's pruned head); a scored prompt's
+    run keeps every position's (``logits_to_keep``), each what a prefill ending there gives."""
     out = next(o for o in smol.lm.session.get_outputs() if o.name == "logits")  # type: ignore[attr-defined]
-    assert out.shape[1] == 1  # the builder's pruned LM head
-    logits, row = smol.lm.prefill(smol.encode("hello there", special=False))
+    assert out.shape[1] == "logits_to_keep"
+    ids = smol.encode("hello there, how are you doing on this fine day", special=False)
+    logits, row = smol.lm.prefill(ids)
     smol.lm.free(row)
     assert logits.shape == (smol.lm.vocab_size,) and np.isfinite(logits).all()
+    row, cached = smol.lm.open(ids, reuse=False)
+    try:
+        kept = smol.lm.extend(row, ids, keep=len(ids))
+    finally:
+        smol.lm.free(row)
+    assert cached == 0 and kept.shape == (len(ids), smol.lm.vocab_size)
+    for end in (1, 4, len(ids)):
+        alone, row = smol.lm.prefill(ids[:end])
+        smol.lm.free(row)
+        # int4's kernels for one row and for many round differently: close, the same choice
+        assert np.abs(alone - kept[end - 1]).max() < 0.5 and alone.argmax() == kept[end - 1].argmax()

@@ -94,12 +94,18 @@ class CausalLM:
 
     def prefill(self, ids: Sequence[int]) -> tuple[FloatArray, KVCache]:
         """Run a whole prompt as a one-row batch; return the last position's logits and its cache."""
+        logits, cache = self.prefill_kept(ids, 1)
+        return logits[-1], cache
+
+    def prefill_kept(self, ids: Sequence[int], keep: int) -> tuple[FloatArray, KVCache]:
+        """The same, with the logits of the last ``keep`` positions (``[keep, vocab]``; optimum's graphs
+        compute them all anyway)."""
         n = len(ids)
         shape = (1, self.layout.kv_heads, 0, self.layout.head_dim)
         past = [np.zeros(shape, dtype=self.layout.dtype) for _ in self.layout.past_names]
         feeds = self._feeds(np.array([ids], dtype=np.int64), past, np.ones((1, n), np.int64), np.arange(n)[None, :])
         logits, present = self._run(feeds)
-        return logits[0, -1].astype(np.float32, copy=False), KVCache(present, [n])
+        return logits[0, n - keep :].astype(np.float32, copy=False), KVCache(present, [n])
 
     def decode(self, cache: KVCache, tokens: Sequence[int]) -> tuple[FloatArray, KVCache]:
         """One step for every row: feed each row's last token, return ``[rows, vocab]`` logits and the cache."""
@@ -199,6 +205,9 @@ class RightAlignedRows:
         self.dtype = lm.layout.dtype
         self.capacity = 1 << 30  # only the KV budget bounds it
         self.prefix: PrefixCache | None = None  # optimum's graphs run a prompt from position 0 only
+        self.chunks = False  # ... so a prompt runs whole, in one piece
+        self.logits_kept = 1 << 30  # and every position's logits come out of that run
+        self._empty: set[int] = set()  # rows opened whose prompt has not run
         self._order: list[int] = []  # the rows of ``_cache``, in its order
         self._cache = lm.empty_cache()
         self._joining: dict[int, KVCache] = {}
@@ -208,6 +217,24 @@ class RightAlignedRows:
     def prefill(self, ids: Sequence[int]) -> tuple[FloatArray, int]:
         logits, cache = self.lm.prefill(ids)
         return logits, self._add(cache)
+
+    def open(self, ids: Sequence[int], reuse: bool = True) -> tuple[int, int]:
+        """A row with nothing in it yet: its prompt runs whole, in its one ``extend``."""
+        row, self._next = self._next, self._next + 1
+        self._live.add(row)
+        self._empty.add(row)
+        return row, 0
+
+    def extend(self, row: int, ids: Sequence[int], keep: int = 1) -> FloatArray:
+        if row not in self._empty:
+            raise ValueError("optimum's graphs run a prompt from position 0 only: this row has positions")
+        logits, cache = self.lm.prefill_kept(ids, keep)
+        self._empty.discard(row)
+        self._joining[row] = cache
+        return logits
+
+    def remember(self, row: int, ids: Sequence[int]) -> None:
+        """No prefix cache for this layout."""
 
     def _add(self, cache: KVCache) -> int:
         row, self._next = self._next, self._next + 1
@@ -236,9 +263,11 @@ class RightAlignedRows:
     def free(self, row: int) -> None:
         self._joining.pop(row, None)  # a running row is cut out at the next decode
         self._live.discard(row)
+        self._empty.discard(row)
 
     def reset(self) -> None:
         self._order, self._cache, self._joining, self._live = [], self.lm.empty_cache(), {}, set()
+        self._empty = set()
 
     def reserved_bytes(self, reserves: Sequence[int]) -> int:
         """Every row is as wide as the widest: the layout right-aligns them in one array."""

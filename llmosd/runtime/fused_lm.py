@@ -11,8 +11,9 @@ together and GroupQueryAttention takes each row's length from it.
 
 The arrays are an anonymous mapping reserved without backing (MAP_NORESERVE): a slot's pages exist
 once positions are written, so memory follows what the rows use, and a freed slot's pages go back to
-the system (madvise DONTNEED). Prefill returns the logits of the last position only (the builder's
-``prune_lm_head`` graph computes no others).
+the system (madvise DONTNEED). A run returns the logits of the last position only (the builder's
+``prune_lm_head``), or of the last ``logits_to_keep`` where the recipe's graph takes that input and a
+prompt is scored.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from llmosd.runtime.prefix_cache import BLOCK, Block, PrefixCache
 _DTYPES: dict[str, type[np.floating[Any]]] = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux's value; Python 3.11 does not export it
 _PAGE = mmap.PAGESIZE
+KEEP_INPUT = "logits_to_keep"  # exporters.fused.KEEP_INPUT (the exporters are not imported at serving)
 
 
 def is_fused(session: Any) -> bool:
@@ -58,6 +60,11 @@ class FusedLM:
         logits = next(o for o in session.get_outputs() if o.name == "logits")
         self.vocab_size = int(logits.shape[-1]) if isinstance(logits.shape[-1], int) else vocab_size
         self.slots, self.max_len = slots, max_len
+        self.chunks = True  # a prompt runs in pieces, each against the positions before it
+        # Positions whose logits one run returns: the recipe's graphs take ``logits_to_keep``
+        # (exporters.fused.keep_logits); older ones return the last position's only.
+        self._keeps = KEEP_INPUT in inputs
+        self.logits_kept = max_len if self._keeps else 1
         self.capacity = slots
         self._slot_bytes = self.kv_heads * max_len * self.head_dim * itemsize
         self._array_bytes = slots * self._slot_bytes
@@ -88,6 +95,18 @@ class FusedLM:
     # --- the Decoder contract --------------------------------------------------------------------
 
     def prefill(self, ids: Sequence[int]) -> tuple[FloatArray, int]:
+        slot, cached = self.open(ids)
+        try:
+            logits = self.extend(slot, ids[cached:])
+            self.remember(slot, ids)
+        except BaseException:
+            self.free(slot)
+            raise
+        return logits[-1], slot
+
+    def open(self, ids: Sequence[int], reuse: bool = True) -> tuple[int, int]:
+        """A slot for this prompt, with the prefix cache's blocks it starts with copied in where ``reuse``
+        (not where every position's logits are wanted: cached ones have none)."""
         n = len(ids)
         if not 0 < n < self.max_len:
             raise ValueError(f"a prompt of {n} tokens does not fit a cache row of {self.max_len} positions")
@@ -96,16 +115,30 @@ class FusedLM:
         slot = heapq.heappop(self._free)
         self._used.add(slot)
         try:
-            cached = self._copy_in(slot, self.prefix.match(ids)) if self.prefix is not None else 0
-            rest = np.asarray([ids[cached:]], np.int64)
-            logits = self._run(slot, slot + 1, rest, np.ones((1, n), np.int64))
-            if self.prefix is not None:
-                self.prefix.store(ids, lambda b: self._copy_out(slot, b))
+            cached = self._copy_in(slot, self.prefix.match(ids)) if reuse and self.prefix is not None else 0
         except BaseException:
             self.free(slot)
             raise
-        self.lengths[slot] = n
-        return logits[0], slot
+        self.lengths[slot] = cached
+        return slot, cached
+
+    def extend(self, row: int, ids: Sequence[int], keep: int = 1) -> FloatArray:
+        """Run ``ids`` after the row's positions (GroupQueryAttention's "subsequent prompt": a chunk of a
+        prompt against the chunks before it); ``[keep, vocab]``, the logits of the last ``keep``."""
+        n = self.lengths[row] + len(ids)
+        if row not in self._used or not ids or n >= self.max_len:
+            raise ValueError(f"{len(ids)} more positions do not fit row {row} of {self.max_len}")
+        if not 1 <= keep <= min(len(ids), self.logits_kept):
+            raise ValueError(f"a run of {len(ids)} positions returns 1 to {self.logits_kept} positions' logits")
+        logits = self._run(row, row + 1, np.asarray([ids], np.int64), np.ones((1, n), np.int64), keep)
+        self.lengths[row] = n
+        out: FloatArray = logits[0]
+        return out
+
+    def remember(self, row: int, ids: Sequence[int]) -> None:
+        """Keep the prompt's whole blocks, now in the row, for prompts that start alike."""
+        if self.prefix is not None:
+            self.prefix.store(ids, lambda b: self._copy_out(row, b))
 
     def _copy_in(self, slot: int, blocks: list[Block]) -> int:
         for b, block in enumerate(blocks):
@@ -131,7 +164,7 @@ class FusedLM:
             mask[r, :n] = 1
         for r, t in zip(rows, tokens, strict=True):
             ids[r, 0] = t
-        logits = self._run(0, end, ids, mask)
+        logits = self._run(0, end, ids, mask)[:, -1]
         for r in rows:
             self.lengths[r] += 1
         out: FloatArray = logits[np.asarray(rows)]
@@ -179,17 +212,24 @@ class FusedLM:
 
     # --- runs --------------------------------------------------------------------------------------
 
-    def _run(self, start: int, end: int, ids: npt.NDArray[np.int64], mask: npt.NDArray[np.int64]) -> FloatArray:
-        io = self._binding(start, end, ids, mask)
+    def _run(
+        self, start: int, end: int, ids: npt.NDArray[np.int64], mask: npt.NDArray[np.int64], keep: int = 1
+    ) -> FloatArray:
+        """``[rows, keep, vocab]``: the logits of each row's last ``keep`` positions."""
+        io = self._binding(start, end, ids, mask, keep)
         self.session.run_with_iobinding(io)
-        logits: FloatArray = io.get_outputs()[0].numpy()[:, -1].astype(np.float32, copy=False)
+        logits: FloatArray = io.get_outputs()[0].numpy()[:, -keep:].astype(np.float32, copy=False)
         return logits
 
-    def _binding(self, start: int, end: int, ids: npt.NDArray[np.int64], mask: npt.NDArray[np.int64]) -> Any:
+    def _binding(
+        self, start: int, end: int, ids: npt.NDArray[np.int64], mask: npt.NDArray[np.int64], keep: int = 1
+    ) -> Any:
         io = self.session.io_binding()
         io.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in binding order
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("attention_mask", mask)
+        if self._keeps:
+            io.bind_cpu_input(KEEP_INPUT, np.asarray([keep], np.int64))
         for past, present, value in zip(self._past, self._present, self._slot_values(start, end), strict=True):
             io.bind_ortvalue_input(past, value)
             io.bind_ortvalue_output(present, value)  # the same memory: written in place
