@@ -94,6 +94,9 @@ class Config:
     max_sequences: int = _knob(16, "generation: sequences decoded together per model (continuous batching)")
     kv_cache_mb: int = _knob(1024, "generation: KV-cache memory per model; worst case reserved per sequence")
     prefix_cache_mb: int = _knob(128, "generation: prompts' KV kept for reuse, within what kv_cache_mb leaves (0: off)")
+    prefill_chunk_tokens: int = _knob(
+        128, "generation: prompt positions run between two decode steps; longer prompts run in chunks of this size"
+    )
     context_length: int = _knob(0, "generation: context cap in tokens (0: the model's own)")
     default_max_tokens: int = _knob(1024, "generation: max_tokens when a request names none (OpenAI: to the end)")
     max_body_bytes: int = _knob(8 << 20, "largest request body")
@@ -307,6 +310,7 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
             "write_timeout_s",
             "instances",
             "keep_versions",
+            "prefill_chunk_tokens",
         )
         and out < 1
     ):

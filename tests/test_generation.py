@@ -251,12 +251,14 @@ def tiny_lms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, 
     return out
 
 
+@pytest.mark.parametrize("chunk", [256, 3], ids=["whole", "chunked"])
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 async def test_continuous_batching_reproduces_pytorch_greedy_generate(
-    kind: str, tiny_lms: dict[str, tuple[Path, LoadedModel]]
+    kind: str, chunk: int, tiny_lms: dict[str, tuple[Path, LoadedModel]]
 ) -> None:
     """Prompts of different lengths joining at different steps (left-padded cache, per-row positions)
-    produce exactly what transformers' generate produces for each prompt alone."""
+    produce exactly what transformers' generate produces for each prompt alone; so do prompts run in
+    chunks of 3 positions between the others' decode steps (the fused graph; optimum's runs them whole)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -275,7 +277,7 @@ async def test_continuous_batching_reproduces_pytorch_greedy_generate(
                 torch.tensor([p]), max_new_tokens=12, do_sample=False, min_new_tokens=12, pad_token_id=0
             )
             expected.append(out[0, len(p) :].tolist())
-    engine = await started(model)
+    engine = await started(model, GenerationLimits(prefill_chunk_tokens=chunk))
     try:
         streams = []
         with StepGate(model.lm) as gate:
@@ -415,16 +417,22 @@ def cold_greedy(lm: Decoder, ids: list[int], n: int) -> list[int]:
     return out
 
 
+@pytest.mark.parametrize("chunk", [256, 3], ids=["whole", "chunked"])
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-async def test_the_prompts_own_logprobs_are_pytorchs(kind: str, tiny_lms: dict[str, tuple[Path, LoadedModel]]) -> None:
+async def test_the_prompts_own_logprobs_are_pytorchs(
+    kind: str, chunk: int, tiny_lms: dict[str, tuple[Path, LoadedModel]]
+) -> None:
     """echo's scoring (lm-evaluation-harness's loglikelihood): each prompt token's log-probability given
-    the ones before it, the first none; with max_tokens 0 nothing is generated and the row goes."""
+    the ones before it, the first none; with max_tokens 0 nothing is generated and the row goes. The
+    positions' logits come from the prompt's runs (every position's, in chunks of 3 where asked)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     src, model = tiny_generator(tiny_lms, kind)
     prompt = model.encode("the weather in the mountains is cold today", special=False)
-    engine = await started(model)
+    if kind == "llama":
+        assert isinstance(model.lm, FusedLM) and model.lm.logits_kept > 1  # the recipe's graph keeps them
+    engine = await started(model, GenerationLimits(prefill_chunk_tokens=chunk))
     try:
         scored = engine.submit(GenerationRequest(tuple(prompt), GREEDY, 0, logprobs=2, prompt_logprobs=True))
         assert await scored.text() == "" and scored.finish_reason == "length" and scored.token_ids == []

@@ -45,6 +45,7 @@ def generation_limits(config: Config) -> GenerationLimits:
         kv_cache_bytes=config.kv_cache_mb << 20,
         max_queue=config.max_queue,
         prefix_cache_bytes=config.prefix_cache_mb << 20,
+        prefill_chunk_tokens=config.prefill_chunk_tokens,
     )
 
 

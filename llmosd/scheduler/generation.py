@@ -2,9 +2,12 @@
 leave as soon as they finish, so a long generation never holds a short one behind it.
 
 One worker thread per model owns the cache and every sequence's state. Each step it admits waiting
-sequences while the KV budget allows (each prompt is prefilled alone into a row of the model's cache,
-which joins the batch at the next step), runs one decode step for every running row, samples,
-detokenises, checks stops, and hands all the new text to the event loop in one wake-up. A request the
+sequences while the KV budget allows (each gets a row of the model's cache), runs one decode step for
+every row whose prompt is in, samples, detokenises, checks stops, then runs prompt chunks up to
+``prefill_chunk_tokens`` positions (a prompt whose last chunk ran samples its first token and decodes
+from the next step on), and hands all the new text to the event loop in one wake-up. No request holds
+the others for longer than one decode step plus one chunk, whatever its prompt's length; a scored
+prompt (echo + logprobs) runs the same way, every position's logits from its chunks. A request the
 client abandoned is dropped at the next step. Admission reserves each sequence's worst case (prompt +
 max_tokens positions) against the budget, so a batch can never outgrow it; what does not fit waits,
 and a full wait queue answers 429 at once.
@@ -18,7 +21,7 @@ import logging
 import queue
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -42,6 +45,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# Prompt positions scored a run at most. Each keeps its logits (64 x SmolLM2's 49k: 12.6 MB) and its
+# log-softmax (0.3 ms a position): a chunk of 64 is about as long as a prefill chunk of 128 (SmolLM2,
+# AVX-512: 0.14-0.2 s; 2.6 ms a position scored, where 128 took 2.4 and 32 took 3.1).
+SCORED_CHUNK = 64
 
 
 class RequestTooLarge(ValueError):
@@ -60,7 +67,9 @@ class GenerationLimits:
     max_sequences: int = 16  # rows decoded together
     kv_cache_bytes: int = 1 << 30  # bound on the cache of the running rows (worst case reserved)
     max_queue: int = 256  # sequences waiting for a row
-    prefill_tokens_per_step: int = 2048  # prompt tokens admitted between two decode steps (at least one prompt)
+    # Prompt positions run between two decode steps (at least one chunk): a longer prompt runs in chunks of
+    # this size, so no prompt holds the running rows for more than one chunk's time.
+    prefill_chunk_tokens: int = 128
     prefix_cache_bytes: int = 128 << 20  # prompts' KV kept for reuse, at most (and within what rows leave)
 
 
@@ -152,38 +161,42 @@ class _Sequence:
     sent: int = 0  # tokens already handed out in chunks
     done: bool = False
     failed: bool = False  # its grammar failed: it ends with an error
-    row: int = -1  # its row in the model's cache, once prefilled
-    # Where its prompt's log-probabilities are asked: prompt positions fed so far. The fused graph gives the
-    # last position's logits only, so the prompt is scored a position a decode step, beside the other rows
-    # (one step is the longest it holds them; it leaves at the next step once cancelled).
-    scored: int = 0
-    entries: list[TokenLogprob | None] = field(default_factory=list)
+    row: int = -1  # its row in the model's cache, once admitted
+    fed: int = 0  # prompt positions in its row (run, or copied from the prefix cache)
+    prefill_s: float = 0.0  # the time its prompt's chunks took
+    entries: list[TokenLogprob | None] = field(default_factory=list)  # its prompt's log-probabilities so far
 
     @property
-    def scoring(self) -> bool:
-        return 0 < self.scored < len(self.request.prompt_ids)
+    def prefilling(self) -> bool:
+        return self.fed < len(self.request.prompt_ids)
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Its prompt's log-probabilities are asked (completions' echo): every position's logits."""
+        return self.request.prompt_logprobs and self.request.logprobs is not None
 
     def next_input(self) -> int:
-        """The token this row feeds the next step: its prompt's next one while scored, else its last."""
-        return self.request.prompt_ids[self.scored] if self.scoring else self.tokens[-1]
+        return self.tokens[-1]
 
     def wants_mask(self) -> bool:
         """A grammar's mask is needed for a step whose logits will be sampled."""
-        last = len(self.request.prompt_ids) - 1
-        return self.constraint is not None and (not self.scoring or self.scored == last)
+        return self.constraint is not None
 
-    def score(self, logits: FloatArray) -> bool:
-        """Take the logits of the position just fed (the first, at prefill, with ``scored`` 0); True once
-        the whole prompt is in and ``logits`` are the next token's."""
+    def chunk_end(self, size: int) -> int:
+        """Where its next prompt chunk ends: at the next multiple of ``size``, or the prompt's end. Chunks
+        fall at the same positions whatever runs beside, so a prompt's logits never depend on its neighbours."""
+        return min((self.fed // size + 1) * size, len(self.request.prompt_ids))
+
+    def score(self, logits: FloatArray) -> None:
+        """Take the logits of the prompt positions from ``fed`` on: each scores the token after it."""
         ids, top = self.request.prompt_ids, self.request.logprobs or 0
-        if self.scored == 0:
+        if self.fed == 0:
             self.entries = [None]  # the first token has no context to be scored in
-        self.scored += 1
-        if self.scored < len(ids):
-            self.entries.append(token_logprob(logits, ids[self.scored], top))
-            return False
-        self.prompt_logprobs, self.entries = tuple(self.entries), []
-        return True
+        for j, row in enumerate(logits):
+            if (p := self.fed + j + 1) < len(ids):
+                self.entries.append(token_logprob(row, ids[p], top))
+        if self.fed + len(logits) == len(ids):
+            self.prompt_logprobs, self.entries = tuple(self.entries), []
 
     def advance(self, logits: FloatArray, eos: frozenset[int], allowed: BoolArray | None = None) -> Chunk | None:
         """Sample from this row's logits (among the tokens its grammar allows) and take the token; return
@@ -423,12 +436,12 @@ class GenerationEngine(Worker[_Sequence, GenerationStream]):
             return True
 
     def _admit(self, waiting: deque[_Sequence], rows: list[_Sequence], joining: list[_Sequence]) -> None:
-        """Prefill what fits into ``joining`` (the caller's list, so a fault midway loses none of them)."""
+        """Give what fits a row (its prompt then runs in chunks, in ``_step``); into ``joining``, the
+        caller's list, so a fault midway loses none of them."""
         now = time.time()
         ordered = sorted(waiting, key=lambda s: (rank(s.request.priority, now - s.enqueued, 0), s.enqueued))
         waiting.clear()
         waiting.extend(ordered)
-        budget = self.limits.prefill_tokens_per_step
         while waiting:
             seq = waiting[0]
             if seq.stream.cancelled:
@@ -436,57 +449,21 @@ class GenerationEngine(Worker[_Sequence, GenerationStream]):
                 self._left_queue(1)
                 self.stats.cancelled += 1
                 continue
-            running = [*rows, *joining]
-            if not self._fits(seq, running) or (joining and budget < len(seq.request.prompt_ids)):
+            if not self._fits(seq, [*rows, *joining]):
                 break
             waiting.popleft()
             self._left_queue(1)
-            budget -= len(seq.request.prompt_ids)
             self.stats.queue_wait.observe(time.time() - seq.enqueued)
             try:
-                started = time.perf_counter()
-                (logits, seq.row), masks = self._while_masking([seq], partial(self._prefill, seq))
-                self.stats.prefill_time.observe(time.perf_counter() - started)
-                if seq.scoring:  # the rest of its prompt is scored beside the other rows, a position a step
-                    self.stats.prefill_tokens += 1
-                    joining.append(seq)
-                    continue
-                if seq.request.max_tokens == 0:  # the prompt scored, nothing to generate
-                    seq.done = True
-                    chunk: Chunk | None = Chunk("", 0, "length", prompt_logprobs=seq.prompt_logprobs)
-                else:
-                    self.stats.generated_tokens += 1
-                    chunk = seq.advance(logits, self.model.eos_token_ids, masks[0])
+                # Where every position's logits are asked, none comes from the prefix cache.
+                seq.row, seq.fed = self.model.lm.open(seq.request.prompt_ids, reuse=not seq.scores_prompt)
             except Exception as exc:
-                if seq.row >= 0:
-                    self.model.lm.free(seq.row)
                 self.stats.failed += 1
-                if isinstance(exc, ValueError) and (why := self._row_failure(exc, seq)) is not None:
-                    log.warning("a sequence of %s failed: %s", self.name, why)
-                    self._fail([seq], why)
-                else:
-                    log.exception("prefill failed for %s", self.name)
-                    self._fail([seq], RuntimeError(f"generation failed: {exc}"))
+                log.exception("a prompt of %s found no row", self.name)
+                self._fail([seq], RuntimeError(f"generation failed: {exc}"))
                 continue
-            self.stats.prefill_tokens += len(seq.request.prompt_ids)
-            if seq.done:  # counted before its last chunk goes out, as in _step
-                self._count_leavers([seq])
-            if chunk is not None:
-                self._deliver([(seq, chunk)])  # the first token goes out before the next decode step
-            if seq.done:
-                self.model.lm.free(seq.row)
-            else:
-                joining.append(seq)
-
-    def _prefill(self, seq: _Sequence) -> tuple[FloatArray, int]:
-        """Prefill a row; where its prompt's log-probabilities are asked, only its first token (the rest is
-        scored a position a step, in ``_step``)."""
-        req = seq.request
-        if not (req.prompt_logprobs and req.logprobs is not None):
-            return self.model.lm.prefill(req.prompt_ids)
-        logits, row = self.model.lm.prefill(req.prompt_ids[:1])
-        seq.score(logits)
-        return logits, row
+            self.stats.prefill_tokens += seq.fed
+            joining.append(seq)
 
     def _row_failure(self, exc: ValueError, seq: _Sequence) -> ValueError | None:
         """What one row's sampling error means for that row alone: its grammar failed (and is dropped from
@@ -540,6 +517,16 @@ class GenerationEngine(Worker[_Sequence, GenerationStream]):
         return out, masks
 
     def _step(self, rows: list[_Sequence]) -> None:
+        """One decode step for the rows whose prompts are in, then prompt chunks (decode first: a running
+        stream waits for at most one chunk's worth of prompt)."""
+        decoding = [s for s in rows if not s.prefilling]
+        if decoding:
+            self._decode(decoding)
+        prefilling = [s for s in rows if s.prefilling and not s.stream.cancelled]
+        if prefilling:
+            self._chunks(prefilling)
+
+    def _decode(self, rows: list[_Sequence]) -> None:
         started = time.perf_counter()
         lm = self.model.lm
         step = partial(lm.decode, [s.row for s in rows], [s.next_input() for s in rows])
@@ -547,18 +534,8 @@ class GenerationEngine(Worker[_Sequence, GenerationStream]):
         eos = self.model.eos_token_ids
         chunks: list[tuple[_Sequence, Chunk | None]] = []
         broken: list[tuple[_Sequence, ValueError]] = []
-        scored = sampled = 0  # rows that fed a prompt position, rows that sampled a token
         for i, s in enumerate(rows):
             try:
-                if s.scoring:
-                    scored += 1
-                    if not s.score(logits[i]):
-                        continue
-                    if s.request.max_tokens == 0:  # the prompt scored, nothing to generate
-                        s.done = True
-                        chunks.append((s, Chunk("", 0, "length", prompt_logprobs=s.prompt_logprobs)))
-                        continue
-                sampled += 1
                 chunks.append((s, s.advance(logits[i], eos, masks[i])))
             except ValueError as exc:  # a client's grammar hit a limit, or the row's logits broke: only it fails
                 if (why := self._row_failure(exc, s)) is None:
@@ -572,12 +549,66 @@ class GenerationEngine(Worker[_Sequence, GenerationStream]):
         st = self.stats
         st.step_time.observe(elapsed)
         st.steps += 1
-        st.decode_tokens += len(rows) - scored
-        st.prefill_tokens += scored
-        st.generated_tokens += sampled
+        st.decode_tokens += len(rows)
+        st.generated_tokens += len(rows) - len(broken)
         st.largest_batch = max(st.largest_batch, len(rows))
         rate = len(rows) / max(elapsed, 1e-6)
         st.tokens_per_s = ewma(st.tokens_per_s, rate)
+        self._finish(chunks, broken)
+
+    def _chunks(self, rows: list[_Sequence]) -> None:
+        """Run prompt chunks, oldest rows first, up to ``prefill_chunk_tokens`` positions (at least one
+        chunk). A prompt whose last chunk ran samples its first token, as a decode step would."""
+        lm, size = self.model.lm, self.limits.prefill_chunk_tokens
+        budget, ran = size, False
+        chunks: list[tuple[_Sequence, Chunk | None]] = []
+        broken: list[tuple[_Sequence, BaseException]] = []
+        for s in rows:
+            ids = s.request.prompt_ids
+            # Scored prompts come out a chunk of at most SCORED_CHUNK positions' logits at a time (memory:
+            # positions x vocabulary floats), or a position a run where the graph returns no more.
+            step = min(size, SCORED_CHUNK, lm.logits_kept) if s.scores_prompt else size
+            end = s.chunk_end(step) if lm.chunks else len(ids)
+            if ran and end - s.fed > budget:
+                continue
+            n = end - s.fed
+            ran, budget = True, budget - n
+            started = time.perf_counter()
+            try:
+                run = partial(lm.extend, s.row, ids[s.fed : end], n if s.scores_prompt else 1)
+                last = end == len(ids)
+                logits, masks = self._while_masking([s], run) if last else (run(), [None])
+                if s.scores_prompt:
+                    s.score(logits)
+                s.fed = end
+                self.stats.prefill_tokens += n
+                s.prefill_s += time.perf_counter() - started
+                if last:
+                    chunks.append((s, self._first(s, logits[-1], masks[0])))
+            except Exception as exc:
+                why = self._row_failure(exc, s) if isinstance(exc, ValueError) else None
+                if why is None:
+                    log.exception("prefill failed for %s", self.name)
+                else:
+                    log.warning("a sequence of %s failed: %s", self.name, why)
+                s.done = s.failed = True
+                broken.append((s, why or RuntimeError(f"generation failed: {exc}")))
+        self._finish(chunks, broken)
+
+    def _first(self, s: _Sequence, logits: FloatArray, allowed: BoolArray | None) -> Chunk | None:
+        """The prompt is in: its first token (or, with nothing to generate, its scores alone)."""
+        st = self.stats
+        st.prefill_time.observe(s.prefill_s)
+        self.model.lm.remember(s.row, s.request.prompt_ids)
+        if s.request.max_tokens == 0:
+            s.done = True
+            return Chunk("", 0, "length", prompt_logprobs=s.prompt_logprobs)
+        st.generated_tokens += 1
+        return s.advance(logits, self.model.eos_token_ids, allowed)
+
+    def _finish(
+        self, chunks: list[tuple[_Sequence, Chunk | None]], broken: Sequence[tuple[_Sequence, BaseException]]
+    ) -> None:
         self._count_leavers([s for s, _ in chunks if s.done] + [s for s, _ in broken])
         self._deliver([(s, c) for s, c in chunks if c is not None])
         for s, why in broken:
