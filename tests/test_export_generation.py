@@ -139,7 +139,12 @@ def test_smollm2_from_its_gguf_file_exports_int4_within_tolerance(store_dir: Pat
     assert quantize["scheme"] == "grid carry" and quantize["carried"].startswith("150 of 150 ")
     assert quantize["embedding"] == "int8, the LM head's blocks (tied weights kept once)"
     logits = next(t for t in m["outputs"] if t["name"] == "logits")
-    assert logits["shape"][1] == 1  # the pruned LM head: prefill computes the last position only
+    # the pruned LM head: a run computes the last logits_to_keep positions only (1, unless a prompt is scored)
+    assert (
+        logits["shape"][1] == "logits_to_keep"
+        and {"name": "logits_to_keep", "dtype": "tensor(int64)", "shape": [1]} in m["inputs"]
+    )
+    assert m["recipe"]["steps"]["logits"].startswith("the last position's")
     assert "position_ids" not in {t["name"] for t in m["inputs"]}  # rotary inside GroupQueryAttention
     assert m["runtime"]["chat_template"] and "<|im_start|>" in m["runtime"]["chat_template"]
     assert len([t for t in m["inputs"] if t["name"].startswith("past_key_values.")]) == 60  # 30 layers
