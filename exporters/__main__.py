@@ -174,13 +174,8 @@ def _fused(args: argparse.Namespace, recipe: Export, config: dict[str, Any]) -> 
 
     if not recipe.fused or args.exporter == "optimum":
         return False
-    why = None
-    if not fused.supports(config, args.precision):
-        why = (
-            f"the fused recipe builds {', '.join(sorted(fused.ARCHITECTURES))} at {', '.join(fused.PRECISIONS)}; "
-            f"this is {config.get('model_type')!r} at {args.precision}"
-        )
-    elif not fused.available():
+    why = fused.unsupported(config, args.precision)
+    if why is None and not fused.available():
         why = (
             "the fused recipe needs onnxruntime-genai's model builder: pip install --no-deps onnxruntime-genai==0.12.2"
         )

@@ -1,0 +1,170 @@
+"""The families the fused recipe builds beyond Llama (issue 34): each from a tiny random checkpoint built
+from its transformers config, exported by ``llmosd export --exporter fused`` (the builder insisted on),
+validated by the gate against PyTorch, and decoded by the engine with its cache written in place, greedy,
+as PyTorch's ``generate`` decodes it. Each family exercises what sets it apart (QK norms, multipliers,
+partial rotary, llama3 rope scaling). Gemma 3, SmolLM3 and OLMo are not admitted
+(exporters.fused.NOT_ADMITTED says why)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from exporters.fused import ARCHITECTURES, NOT_ADMITTED
+from llmosd.runtime import ProviderSelector, load
+from llmosd.runtime.fused_lm import FusedLM
+from llmosd.runtime.generator import TextGenerator
+from llmosd.runtime.sampling import SamplingParams
+from llmosd.scheduler import GenerationEngine, GenerationLimits, GenerationRequest
+from llmosd.store import ModelStore
+from llmosd.tasks import discover
+from tests.conftest import copy_minilm_tokenizer, export
+
+SHAPE = {
+    "vocab_size": 30522,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "bos_token_id": 101,
+    "eos_token_id": 102,
+    "pad_token_id": 0,
+}
+
+
+def _configs() -> dict[str, Callable[[], Any]]:
+    """model_type -> a tiny model of that family (built lazily: transformers is imported by the test)."""
+    import transformers as t
+
+    return {
+        "qwen3": lambda: t.Qwen3ForCausalLM(t.Qwen3Config(**SHAPE, head_dim=16)),
+        "granite": lambda: t.GraniteForCausalLM(
+            t.GraniteConfig(
+                **SHAPE,
+                embedding_multiplier=2.0,
+                logits_scaling=4.0,
+                residual_multiplier=0.5,
+                attention_multiplier=0.25,
+            )
+        ),
+        "nemotron": lambda: t.NemotronForCausalLM(
+            t.NemotronConfig(**(SHAPE | {"hidden_size": 128}), head_dim=32, partial_rotary_factor=0.5)
+        ),
+        # Phi-4-mini's shape: partial rotary 0.75 over heads of 64 (48 rotary columns)
+        "phi3": lambda: t.Phi3ForCausalLM(
+            t.Phi3Config(
+                **(SHAPE | {"hidden_size": 256}), partial_rotary_factor=0.75, original_max_position_embeddings=512
+            )
+        ),
+        "llama": lambda: t.LlamaForCausalLM(
+            t.LlamaConfig(
+                **SHAPE,
+                rope_scaling={
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 128,
+                },
+            )
+        ),
+    }
+
+
+NEAR_TIE = 0.01  # logits: fp32 graphs differ from PyTorch by up to ~0.005 on these models (the gate's figure)
+FAMILIES = ["qwen3", "granite", "nemotron", "phi3", "llama"]
+
+
+def checkpoint(kind: str, dst: Path) -> Path:
+    import torch
+    from transformers import GenerationConfig
+
+    torch.manual_seed(0)
+    model = _configs()[kind]().eval()
+    model.save_pretrained(dst)
+    GenerationConfig(bos_token_id=101, eos_token_id=102).save_pretrained(dst)
+    copy_minilm_tokenizer(dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    """Every family's checkpoint, exported fp32 into one store (two exports at a time: mostly start-up)."""
+    state = tmp_path_factory.mktemp("families")
+    sources = {kind: checkpoint(kind, tmp_path_factory.mktemp(kind)) for kind in FAMILIES}
+
+    def run(kind: str) -> tuple[str, int, str]:
+        r = export(sources[kind], "text-generation", "fp32", kind.replace("_", "-"), state, "--exporter", "fused")
+        return kind, r.returncode, r.stderr[-3000:]
+
+    with ThreadPoolExecutor(2) as pool:
+        for kind, code, err in pool.map(run, FAMILIES):
+            assert code == 0, (kind, err)
+    return state, sources
+
+
+def test_every_family_is_listed_once() -> None:
+    assert set(FAMILIES) <= set(ARCHITECTURES) and len(set(FAMILIES)) == len(FAMILIES)
+    assert not set(ARCHITECTURES) & set(NOT_ADMITTED)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+async def test_a_family_exports_fused_passes_the_gate_and_decodes_as_pytorch(
+    kind: str, families: tuple[Path, dict[str, Path]]
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    state, sources = families
+    store = ModelStore(state)
+    m = store.manifest(kind.replace("_", "-"))
+    assert m.recipe["exporter"] == "onnxruntime-genai model builder" and m.runtime["kv_cache"] == "in-place"
+    figures = m.validation["figures"]
+    assert m.validation["passed"] and figures["top1_agreement"] >= 0.95, figures
+    loaded = load(store, m, ProviderSelector("cpu", 2, False), discover().adapters())
+    model = loaded.backend
+    assert isinstance(model, TextGenerator) and isinstance(model.lm, FusedLM)
+    prompts = ["hello world", "a longer prompt about the weather in the mountains today"]
+    ids = [model.encode(p, special=False) for p in prompts]
+    # chunks of 4: the longer prompt runs in pieces against its own earlier positions
+    engine = GenerationEngine(kind, model, GenerationLimits(prefill_chunk_tokens=4))
+    engine.start()
+    try:
+        greedy = SamplingParams(temperature=0)
+        streams = [engine.submit(GenerationRequest(tuple(p), greedy, 10, ignore_eos=True)) for p in ids]
+        await asyncio.gather(*(s.text() for s in streams))
+    finally:
+        await engine.close()
+    # Each token the engine chose is PyTorch's choice after the same text: its best, or within fp32's error
+    # of it (random weights make near-ties, where an exact match of free-running greedy is luck).
+    reference = AutoModelForCausalLM.from_pretrained(sources[kind]).eval()
+    for p, stream in zip(ids, streams, strict=True):
+        assert len(stream.token_ids) == 10
+        with torch.no_grad():
+            logits = reference(torch.tensor([p + stream.token_ids])).logits[0, len(p) - 1 : -1].double()
+        chosen = logits[torch.arange(10), torch.tensor(stream.token_ids)]
+        best = logits.max(dim=-1).values
+        assert bool((chosen >= best - NEAR_TIE).all()), (kind, chosen - best)
+
+
+def test_a_rotary_width_groupqueryattention_cannot_take_is_refused_before_the_builder(tmp_path: Path) -> None:
+    """A Phi-4-mini shape with heads of 16: 12 rotary columns. The export died inside ORT's
+    GroupQueryAttention with a raw error; now ``--exporter fused`` says why, and ``auto`` would take
+    optimum's recipe."""
+    import torch
+    import transformers as t
+
+    torch.manual_seed(0)
+    config = t.Phi3Config(**SHAPE, partial_rotary_factor=0.75, original_max_position_embeddings=512)
+    t.Phi3ForCausalLM(config).eval().save_pretrained(tmp_path / "src")
+    copy_minilm_tokenizer(tmp_path / "src")
+    r = export(tmp_path / "src", "text-generation", "fp32", "phi", tmp_path / "state", "--exporter", "fused")
+    assert r.returncode != 0 and "rotary width that is a multiple of 16; this model's is 12" in r.stderr, r.stderr
+    assert not (tmp_path / "state" / "models" / "phi").exists()
