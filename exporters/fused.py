@@ -36,12 +36,12 @@ ARCHITECTURES = {
     "gemma2": "Gemma 2",
     "granite": "Granite: embedding, attention, residual and logit multipliers",
     "nemotron": "Nemotron: partial rotary, LayerNorm1P",
+    "gemma3_text": "Gemma 3 (text): five sliding-window layers to one global, QK norms, soft-capping",
 }
 # Written by the builder 0.12.2 but not admitted, each for a reason measured on a tiny random checkpoint
 # (auto takes optimum's recipe for them; --exporter fused says this):
 NOT_ADMITTED = {
     "olmo": "the builder's fp32 graph is off PyTorch's by up to 0.21 in the logits (top-1 over all positions 0.75)",
-    "gemma3_text": "the builder's graph disagrees with PyTorch (fp32 teacher-forced top-1 0.50, sliding windows of 8)",
     "smollm3": "the builder's graph does not load (its layers without rotary read a position_ids it never declares)",
 }
 PRECISIONS = ("fp32", "int8", "int4")
@@ -73,6 +73,13 @@ def unsupported(config: dict[str, Any], precision: str) -> str | None:
             f"the fused recipe builds {', '.join(sorted(ARCHITECTURES))} at {', '.join(PRECISIONS)}; "
             f"this is {kind!r} at {precision}"
         )
+    # The builder 0.12.2 takes Gemma 3's layers as five sliding-window to one global, whatever the config's
+    # layer_types say (its is_local: (layer + 1) % 6): another pattern would be built wrong.
+    types = config.get("layer_types")
+    if kind == "gemma3_text" and types is not None:
+        pattern = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(len(types))]
+        if list(types) != pattern:
+            return "the builder lays Gemma 3's layers out five sliding-window to one global; this model's differ"
     heads = int(config.get("num_attention_heads") or 1)
     head = int(config.get("head_dim") or int(config.get("hidden_size") or 0) // heads)
     rotary = int(head * float(config.get("partial_rotary_factor") or 1.0))

@@ -2,7 +2,7 @@
 from its transformers config, exported by ``llmosd export --exporter fused`` (the builder insisted on),
 validated by the gate against PyTorch, and decoded by the engine with its cache written in place, greedy,
 as PyTorch's ``generate`` decodes it. Each family exercises what sets it apart (QK norms, multipliers,
-partial rotary, llama3 rope scaling). Gemma 3, SmolLM3 and OLMo are not admitted
+partial rotary, llama3 rope scaling, sliding-window layers and soft-capping). SmolLM3 and OLMo are not admitted
 (exporters.fused.NOT_ADMITTED says why)."""
 
 from __future__ import annotations
@@ -45,6 +45,17 @@ def _configs() -> dict[str, Callable[[], Any]]:
 
     return {
         "qwen3": lambda: t.Qwen3ForCausalLM(t.Qwen3Config(**SHAPE, head_dim=16)),
+        # Gemma 3's own layout: five sliding-window layers (of 8 positions here) to one global
+        "gemma3_text": lambda: t.Gemma3ForCausalLM(
+            t.Gemma3TextConfig(
+                **(SHAPE | {"num_hidden_layers": 6}),
+                head_dim=16,
+                query_pre_attn_scalar=16,
+                final_logit_softcapping=30.0,
+                sliding_window=8,
+                layer_types=["sliding_attention"] * 5 + ["full_attention"],
+            )
+        ),
         "granite": lambda: t.GraniteForCausalLM(
             t.GraniteConfig(
                 **SHAPE,
@@ -79,7 +90,7 @@ def _configs() -> dict[str, Callable[[], Any]]:
 
 
 NEAR_TIE = 0.01  # logits: fp32 graphs differ from PyTorch by up to ~0.005 on these models (the gate's figure)
-FAMILIES = ["qwen3", "granite", "nemotron", "phi3", "llama"]
+FAMILIES = ["qwen3", "gemma3_text", "granite", "nemotron", "phi3", "llama"]
 
 
 def checkpoint(kind: str, dst: Path) -> Path:
@@ -168,3 +179,20 @@ def test_a_rotary_width_groupqueryattention_cannot_take_is_refused_before_the_bu
     r = export(tmp_path / "src", "text-generation", "fp32", "phi", tmp_path / "state", "--exporter", "fused")
     assert r.returncode != 0 and "rotary width that is a multiple of 16; this model's is 12" in r.stderr, r.stderr
     assert not (tmp_path / "state" / "models" / "phi").exists()
+
+
+def test_a_gemma3_layout_the_builder_does_not_write_is_refused(tmp_path: Path) -> None:
+    """The builder 0.12.2 lays Gemma 3's layers out five sliding-window to one global whatever the config
+    says: two layers, the second global, came out of it 0.50 top-1 against PyTorch. Such a model is refused
+    before the builder runs."""
+    import torch
+    import transformers as t
+
+    torch.manual_seed(0)
+    config = t.Gemma3TextConfig(
+        **SHAPE, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"]
+    )
+    t.Gemma3ForCausalLM(config).eval().save_pretrained(tmp_path / "src")
+    copy_minilm_tokenizer(tmp_path / "src")
+    r = export(tmp_path / "src", "text-generation", "fp32", "g", tmp_path / "state", "--exporter", "fused")
+    assert r.returncode != 0 and "five sliding-window to one global; this model's differ" in r.stderr, r.stderr
