@@ -75,10 +75,10 @@ def unsupported(config: dict[str, Any], precision: str) -> str | None:
         )
     # The builder 0.12.2 takes Gemma 3's layers as five sliding-window to one global, whatever the config's
     # layer_types say (its is_local: (layer + 1) % 6): another pattern would be built wrong.
-    types = config.get("layer_types")
-    if kind == "gemma3_text" and types is not None:
-        pattern = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(len(types))]
-        if list(types) != pattern:
+    types, every = config.get("layer_types"), config.get("sliding_window_pattern", 6)
+    if kind == "gemma3_text" and (types is not None or every != 6):
+        pattern = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(len(types or []))]
+        if every != 6 or list(types or []) != pattern:
             return "the builder lays Gemma 3's layers out five sliding-window to one global; this model's differ"
     heads = int(config.get("num_attention_heads") or 1)
     head = int(config.get("head_dim") or int(config.get("hidden_size") or 0) // heads)
