@@ -220,8 +220,7 @@ class RightAlignedRows:
 
     def open(self, ids: Sequence[int], reuse: bool = True) -> tuple[int, int]:
         """A row with nothing in it yet: its prompt runs whole, in its one ``extend``."""
-        row, self._next = self._next, self._next + 1
-        self._live.add(row)
+        row = self._new_row()
         self._empty.add(row)
         return row, 0
 
@@ -237,8 +236,12 @@ class RightAlignedRows:
         """No prefix cache for this layout."""
 
     def _add(self, cache: KVCache) -> int:
-        row, self._next = self._next, self._next + 1
+        row = self._new_row()
         self._joining[row] = cache
+        return row
+
+    def _new_row(self) -> int:
+        row, self._next = self._next, self._next + 1
         self._live.add(row)
         return row
 
