@@ -82,7 +82,7 @@ def run(args: argparse.Namespace, task: Task) -> dict[str, Any]:
     cpu_only = use_fused or (args.precision == "int8" and recipe.int8_scheme == "per-token")
     devices = ("cpu",) if cpu_only else ("cuda",) if args.precision == "fp16" else ("cpu", "cuda")
     inputs, outputs, resident = _tensor_specs(out / "model.onnx")
-    facts = Source(src, config, outputs, _options(args.option), _options(args.sampling))
+    facts = Source(src, config, outputs, _options(args.option), _options(args.sampling), out / "tokenizer.json")
     runtime = {"max_seq_length": source.max_seq_length(src, config)} | recipe.settings(facts) | runtime
     t1 = time.monotonic()
     tolerance = _tolerance(recipe.tolerances[args.precision], args.tolerance)

@@ -345,6 +345,24 @@ async def test_wrong_task_and_unknown_model(daemon: Daemon) -> None:
         assert card["task"] == "text-generation" and card["chat_template"] and card["context_length"] == 8192
 
 
+async def test_a_model_that_does_not_think_takes_the_thinking_fields_and_is_unchanged(daemon: Daemon) -> None:
+    """SmolLM2 does not think (its template names no think tags): its card says so, its answers carry no
+    reasoning_content, and turning thinking off changes neither its prompt nor its greedy answer."""
+    body = {"model": SMOLLM2, "messages": QUESTION, "max_tokens": 12, "temperature": 0}
+    answers = []
+    async with aiohttp.ClientSession() as s:
+        async with s.get(daemon.url + f"/v1/models/{SMOLLM2}") as r:
+            assert (await r.json())["reasoning"] is None
+        for extra in ({}, {"reasoning_effort": "none"}, {"chat_template_kwargs": {"enable_thinking": False}}):
+            async with s.post(daemon.url + "/v1/chat/completions", json=body | extra) as r:
+                assert r.status == 200, await r.text()
+                out = await r.json()
+            assert "reasoning_content" not in out["choices"][0]["message"]
+            assert "completion_tokens_details" not in out["usage"]
+            answers.append((out["choices"][0]["message"]["content"], out["usage"]))
+    assert answers[0] == answers[1] == answers[2]
+
+
 async def status(s: aiohttp.ClientSession, daemon: Daemon) -> dict[str, Any]:
     async with s.get(daemon.url + "/api/status") as r:
         models = {m["name"]: m for m in (await r.json())["models"]}

@@ -40,9 +40,17 @@ async def _engine(request: web.Request, model: str, body: dict[str, Any]) -> Gen
     return served.generator
 
 
-def _usage(streams: list[GenerationStream], prompt_tokens: int) -> dict[str, int]:
+def _usage(streams: list[GenerationStream], prompt_tokens: int, thinks: bool = False) -> dict[str, Any]:
+    """OpenAI's usage; where the model thinks, how many of the completion's tokens were thinking."""
     completion = sum(s.completion_tokens for s in streams)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    out: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+    }
+    if thinks:
+        out["completion_tokens_details"] = {"reasoning_tokens": sum(s.reasoning_tokens for s in streams)}
+    return out
 
 
 async def _merged(streams: list[GenerationStream]) -> AsyncIterator[tuple[int, Any]]:
@@ -201,12 +209,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     priority, timeout = priority_of(request, body), timeout_of(request)
     s = req.sampling
     engine = await _engine(request, s.model, body)
-    prepared = await prepare_chat(engine, s.options(priority, st.config), req.messages, req.tools.offered)
+    prepared = await prepare_chat(engine, req.options(priority, st.config), req.messages, req.tools.offered)
     streams = request[STREAMS_KEY] = start(engine, prepared)  # their tokens count against the rate limit
     prompt = prepared.prompts[0]
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     shape = _logprobs(engine, s)
     names = req.tools.names
+    thinks = any(r.thinking is not None for r in prepared.requests)  # the answers are split
+    shown = thinks and req.chat.include_reasoning
 
     def envelope(choices: list[dict[str, Any]], obj: str, **extra: Any) -> dict[str, Any]:
         return {"id": ident, "object": obj, "created": created, "model": s.model, "choices": choices} | extra
@@ -216,10 +226,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             texts = await _collect(streams, s)
         choices = []
         for i, (text, stream) in enumerate(zip(texts, streams, strict=True)):
-            said, finish = message(text, stream.finish_reason, names)
+            said, finish = message(text, stream.finish_reason, names, stream.thought if shown else None)
             lps = shape.chat(stream.token_ids, stream.logprobs, stream.finish_reason) if shape else None
             choices.append({"index": i, "message": said, "logprobs": lps, "finish_reason": finish})
-        return web.json_response(envelope(choices, "chat.completion", usage=_usage(streams, len(prompt))))
+        return web.json_response(envelope(choices, "chat.completion", usage=_usage(streams, len(prompt), thinks)))
 
     deltas = [Deltas(names) for _ in streams]
 
@@ -227,10 +237,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         lps = shape.chat(chunk.token_ids, chunk.logprobs, chunk.finish_reason) if shape else None
         return [
             envelope([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}], "chat.completion.chunk")
-            for delta, finish, lp in deltas[i](chunk.text, chunk.finish_reason, lps)
+            for delta, finish, lp in deltas[i](chunk.text, chunk.finish_reason, lps, chunk.reasoning if shown else "")
         ]
 
     def usage() -> dict[str, Any]:
-        return envelope([], "chat.completion.chunk", usage=_usage(streams, len(prompt)))
+        return envelope([], "chat.completion.chunk", usage=_usage(streams, len(prompt), thinks))
 
     return await _stream(request, s, streams, frame, usage, timeout)

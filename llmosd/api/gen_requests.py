@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from llmosd.api.chat_options import ChatOptions
 from llmosd.api.errors import bad_request
 from llmosd.api.tool_requests import ToolUse, tool_calls
 from llmosd.config import Config
@@ -330,6 +331,17 @@ class ChatRequest:
     sampling: Sampling
     messages: list[Message]
     tools: ToolUse = field(default_factory=ToolUse)
+    chat: ChatOptions = field(default_factory=ChatOptions)
+
+    def options(self, priority: int, limits: Config) -> GenerationOptions:
+        c = self.chat
+        return replace(
+            self.sampling.options(priority, limits),
+            template_vars=c.template_vars,
+            turn=c.turn,
+            thinking=c.thinking,
+            max_reasoning_tokens=c.max_reasoning_tokens,
+        )
 
     @classmethod
     def parse(cls, body: dict[str, Any], limits: Config) -> ChatRequest:
@@ -356,7 +368,7 @@ class ChatRequest:
                     "tool_choice",
                 )
             sampling = replace(sampling, grammar=forced, grammar_param="tool_choice")
-        return cls(sampling, _messages(body.get("messages"), limits), tools)
+        return cls(sampling, _messages(body.get("messages"), limits), tools, ChatOptions.parse(body))
 
 
 def _messages(value: Any, limits: Config) -> list[Message]:
@@ -378,13 +390,24 @@ def _messages(value: Any, limits: Config) -> list[Message]:
         if role == "tool" and not isinstance(call_id, str):
             raise bad_request(f"{where}: a tool message needs the 'tool_call_id' it answers", where)
         content = _content(m.get("content"), f"{where}.content", role)
-        total += len(content) + sum(len(c.arguments) for c in calls)
+        thought = _thought(m, where) if role == "assistant" else None
+        total += len(content) + sum(len(c.arguments) for c in calls) + len(thought or "")
         out.append(
-            Message("system" if role == "developer" else role, content, calls, call_id if role == "tool" else None)
+            Message(
+                "system" if role == "developer" else role, content, calls, call_id if role == "tool" else None, thought
+            )
         )
     if total > limits.max_input_chars:
         raise bad_request(f"the messages are longer than {limits.max_input_chars} characters", "messages")
     return out
+
+
+def _thought(m: dict[str, Any], where: str) -> str | None:
+    """An assistant's thinking passed back (vLLM's ``reasoning_content``, or ``reasoning``)."""
+    value = m.get("reasoning_content", m.get("reasoning"))
+    if value is not None and not isinstance(value, str):
+        raise bad_request(f"{where}.reasoning_content must be a string", f"{where}.reasoning_content")
+    return value
 
 
 def _content(value: Any, where: str, role: str) -> str:

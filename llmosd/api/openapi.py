@@ -7,6 +7,7 @@ from typing import Any
 
 from llmosd import __version__
 from llmosd.api.requests import TIMEOUT_PATTERN
+from llmosd.runtime.chat import RESERVED
 from llmosd.runtime.sampling import OPEN_BELOW
 from llmosd.runtime.tensors import NUMPY_TYPES
 from llmosd.scheduler import DEFAULT_RANGES
@@ -224,6 +225,8 @@ _MESSAGE = {  # by role, as the server checks them: a tool answer names its call
                 "content": {"oneOf": [_CONTENT, {"type": "null"}]},
                 "tool_calls": {"type": "array", "items": _TOOL_CALL},
                 "function_call": {"type": "null"},  # the legacy field: refused
+                "reasoning_content": {"type": ["string", "null"]},  # its thinking, passed back
+                "reasoning": {"type": ["string", "null"]},
             },
         },
         {
@@ -287,6 +290,20 @@ _OTHER: dict[str, dict[str, Any]] = {
 _STREAM_NOTE = " With stream: true, text/event-stream of OpenAI chunks ending with data: [DONE]."
 
 _OBJECT = {"type": "object"}
+# A chat's template variables and thinking (llmosd.api.chat_options)
+_THINKING: dict[str, Any] = {
+    "chat_template_kwargs": {
+        "type": ["object", "null"],
+        "maxProperties": 64,
+        "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$", "not": {"enum": sorted(RESERVED)}},
+    },
+    "documents": {"type": ["array", "null"], "items": {"type": "object"}},
+    "reasoning_effort": {"enum": ["none", "minimal", "low", "medium", "high", None]},
+    "max_reasoning_tokens": {"type": ["integer", "null"], "minimum": 0},
+    "include_reasoning": {"type": "boolean"},
+    "add_generation_prompt": {"type": "boolean"},
+    "continue_final_message": {"type": "boolean"},
+}
 _GEN_OK = {"type": "object", "required": ["id", "object", "choices", "usage"]}
 GEN_HEADERS = (_TIMEOUT_HEADER, _PRIORITY_HEADER)
 _OCTETS = "application/octet-stream"
@@ -359,10 +376,24 @@ GENERATION_PATHS: dict[str, dict[str, Any]] = {
                         ]
                     },
                     "parallel_tool_calls": {"type": "boolean"},
+                    **_THINKING,
                 },
                 # top_logprobs only with logprobs: true
                 "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer"}}},
                 "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
+                # continuing the final message only without the generation prompt
+                "allOf": [
+                    {
+                        "if": {
+                            "required": ["continue_final_message"],
+                            "properties": {"continue_final_message": {"const": True}},
+                        },
+                        "then": {
+                            "required": ["add_generation_prompt"],
+                            "properties": {"add_generation_prompt": {"const": False}},
+                        },
+                    }
+                ],
             },
             errors=(*MODEL_ERRORS, 504),
             ok_types=(_JSON, "text/event-stream"),

@@ -11,11 +11,12 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from llmosd.runtime.causal_lm import CausalLM, RightAlignedRows
-from llmosd.runtime.chat import ChatTemplate, Message
+from llmosd.runtime.chat import OPEN, ChatTemplate, Message
 from llmosd.runtime.decoder import Decoder
 from llmosd.runtime.fused_lm import FusedLM, is_fused
 from llmosd.runtime.grammar import Grammars
 from llmosd.runtime.invariance import ALONE, Invariance, settle
+from llmosd.runtime.reasoning import ReasoningFormat, detect
 from llmosd.runtime.tools import Tool
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class TextGenerator:
         self.eos_token_ids = frozenset(int(i) for i in runtime.get("eos_token_ids") or [])
         template = runtime.get("chat_template")
         self.chat = ChatTemplate(template, self._token(runtime.get("bos_token_id")), self._eos()) if template else None
+        self.reasoning = self._reasoning(runtime)
         self.grammars = Grammars(self.tokenizer, self.eos_token_ids)  # its vocabulary built by warmup()
 
     def decoder(self, rows: int, positions: int, prefix_cache: bool = False) -> Decoder:
@@ -57,6 +59,16 @@ class TextGenerator:
             return lm
         return RightAlignedRows(CausalLM(self.session, vocab))
 
+    def _reasoning(self, runtime: Mapping[str, Any]) -> ReasoningFormat | None:
+        """How the model marks its thinking: the manifest's word (set at export), or, for a manifest written
+        before exports recorded it, found the same way from the template and the tokenizer."""
+        if "reasoning" in runtime:
+            given = runtime["reasoning"]
+            return ReasoningFormat.from_dict(given) if isinstance(given, Mapping) else None
+        if self.chat is None:
+            return None
+        return detect(runtime.get("chat_template"), self.tokenizer.token_to_id, self.chat.variables)
+
     def _token(self, token_id: object) -> str:
         return (self.tokenizer.id_to_token(token_id) or "") if isinstance(token_id, int) else ""
 
@@ -67,11 +79,17 @@ class TextGenerator:
         """Token ids of a prompt; ``special`` adds the tokenizer's BOS/EOS decoration (raw completions)."""
         return list(self.tokenizer.encode(text, add_special_tokens=special).ids)
 
-    def render_chat(self, messages: list[Message], tools: list[Tool] | None = None) -> list[int]:
+    def render_chat(
+        self,
+        messages: list[Message],
+        tools: list[Tool] | None = None,
+        variables: Mapping[str, Any] | None = None,
+        turn: str = OPEN,
+    ) -> list[int]:
         """Token ids of a chat rendered with the model's template (it writes the special tokens itself)."""
         if self.chat is None:
             raise ValueError("this model has no chat template: use /v1/completions with a raw prompt")
-        return self.encode(self.chat.render(messages, tools), special=False)
+        return self.encode(self.chat.render(messages, tools, variables, turn), special=False)
 
     def warmup(self) -> None:
         """Prefills and decode steps at one and two rows, so the first request pays no set-up; they also

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, TypeVar
 from llmosd.runtime.generator import TextGenerator
 from llmosd.runtime.grammar import BoolArray, Constraint
 from llmosd.runtime.memory import IDLE_RELEASE_S, release_quietly
+from llmosd.runtime.reasoning import Thinking, ThinkingPlan
 from llmosd.runtime.sampling import FloatArray, NonFiniteLogits, Sampler, SamplingParams, TokenLogprob, token_logprob
 from llmosd.runtime.textstream import TextStream
 from llmosd.scheduler.errors import QueueFull
@@ -84,6 +85,7 @@ class GenerationRequest:
     priority: int = NORMAL
     logprobs: int | None = None  # None: none; n: each sampled token's log-probability and the n likeliest
     prompt_logprobs: bool = False  # and the prompt's own tokens' (completions' echo; max_tokens may be 0)
+    thinking: ThinkingPlan | None = None  # a chat on a model that thinks: its output is split
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,8 @@ class Chunk:
     token_ids: tuple[int, ...] = ()  # sampled since the previous chunk (those of the text, and a stop id)
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, where the request asked
     prompt_logprobs: tuple[TokenLogprob | None, ...] = ()  # on the first chunk, where asked: None for the first
+    reasoning: str = ""  # new thinking text (a model that thinks before it answers; ``text`` is the answer)
+    reasoning_tokens: int = 0  # thinking tokens so far (counted in completion_tokens too)
 
 
 class GenerationStream:
@@ -108,6 +112,8 @@ class GenerationStream:
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
         self.prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
+        self.reasoning: list[str] = []  # the thinking, as it came
+        self.reasoning_tokens = 0
         self.cancelled = False  # read by the worker thread at its next step
         self._queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
         self.on_done: Callable[[GenerationStream], None] | None = None  # the engine's: no longer open
@@ -132,10 +138,19 @@ class GenerationStream:
             self.token_ids.extend(item.token_ids)
             self.logprobs.extend(item.logprobs)
             self.prompt_logprobs = self.prompt_logprobs or item.prompt_logprobs
+            self.reasoning_tokens = item.reasoning_tokens
+            if item.reasoning:
+                self.reasoning.append(item.reasoning)
             yield item
 
+    @property
+    def thought(self) -> str:
+        """The thinking so far, for a model that thinks."""
+        return "".join(self.reasoning)
+
     async def text(self) -> str:
-        """The whole completion (cancels the sequence if the caller is cancelled meanwhile)."""
+        """The whole completion, its answer alone where the model thinks (cancels the sequence if the caller
+        is cancelled meanwhile)."""
         parts = []
         try:
             async for chunk in self:
@@ -155,10 +170,13 @@ class _Sequence:
     reserve: int  # positions reserved: prompt + max_tokens (within the context)
     enqueued: float
     constraint: Constraint | None = None  # a grammar the tokens must follow (structured outputs, tools)
+    thinking: Thinking | None = None  # where it is in a thinking model's output (the grammar waits for the answer)
+    thought: TextStream | None = None  # the thinking's text (no stop strings: they apply to the answer)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, where asked
     prompt_logprobs: tuple[TokenLogprob | None, ...] = ()  # until the first chunk takes them
     sent: int = 0  # tokens already handed out in chunks
+    said: bool = False  # some of the answer's text was handed out
     done: bool = False
     failed: bool = False  # its grammar failed: it ends with an error
     row: int = -1  # its row in the model's cache, once admitted
@@ -179,8 +197,9 @@ class _Sequence:
         return self.tokens[-1]
 
     def wants_mask(self) -> bool:
-        """A grammar's mask is needed for a step whose logits will be sampled."""
-        return self.constraint is not None
+        """A grammar's mask is needed for a step whose logits will be sampled (not while thinking: the
+        grammar constrains the answer)."""
+        return self.constraint is not None and not (self.thinking is not None and self.thinking.active)
 
     def chunk_end(self, size: int) -> int:
         """Where its next prompt chunk ends: at the next multiple of ``size``, or the prompt's end. Chunks
@@ -201,16 +220,22 @@ class _Sequence:
     def advance(self, logits: FloatArray, eos: frozenset[int], allowed: BoolArray | None = None) -> Chunk | None:
         """Sample from this row's logits (among the tokens its grammar allows) and take the token; return
         the chunk to deliver, None while there is nothing to say."""
-        token = self.sampler.pick(logits, allowed)
+        thinking = self.thinking
+        forced = thinking.forced() if thinking is not None else None
+        if allowed is not None and thinking is not None and thinking.may_open():
+            allowed = allowed.copy()  # a grammar constrains the answer: thinking may still come first
+            allowed[thinking.plan.fmt.start_id] = True
+        token = forced if forced is not None else self.sampler.pick(logits, allowed)
         if self.request.logprobs is not None:
             self.logprobs.append(token_logprob(logits, token, self.request.logprobs))
         chunk = self._advance(token, eos)
-        if not chunk.text and chunk.finish_reason is None:
+        if not chunk.text and not chunk.reasoning and chunk.finish_reason is None:
             return None
         ids, lps = tuple(self.tokens[self.sent :]), tuple(self.logprobs[self.sent :])
         self.sent = len(self.tokens)
         prompt, self.prompt_logprobs = self.prompt_logprobs, ()
-        return Chunk(chunk.text, chunk.completion_tokens, chunk.finish_reason, ids, lps, prompt)
+        spent = thinking.tokens if thinking is not None else 0
+        return Chunk(chunk.text, chunk.completion_tokens, chunk.finish_reason, ids, lps, prompt, chunk.reasoning, spent)
 
     def _advance(self, token: int, eos: frozenset[int]) -> Chunk:
         req = self.request
@@ -219,18 +244,39 @@ class _Sequence:
         # A grammar allows the end of sequence only once it is complete: then it ends, ignore_eos or not.
         if (token in eos and (not req.ignore_eos or self.constraint)) or token in req.stop_token_ids:
             self.done = True
-            return Chunk(self.text.finish(), n, "stop")
-        if self.constraint is not None:
-            self.constraint.consume(token)
+            return Chunk(self.text.finish(), n, "stop", reasoning=self._thought_rest())
         self.sampler.observe(token)
-        text = self.text.push(token)
+        kind = self.thinking.take(token) if self.thinking is not None else "answer"
+        text = thought = ""
+        if kind == "answer":
+            if self.constraint is not None:
+                self.constraint.consume(token)
+            text = self._answer(self.text.push(token))
+        elif kind == "think" and self.thought is not None:
+            thought = self.thought.push(token)
+        elif kind == "close" and self.thought is not None:
+            thought = self.thought.finish()
         if self.text.stopped or (self.constraint is not None and self.constraint.finished):
             self.done = True  # a complete grammar takes nothing but the end of sequence: end now
-            return Chunk(text + self.text.finish(), n, "stop")
+            return Chunk(text + self._answer(self.text.finish()), n, "stop", reasoning=thought)
         if n >= req.max_tokens or len(req.prompt_ids) + n >= self.reserve:
             self.done = True
-            return Chunk(text + self.text.finish(), n, "length")
-        return Chunk(text, n)
+            rest = self._answer(self.text.finish())
+            return Chunk(text + rest, n, "length", reasoning=thought + self._thought_rest())
+        return Chunk(text, n, reasoning=thought)
+
+    def _answer(self, text: str) -> str:
+        """The answer's text; after thinking, without the blank lines between the end tag and the answer."""
+        if self.thinking is not None and self.thinking.entered and not self.said:
+            text = text.lstrip()
+            self.said = bool(text)
+        return text
+
+    def _thought_rest(self) -> str:
+        """What the thinking held back, where the sequence ends inside it."""
+        if self.thinking is None or not self.thinking.active or self.thought is None:
+            return ""
+        return self.thought.finish()
 
 
 @dataclass
@@ -310,6 +356,8 @@ class GenerationEngine(Worker[_Sequence, GenerationStream]):
         sampler = Sampler(request.sampling, self.model.lm.vocab_size, list(request.prompt_ids))
         text = TextStream(self.model.tokenizer, request.stop)
         seq = _Sequence(request, stream, sampler, text, reserve, time.time(), constraint)
+        if request.thinking is not None:
+            seq.thinking, seq.thought = Thinking(request.thinking), TextStream(self.model.tokenizer)
         self._waiting_count += 1
         self.stats.requests += 1
         stream.on_done = self._open.discard

@@ -8,12 +8,14 @@ engine runs it off the event loop.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
-from llmosd.runtime.chat import ChatTemplateError, Message
+from llmosd.runtime.chat import OPEN, ChatTemplateError, Message
 from llmosd.runtime.generator import TextGenerator
 from llmosd.runtime.grammar import Constraint, GrammarError, GrammarSpec
+from llmosd.runtime.reasoning import ThinkingPlan
 from llmosd.runtime.sampling import SamplingParams, with_defaults
 from llmosd.runtime.tools import Tool
 from llmosd.scheduler.generation import GenerationEngine, GenerationRequest, GenerationStream, RequestTooLarge
@@ -45,6 +47,12 @@ class GenerationOptions:
     prompt_logprobs: bool = False  # the prompt's tokens' too (completions' echo)
     grammar: GrammarSpec | None = None  # the output must follow it (structured outputs)
     grammar_param: str = "response_format"  # the field that asked for it, for a 400
+    # Chats only: the template's own variables (vLLM's chat_template_kwargs), whether a model that thinks
+    # may (None: as its template says; False: off), and the thinking's budget in tokens (None: max_tokens').
+    template_vars: Mapping[str, Any] = field(default_factory=dict)
+    turn: str = OPEN  # how the rendered chat ends: the assistant's turn opened, closed, or its final message continued
+    thinking: bool | None = None
+    max_reasoning_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -71,8 +79,8 @@ async def prepare_chat(
     engine: GenerationEngine, options: GenerationOptions, messages: list[Message], tools: list[Tool] | None = None
 ) -> Prepared:
     """A chat, rendered with the model's template (``tools`` through it, or through the generic prompt)."""
-    render = lambda: [render_chat(engine.model, messages, tools)]  # noqa: E731
-    return await asyncio.to_thread(_prepare, engine.model, options, render)
+    render = lambda: [render_chat(engine.model, messages, tools, options)]  # noqa: E731
+    return await asyncio.to_thread(_prepare, engine.model, options, render, True)
 
 
 def start(engine: GenerationEngine, prepared: Prepared) -> list[GenerationStream]:
@@ -92,11 +100,14 @@ def start(engine: GenerationEngine, prepared: Prepared) -> list[GenerationStream
     return streams
 
 
-def _prepare(model: TextGenerator, options: GenerationOptions, encode: Callable[[], list[list[int]]]) -> Prepared:
+def _prepare(
+    model: TextGenerator, options: GenerationOptions, encode: Callable[[], list[list[int]]], chat: bool = False
+) -> Prepared:
     check(model, options)
     prompts = encode()
     requests = []
     for ids in prompts:
+        plan = thinking_plan(model, options, ids) if chat else None
         for i in range(options.n):
             requests.append(
                 GenerationRequest(
@@ -109,6 +120,7 @@ def _prepare(model: TextGenerator, options: GenerationOptions, encode: Callable[
                     options.priority,
                     options.logprobs,
                     options.prompt_logprobs,
+                    plan,
                 )
             )
     return Prepared(prompts, requests, constraints(model, options, len(requests)))
@@ -125,13 +137,36 @@ def encode_prompts(model: TextGenerator, prompts: Sequence[str | list[int]]) -> 
     return out
 
 
-def render_chat(model: TextGenerator, messages: list[Message], tools: list[Tool] | None = None) -> list[int]:
+def render_chat(
+    model: TextGenerator,
+    messages: list[Message],
+    tools: list[Tool] | None = None,
+    options: GenerationOptions | None = None,
+) -> list[int]:
+    """The chat's prompt. With thinking turned off on a model that thinks, its template's toggle is set,
+    and a block the template still opens is closed right away (R1-style templates have no toggle)."""
+    options = options or GenerationOptions()
+    variables = dict(options.template_vars)
+    fmt = model.reasoning if options.thinking is False else None  # thinking turned off on a model that thinks
+    if fmt is not None and fmt.toggle is not None:
+        variables[fmt.toggle] = False
     try:
-        return model.render_chat(messages, tools)
+        ids = model.render_chat(messages, tools, variables, options.turn)
     except ChatTemplateError as exc:
         raise InvalidRequest(str(exc), "messages") from None
     except ValueError as exc:  # no chat template
         raise InvalidRequest(str(exc), "model") from None
+    if fmt is not None and fmt.opened_by(ids):
+        ids += model.encode(f"{fmt.end}\n\n", special=False)
+    return ids
+
+
+def thinking_plan(model: TextGenerator, options: GenerationOptions, prompt: list[int]) -> ThinkingPlan | None:
+    """How a chat's answer is split into thinking and answer (None: it is all answer)."""
+    fmt = model.reasoning
+    if fmt is None or options.thinking is False:
+        return None
+    return ThinkingPlan(fmt, fmt.opened_by(prompt), options.max_reasoning_tokens)
 
 
 def check(model: TextGenerator, options: GenerationOptions) -> None:
@@ -157,6 +192,9 @@ def constraints(model: TextGenerator, options: GenerationOptions, count: int) ->
 
 def sequence_params(model: TextGenerator, options: GenerationOptions, i: int) -> SamplingParams:
     params = with_defaults(options.params, options.given, model.sampling_defaults)
+    if model.reasoning is not None and options.thinking is False:  # thinking off: its tag is never sampled
+        bias = dict(params.logit_bias) | {model.reasoning.start_id: -100.0}
+        params = replace(params, logit_bias=tuple(sorted(bias.items())))
     if params.seed is not None and i:  # n choices from one seed must differ, reproducibly
         params = replace(params, seed=(params.seed + i) % 2**64)
     return params

@@ -54,6 +54,7 @@ class Source:
     outputs: Sequence[Mapping[str, Any]]
     options: Mapping[str, str] = field(default_factory=dict)
     sampling: Mapping[str, str] = field(default_factory=dict)
+    tokenizer: Path | None = None  # the artifact's tokenizer.json, once written
 
     def json(self, name: str) -> Any:
         """A JSON file of the source folder (``modules.json``, ``generation_config.json``), None if absent."""

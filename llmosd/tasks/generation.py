@@ -4,6 +4,7 @@ by the continuous-batching generation engine."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from llmosd.api import completions
@@ -27,6 +28,7 @@ def describe(backend: Served) -> dict[str, Any]:
     return {
         "context_length": backend.context_length,
         "chat_template": backend.chat is not None,
+        "reasoning": backend.reasoning.as_dict() if backend.reasoning else None,
         "kv_bytes_per_token": backend.lm.bytes_per_token,
         "batch_invariance": backend.invariance.as_dict(),
         "rechecked_here": backend.rechecked,  # exported on a CPU with other kernels: the gate's short form
@@ -56,16 +58,36 @@ def generation_settings(src: Source) -> dict[str, Any]:
     tok = src.json("tokenizer_config.json") or {}
     eos = gen.get("eos_token_id", src.config.get("eos_token_id"))
     template = tok.get("chat_template")
+    if isinstance(template, list):  # named templates (Hermes, Command-R): the default one, as transformers takes it
+        template = next(
+            (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None
+        )
     if template is None and (src.path / "chat_template.jinja").is_file():
         template = (src.path / "chat_template.jinja").read_text()
     sampling: dict[str, object] = sampling_defaults(gen)
     sampling |= {key: parse_number(key, text) for key, text in src.sampling.items()}
+    template = template if isinstance(template, str) else None
     return {
         "eos_token_ids": eos if isinstance(eos, list) else ([] if eos is None else [eos]),
         "bos_token_id": gen.get("bos_token_id", src.config.get("bos_token_id")),
-        "chat_template": template if isinstance(template, str) else None,
+        "chat_template": template,
+        "reasoning": reasoning_format(template, src.tokenizer),
         "sampling": check_defaults(sampling),
     }
+
+
+def reasoning_format(template: str | None, tokenizer: Path | None) -> dict[str, Any] | None:
+    """Whether and how the model thinks before it answers (llmosd.runtime.reasoning), from its template
+    and its tokenizer's tokens; None where it does not."""
+    from tokenizers import Tokenizer
+
+    from llmosd.runtime.chat import ChatTemplate
+    from llmosd.runtime.reasoning import detect
+
+    if template is None or tokenizer is None or not tokenizer.is_file():
+        return None
+    found = detect(template, Tokenizer.from_file(str(tokenizer)).token_to_id, ChatTemplate(template).variables)
+    return found.as_dict() if found else None
 
 
 # One gate for every precision (issue 13): teacher-forced top-1 agreement with PyTorch fp32 on the

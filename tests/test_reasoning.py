@@ -1,0 +1,332 @@
+"""Models that think before they answer (issue 34, points 2 and 3): the reasoning format found at export
+from the template and the tokens, the thinking returned in ``reasoning_content`` (whole and streamed), turned
+off (``reasoning_effort: "none"`` / ``chat_template_kwargs``), bounded (``max_reasoning_tokens``), and a
+JSON schema that constrains the answer, not the thinking.
+
+Two tiny random-weight Llamas with SmolLM2's tokenizer (byte-level BPE, as the grammar engine needs)
+and ``<think>`` / ``</think>`` added as tokens (as Qwen3's are): one with Qwen3's hybrid template
+(``enable_thinking``; the model opens the block itself), one with the template of Qwen3's Thinking-2507
+and the R1 distills (the generation prompt opens it). A random model says nothing sensible, so the tests
+check the protocol: which tokens go where, and how many.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmosd.runtime.reasoning import ReasoningFormat, Thinking, ThinkingPlan
+from tests.conftest import Daemon, export, smollm2_gguf, start_daemon
+
+VOCAB = 49152  # SmolLM2's; the two tags take the next ids
+THINK, END = VOCAB, VOCAB + 1
+
+_TURNS = (
+    "{%- if messages[0].role == 'assistant' %}"
+    "{{ raise_exception('Conversations must start with a user or system message') }}{%- endif %}"
+    "{%- if documents %}{{- '<|im_start|>system\\nDocuments:\\n' }}"
+    "{%- for d in documents %}{{- d.title ~ ': ' ~ d.text ~ '\\n' }}{%- endfor %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if message.reasoning_content %}"
+    "{{- '<think>\\n' ~ message.reasoning_content ~ '\\n</think>\\n\\n' }}{%- endif %}"
+    "{{- message.content ~ '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' ~ message.role ~ '\\n' ~ message.content ~ '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+)
+# Qwen3's: thinking unless enable_thinking is false, which writes an empty block.
+HYBRID = (
+    _TURNS + "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+# Qwen3-*-Thinking-2507's and the R1 distills': the prompt opens the block; nothing turns it off.
+OPENING = _TURNS + "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}"
+
+
+def checkpoint(dst: Path, template: str, tokenizer: Path) -> Path:
+    import shutil
+
+    import torch
+    from tokenizers import AddedToken, Tokenizer
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB + 2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    LlamaForCausalLM(config).eval().save_pretrained(dst)
+    GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(dst)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tokenizer / name, dst / name)
+    tok = Tokenizer.from_file(str(dst / "tokenizer.json"))
+    # As Qwen3's: added, not special (a tag is a token; text that spells it in an answer stays text)
+    tok.add_tokens([AddedToken("<think>", normalized=False), AddedToken("</think>", normalized=False)])
+    assert (tok.token_to_id("<think>"), tok.token_to_id("</think>")) == (THINK, END)
+    tok.save(str(dst / "tokenizer.json"))
+    cfg = json.loads((dst / "tokenizer_config.json").read_text())
+    (dst / "tokenizer_config.json").write_text(json.dumps(cfg | {"chat_template": template}))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def thinking_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """Both models exported fp32 into one store, served by one daemon."""
+    from transformers import AutoTokenizer
+
+    state = tmp_path_factory.mktemp("reasoning")
+    gguf = smollm2_gguf()
+    tokenizer = tmp_path_factory.mktemp("smollm2-tokenizer")
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tokenizer)
+    templates = {"hybrid": HYBRID, "opening": OPENING}
+    sources = {name: checkpoint(tmp_path_factory.mktemp(name), t, tokenizer) for name, t in templates.items()}
+
+    def run(name: str) -> tuple[str, int, str]:
+        r = export(sources[name], "text-generation", "fp32", name, state)
+        return name, r.returncode, r.stderr[-3000:]
+
+    with ThreadPoolExecutor(2) as pool:
+        for name, code, err in pool.map(run, sources):
+            assert code == 0, (name, err)
+    d = start_daemon(state, tmp_path_factory.mktemp("reasoning-run"))
+    yield d
+    d.stop()
+
+
+class Answer:
+    def __init__(self, status: int, body: bytes) -> None:
+        self.status_code, self.text = status, body.decode()
+
+    def json(self) -> Any:
+        return json.loads(self.text)
+
+
+def _request(d: Daemon, path: str, body: dict[str, Any] | None = None) -> urllib.request.Request:
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"Authorization": f"Bearer {d.token}", "Content-Type": "application/json"}
+    return urllib.request.Request(f"{d.url}{path}", data=data, headers=headers)
+
+
+def _send(req: urllib.request.Request) -> Answer:
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return Answer(r.status, r.read())
+    except urllib.error.HTTPError as exc:
+        return Answer(exc.code, exc.read())
+
+
+QUESTION = [{"role": "user", "content": "How many legs has a cat?"}]
+
+
+def _chat(d: Daemon, model: str, **extra: Any) -> Answer:
+    body = {"model": model, "messages": QUESTION, "temperature": 0} | extra
+    return _send(_request(d, "/v1/chat/completions", body))
+
+
+def _streamed(d: Daemon, model: str, **extra: Any) -> list[dict[str, Any]]:
+    body = {"model": model, "messages": QUESTION, "temperature": 0}
+    body |= {"stream": True, "stream_options": {"include_usage": True}} | extra
+    events = []
+    with urllib.request.urlopen(_request(d, "/v1/chat/completions", body), timeout=120) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[6:]))
+    return events
+
+
+def test_the_export_records_how_a_model_thinks(thinking_daemon: Daemon) -> None:
+    """The manifest's word, from the template and the tokens: the hybrid template's toggle is found, the
+    opening one has none."""
+    for name, toggle in (("hybrid", "enable_thinking"), ("opening", None)):
+        manifest = _send(_request(thinking_daemon, f"/api/models/{name}")).json()
+        runtime = manifest.get("runtime") or manifest["manifest"]["runtime"]
+        assert runtime["reasoning"] == {
+            "format": "think-tags",
+            "start": "<think>",
+            "end": "</think>",
+            "start_id": THINK,
+            "end_id": END,
+            "toggle": toggle,
+        }
+
+
+def test_thinking_is_returned_apart_from_the_answer_and_bounded(thinking_daemon: Daemon) -> None:
+    """The opening template starts the answer inside the block: three thinking tokens (the budget), the end
+    tag llmosd writes then, and the answer; streamed, the same text in the same places."""
+    r = _chat(thinking_daemon, "opening", max_tokens=10, max_reasoning_tokens=3)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    said, usage = out["choices"][0]["message"], out["usage"]
+    assert usage["completion_tokens_details"] == {"reasoning_tokens": 3}
+    assert usage["completion_tokens"] == 10 and out["choices"][0]["finish_reason"] == "length"
+    assert said["reasoning_content"] and said["content"]
+    assert "think>" not in said["content"] and "think>" not in said["reasoning_content"]
+
+    events = _streamed(thinking_daemon, "opening", max_tokens=10, max_reasoning_tokens=3)
+    deltas = [e["choices"][0]["delta"] for e in events if e["choices"]]
+    thought = "".join(d.get("reasoning_content") or "" for d in deltas)
+    answer = "".join(d.get("content") or "" for d in deltas)
+    assert (thought, answer) == (said["reasoning_content"], said["content"])
+    first_answer = next(i for i, d in enumerate(deltas) if d.get("content"))
+    assert all(not d.get("reasoning_content") for d in deltas[first_answer:])  # thinking comes first
+    assert deltas[0]["role"] == "assistant"
+    assert events[-1]["usage"]["completion_tokens_details"] == {"reasoning_tokens": 3}
+
+
+def test_a_schema_constrains_the_answer_not_the_thinking(thinking_daemon: Daemon) -> None:
+    """Greedy thinking is the same token for token with a JSON schema as without one; the answer after it
+    is JSON that follows the schema."""
+    schema = {
+        "type": "object",
+        "properties": {"legs": {"enum": [2, 4, 6, 8]}},  # a random model would write digits to max_tokens
+        "required": ["legs"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "legs", "schema": schema}}
+    free = _chat(thinking_daemon, "opening", max_tokens=8, max_reasoning_tokens=5).json()
+    r = _chat(thinking_daemon, "opening", max_tokens=60, max_reasoning_tokens=5, response_format=fmt)
+    assert r.status_code == 200, r.text
+    said = r.json()["choices"][0]["message"]
+    assert said["reasoning_content"] == free["choices"][0]["message"]["reasoning_content"]
+    answer = json.loads(said["content"])
+    assert set(answer) == {"legs"} and answer["legs"] in (2, 4, 6, 8)
+
+
+def test_thinking_turned_off(thinking_daemon: Daemon) -> None:
+    """``chat_template_kwargs`` sets the hybrid template's toggle (its empty block: four more prompt tokens,
+    ``<think>``, a blank line, ``</think>``, a blank line), ``reasoning_effort: "none"`` does the same; the
+    opening template, which has no toggle, gets its block closed by llmosd (``</think>`` and a blank line).
+    Off, there is no thinking to return."""
+    on = _chat(thinking_daemon, "hybrid", max_tokens=4).json()
+    off = _chat(thinking_daemon, "hybrid", max_tokens=4, chat_template_kwargs={"enable_thinking": False}).json()
+    none = _chat(thinking_daemon, "hybrid", max_tokens=4, reasoning_effort="none").json()
+    assert off["usage"]["prompt_tokens"] == on["usage"]["prompt_tokens"] + 4
+    assert none["usage"] == off["usage"] and none["choices"] == off["choices"]
+    assert "reasoning_content" not in off["choices"][0]["message"]
+    assert "reasoning_content" in on["choices"][0]["message"]  # on: the field is there, thinking or not
+
+    opened = _chat(thinking_daemon, "opening", max_tokens=4).json()
+    closed = _chat(thinking_daemon, "opening", max_tokens=4, reasoning_effort="none").json()
+    assert closed["usage"]["prompt_tokens"] == opened["usage"]["prompt_tokens"] + 2
+    assert "reasoning_content" not in closed["choices"][0]["message"]
+    assert closed["choices"][0]["message"]["content"]
+
+
+def test_template_variables_reach_the_template(thinking_daemon: Daemon) -> None:
+    """``documents`` (top level, as vLLM takes it) is rendered by the template; an assistant's
+    ``reasoning_content`` passed back reaches it too; what the template raises is a 400 with its words."""
+    plain = _chat(thinking_daemon, "hybrid", max_tokens=1).json()["usage"]["prompt_tokens"]
+    docs = [{"title": "cats", "text": "a cat has four legs"}]
+    with_docs = _chat(thinking_daemon, "hybrid", max_tokens=1, documents=docs).json()["usage"]["prompt_tokens"]
+    assert with_docs > plain + 8
+    turns = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello", "reasoning_content": "the user greets me"},
+        {"role": "user", "content": "How many legs has a cat?"},
+    ]
+    short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, turns[2]]
+    n = [
+        _chat(thinking_daemon, "hybrid", max_tokens=1, messages=m).json()["usage"]["prompt_tokens"]
+        for m in (turns, short)
+    ]
+    assert n[0] > n[1] + 4  # the thinking passed back was rendered
+    r = _chat(thinking_daemon, "hybrid", messages=[{"role": "assistant", "content": "hi"}])
+    assert r.status_code == 400
+    assert "Conversations must start with a user or system message" in r.json()["error"]["message"]
+
+
+def test_the_prompt_ends_as_asked(thinking_daemon: Daemon) -> None:
+    """vLLM's ``add_generation_prompt`` (false: no assistant turn opened: three tokens fewer here) and
+    ``continue_final_message`` (the prompt ends inside the final message, which the answer continues: its
+    end-of-turn and newline tokens are cut)."""
+    turns = [QUESTION[0], {"role": "assistant", "content": "A cat has"}]
+
+    def prompt_tokens(**extra: Any) -> int:
+        r = _chat(thinking_daemon, "hybrid", max_tokens=1, **extra)
+        assert r.status_code == 200, r.text
+        return int(r.json()["usage"]["prompt_tokens"])
+
+    assert prompt_tokens(add_generation_prompt=False) == prompt_tokens() - 3
+    closed = prompt_tokens(messages=turns, add_generation_prompt=False)
+    assert prompt_tokens(messages=turns, add_generation_prompt=False, continue_final_message=True) == closed - 2
+    r = _chat(thinking_daemon, "hybrid", messages=turns, continue_final_message=True)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message"
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
+        ({"chat_template_kwargs": {"bos_token": "x"}}, "chat_template_kwargs"),
+        ({"chat_template_kwargs": ["enable_thinking"]}, "chat_template_kwargs"),
+        ({"reasoning_effort": "extreme"}, "reasoning_effort"),
+        ({"max_reasoning_tokens": -1}, "max_reasoning_tokens"),
+        ({"include_reasoning": "yes"}, "include_reasoning"),
+        ({"documents": "cats"}, "documents"),
+        ({"add_generation_prompt": 1}, "add_generation_prompt"),
+    ],
+)
+def test_bad_thinking_fields_are_refused(thinking_daemon: Daemon, extra: dict[str, Any], param: str) -> None:
+    r = _chat(thinking_daemon, "hybrid", max_tokens=1, **extra)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_include_reasoning_false_leaves_the_thinking_out(thinking_daemon: Daemon) -> None:
+    both = _chat(thinking_daemon, "opening", max_tokens=6, max_reasoning_tokens=2).json()
+    bare = _chat(thinking_daemon, "opening", max_tokens=6, max_reasoning_tokens=2, include_reasoning=False).json()
+    assert "reasoning_content" not in bare["choices"][0]["message"]
+    assert bare["choices"][0]["message"]["content"] == both["choices"][0]["message"]["content"]
+
+
+# The state machine alone: token ids in, their class out (no model needed).
+FMT = ReasoningFormat("<think>", "</think>", THINK, END, "enable_thinking")
+
+
+def test_a_model_that_opens_its_own_block() -> None:
+    t = Thinking(ThinkingPlan(FMT, opened=False, budget=2))
+    assert t.may_open() and t.forced() is None
+    assert [t.take(x) for x in (THINK, 5, 6)] == ["open", "think", "think"]
+    assert t.forced() == END  # the budget is spent: the end tag comes next
+    assert [t.take(x) for x in (END, 7, THINK, END)] == ["close", "answer", "answer", "answer"]
+    assert t.tokens == 2 and not t.active
+
+
+def test_an_answer_that_begins_without_thinking_stays_an_answer() -> None:
+    t = Thinking(ThinkingPlan(FMT, opened=False))
+    assert [t.take(x) for x in (5, THINK, 6)] == ["answer", "answer", "answer"]
+    assert t.tokens == 0 and t.forced() is None
+
+
+def test_a_prompt_that_opens_the_block() -> None:
+    assert FMT.opened_by([1, 2, THINK, 3]) and not FMT.opened_by([THINK, END, 3]) and not FMT.opened_by([1, 2])
+    t = Thinking(ThinkingPlan(FMT, opened=True, budget=None))
+    assert not t.may_open()
+    assert [t.take(x) for x in (5, THINK, END, 6)] == ["think", "think", "close", "answer"]
+
+
+def test_a_list_of_named_templates_gives_the_default(tmp_path: Path) -> None:
+    """Hermes' and Command-R's tokenizer_config.json name several templates: the default one is rendered,
+    as transformers takes it when no tools are sent; a template that names no think tags does not reason."""
+    from llmosd.tasks.contract import Source
+    from llmosd.tasks.generation import generation_settings
+
+    named = [{"name": "tool_use", "template": "{{ tools }}"}, {"name": "default", "template": "{{ messages }}"}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": named}))
+    settings = generation_settings(Source(tmp_path, {}, []))
+    assert settings["chat_template"] == "{{ messages }}" and settings["reasoning"] is None
