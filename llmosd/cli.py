@@ -566,9 +566,34 @@ def _daemon_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     s.set_defaults(func=cmd_hardware)
 
 
+class _ListArchitectures(argparse.Action):
+    """``llmosd export --list-architectures``: an action that prints and exits, as --version does (no
+    folder, task or name needed)."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from exporters.fused import ARCHITECTURES, NOT_ADMITTED
+
+        width = max(map(len, [*ARCHITECTURES, *NOT_ADMITTED]))
+        lines = ["fused graph (KV cache in place; fp32, int8 or int4; each export gated against PyTorch):"]
+        lines += [f"  {kind:<{width}}  {what}" for kind, what in sorted(ARCHITECTURES.items())]
+        lines += ["refused by the fused recipe (optimum's generic graph serves them, slower):"]
+        lines += [f"  {kind:<{width}}  {why}" for kind, why in sorted(NOT_ADMITTED.items())]
+        lines += ["any other causal LM transformers loads: optimum's generic graph (--exporter optimum)"]
+        print("\n".join(lines))
+        parser.exit(0)
+
+
 def _export_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = sub.add_parser("export", help="export a Hugging Face model folder into the store")
     _add_config_flags(s)
+    s.add_argument(
+        "--list-architectures",
+        action=_ListArchitectures,
+        help="print the causal-LM architectures the fused recipe builds, and those it refuses, then exit",
+    )
     s.add_argument("src", help="Hugging Face model folder")
     # The installed tasks are checked when the command runs: listing them here would import every
     # task package for each command line.
