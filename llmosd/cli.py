@@ -172,6 +172,52 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pull(args: argparse.Namespace) -> int:
+    from llmosd.hub import HubError, HubPull, parse_hub_ref, pull
+    from llmosd.logs import setup_logging
+    from llmosd.store import ModelStore
+    from llmosd.tasks import discover
+
+    config = _config(args)
+    setup_logging(config.log_level)
+    try:
+        ref = parse_hub_ref(args.ref)
+    except ValueError as exc:
+        print(f"llmosd pull: {exc}; for an OCI registry: llmosd models pull", file=sys.stderr)
+        return 2
+    how = HubPull(args.task, args.precision, args.name, activate=False)
+    try:
+        manifest = asyncio.run(pull(ModelStore(config.state_dir), ref, discover(), how, _HubBar()))
+    except HubError as exc:
+        print(f"llmosd pull: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"pulled {ref} as {manifest.ref} ({manifest.precision}): {json.dumps(manifest.validation.get('figures', {}))}"
+    )
+    if not args.no_activate:  # through the daemon when it runs, so it serves at once
+        serving = _activate(config, manifest.name, manifest.version)
+        print(f"{manifest.ref} is active" + (" and serving" if serving else ""))
+    return 0
+
+
+class _HubBar:
+    """A pull's downloads: one line per file, redrawn in place on a terminal."""
+
+    def __init__(self) -> None:
+        self._tty = sys.stderr.isatty()
+        self._done: set[str] = set()
+
+    def __call__(self, name: str, size: int, have: int) -> None:
+        if name in self._done:
+            return
+        line = f"{name[:40]:40} {have / 2**20:9.1f}/{size / 2**20:.1f} MiB"
+        if have >= size:
+            self._done.add(name)
+            print(("\r" if self._tty else "") + line, file=sys.stderr, flush=True)
+        elif self._tty:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+
+
 class _ProgressBars:
     """One line per layer on a terminal: bytes, rate, ETA."""
 
@@ -586,6 +632,17 @@ class _ListArchitectures(argparse.Action):
         parser.exit(0)
 
 
+def _pull_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    s = sub.add_parser("pull", help="download a model from Hugging Face by name, export, validate and store it")
+    _add_config_flags(s)
+    s.add_argument("ref", help="hf.co/ORG/REPO[@REVISION][:QUANT] (QUANT: one GGUF file, e.g. Q4_K_M)")
+    s.add_argument("--task", default=None, help="default: from the checkpoint (its architecture, its files)")
+    s.add_argument("--precision", default="auto", choices=("auto", *PRECISIONS), help="as llmosd export takes it")
+    s.add_argument("--name", default=None, help="store it under this name (default: the repository's, lowercased)")
+    s.add_argument("--no-activate", action="store_true", help="store without making it the active version")
+    s.set_defaults(func=cmd_pull)
+
+
 def _export_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = sub.add_parser("export", help="export a Hugging Face model folder into the store")
     _add_config_flags(s)
@@ -818,6 +875,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _daemon_commands(sub)
     _export_command(sub)
+    _pull_command(sub)
     _model_commands(sub)
     _token_commands(sub)
     _cert_commands(sub)

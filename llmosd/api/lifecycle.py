@@ -16,10 +16,13 @@ from aiohttp import web
 from llmosd.api.errors import ApiError, bad_request
 from llmosd.api.requests import json_body
 from llmosd.api.state import state
+from llmosd.hub import HubError, HubPull, is_hub_ref, parse_hub_ref
+from llmosd.hub import pull as pull_from_hub
 from llmosd.registry import DigestMismatch, NotEnoughSpace, RegistryError, parse_reference
 from llmosd.registry.signing import SignatureError
 from llmosd.scheduler.portable import NotPortable
 from llmosd.store import Manifest, NotFound, check_name, check_version
+from llmosd.tasks import PRECISIONS
 from llmosd.versions import NoOlderVersion
 
 routes = web.RouteTableDef()
@@ -32,6 +35,7 @@ class PullProgress:
     ref: str
     started: float = field(default_factory=time.time)
     status: str = "running"  # running, done, failed
+    stage: str = "downloading"  # a Hugging Face pull then: exporting (and validating)
     layers: dict[str, dict[str, int]] = field(default_factory=dict)
     result: dict[str, Any] | None = None
     error: str | None = None
@@ -45,6 +49,10 @@ class PullProgress:
 
         return step
 
+    def file(self, title: str, size: int, have: int) -> None:
+        """A file's absolute progress (a Hugging Face download, polled)."""
+        self.layers[title] = {"size": size, "done": have}
+
     def as_dict(self) -> dict[str, Any]:
         done = sum(x["done"] for x in self.layers.values())
         total = sum(x["size"] for x in self.layers.values())
@@ -52,6 +60,7 @@ class PullProgress:
             "id": self.id,
             "ref": self.ref,
             "status": self.status,
+            "stage": self.stage,
             "started": self.started,
             "finished": self.finished,
             "bytes_done": done,
@@ -89,9 +98,13 @@ def _card(m: Manifest) -> dict[str, Any]:
 @routes.post("/api/models/pull")
 async def pull_model(request: web.Request) -> web.Response:
     """Pull ``{"ref": "REGISTRY/REPO:TAG", "name"?: str, "activate"?: bool}`` into the store; with
-    activate (the default) the new version serves at once if the model was being served."""
+    activate (the default) the new version serves at once if the model was being served. A ``hf.co/ORG/REPO``
+    reference (with ``task`` and ``precision`` as ``llmosd export`` takes them) is downloaded from Hugging
+    Face, exported and validated."""
     st = state(request)
     body = await json_body(request)
+    if is_hub_ref(str(body.get("ref", ""))):
+        return await _pull_from_hub(request, body)
     try:
         ref = parse_reference(str(body.get("ref", "")))
     except ValueError as exc:
@@ -125,6 +138,49 @@ async def pull_model(request: web.Request) -> web.Response:
         "serving": served,
     }
     return web.json_response(out)
+
+
+async def _pull_from_hub(request: web.Request, body: dict[str, Any]) -> web.Response:
+    st = state(request)
+    try:
+        ref = parse_hub_ref(str(body["ref"]))
+    except ValueError as exc:
+        raise bad_request(str(exc), "ref") from None
+    for key in ("name", "task", "precision"):
+        if body.get(key) is not None and not isinstance(body[key], str):
+            raise bad_request(f"{key} must be a string", key)
+    name = check_name(body["name"]) if body.get("name") is not None else None
+    precision = body.get("precision") or "auto"
+    if precision not in ("auto", *PRECISIONS):
+        raise bad_request(f"precision must be auto or one of {', '.join(PRECISIONS)}", "precision")
+    activate = body.get("activate", True)
+    if not isinstance(activate, bool):
+        raise bad_request("activate must be true or false", "activate")
+    pulls = request.app[PULLS]
+    progress = pulls.start(str(ref))
+    how = HubPull(body.get("task"), precision, name, activate=False)
+    try:
+        manifest = await pull_from_hub(st.store, ref, st.tasks, how, progress.file, progress)
+    except HubError as exc:
+        pulls.end(progress, "failed")
+        progress.error = str(exc)
+        raise ApiError(exc.status, str(exc), type=_HUB_ERRORS.get(exc.status, "upstream_error"), param="ref") from None
+    served = False
+    if activate:
+        served = (await st.versions.activate(manifest.name, manifest.version)).serving
+    progress.result = _card(manifest) | {"source": str(ref)}
+    pulls.end(progress, "done")
+    return web.json_response(
+        progress.result | {"validation": manifest.validation.get("figures", {}), "serving": served}
+    )
+
+
+_HUB_ERRORS = {
+    400: "invalid_request_error",
+    403: "permission_error",
+    404: "not_found_error",
+    507: "insufficient_storage",
+}
 
 
 @routes.get("/api/models/pulls")

@@ -41,7 +41,9 @@ _REASONS = {
     409: "The request conflicts with the store's state",
     413: "The request body is larger than max_body_bytes",
     416: "The Range cannot be satisfied",
+    422: "The model was fetched but its export or validation failed (the message says why)",
     429: "Busy: the model's queue is full, or this address holds too many connections (see Retry-After)",
+    501: "This install cannot do it (pulling from Hugging Face needs llmosd[export])",
     502: "The registry failed",
     503: "Not ready, or the model is unavailable (loading failed, its worker is restarting)",
     504: "The request did not finish within its X-Request-Timeout",
@@ -481,13 +483,20 @@ PATHS: dict[str, dict[str, Any]] = {
     },
     "/api/models/pull": {
         "post": operation(
-            "Pull REGISTRY/REPO:TAG into the store (signature checked), activate and serve it",
+            "Pull REGISTRY/REPO:TAG into the store (signature checked), or hf.co/ORG/REPO[@REV][:QUANT] from "
+            "Hugging Face (downloaded, exported, validated); activate and serve it",
             body={
                 "type": "object",
                 "required": ["ref"],
-                "properties": {"ref": {"type": "string"}, "name": {"type": "string"}, "activate": {"type": "boolean"}},
+                "properties": {
+                    "ref": {"type": "string"},
+                    "name": {"type": "string"},
+                    "activate": {"type": "boolean"},
+                    "task": {"type": ["string", "null"]},  # Hugging Face pulls: default from the checkpoint
+                    "precision": {"enum": ["auto", "fp32", "fp16", "int8", "int4", None]},
+                },
             },
-            errors=(403, 404, 409, 502, 503, 507),
+            errors=(403, 404, 409, 422, 501, 502, 503, 507),
         )
     },
     "/api/blobs/{digest}": {

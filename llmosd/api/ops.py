@@ -10,6 +10,7 @@ from aiohttp import web
 
 from llmosd import __version__
 from llmosd.api.errors import error_response
+from llmosd.api.lifecycle import PULLS
 from llmosd.api.openapi import spec
 from llmosd.api.state import AppState, state
 from llmosd.tls.server import ServerTls
@@ -67,6 +68,7 @@ async def status(request: web.Request) -> web.Response:
             "models": [s.status() | st.described(s) for s in st.pool.served()],
             "failed_models": dict(st.pool.failures),
             "sync": st.syncer.status() if st.syncer is not None else [],
+            "pulls": [p.as_dict() for p in request.app[PULLS].running.values()],  # with their bytes and stage
             "routing": {"route": st.config.route, "upstreams": st.router.describe()},
         }
     )
