@@ -252,7 +252,7 @@ def test_template_variables_reach_the_template(thinking_daemon: Daemon) -> None:
 
 
 def test_the_prompt_ends_as_asked(thinking_daemon: Daemon) -> None:
-    """vLLM's ``add_generation_prompt`` (false: no assistant turn opened: three tokens fewer here) and
+    """vLLM's ``add_generation_prompt`` (false: no assistant turn opened: four tokens fewer here) and
     ``continue_final_message`` (the prompt ends inside the final message, which the answer continues: its
     end-of-turn and newline tokens are cut)."""
     turns = [QUESTION[0], {"role": "assistant", "content": "A cat has"}]
@@ -262,7 +262,7 @@ def test_the_prompt_ends_as_asked(thinking_daemon: Daemon) -> None:
         assert r.status_code == 200, r.text
         return int(r.json()["usage"]["prompt_tokens"])
 
-    assert prompt_tokens(add_generation_prompt=False) == prompt_tokens() - 3
+    assert prompt_tokens(add_generation_prompt=False) == prompt_tokens() - 4
     closed = prompt_tokens(messages=turns, add_generation_prompt=False)
     assert prompt_tokens(messages=turns, add_generation_prompt=False, continue_final_message=True) == closed - 2
     r = _chat(thinking_daemon, "hybrid", messages=turns, continue_final_message=True)
