@@ -7,6 +7,7 @@ tasks name them with ``deferred`` (llmosd.tasks.contract): imported in the expor
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,17 +24,17 @@ def stack(arrays: Arrays) -> np.ndarray:
     return np.stack([np.asarray(a, dtype=np.float32) for a in arrays])
 
 
-def torch_pool(hidden: Any, mask: Any, mode: str) -> Any:
-    import torch
+# llmosd's pooling names -> sentence-transformers' (its Pooling module is the reference)
+_ST_POOLING = {"mean_sqrt_len": "mean_sqrt_len_tokens"}
 
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    if mode == "cls":
-        return hidden[:, 0]
-    if mode == "max":
-        return hidden.masked_fill(m == 0, -1e9).max(dim=1).values
-    summed = (hidden * m).sum(dim=1)
-    counts = m.sum(dim=1).clamp(min=1e-9)
-    return summed / (torch.sqrt(counts) if mode == "mean_sqrt_len" else counts)
+
+def torch_pool(hidden: Any, mask: Any, mode: str) -> Any:
+    """sentence-transformers' own Pooling module over the token states: the reference is the library's
+    semantics (which token is last under padding, the weights of weightedmean), not a copy of llmosd's."""
+    from sentence_transformers.models import Pooling
+
+    pooling = Pooling(hidden.shape[-1], pooling_mode=_ST_POOLING.get(mode, mode))
+    return pooling({"token_embeddings": hidden, "attention_mask": mask})["sentence_embedding"]
 
 
 def forward(model_class: Any, src: Path, batch: Batch) -> Any:
@@ -47,7 +48,8 @@ def forward(model_class: Any, src: Path, batch: Batch) -> Any:
         "token_type_ids": torch.from_numpy(batch.token_type_ids),
     }
     model = model_class.from_pretrained(str(src), local_files_only=True).eval()
-    accepted = set(model.forward.__code__.co_varnames)
+    # its signature, not its code's names: transformers wraps newer models' forward (Qwen3's takes **kwargs)
+    accepted = set(inspect.signature(model.forward).parameters)
     with torch.no_grad():
         return model(**{k: v for k, v in feeds.items() if k in accepted}), feeds["attention_mask"]
 

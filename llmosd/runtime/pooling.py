@@ -6,7 +6,7 @@ import numpy as np
 import numpy.typing as npt
 
 F32 = npt.NDArray[np.float32]
-POOLINGS = ("mean", "cls", "max", "mean_sqrt_len")
+POOLINGS = ("mean", "cls", "max", "mean_sqrt_len", "weightedmean", "lasttoken")
 
 
 def pool(hidden: F32, mask: npt.NDArray[np.int64], mode: str) -> F32:
@@ -21,6 +21,12 @@ def pool(hidden: F32, mask: npt.NDArray[np.int64], mode: str) -> F32:
         summed = (hidden * m).sum(axis=1)
         counts = np.clip(m.sum(axis=1), 1e-9, None)
         out = summed / (counts if mode == "mean" else np.sqrt(counts))
+    elif mode == "weightedmean":  # SGPT's: the i-th token (from 1) weighs i
+        w = m * np.arange(1, hidden.shape[1] + 1, dtype=np.float32)[None, :, None]
+        out = (hidden * w).sum(axis=1) / np.clip(w.sum(axis=1), 1e-9, None)
+    elif mode == "lasttoken":  # decoder embedders (Qwen3-Embedding, e5-mistral): each row's last real token
+        last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1] > 0, axis=1)
+        out = hidden[np.arange(hidden.shape[0]), last]
     else:
         raise ValueError(f"unknown pooling mode {mode!r}")
     return out.astype(np.float32, copy=False)

@@ -36,6 +36,9 @@ class EncoderModel:
             "attention_mask": padded.attention_mask,
             "token_type_ids": padded.token_type_ids,
         }
+        if "position_ids" in self._inputs:  # a decoder embedder's graph (Qwen3-Embedding): padding is on the right
+            rows, width = padded.input_ids.shape
+            feeds["position_ids"] = np.tile(np.arange(width, dtype=np.int64), (rows, 1))
         out = self.session.run(None, {k: v for k, v in feeds.items() if k in self._inputs}, options)
         return out[0], padded.attention_mask
 
