@@ -43,6 +43,8 @@ class EmbeddingsRequest:
     encoding_format: str
     dimensions: int | None
     truncate: bool = False
+    prompt_name: str | None = None  # sentence-transformers' name of one of the model's prompts
+    input_type: str | None = None  # Cohere's, Voyage's and NVIDIA's: "query", "document" (or "passage")
 
     @classmethod
     def parse(cls, body: dict[str, Any], limits: Config) -> EmbeddingsRequest:
@@ -52,7 +54,44 @@ class EmbeddingsRequest:
         dims = body.get("dimensions")
         if dims is not None and (not isinstance(dims, int) or isinstance(dims, bool) or dims < 1):
             raise bad_request("'dimensions' must be a positive integer", "dimensions")
-        return cls(model_of(body), texts_of(body, limits, ids=True), fmt, dims, truncate_of(body))
+        names = {}
+        for key in ("prompt_name", "input_type"):
+            value = body.get(key)
+            if value is not None and (not isinstance(value, str) or not 0 < len(value) <= 64):
+                raise bad_request(f"'{key}' must be a name of 1 to 64 characters", key)
+            names[key] = value
+        return cls(model_of(body), texts_of(body, limits, ids=True), fmt, dims, truncate_of(body), **names)
+
+
+# input_type's names for the two sides of retrieval, and the prompt names models give them
+_SIDES = {
+    "query": ("query", "search_query"),
+    "search_query": ("query", "search_query"),
+    "document": ("document", "passage", "search_document", "corpus"),
+    "passage": ("passage", "document", "search_document", "corpus"),
+    "search_document": ("search_document", "document", "passage", "corpus"),
+}
+
+
+def _prompt(served: ServedModel, req: EmbeddingsRequest) -> str:
+    """The text put before each input: the named prompt, else the one ``input_type`` names where the
+    model has it (Qwen3-Embedding's and e5's instruction for queries; a model without one embeds as is),
+    else the model's default prompt, else nothing."""
+    runtime = served.loaded.manifest.runtime
+    prompts: Mapping[str, str] = runtime.get("prompts") or {}
+    if req.prompt_name is not None:
+        if req.prompt_name not in prompts:
+            have = ", ".join(sorted(prompts)) or "none"
+            raise bad_request(
+                f"model {req.model!r} has no prompt {req.prompt_name!r} (its prompts: {have})", "prompt_name"
+            )
+        return prompts[req.prompt_name]
+    if req.input_type is not None:
+        if req.input_type not in _SIDES:
+            raise bad_request(f"'input_type' must be one of {', '.join(_SIDES)}", "input_type")
+        return next((prompts[n] for n in _SIDES[req.input_type] if n in prompts), "")
+    default = runtime.get("default_prompt_name")
+    return prompts.get(default, "") if isinstance(default, str) else ""
 
 
 def _width(served: ServedModel, model: str, asked: int | None) -> int | None:
@@ -79,7 +118,10 @@ def _width(served: ServedModel, model: str, asked: int | None) -> int | None:
 async def embeddings(request: web.Request) -> web.Response:
     req, served, run = await encoder_request(request, EmbeddingsRequest.parse, NAME)
     width = _width(served, req.model, req.dimensions)
-    outputs = await run(req.texts)
+    prompt = _prompt(served, req)
+    if prompt and not all(isinstance(t, str) for t in req.texts):
+        raise bad_request("a prompt goes before text: token-id inputs cannot take one", "input")
+    outputs = await run([prompt + t for t in req.texts] if prompt else req.texts)
     data = []
     for i, out in enumerate(outputs):
         vec = out.values.astype("<f4", copy=False)
@@ -100,6 +142,8 @@ PATHS = {
                 encoding_format={"enum": ["float", "base64"]},
                 dimensions={"type": "integer", "minimum": 1},
                 user={"type": "string"},
+                prompt_name={"type": ["string", "null"], "minLength": 1, "maxLength": 64},
+                input_type={"enum": [*_SIDES, None]},
             ),
             errors=(*MODEL_ERRORS, 504),
             headers=GEN_HEADERS,
@@ -120,6 +164,8 @@ _POOLING_KEYS = {
     "pooling_mode_mean_tokens": "mean",
     "pooling_mode_max_tokens": "max",
     "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
 }
 
 
@@ -155,9 +201,23 @@ def matryoshka(options: Mapping[str, str], dimensions: Any) -> dict[str, Any]:
     return {"matryoshka_dimensions": sizes}
 
 
+def prompt_settings(src: Source) -> dict[str, Any]:
+    """sentence-transformers' prompts (config_sentence_transformers.json): the instruction a decoder
+    embedder puts before a query (Qwen3-Embedding's, e5's), by name, and the one used when none is asked."""
+    cfg = src.json("config_sentence_transformers.json") or {}
+    prompts = cfg.get("prompts") or {}
+    if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
+        raise ValueError("config_sentence_transformers.json: 'prompts' must map names to strings")
+    default = cfg.get("default_prompt_name")
+    if default is not None and default not in prompts:
+        raise ValueError(f"config_sentence_transformers.json: the default prompt {default!r} is not among its prompts")
+    return {"prompts": prompts, "default_prompt_name": default} if prompts else {}
+
+
 def _settings(src: Source) -> dict[str, Any]:
     dimensions = src.outputs[0]["shape"][-1]
-    return pooling_settings(src) | {"dimensions": dimensions} | matryoshka(src.options, dimensions)
+    settings = pooling_settings(src) | prompt_settings(src) | {"dimensions": dimensions}
+    return settings | matryoshka(src.options, dimensions)
 
 
 TASK = Task(
