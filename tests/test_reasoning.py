@@ -103,7 +103,8 @@ def thinking_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon
     with ThreadPoolExecutor(2) as pool:
         for name, code, err in pool.map(run, sources):
             assert code == 0, (name, err)
-    d = start_daemon(state, tmp_path_factory.mktemp("reasoning-run"))
+    quiet = {"LLMOSD_AUTOTUNE": "false", "LLMOSD_SEED_DEFAULTS": "false", "LLMOSD_MDNS": "false"}  # these models only
+    d = start_daemon(state, tmp_path_factory.mktemp("reasoning-run"), env=quiet)
     yield d
     d.stop()
 
