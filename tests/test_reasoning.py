@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from llmosd.runtime.reasoning import ReasoningFormat, Thinking, ThinkingPlan
+from llmosd.runtime.reasoning import Harmony, ReasoningFormat, from_dict
 from tests.conftest import Daemon, export, smollm2_gguf, start_daemon
 
 VOCAB = 49152  # SmolLM2's; the two tags take the next ids
@@ -51,7 +51,24 @@ HYBRID = (
 OPENING = _TURNS + "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}"
 
 
-def checkpoint(dst: Path, template: str, tokenizer: Path) -> Path:
+# gpt-oss's harmony (its real template is far longer): system, developer and user messages, and an assistant
+# turn the generation prompt opens in the analysis channel (as a client may prefill it), so that a random model
+# starts thinking; reasoning_effort reaches the system message, as gpt-oss's template puts it there.
+HARMONY_TEMPLATE = (
+    "{%- if reasoning_effort %}{{- '<|start|>system<|message|>Reasoning: ' ~ reasoning_effort ~ '<|end|>' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' %}"
+    "{{- '<|start|>assistant<|channel|>final<|message|>' ~ message.content ~ '<|end|>' }}"
+    "{%- else %}{{- '<|start|>' ~ message.role ~ '<|message|>' ~ message.content ~ '<|end|>' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start|>assistant<|channel|>analysis<|message|>' }}{%- endif %}"
+)
+THINK_TAGS = ("<think>", "</think>")
+HARMONY_TAGS = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>")
+
+
+def checkpoint(dst: Path, template: str, tokenizer: Path, tags: tuple[str, ...] = THINK_TAGS) -> Path:
     import shutil
 
     import torch
@@ -60,7 +77,7 @@ def checkpoint(dst: Path, template: str, tokenizer: Path) -> Path:
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=VOCAB + 2,
+        vocab_size=VOCAB + len(HARMONY_TAGS),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -75,9 +92,11 @@ def checkpoint(dst: Path, template: str, tokenizer: Path) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(tokenizer / name, dst / name)
     tok = Tokenizer.from_file(str(dst / "tokenizer.json"))
-    # As Qwen3's: added, not special (a tag is a token; text that spells it in an answer stays text)
-    tok.add_tokens([AddedToken("<think>", normalized=False), AddedToken("</think>", normalized=False)])
-    assert (tok.token_to_id("<think>"), tok.token_to_id("</think>")) == (THINK, END)
+    if tags == THINK_TAGS:  # as Qwen3's: added, not special (a tag is a token; text spelling one stays text)
+        tok.add_tokens([AddedToken(t, normalized=False) for t in tags])
+        assert (tok.token_to_id("<think>"), tok.token_to_id("</think>")) == (THINK, END)
+    else:  # as gpt-oss's: special tokens
+        tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in tags])
     tok.save(str(dst / "tokenizer.json"))
     cfg = json.loads((dst / "tokenizer_config.json").read_text())
     (dst / "tokenizer_config.json").write_text(json.dumps(cfg | {"chat_template": template}))
@@ -93,8 +112,12 @@ def thinking_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon
     gguf = smollm2_gguf()
     tokenizer = tmp_path_factory.mktemp("smollm2-tokenizer")
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tokenizer)
-    templates = {"hybrid": HYBRID, "opening": OPENING}
-    sources = {name: checkpoint(tmp_path_factory.mktemp(name), t, tokenizer) for name, t in templates.items()}
+    templates = {
+        "hybrid": (HYBRID, THINK_TAGS),
+        "opening": (OPENING, THINK_TAGS),
+        "harmony": (HARMONY_TEMPLATE, HARMONY_TAGS),
+    }
+    sources = {name: checkpoint(tmp_path_factory.mktemp(name), t[0], tokenizer, t[1]) for name, t in templates.items()}
 
     def run(name: str) -> tuple[str, int, str]:
         r = export(sources[name], "text-generation", "fp32", name, state)
@@ -209,6 +232,34 @@ def test_a_schema_constrains_the_answer_not_the_thinking(thinking_daemon: Daemon
     assert set(answer) == {"legs"} and answer["legs"] in (2, 4, 6, 8)
 
 
+def test_harmony_channels_are_split_bounded_and_turned_off(thinking_daemon: Daemon) -> None:
+    """gpt-oss's format: the analysis message is the thinking, the final message the answer, the headers
+    between them shown nowhere. A spent budget is closed by llmosd (``<|end|><|start|>assistant<|channel|>
+    final<|message|>``, its tokens counted as completion tokens); a schema constrains the final message;
+    ``reasoning_effort: "none"`` ends the analysis the prompt opened; ``"high"`` reaches the template."""
+    runtime = _send(_request(thinking_daemon, "/api/models/harmony")).json()
+    assert (runtime.get("runtime") or runtime["manifest"]["runtime"])["reasoning"]["format"] == "harmony"
+    out = _chat(thinking_daemon, "harmony", max_tokens=16, max_reasoning_tokens=3).json()
+    said, usage = out["choices"][0]["message"], out["usage"]
+    assert usage["completion_tokens_details"] == {"reasoning_tokens": 3} and usage["completion_tokens"] == 16
+    assert said["reasoning_content"] and said["content"] and "<|" not in said["content"] + said["reasoning_content"]
+    fmt = {"type": "json_schema", "json_schema": {"name": "n", "schema": {"enum": [1, 2, 3]}}}
+    r = _chat(thinking_daemon, "harmony", max_tokens=40, max_reasoning_tokens=3, response_format=fmt)
+    assert r.status_code == 200, r.text
+    constrained = r.json()["choices"][0]["message"]
+    assert constrained["reasoning_content"] == said["reasoning_content"] and json.loads(constrained["content"]) in (
+        1,
+        2,
+        3,
+    )
+    off = _chat(thinking_daemon, "harmony", max_tokens=4, reasoning_effort="none").json()
+    # the analysis the prompt opened is closed in the prompt: <|end|><|start|>assistant<|channel|>final<|message|>
+    assert off["usage"]["prompt_tokens"] - usage["prompt_tokens"] >= 6
+    assert "reasoning_content" not in off["choices"][0]["message"] and off["choices"][0]["message"]["content"]
+    high = _chat(thinking_daemon, "harmony", max_tokens=1, reasoning_effort="high").json()
+    assert high["usage"]["prompt_tokens"] > usage["prompt_tokens"] + 3  # the system message with its effort
+
+
 def test_thinking_turned_off(thinking_daemon: Daemon) -> None:
     """``chat_template_kwargs`` sets the hybrid template's toggle (its empty block: four more prompt tokens,
     ``<think>``, a blank line, ``</think>``, a blank line), ``reasoning_effort: "none"`` does the same; the
@@ -300,25 +351,66 @@ FMT = ReasoningFormat("<think>", "</think>", THINK, END, "enable_thinking")
 
 
 def test_a_model_that_opens_its_own_block() -> None:
-    t = Thinking(ThinkingPlan(FMT, opened=False, budget=2))
-    assert t.may_open() and t.forced() is None
-    assert [t.take(x) for x in (THINK, 5, 6)] == ["open", "think", "think"]
-    assert t.forced() == END  # the budget is spent: the end tag comes next
+    t = FMT.plan([1, 2], budget=2).tracker()
+    assert t.also_allowed() == (THINK,) and t.forced() is None and t.answering
+    assert [t.take(x) for x in (THINK, 5, 6)] == ["tag", "think", "think"]
+    assert not t.answering and t.forced() == END  # the budget is spent: the end tag comes next
     assert [t.take(x) for x in (END, 7, THINK, END)] == ["close", "answer", "answer", "answer"]
-    assert t.tokens == 2 and not t.active
+    assert t.tokens == 2 and t.answering and t.also_allowed() == ()
 
 
 def test_an_answer_that_begins_without_thinking_stays_an_answer() -> None:
-    t = Thinking(ThinkingPlan(FMT, opened=False))
+    t = FMT.plan([1], budget=None).tracker()
     assert [t.take(x) for x in (5, THINK, 6)] == ["answer", "answer", "answer"]
-    assert t.tokens == 0 and t.forced() is None
+    assert t.tokens == 0 and t.forced() is None and not t.entered
 
 
 def test_a_prompt_that_opens_the_block() -> None:
     assert FMT.opened_by([1, 2, THINK, 3]) and not FMT.opened_by([THINK, END, 3]) and not FMT.opened_by([1, 2])
-    t = Thinking(ThinkingPlan(FMT, opened=True, budget=None))
-    assert not t.may_open()
+    t = FMT.plan([1, 2, THINK, 3], budget=None).tracker()
+    assert t.also_allowed() == () and not t.answering
     assert [t.take(x) for x in (5, THINK, END, 6)] == ["think", "think", "close", "answer"]
+    assert FMT.turned_off([1, THINK], lambda text: [99]) == [99] and FMT.turned_off([1], lambda text: [99]) == []
+
+
+# gpt-oss's harmony: tags and the words of its headers as token ids (any ids will do here)
+START, CHANNEL, MESSAGE, END_H, ASSISTANT, ANALYSIS, FINAL, COMMENTARY = 200, 201, 202, 203, 10, 11, 12, 13
+HARMONY = Harmony(START, CHANNEL, MESSAGE, END_H, (ASSISTANT,), (ANALYSIS,), (FINAL,))
+
+
+def test_harmony_splits_the_analysis_channel_from_the_final_one() -> None:
+    """The prompt ends ``<|start|>assistant``: headers are never shown, the analysis message is the
+    thinking (twice here, as gpt-oss may), the final message the answer; a grammar waits for it."""
+    prompt = [1, START, ASSISTANT]
+    assert HARMONY.state_after(prompt) == ("header", None)
+    t = HARMONY.plan(prompt, budget=None).tracker()
+    out = [
+        t.take(x) for x in (CHANNEL, ANALYSIS, MESSAGE, 5, 6, END_H, START, ASSISTANT, CHANNEL, ANALYSIS, MESSAGE, 7)
+    ]
+    assert out == ["tag", "tag", "tag", "think", "think", "close", "tag", "tag", "tag", "tag", "tag", "think"]
+    assert not t.answering and t.tokens == 3
+    out = [t.take(x) for x in (END_H, START, ASSISTANT, CHANNEL, FINAL, MESSAGE)]
+    assert out == ["close", "tag", "tag", "tag", "tag", "tag"] and t.answering
+    assert [t.take(x) for x in (8, 9)] == ["answer", "answer"]
+    comment = HARMONY.plan(prompt, budget=None).tracker()  # a preamble or a tool call: commentary is answer text
+    assert [comment.take(x) for x in (CHANNEL, COMMENTARY, MESSAGE, 5)] == ["tag", "tag", "tag", "answer"]
+
+
+def test_harmony_thinking_is_bounded_and_turned_off() -> None:
+    """A spent budget closes the analysis message and opens the final one, a token a step; thinking off
+    opens the final channel in the prompt itself."""
+    opened = [START, ASSISTANT, CHANNEL, ANALYSIS, MESSAGE]
+    assert HARMONY.state_after(opened) == ("message", "analysis")
+    t = HARMONY.plan(opened, budget=1).tracker()
+    assert t.take(5) == "think"
+    forced = []
+    while (x := t.forced()) is not None:
+        forced.append(x)
+        t.take(x)
+    assert forced == [END_H, START, ASSISTANT, CHANNEL, FINAL, MESSAGE] and t.answering
+    assert HARMONY.turned_off([1, START, ASSISTANT], lambda text: []) == [CHANNEL, FINAL, MESSAGE]
+    assert HARMONY.turned_off(opened, lambda text: []) == HARMONY.closing()
+    assert from_dict(HARMONY.as_dict()) == HARMONY and from_dict(FMT.as_dict()) == FMT
 
 
 def test_a_list_of_named_templates_gives_the_default(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from llmosd.runtime.decoder import Decoder
 from llmosd.runtime.fused_lm import FusedLM, is_fused
 from llmosd.runtime.grammar import Grammars
 from llmosd.runtime.invariance import ALONE, Invariance, settle
-from llmosd.runtime.reasoning import ReasoningFormat, detect
+from llmosd.runtime.reasoning import Harmony, ReasoningFormat, detect, from_dict
 from llmosd.runtime.tools import Tool
 
 log = logging.getLogger(__name__)
@@ -59,15 +59,16 @@ class TextGenerator:
             return lm
         return RightAlignedRows(CausalLM(self.session, vocab))
 
-    def _reasoning(self, runtime: Mapping[str, Any]) -> ReasoningFormat | None:
+    def _reasoning(self, runtime: Mapping[str, Any]) -> ReasoningFormat | Harmony | None:
         """How the model marks its thinking: the manifest's word (set at export), or, for a manifest written
         before exports recorded it, found the same way from the template and the tokenizer."""
         if "reasoning" in runtime:
             given = runtime["reasoning"]
-            return ReasoningFormat.from_dict(given) if isinstance(given, Mapping) else None
+            return from_dict(given) if isinstance(given, Mapping) else None
         if self.chat is None:
             return None
-        return detect(runtime.get("chat_template"), self.tokenizer.token_to_id, self.chat.variables)
+        words = lambda text: self.encode(text, special=False)  # noqa: E731
+        return detect(runtime.get("chat_template"), self.tokenizer.token_to_id, self.chat.variables, words)
 
     def _token(self, token_id: object) -> str:
         return (self.tokenizer.id_to_token(token_id) or "") if isinstance(token_id, int) else ""

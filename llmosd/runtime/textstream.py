@@ -36,6 +36,10 @@ class TextStream:
         self._prefix, self._read = self._read, len(self._ids)
         return self._release(self._pending + after[len(before) :])
 
+    def reset(self) -> None:
+        """Start over (what was released stays in ``text``): a new piece of text after ``finish``."""
+        self._ids, self._prefix, self._read, self._pending = [], 0, 0, ""
+
     def finish(self) -> str:
         """The end of the sequence: release what was held back (it cannot start a stop string now)."""
         if self.stopped:

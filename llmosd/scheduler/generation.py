@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, TypeVar
 from llmosd.runtime.generator import TextGenerator
 from llmosd.runtime.grammar import BoolArray, Constraint
 from llmosd.runtime.memory import IDLE_RELEASE_S, release_quietly
-from llmosd.runtime.reasoning import Thinking, ThinkingPlan
+from llmosd.runtime.reasoning import ThinkingPlan, Tracker
 from llmosd.runtime.sampling import FloatArray, NonFiniteLogits, Sampler, SamplingParams, TokenLogprob, token_logprob
 from llmosd.runtime.textstream import TextStream
 from llmosd.scheduler.errors import QueueFull
@@ -170,7 +170,7 @@ class _Sequence:
     reserve: int  # positions reserved: prompt + max_tokens (within the context)
     enqueued: float
     constraint: Constraint | None = None  # a grammar the tokens must follow (structured outputs, tools)
-    thinking: Thinking | None = None  # where it is in a thinking model's output (the grammar waits for the answer)
+    thinking: Tracker | None = None  # where it is in a thinking model's output (the grammar waits for the answer)
     thought: TextStream | None = None  # the thinking's text (no stop strings: they apply to the answer)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, where asked
@@ -199,7 +199,7 @@ class _Sequence:
     def wants_mask(self) -> bool:
         """A grammar's mask is needed for a step whose logits will be sampled (not while thinking: the
         grammar constrains the answer)."""
-        return self.constraint is not None and not (self.thinking is not None and self.thinking.active)
+        return self.constraint is not None and (self.thinking is None or self.thinking.answering)
 
     def chunk_end(self, size: int) -> int:
         """Where its next prompt chunk ends: at the next multiple of ``size``, or the prompt's end. Chunks
@@ -222,9 +222,9 @@ class _Sequence:
         the chunk to deliver, None while there is nothing to say."""
         thinking = self.thinking
         forced = thinking.forced() if thinking is not None else None
-        if allowed is not None and thinking is not None and thinking.may_open():
+        if allowed is not None and thinking is not None and (extra := thinking.also_allowed()):
             allowed = allowed.copy()  # a grammar constrains the answer: thinking may still come first
-            allowed[thinking.plan.fmt.start_id] = True
+            allowed[list(extra)] = True
         token = forced if forced is not None else self.sampler.pick(logits, allowed)
         if self.request.logprobs is not None:
             self.logprobs.append(token_logprob(logits, token, self.request.logprobs))
@@ -246,16 +246,18 @@ class _Sequence:
             self.done = True
             return Chunk(self.text.finish(), n, "stop", reasoning=self._thought_rest())
         self.sampler.observe(token)
+        constrained = self.constraint is not None and (self.thinking is None or self.thinking.answering)
         kind = self.thinking.take(token) if self.thinking is not None else "answer"
         text = thought = ""
         if kind == "answer":
-            if self.constraint is not None:
+            if constrained and self.constraint is not None:  # not harmony's commentary: the grammar is the final's
                 self.constraint.consume(token)
             text = self._answer(self.text.push(token))
         elif kind == "think" and self.thought is not None:
             thought = self.thought.push(token)
         elif kind == "close" and self.thought is not None:
             thought = self.thought.finish()
+            self.thought.reset()  # harmony may think again in another analysis message
         if self.text.stopped or (self.constraint is not None and self.constraint.finished):
             self.done = True  # a complete grammar takes nothing but the end of sequence: end now
             return Chunk(text + self._answer(self.text.finish()), n, "stop", reasoning=thought)
@@ -274,9 +276,7 @@ class _Sequence:
 
     def _thought_rest(self) -> str:
         """What the thinking held back, where the sequence ends inside it."""
-        if self.thinking is None or not self.thinking.active or self.thought is None:
-            return ""
-        return self.thought.finish()
+        return self.thought.finish() if self.thought is not None else ""
 
 
 @dataclass
@@ -357,7 +357,7 @@ class GenerationEngine(Worker[_Sequence, GenerationStream]):
         text = TextStream(self.model.tokenizer, request.stop)
         seq = _Sequence(request, stream, sampler, text, reserve, time.time(), constraint)
         if request.thinking is not None:
-            seq.thinking, seq.thought = Thinking(request.thinking), TextStream(self.model.tokenizer)
+            seq.thinking, seq.thought = request.thinking.tracker(), TextStream(self.model.tokenizer)
         self._waiting_count += 1
         self.stats.requests += 1
         stream.on_done = self._open.discard

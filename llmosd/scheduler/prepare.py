@@ -149,15 +149,15 @@ def render_chat(
     variables = dict(options.template_vars)
     fmt = model.reasoning if options.thinking is False else None  # thinking turned off on a model that thinks
     if fmt is not None and fmt.toggle is not None:
-        variables[fmt.toggle] = False
+        variables[fmt.toggle] = False  # harmony has none
     try:
         ids = model.render_chat(messages, tools, variables, options.turn)
     except ChatTemplateError as exc:
         raise InvalidRequest(str(exc), "messages") from None
     except ValueError as exc:  # no chat template
         raise InvalidRequest(str(exc), "model") from None
-    if fmt is not None and fmt.opened_by(ids):
-        ids += model.encode(f"{fmt.end}\n\n", special=False)
+    if fmt is not None:  # what the template left open, closed (think tags), or the answer's channel opened (harmony)
+        ids += fmt.turned_off(ids, lambda text: model.encode(text, special=False))
     return ids
 
 
@@ -166,7 +166,7 @@ def thinking_plan(model: TextGenerator, options: GenerationOptions, prompt: list
     fmt = model.reasoning
     if fmt is None or options.thinking is False:
         return None
-    return ThinkingPlan(fmt, fmt.opened_by(prompt), options.max_reasoning_tokens)
+    return fmt.plan(prompt, options.max_reasoning_tokens)
 
 
 def check(model: TextGenerator, options: GenerationOptions) -> None:
@@ -192,8 +192,9 @@ def constraints(model: TextGenerator, options: GenerationOptions, count: int) ->
 
 def sequence_params(model: TextGenerator, options: GenerationOptions, i: int) -> SamplingParams:
     params = with_defaults(options.params, options.given, model.sampling_defaults)
-    if model.reasoning is not None and options.thinking is False:  # thinking off: its tag is never sampled
-        bias = dict(params.logit_bias) | {model.reasoning.start_id: -100.0}
+    banned = model.reasoning.banned_when_off() if model.reasoning is not None and options.thinking is False else ()
+    if banned:  # thinking off: the tag that opens it is never sampled
+        bias = dict(params.logit_bias) | dict.fromkeys(banned, -100.0)
         params = replace(params, logit_bias=tuple(sorted(bias.items())))
     if params.seed is not None and i:  # n choices from one seed must differ, reproducibly
         params = replace(params, seed=(params.seed + i) % 2**64)

@@ -86,7 +86,9 @@ def reasoning_format(template: str | None, tokenizer: Path | None) -> dict[str, 
 
     if template is None or tokenizer is None or not tokenizer.is_file():
         return None
-    found = detect(template, Tokenizer.from_file(str(tokenizer)).token_to_id, ChatTemplate(template).variables)
+    tok = Tokenizer.from_file(str(tokenizer))
+    words = lambda text: list(tok.encode(text, add_special_tokens=False).ids)  # noqa: E731
+    found = detect(template, tok.token_to_id, ChatTemplate(template).variables, words)
     return found.as_dict() if found else None
 
 
