@@ -152,6 +152,14 @@ LOOPBACK_DRIVER = LAUNCH + textwrap.dedent(
             [0.5, [1, 2, 4], [1, 1, 1, 1], [1, 1, 1, 1]],
         ]
         got["quantiles"] = [page.evaluate("([q, b, x, y]) => (" + q + ")(q, b, x, y)", c) for c in cases]
+        # a pull the daemon cannot do (offline, and not in the hub's cache): its message, and the failed entry
+        page.fill("#pull-ref", "hf.co/test-org/Not-Cached")
+        page.click("#pull-start")
+        page.wait_for_function("() => !document.getElementById('pull-start').disabled", timeout=30000)
+        got["pull"] = page.text_content("#pull-state")
+        listed = "() => document.getElementById('pulls').textContent.includes('Not-Cached')"
+        page.wait_for_function(listed, timeout=20000)
+        got["pulls"] = page.text_content("#pulls")
         page.screenshot(path=out + "/console-loopback.png", full_page=True)
         got["requests"], got["problems"] = seen, problems
         b.close()
@@ -238,5 +246,8 @@ def test_the_console_on_loopback_needs_no_token(daemon: Daemon, tmp_path: Path) 
     assert got["charts"]["chart-memory"]["peak"] > 0, got["charts"]
     *finite, empty = got["quantiles"]
     assert finite == pytest.approx([1.5, 3.92, 1.75, 4]) and empty is None, got["quantiles"]
+    assert "hf.co/test-org/Not-Cached is not in the hub's cache" in got["pull"], got["pull"]
+    assert "Not-Cached · failed" in got["pulls"], got["pulls"]
     assert only_from(url, got["requests"]) == [], got["requests"]
-    assert got["problems"] == [], got["problems"]
+    # the browser logs the refused pull's 404 itself; nothing else went wrong
+    assert [p for p in got["problems"] if "404" not in p] == [], got["problems"]

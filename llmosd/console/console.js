@@ -275,7 +275,8 @@
   function showActivity(status, pulls) {
     const items = [...(pulls.running || []), ...(pulls.finished || []).slice(-5).reverse()].map((p) => {
       const pct = p.bytes_total > 0 ? Math.floor((100 * p.bytes_done) / p.bytes_total) + " %" : "";
-      return el("li", [p.ref, p.status, pct, p.error || ""].filter(Boolean).join(" · "), p.error ? "bad" : "");
+      const stage = p.status === "running" && p.stage ? p.stage : "";
+      return el("li", [p.ref, p.status, stage, pct, p.error || ""].filter(Boolean).join(" · "), p.error ? "bad" : "");
     });
     $("pulls").replaceChildren(...items);
     const subs = (status.sync || []).map((s) => {
@@ -383,6 +384,14 @@
       for await (const [chunk, read] of events(response)) {
         if (chunk.error) throw new Error(chunk.error.message || "the stream failed");
         const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
+        if (delta && delta.reasoning_content) { // a model that thinks: its thinking, apart and muted
+          let thought = out.parentNode.querySelector(".thinking");
+          if (!thought) {
+            thought = el("i", "", "thinking muted");
+            out.before(thought);
+          }
+          thought.textContent += delta.reasoning_content;
+        }
         if (delta && delta.content) {
           out.textContent += delta.content;
           pieces += 1;
@@ -416,6 +425,23 @@
     if (!response.ok) throw await errorOf(response);
     return response.json();
   }
+
+  // A pull runs for as long as its download and export take: the list below shows its progress meanwhile.
+  $("pull").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const ref = $("pull-ref").value.trim();
+    if (!ref) return;
+    $("pull-start").disabled = true;
+    $("pull-state").textContent = "pulling " + ref + "…";
+    try {
+      const r = await post("/api/models/pull", { ref });
+      $("pull-state").textContent = `pulled ${ref} as ${r.name}:${r.version} (${r.precision})`;
+    } catch (err) {
+      $("pull-state").textContent = String(err.message || err);
+    } finally {
+      $("pull-start").disabled = false;
+    }
+  });
 
   $("embed").addEventListener("submit", async (ev) => {
     ev.preventDefault();
