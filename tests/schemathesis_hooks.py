@@ -71,6 +71,7 @@ def map_case(context: Any, case: Any) -> Any:
         if body.get("stream") is not True:
             body.pop("stream_options", None)  # OpenAI's rule: only with stream
         body.pop("dimensions", None)  # no model here was exported as Matryoshka-trained: any cut is a 400
+        body.pop("prompt_name", None)  # nor has sentence-transformers prompts: any name is a 400
         for key in ("input", "prompt", "stop_token_ids"):  # token ids within every served vocabulary
             if key in body:
                 body[key] = _in_vocabulary(body[key])

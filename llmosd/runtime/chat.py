@@ -21,6 +21,7 @@ OPEN, CLOSED, CONTINUE = "open", "closed", "continue"  # how a rendered chat end
 # The variables and functions llmosd gives every template; a request's own variables may not replace them.
 RESERVED = frozenset(
     {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "raise_exception", "strftime_now"}
+    | {"range", "dict", "lipsum", "cycler", "joiner", "namespace"}  # jinja2's own globals
 )
 
 
@@ -98,6 +99,8 @@ def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, s
 def _cut_after(text: str, final: str) -> str:
     """The rendered chat up to the end of its final message (as transformers cuts it: some templates strip
     a message, so the stripped text is looked for next)."""
+    if not final:  # nothing to find: the whole render, as transformers' rindex("") leaves it
+        return text
     for wanted in (final, final.strip()):
         at = text.rfind(wanted) if wanted else -1
         if at >= 0:
