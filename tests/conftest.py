@@ -76,6 +76,19 @@ def copy_minilm_tokenizer(dst: Path) -> None:
         shutil.copyfile(minilm_path() / name, dst / name)
 
 
+# A tiny random Llama's shape (LlamaConfig's names), with MiniLM's vocabulary and its [CLS]/[SEP] as BOS/EOS.
+TINY_LLAMA: dict[str, Any] = {
+    "vocab_size": 30522,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "bos_token_id": 101,
+    "eos_token_id": 102,
+}
+
 # A tiny random BERT's shape, with MiniLM's vocabulary (its tokenizer is copied beside it).
 TINY_BERT: dict[str, Any] = {
     "vocab_size": 30522,
@@ -277,6 +290,23 @@ def store_with(store_dir: Path, dst: Path, names: tuple[str, ...]) -> Path:
                 if not blob.exists():
                     os.link(src.blob_path(f.digest), blob)
     return dst
+
+
+def http_json(d: Daemon, path: str, body: dict[str, Any] | None = None, timeout: float = 600) -> tuple[int, Any]:
+    """GET (or POST ``body`` as JSON) over TCP with the daemon's token: the status and the JSON answer,
+    whatever the status."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"Authorization": f"Bearer {d.token}", "Content-Type": "application/json"}
+    req = urllib.request.Request(d.url + path, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
 
 
 def unix_json(d: Daemon, path: str, body: dict[str, Any] | None = None) -> Any:

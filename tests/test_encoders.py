@@ -9,8 +9,6 @@ same inputs alone and batched (batch invariance)."""
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +17,7 @@ from typing import Any
 import pytest
 
 from llmosd.store import ModelStore
-from tests.conftest import TINY_BERT, Daemon, copy_minilm_tokenizer, export, start_daemon
+from tests.conftest import TINY_BERT, TINY_LLAMA, Daemon, copy_minilm_tokenizer, export, http_json, start_daemon
 
 SMALL = TINY_BERT | {"max_position_embeddings": 130}  # XLM-R counts positions from its padding id + 1
 
@@ -36,16 +34,7 @@ def _models() -> dict[str, Callable[[], Any]]:
             t.ModernBertConfig(**TINY_BERT, pad_token_id=0, global_attn_every_n_layers=2, local_attention=8)
         ),
         "qwen3-embed": lambda: t.Qwen3Model(
-            t.Qwen3Config(
-                vocab_size=30522,
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                head_dim=16,
-                max_position_embeddings=512,
-            )
+            t.Qwen3Config(**(TINY_LLAMA | {"max_position_embeddings": 512}), head_dim=16)
         ),
         "bert-weightedmean": lambda: t.BertModel(t.BertConfig(**TINY_BERT)),
     }
@@ -134,16 +123,7 @@ def encoder_daemon(encoders: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def _embed(d: Daemon, **body: Any) -> tuple[int, Any]:
-    req = urllib.request.Request(
-        d.url + "/v1/embeddings",
-        data=json.dumps({"model": "qwen3-embed-fp32"} | body).encode(),
-        headers={"Authorization": f"Bearer {d.token}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    return http_json(d, "/v1/embeddings", {"model": "qwen3-embed-fp32"} | body, timeout=60)
 
 
 def test_a_decoder_embedder_puts_its_instruction_before_queries(encoder_daemon: Daemon) -> None:

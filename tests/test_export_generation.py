@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SMOLLM2, copy_minilm_tokenizer, export, minilm_path
+from tests.conftest import SMOLLM2, TINY_LLAMA, copy_minilm_tokenizer, export, minilm_path
 
 pytestmark = pytest.mark.slow  # every test exports a model from PyTorch
 
@@ -20,19 +20,7 @@ def tiny_causal_lm(kind: str, dst: Path) -> Path:
     torch.manual_seed(0)
     model: LlamaForCausalLM | GPT2LMHeadModel
     if kind.startswith("llama"):
-        model = LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=30522,
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=256,
-                bos_token_id=101,
-                eos_token_id=102,
-            )
-        )
+        model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
     else:
         model = GPT2LMHeadModel(
             GPT2Config(

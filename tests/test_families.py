@@ -23,20 +23,9 @@ from llmosd.runtime.sampling import SamplingParams
 from llmosd.scheduler import GenerationEngine, GenerationLimits, GenerationRequest
 from llmosd.store import ModelStore
 from llmosd.tasks import discover
-from tests.conftest import copy_minilm_tokenizer, export, llmosd
+from tests.conftest import TINY_LLAMA, copy_minilm_tokenizer, export, llmosd
 
-SHAPE = {
-    "vocab_size": 30522,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 512,
-    "bos_token_id": 101,
-    "eos_token_id": 102,
-    "pad_token_id": 0,
-}
+SHAPE = TINY_LLAMA | {"max_position_embeddings": 512, "pad_token_id": 0}
 
 
 def _configs() -> dict[str, Callable[[], Any]]:

@@ -11,8 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ from llmosd.hub.plan import (
     task_of,
 )
 from llmosd.store import ModelStore
-from tests.conftest import Daemon, copy_minilm_tokenizer, free_port, start_daemon
+from tests.conftest import TINY_LLAMA, Daemon, copy_minilm_tokenizer, free_port, http_json, start_daemon
 from tests.hub import FakeHub, serving
 
 REPO = "test-org/Tiny-Llama-3"
@@ -51,17 +49,7 @@ def tiny_llama(dst: Path) -> Path:
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=30522,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=101,
-        eos_token_id=102,
-    )
+    config = LlamaConfig(**TINY_LLAMA)
     LlamaForCausalLM(config).eval().save_pretrained(dst)
     GenerationConfig(bos_token_id=101, eos_token_id=102).save_pretrained(dst)
     copy_minilm_tokenizer(dst)
@@ -140,23 +128,14 @@ def hub_daemon(hub: FakeHub, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     d.stop()
 
 
-def _post(d: Daemon, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    req = urllib.request.Request(
-        d.url + path,
-        data=json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {d.token}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=600) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+def _post(d: Daemon, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+    return http_json(d, path, body)
 
 
 def _get(d: Daemon, path: str) -> Any:
-    req = urllib.request.Request(d.url + path, headers={"Authorization": f"Bearer {d.token}"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        return json.loads(r.read())
+    status, out = http_json(d, path)
+    assert status == 200, out
+    return out
 
 
 def test_the_api_pulls_from_hugging_face_and_serves_it(hub_daemon: Daemon, hub: FakeHub) -> None:

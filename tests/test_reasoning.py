@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from llmosd.runtime.reasoning import Harmony, ReasoningFormat, from_dict
-from tests.conftest import Daemon, export, smollm2_gguf, start_daemon
+from tests.conftest import TINY_LLAMA, Daemon, export, http_json, smollm2_gguf, start_daemon
 
 VOCAB = 49152  # SmolLM2's; the two tags take the next ids
 THINK, END = VOCAB, VOCAB + 1
@@ -76,17 +76,13 @@ def checkpoint(dst: Path, template: str, tokenizer: Path, tags: tuple[str, ...] 
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB + len(HARMONY_TAGS),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    shape = {
+        "vocab_size": VOCAB + len(HARMONY_TAGS),
+        "max_position_embeddings": 512,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    config = LlamaConfig(**(TINY_LLAMA | shape))
     LlamaForCausalLM(config).eval().save_pretrained(dst)
     GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(dst)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -133,25 +129,20 @@ def thinking_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon
 
 
 class Answer:
-    def __init__(self, status: int, body: bytes) -> None:
-        self.status_code, self.text = status, body.decode()
+    def __init__(self, status: int, body: Any) -> None:
+        self.status_code, self.body = status, body
 
     def json(self) -> Any:
-        return json.loads(self.text)
+        return self.body
+
+    @property
+    def text(self) -> str:
+        return json.dumps(self.body)
 
 
-def _request(d: Daemon, path: str, body: dict[str, Any] | None = None) -> urllib.request.Request:
-    data = None if body is None else json.dumps(body).encode()
+def _request(d: Daemon, path: str, body: dict[str, Any]) -> urllib.request.Request:
     headers = {"Authorization": f"Bearer {d.token}", "Content-Type": "application/json"}
-    return urllib.request.Request(f"{d.url}{path}", data=data, headers=headers)
-
-
-def _send(req: urllib.request.Request) -> Answer:
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return Answer(r.status, r.read())
-    except urllib.error.HTTPError as exc:
-        return Answer(exc.code, exc.read())
+    return urllib.request.Request(f"{d.url}{path}", data=json.dumps(body).encode(), headers=headers)
 
 
 QUESTION = [{"role": "user", "content": "How many legs has a cat?"}]
@@ -159,7 +150,7 @@ QUESTION = [{"role": "user", "content": "How many legs has a cat?"}]
 
 def _chat(d: Daemon, model: str, **extra: Any) -> Answer:
     body = {"model": model, "messages": QUESTION, "temperature": 0} | extra
-    return _send(_request(d, "/v1/chat/completions", body))
+    return Answer(*http_json(d, "/v1/chat/completions", body, timeout=120))
 
 
 def _streamed(d: Daemon, model: str, **extra: Any) -> list[dict[str, Any]]:
@@ -178,7 +169,7 @@ def test_the_export_records_how_a_model_thinks(thinking_daemon: Daemon) -> None:
     """The manifest's word, from the template and the tokens: the hybrid template's toggle is found, the
     opening one has none."""
     for name, toggle in (("hybrid", "enable_thinking"), ("opening", None)):
-        manifest = _send(_request(thinking_daemon, f"/api/models/{name}")).json()
+        manifest = http_json(thinking_daemon, f"/api/models/{name}")[1]
         runtime = manifest.get("runtime") or manifest["manifest"]["runtime"]
         assert runtime["reasoning"] == {
             "format": "think-tags",
@@ -237,7 +228,7 @@ def test_harmony_channels_are_split_bounded_and_turned_off(thinking_daemon: Daem
     between them shown nowhere. A spent budget is closed by llmosd (``<|end|><|start|>assistant<|channel|>
     final<|message|>``, its tokens counted as completion tokens); a schema constrains the final message;
     ``reasoning_effort: "none"`` ends the analysis the prompt opened; ``"high"`` reaches the template."""
-    runtime = _send(_request(thinking_daemon, "/api/models/harmony")).json()
+    runtime = http_json(thinking_daemon, "/api/models/harmony")[1]
     assert (runtime.get("runtime") or runtime["manifest"]["runtime"])["reasoning"]["format"] == "harmony"
     out = _chat(thinking_daemon, "harmony", max_tokens=16, max_reasoning_tokens=3).json()
     said, usage = out["choices"][0]["message"], out["usage"]
