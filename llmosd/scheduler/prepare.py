@@ -138,14 +138,10 @@ def encode_prompts(model: TextGenerator, prompts: Sequence[str | list[int]]) -> 
 
 
 def render_chat(
-    model: TextGenerator,
-    messages: list[Message],
-    tools: list[Tool] | None = None,
-    options: GenerationOptions | None = None,
+    model: TextGenerator, messages: list[Message], tools: list[Tool] | None, options: GenerationOptions
 ) -> list[int]:
     """The chat's prompt. With thinking turned off on a model that thinks, its template's toggle is set,
     and a block the template still opens is closed right away (R1-style templates have no toggle)."""
-    options = options or GenerationOptions()
     variables = dict(options.template_vars)
     fmt = model.reasoning if options.thinking is False else None  # thinking turned off on a model that thinks
     if fmt is not None and fmt.toggle is not None:
