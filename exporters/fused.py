@@ -17,6 +17,8 @@ weights carried exactly (exporters.grid) and the rest int8; otherwise the builde
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +47,11 @@ NOT_ADMITTED = {
     "smollm3": "the builder's graph does not load (its layers without rotary read a position_ids it never declares)",
 }
 PRECISIONS = ("fp32", "int8", "int4")
+# glibc serves allocations under its mmap threshold (which grows to 32 MB as big blocks are freed) from the
+# heap, where a layer's freed fp32 weights stay as holes the process never gives back: the builder grew by a
+# layer's bf16 size per layer (a 248M Llama: 1,638 MB peak at int8, 753 MB with this). Blocks of 256 KiB and
+# more are mapped on their own and returned when freed.
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(256 << 10)}
 PROTOBUF_LIMIT = 2_000_000_000  # one ONNX file; beyond it weights need an external data file
 EXTERNAL_DATA = "model.onnx.data"  # the store's model-data role; the graph names its weights by it
 KEEP_INPUT = "logits_to_keep"  # positions whose logits a run returns, the last ones (transformers' name)
@@ -98,10 +105,11 @@ def build(src: Path, out: Path, precision: str, options: dict[str, str]) -> tupl
     if builder_precision == "int4":
         extra |= INT4_DEFAULTS | {k: v for k, v in options.items() if k.startswith("int4_") and k != "int4_carry"}
     raw = out / "builder"
-    _builder(src, raw, out / "builder-cache", builder_precision, extra)
+    int8_block = int(options.get("int8_block_size", "32")) if precision == "int8" else None
     steps: dict[str, Any] = {"builder": "onnxruntime-genai " + _version(), "builder_options": extra}
+    steps["builder_run"] = _builder(src, raw, out / "builder-cache", builder_precision, extra, int8_block)
     if precision == "int8":
-        model = _int8(raw / "model.onnx", out, steps, options)
+        model = _int8(raw / "model.onnx", steps, int8_block)
     elif carry:
         model = _carry(raw / "model.onnx", steps)
     else:
@@ -128,28 +136,29 @@ def _carries(src: Path, options: dict[str, str]) -> bool:
     return source_on_grid(src)
 
 
-def _builder(src: Path, raw: Path, cache: Path, precision: str, extra: dict[str, str]) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "onnxruntime_genai.models.builder",
-        "-i",
-        str(src),
-        "-o",
-        str(raw),
-        "-p",
-        precision,
-        "-e",
-        "cpu",
-        "-c",
-        str(cache),
-        "--extra_options",
-        *(f"{k}={v}" for k, v in sorted(extra.items())),
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+def _builder(
+    src: Path, raw: Path, cache: Path, precision: str, extra: dict[str, str], int8_block: int | None
+) -> dict[str, Any]:
+    """The builder in a child (exporters.stream_build: a layer at a time); how it read and quantised the
+    weights, and its peak resident memory."""
+    report = raw / "stream.json"
+    raw.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "exporters.stream_build", str(report)]
+    cmd += [] if int8_block is None else ["--int8", str(int8_block)]
+    cmd += ["--", "-i", str(src), "-o", str(raw), "-p", precision, "-e", "cpu", "-c", str(cache), "--extra_options"]
+    cmd += [f"{k}={v}" for k, v in sorted(extra.items())]
+    log = raw / "builder.log"
+    with log.open("w") as err:
+        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=os.environ | MALLOC)
+        # reaped here rather than by Popen: wait4 gives the child's own peak resident memory
+        _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        tail = "\n".join(log.read_text().strip().splitlines()[-5:])
         raise RuntimeError(f"the model builder failed: {tail}")
+    done: dict[str, Any] = json.loads(report.read_text())
+    done["peak_rss_mb"] = round(usage.ru_maxrss / 1024)
+    return done
 
 
 def _carry(graph: Path, steps: dict[str, Any]) -> Any:
@@ -176,15 +185,17 @@ def _load(graph: Path) -> Any:
     return onnx.load(str(graph))  # with its external data, wherever the builder put it
 
 
-def _int8(graph: Path, out: Path, steps: dict[str, Any], options: dict[str, str]) -> Any:
-    from exporters.quantize import quantize_weight_only
+def _int8(graph: Path, steps: dict[str, Any], block: int | None) -> Any:
+    """The builder's graph, its MatMuls already int8 (exporters.stream_build); the embedding after them."""
+    from exporters.quantize import ACCURACY_LEVEL
 
-    block = int(options.get("int8_block_size", "32"))
-    staged = out / "quantized.onnx"
-    steps["quantize"] = quantize_weight_only(graph, staged, bits=8, block_size=block, symmetric=True, external=True)
-    model = _load(staged)
-    for path in out.glob("quantized.onnx*"):
-        path.unlink()
+    model = _load(graph)
+    steps["quantize"] = {
+        "scheme": "weight-only",
+        "weights": f"int8 symmetric, blocks of {block}",
+        "ops": ["MatMul"],
+        "accuracy_level": ACCURACY_LEVEL,
+    }
     if share_embedding(model):
         steps["quantize"]["embedding"] = "int8, the LM head's blocks (tied weights kept once)"
     elif quantize_embedding(model):
