@@ -99,16 +99,22 @@ def validate(
     export = task.export
     assert export is not None  # the exporter refuses a task without one
     tokenizer = TextTokenizer(tokenizer_file, int(runtime["max_seq_length"]))
-    session, placement = _session(model, devices)
-    check = Checked(src, session, tokenizer)
+    placed: list[Placement] = []
+
+    def open_session() -> Any:
+        session, placement = _session(model, devices)
+        placed.append(placement)
+        return session
+
+    check = Checked(src, tokenizer, open_session)
     if export.validate is not None:
         figs, inputs = export.validate(check), list(INPUTS)
     else:
         figs, inputs = _compared(task, export, check, runtime, tokenizer_file)
     recheck = figs.pop("recheck", None)  # reference data, not a figure
     result: dict[str, Any] = {
-        "reference": "pytorch fp32",
-        "device": placement.device,
+        "reference": "pytorch " + str(figs.pop("reference_dtype", "fp32")),
+        "device": placed[0].device,
         "cpu": built_on(),
         "inputs": inputs,
         "figures": figs,

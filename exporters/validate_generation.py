@@ -82,19 +82,53 @@ def _perplexity(logits: np.ndarray, ids: list[int]) -> float:
     return float(np.exp(nll.mean()))
 
 
-def figures(src: Path, model: OnnxCausalLM, tokenizer: Any) -> dict[str, Any]:
-    import torch
-    from transformers import AutoModelForCausalLM
+def reference_model(src: Path) -> tuple[Any, str]:
+    """The PyTorch reference and its dtype: fp32 where it fits in the memory left (with room for the
+    artifact's session after it), else the checkpoint's own dtype (bf16: an 8B takes 16 GB, not 32)."""
+    from exporters import memory, weights
 
-    ref_model = AutoModelForCausalLM.from_pretrained(str(src), local_files_only=True).eval()  # type: ignore[no-untyped-call]
-    ids = tokenizer.encode(TEXT).ids
+    try:
+        checkpoint = weights.Checkpoint(src)
+    except FileNotFoundError:  # .bin weights: transformers' loader, in fp32
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(str(src), local_files_only=True).eval(), "fp32"  # type: ignore[no-untyped-call]
+    fp32 = checkpoint.params * 4
+    dtype = "F32" if fp32 <= memory.available() - memory.HEADROOM else checkpoint.dtype
+    return weights.load(src, weights.torch_dtype(dtype)), memory.DTYPE_NAMES.get(dtype, dtype.lower())
+
+
+def _reference(src: Path, ids: list[int], prompt: list[int]) -> tuple[np.ndarray, list[int], str]:
+    """PyTorch's logits at every position of ``ids`` and its greedy continuation of ``prompt`` (recomputing
+    the whole prefix each step); the model is gone when this returns."""
+    import gc
+
+    import torch
+
+    ref_model, dtype = reference_model(src)
     with torch.no_grad():
         ref = ref_model(torch.tensor([ids])).logits[0].float().numpy()
+        ref_ids = list(prompt)
+        for _ in range(GREEDY_TOKENS):
+            ref_ids.append(int(ref_model(torch.tensor([ref_ids])).logits[0, -1].argmax()))
+    del ref_model
+    gc.collect()
+    return ref, ref_ids[len(prompt) :], dtype
+
+
+def figures(src: Path, check: Checked) -> dict[str, Any]:
+    tokenizer = check.tokenizer.raw
+    ids = tokenizer.encode(TEXT).ids
+    prompt = tokenizer.encode(PROMPT).ids
+    # the reference first and alone: the artifact's session opens only after PyTorch's model is gone
+    ref, ref_greedy, dtype = _reference(src, ids, prompt)
+    model = OnnxCausalLM(check.session)
     cand = teacher_forced(model, ids)
     top2 = np.sort(ref, axis=-1)[:, -2:]
     decisive = (top2[:, 1] - top2[:, 0]) >= DECISIVE_LOGIT_MARGIN
     agree = ref.argmax(-1) == cand.argmax(-1)
     out: dict[str, Any] = {
+        "reference_dtype": dtype,
         "positions": len(ids),
         "top1_agreement": float(agree[decisive].mean()) if decisive.any() else 1.0,
         "top1_agreement_all": float(agree.mean()),
@@ -111,15 +145,12 @@ def figures(src: Path, model: OnnxCausalLM, tokenizer: Any) -> dict[str, Any]:
         "top1": [int(t) for t in ref.argmax(-1)[decisive]],
     }
     # Free-running greedy, the export with its KV cache against PyTorch recomputing the whole prefix.
-    prompt = tokenizer.encode(PROMPT).ids
-    ref_ids, cand_ids = list(prompt), list(prompt)
+    cand_ids = list(prompt)
     logits, past = model.forward(prompt, model.empty_past(), 0)
     for _ in range(GREEDY_TOKENS):
-        with torch.no_grad():
-            ref_ids.append(int(ref_model(torch.tensor([ref_ids])).logits[0, -1].argmax()))
         cand_ids.append(int(logits[-1].argmax()))
         logits, past = model.forward([cand_ids[-1]], past, len(cand_ids) - 1)
-    generated = list(zip(ref_ids[len(prompt) :], cand_ids[len(prompt) :], strict=True))
+    generated = list(zip(ref_greedy, cand_ids[len(prompt) :], strict=True))
     diverged = next((i for i, (a, b) in enumerate(generated) if a != b), None)
     out["greedy_tokens"] = GREEDY_TOKENS
     out["greedy_first_divergence"] = diverged  # None: identical for all GREEDY_TOKENS
@@ -128,4 +159,4 @@ def figures(src: Path, model: OnnxCausalLM, tokenizer: Any) -> dict[str, Any]:
 
 def validate_task(check: Checked) -> dict[str, Any]:
     """The text-generation task's validation hook: teacher-forced top-1 agreement and perplexity."""
-    return figures(check.src, OnnxCausalLM(check.session), check.tokenizer.raw)
+    return figures(check.src, check)

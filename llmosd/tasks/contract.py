@@ -14,6 +14,7 @@ import importlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -64,11 +65,17 @@ class Source:
 
 @dataclass(frozen=True)
 class Checked:
-    """What a task's own ``validate`` hook receives (causal LMs: teacher-forced figures, not outputs)."""
+    """What a task's own ``validate`` hook receives (causal LMs: teacher-forced figures, not outputs).
+    The session opens when first asked for: a hook can run its PyTorch reference, and let it go, before
+    the artifact is in memory beside it."""
 
     src: Path
-    session: Any
     tokenizer: TextTokenizer
+    open_session: Callable[[], Any]
+
+    @cached_property
+    def session(self) -> Any:
+        return self.open_session()
 
 
 # The PyTorch reference of an encoder task: the source folder, the padded batch of the validation
