@@ -61,7 +61,7 @@ def _tokenizer_json(src: Path, dst: Path) -> None:
 
 
 def run(args: argparse.Namespace, task: Task) -> dict[str, Any]:
-    from exporters import source
+    from exporters import memory, source
     from exporters.validate import validate
 
     recipe = task.export
@@ -74,7 +74,10 @@ def run(args: argparse.Namespace, task: Task) -> dict[str, Any]:
     config = source.model_config(src)
     use_fused = _fused(args, recipe, config)
     runtime: dict[str, Any] = {}
+    fits = memory.check(src, args.precision, use_fused) if recipe.fused else None
     steps = _export_graph(args, recipe, src, out, config, runtime, use_fused)
+    if fits is not None:
+        steps["memory"] = fits
     files = _files(recipe, src, out)
     # The fused graph is built for the CPU provider (GroupQueryAttention, MatMulNBits at accuracy level 4);
     # its CUDA build is another graph (fp16), not proven here yet. Per-token int8 runs on MLAS's u8s8
