@@ -72,13 +72,14 @@ def needed(params: int, checkpoint_bytes: int, precision: str, streamed: bool) -
     - the builder: the graph it keeps (quantised layers as it goes when ``streamed``; else the fp32 model
       and a second copy of it, the quantiser's or optimum's trace), and one layer read in fp32;
     - the fused recipe's last pass: the graph loaded once more, written out;
-    - the gate: the reference in the checkpoint's dtype at least, then the session over the artifact.
+    - the gate: the reference (its weights in the checkpoint's dtype, one widened to fp32 at a time), then
+      the session over the artifact.
     """
     graph = params * _STORED.get(precision, 4.0)
     # streamed: a layer in fp32 and its copies beside the graph, well under a sixteenth of the model
     builder = graph + params * 4 / 16 if streamed else params * 4 * 2
     last_pass = graph * 1.5
-    gate = max(checkpoint_bytes, graph * 1.3)
+    gate = max(checkpoint_bytes + params * 4 / 16, graph * 1.3)
     return int(max(builder, last_pass, gate)) + HEADROOM
 
 

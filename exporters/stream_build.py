@@ -86,22 +86,26 @@ def quantize(
     n, k = weight.shape
     excluded = name in settings.get("nodes_to_exclude", ())
     step = n if excluded else max(1, chunk // k)
-    parts = []
+    nodes: list[Any] = []
+    tensors: dict[str, list[Any]] = {}
     for at in range(0, n, step):
         part = weight[at : at + step].detach().to(torch.float32).T.contiguous().numpy()
-        parts.append(_one_graph(name, weight_name, part, x, y, settings))
-    nodes = list(parts[0].node)
-    tensors = {t.name: [numpy_helper.to_array(t)] for t in parts[0].initializer}
-    for graph in parts[1:]:
+        graph = _one_graph(name, weight_name, part, x, y, settings)
+        nodes = nodes or list(graph.node)
+        used = {i for node in graph.node for i in node.input}
         for t in graph.initializer:
-            tensors[t.name].append(numpy_helper.to_array(t))
-    if len(parts) > 1:
+            if t.name in used:  # a quantiser may leave the float weight behind, unused
+                tensors.setdefault(t.name, []).append(numpy_helper.to_array(t))
+        del graph, part
+    if n > step:
         (node,) = nodes
         assert node.op_type == "MatMulNBits", node.op_type
         for attr in node.attribute:
             if attr.name == "N":
                 attr.CopyFrom(helper.make_attribute("N", n))
-    return nodes, {name: np.concatenate(arrays, axis=0) for name, arrays in tensors.items()}
+    return nodes, {
+        title: arrays[0] if len(arrays) == 1 else np.concatenate(arrays) for title, arrays in tensors.items()
+    }
 
 
 def _add(builder: Any, nodes: list[Any], tensors: dict[str, Any], out_dtype: Any, out_shape: list[Any]) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from exporters import memory
 from exporters.validate import INPUTS
 from llmosd.tasks import Checked
 
@@ -83,9 +84,15 @@ def _perplexity(logits: np.ndarray, ids: list[int]) -> float:
 
 
 def reference_model(src: Path) -> tuple[Any, str]:
-    """The PyTorch reference and its dtype: fp32 where it fits in the memory left (with room for the
-    artifact's session after it), else the checkpoint's own dtype (bf16: an 8B takes 16 GB, not 32)."""
-    from exporters import memory, weights
+    """The PyTorch reference, computing in fp32, and what it computes in.
+
+    Its weights stay in the checkpoint's dtype and each Linear's weight is made fp32 only while it runs:
+    bf16 and fp16 widen to fp32 exactly, so this computes what the fp32 model computes, in the memory of
+    the checkpoint (an 8B: 16 GB, not 32). A model with matrices outside Linear and Embedding modules is
+    loaded whole in fp32 instead."""
+    import torch
+
+    from exporters import weights
 
     try:
         checkpoint = weights.Checkpoint(src)
@@ -93,9 +100,46 @@ def reference_model(src: Path) -> tuple[Any, str]:
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(str(src), local_files_only=True).eval(), "fp32"  # type: ignore[no-untyped-call]
-    fp32 = checkpoint.params * 4
-    dtype = "F32" if fp32 <= memory.available() - memory.HEADROOM else checkpoint.dtype
-    return weights.load(src, weights.torch_dtype(dtype)), memory.DTYPE_NAMES.get(dtype, dtype.lower())
+    stored = weights.torch_dtype(checkpoint.dtype)
+    model = weights.load(src, stored)
+    if stored == torch.float32:
+        return model, "fp32"
+    linear = (torch.nn.Linear, torch.nn.Embedding)
+    loose = [
+        f"{name}.{p}"
+        for name, module in model.named_modules()
+        if not isinstance(module, linear)
+        for p, value in module.named_parameters(recurse=False)
+        if value.ndim > 1
+    ]
+    if loose:
+        return model.float(), "fp32"
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.forward = _fp32_linear(module)  # type: ignore[method-assign]
+        elif isinstance(module, torch.nn.Embedding):
+            module.register_forward_hook(lambda _m, _i, out: out.float())
+    return model, f"fp32 (computed over its {memory.DTYPE_NAMES.get(checkpoint.dtype, checkpoint.dtype)} weights)"
+
+
+WIDEN = 32 << 20  # weights widened to fp32 at a time: an 8B's LM head (525M) would take 2.1 GB at once
+
+
+def _fp32_linear(module: Any) -> Any:
+    import torch
+
+    def forward(x: Any) -> Any:
+        weight, bias = module.weight, module.bias
+        rows = max(1, WIDEN // weight.shape[1])
+        parts = [
+            torch.nn.functional.linear(
+                x.float(), weight[at : at + rows].float(), None if bias is None else bias[at : at + rows].float()
+            )
+            for at in range(0, weight.shape[0], rows)
+        ]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    return forward
 
 
 def _reference(src: Path, ids: list[int], prompt: list[int]) -> tuple[np.ndarray, list[int], str]:
