@@ -130,7 +130,7 @@ def patch(model_class: Any, int8_block: int | None, chunk: int = CHUNK) -> None:
     from exporters.quantize import ACCURACY_LEVEL
 
     load_weights, to_int4 = model_class.load_weights, model_class.to_int4
-    matmul_int4, matmul_float = model_class.make_matmul_int4, model_class.make_matmul_float
+    matmul_int4 = model_class.make_matmul_int4
 
     def streamed_load(self: Any, input_path: str) -> Any:
         src = Path(self.model_name_or_path)
@@ -200,8 +200,6 @@ def patch(model_class: Any, int8_block: int | None, chunk: int = CHUNK) -> None:
     model_class.make_matmul_int4 = int4_now
     if int8_block is not None:
         model_class.make_matmul_float = int8_now
-    else:
-        model_class.make_matmul_float = matmul_float
 
 
 def main(argv: list[str]) -> int:
