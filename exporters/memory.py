@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 HEADROOM = 1 << 30  # the interpreter, torch, ORT and transformers themselves
-DTYPE_NAMES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16", "F64": "fp64"}
 # bytes per parameter of a graph's weights at each precision (int4 k_quant_mixed: a third of the layers and
 # the head in int8, scales and zero points beside the nibbles)
 _STORED = {"fp32": 4.0, "fp16": 2.0, "int8": 1.07, "int4": 0.72}
@@ -92,7 +91,8 @@ def check(src: Path, precision: str, fused: bool) -> dict[str, int] | None:
         checkpoint = weights.Checkpoint(src)
     except (FileNotFoundError, ValueError):
         return None  # .bin weights or a GGUF's dequantised folder: nothing to estimate from
-    need = needed(checkpoint.params, checkpoint.nbytes, precision, fused and weights.streamable(src))
+    streamed = fused and weights.streaming(src, None, checkpoint) is not None
+    need = needed(checkpoint.params, checkpoint.nbytes, precision, streamed)
     room = available()
     if need > room:
         raise ValueError(

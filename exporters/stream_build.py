@@ -146,16 +146,12 @@ def patch(model_class: Any, int8_block: int | None, chunk: int = CHUNK) -> None:
 
     def streamed_load(self: Any, input_path: str) -> Any:
         src = Path(self.model_name_or_path)
-        if (
-            input_path.endswith(".gguf")
-            or self.quant_type is not None
-            or "adapter_path" in self.extra_options
-            or not (src.is_dir() and weights.streamable(src))
-        ):
-            return load_weights(self, input_path)
         overrides = {"num_hidden_layers": self.num_layers} if "num_hidden_layers" in self.extra_options else {}
-        model = weights.empty_model(src, **overrides)
-        filler = weights.Materialiser(model, weights.Checkpoint(src), torch.float32)
+        own_loader = input_path.endswith(".gguf") or self.quant_type is not None or "adapter_path" in self.extra_options
+        ready = None if own_loader or not src.is_dir() else weights.streaming(src, torch.float32, **overrides)
+        if ready is None:
+            return load_weights(self, input_path)
+        model, filler = ready
         model.modules = lambda: weights.walk_filling(model, filler, lambda m: _wanted(m, self.vocab_size))
         REPORT["weights"] = "read a layer at a time from the safetensors shards"
         return model

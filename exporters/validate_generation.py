@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 
-from exporters import memory
 from exporters.validate import INPUTS
 from llmosd.tasks import Checked
 
@@ -101,7 +100,7 @@ def reference_model(src: Path) -> tuple[Any, str]:
 
         return AutoModelForCausalLM.from_pretrained(str(src), local_files_only=True).eval(), "fp32"  # type: ignore[no-untyped-call]
     stored = weights.torch_dtype(checkpoint.dtype)
-    model = weights.load(src, stored)
+    model = weights.load(src, stored, checkpoint)
     if stored == torch.float32:
         return model, "fp32"
     linear = (torch.nn.Linear, torch.nn.Embedding)
@@ -119,7 +118,7 @@ def reference_model(src: Path) -> tuple[Any, str]:
             module.forward = _fp32_linear(module)  # type: ignore[method-assign]
         elif isinstance(module, torch.nn.Embedding):
             module.register_forward_hook(lambda _m, _i, out: out.float())
-    return model, f"fp32 (computed over its {memory.DTYPE_NAMES.get(checkpoint.dtype, checkpoint.dtype)} weights)"
+    return model, f"fp32 (computed over its {weights.DTYPE_NAMES.get(checkpoint.dtype, checkpoint.dtype)} weights)"
 
 
 WIDEN = 32 << 20  # weights widened to fp32 at a time: an 8B's LM head (525M) would take 2.1 GB at once

@@ -15,26 +15,28 @@ the bytes (https://github.com/huggingface/safetensors#format).
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# safetensors' dtype names -> bytes per element and torch's attribute name
+# safetensors' dtype names -> torch's attribute names
 _DTYPES = {
-    "F64": (8, "float64"),
-    "F32": (4, "float32"),
-    "F16": (2, "float16"),
-    "BF16": (2, "bfloat16"),
-    "I64": (8, "int64"),
-    "I32": (4, "int32"),
-    "I16": (2, "int16"),
-    "I8": (1, "int8"),
-    "U8": (1, "uint8"),
-    "BOOL": (1, "bool"),
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
 }
 FLOATS = ("F32", "F16", "BF16", "F64")
+DTYPE_NAMES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16", "F64": "fp64"}  # as the manifest names them
 
 
 @dataclass(frozen=True)
@@ -49,10 +51,7 @@ class Stored:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 class Checkpoint:
@@ -95,7 +94,7 @@ class Checkpoint:
         import torch
 
         t = self.tensors[name]
-        out = torch.empty(t.shape, dtype=getattr(torch, _DTYPES[t.dtype][1]))
+        out = torch.empty(t.shape, dtype=torch_dtype(t.dtype))
         with t.path.open("rb") as f:
             f.seek(t.offset)
             raw: Any = out.view(-1).view(torch.uint8).numpy()
@@ -123,7 +122,7 @@ def _header(path: Path) -> dict[str, Stored]:
 def torch_dtype(name: str) -> Any:
     import torch
 
-    return getattr(torch, _DTYPES[name][1])
+    return getattr(torch, _DTYPES[name])
 
 
 def empty_model(src: Path, **overrides: Any) -> Any:
@@ -145,7 +144,7 @@ class Materialiser:
     ``model.embed_tokens.weight``); whichever of them the checkpoint has is read."""
 
     def __init__(self, model: Any, checkpoint: Checkpoint, dtype: Any) -> None:
-        self.model, self.checkpoint, self.dtype = model, checkpoint, dtype
+        self.checkpoint, self.dtype = checkpoint, dtype
         aliases: dict[int, list[str]] = {}
         for name, param in model.named_parameters(remove_duplicate=False):
             aliases.setdefault(id(param), []).append(name)
@@ -158,7 +157,6 @@ class Materialiser:
             else:
                 for n in names:
                     self.stored[id(model.get_parameter(n))] = found
-        self.prefix = {id(m): p for p, m in model.named_modules(remove_duplicate=False)}
 
     def fill(self, module: Any, dtype: Any = None) -> list[tuple[Any, str, Any]]:
         """Read every meta parameter under ``module`` (in ``dtype``, else the materialiser's); return what
@@ -188,23 +186,26 @@ class Materialiser:
             owner._parameters[name] = param
 
 
-def load(src: Path, dtype: Any) -> Any:
+def load(src: Path, dtype: Any, checkpoint: Checkpoint | None = None) -> Any:
     """The whole causal LM of ``src`` in ``dtype``, read a tensor at a time: at most one tensor more than
     the model in memory (``from_pretrained`` in bf16 holds the model and the shard's mapped pages)."""
-    model = empty_model(src)
-    filler = Materialiser(model, Checkpoint(src), dtype)
-    if filler.missing:
-        raise ValueError(f"the checkpoint lacks {', '.join(filler.missing[:3])}")
+    ready = streaming(src, dtype, checkpoint)
+    if ready is None:
+        raise ValueError(f"{src}: the checkpoint lacks weights the model has")
+    model, filler = ready
     filler.fill(model)
     return model
 
 
-def streamable(src: Path) -> bool:
-    """Whether ``src`` can be read a tensor at a time (safetensors, every parameter found by its name)."""
+def streaming(src: Path, dtype: Any, checkpoint: Checkpoint | None = None, **overrides: Any) -> Any:
+    """The empty model of ``src`` and the materialiser that fills it; None where it cannot be read a tensor
+    at a time (no safetensors, a parameter the checkpoint does not name)."""
     try:
-        return not Materialiser(empty_model(src), Checkpoint(src), None).missing
+        model = empty_model(src, **overrides)
+        filler = Materialiser(model, checkpoint or Checkpoint(src), dtype)
     except (FileNotFoundError, ValueError, OSError):
-        return False
+        return None
+    return None if filler.missing else (model, filler)
 
 
 def walk_filling(model: Any, filler: Materialiser, wanted: Any) -> Iterator[Any]:
