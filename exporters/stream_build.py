@@ -220,6 +220,9 @@ def main(argv: list[str]) -> int:
     import onnxruntime_genai.models  # noqa: F401  (puts its folder on sys.path: the builder imports "builders")
     from builders.base import Model
 
+    from exporters import builder_fixes
+
+    builder_fixes.apply()
     patch(Model, args.int8, args.chunk)
     sys.argv = ["builder", *argv[at + 1 :]]
     runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")

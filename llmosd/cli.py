@@ -625,8 +625,9 @@ class _ListArchitectures(argparse.Action):
         width = max(map(len, [*ARCHITECTURES, *NOT_ADMITTED]))
         lines = ["fused graph (KV cache in place; fp32, int8 or int4; each export gated against PyTorch):"]
         lines += [f"  {kind:<{width}}  {what}" for kind, what in sorted(ARCHITECTURES.items())]
-        lines += ["refused by the fused recipe (optimum's generic graph serves them, slower):"]
-        lines += [f"  {kind:<{width}}  {why}" for kind, why in sorted(NOT_ADMITTED.items())]
+        if NOT_ADMITTED:
+            lines += ["refused by the fused recipe (optimum's generic graph serves them, slower):"]
+            lines += [f"  {kind:<{width}}  {why}" for kind, why in sorted(NOT_ADMITTED.items())]
         lines += ["any other causal LM transformers loads: optimum's generic graph (--exporter optimum)"]
         print("\n".join(lines))
         parser.exit(0)
