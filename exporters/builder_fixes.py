@@ -14,6 +14,16 @@ Each was found by comparing the builder's fp32 graph with PyTorch's logits on a 
   does not load) and would rotate a layer that must not be. Fixed by passing a NoPE layer's queries and
   keys to GroupQueryAttention unrotated (do_rotary=0, no cos/sin caches).
 
+- **gpt-oss** clamps its experts' SwiGLU at 7 (``GptOssExperts.limit``, hard-coded in transformers 4.57, not a
+  config field). The builder passes ``swiglu_limit`` to ORT's MoE/QMoE only when the config has one, so it
+  wrote none, and ORT then clamps nothing: on a tiny checkpoint whose activations pass 7 the logits were
+  0.57 off (top-1 0.53; 0.0025 and 1.0 with the limit). Fixed by giving the builder the limit transformers uses.
+
+- **8-bit experts** (QMoE with ``expert_weight_bits=8``, which this project writes at int8): the builder
+  stores each weight's two's complement in a uint8, and ORT's CPU QMoE reads a uint8 as ``q - 128`` (its
+  8-bit zero point): every negative weight came out 128 steps off, a tiny gpt-oss top-1 0.0. Fixed by
+  storing ``q + 128``.
+
 ``apply()`` patches the builder's classes by name; it is called by exporters.stream_build before the
 builder runs. The builder imports its classes as the top-level package ``builders``.
 """
@@ -22,6 +32,7 @@ from __future__ import annotations
 
 from typing import Any
 
+GPT_OSS_SWIGLU_LIMIT = 7.0  # transformers' GptOssExperts.limit
 OLMO_EPSILON = 1e-5  # transformers' OlmoLayerNorm: F.layer_norm(..., eps=1e-5), not a config field
 
 
@@ -88,9 +99,43 @@ def _smollm3(model_class: Any) -> None:
     model_class.make_attention = attention
 
 
+def _experts_8bit(model_class: Any) -> None:
+    make_qmoe_weights = model_class.make_qmoe_weights
+
+    def offset(self: Any, weights: Any) -> Any:
+        qweight, scales = make_qmoe_weights(self, weights)
+        if self.moe_attrs["expert_weight_bits"] == 8 and self.ep == "cpu":
+            # the caller stores these as uint8; CPU QMoE reads uint8 - 128
+            return qweight.to(dtype=_int16()) + 128, scales
+        return qweight, scales
+
+    model_class.make_qmoe_weights = offset
+
+
+def _int16() -> Any:
+    import torch
+
+    return torch.int16
+
+
+def _gpt_oss(model_class: Any) -> None:
+    init = model_class.__init__
+
+    def with_limit(self: Any, config: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, config, *args, **kwargs)
+        if self.moe_attrs.get("swiglu_limit") is None:
+            self.moe_attrs["swiglu_limit"] = GPT_OSS_SWIGLU_LIMIT
+
+    model_class.__init__ = with_limit
+
+
 def apply() -> None:
+    from builders.base import Model
+    from builders.gptoss import GPTOSSModel
     from builders.olmo import OLMoModel
     from builders.smollm import SmolLM3Model
 
     _olmo(OLMoModel)
     _smollm3(SmolLM3Model)
+    _gpt_oss(GPTOSSModel)
+    _experts_8bit(Model)

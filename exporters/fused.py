@@ -41,6 +41,8 @@ ARCHITECTURES = {
     "gemma3_text": "Gemma 3 (text): five sliding-window layers to one global, QK norms, soft-capping",
     "olmo": "OLMo: LayerNorm without weights, clip_qkv (both put right in exporters.builder_fixes)",
     "smollm3": "SmolLM3: layers without rotary (NoPE, put right in exporters.builder_fixes), sliding windows",
+    "gpt_oss": "gpt-oss: mixture of experts (ORT's MoE at fp32, QMoE's 8-bit or 4-bit experts), attention sinks, "
+    "yarn rotary, sliding windows every other layer",
 }
 # Written by the builder 0.12.2 but not admitted, each for a reason measured on a tiny random checkpoint
 # (auto takes optimum's recipe for them; --exporter fused says this). OLMo and SmolLM3 were here until
