@@ -12,6 +12,7 @@ check the protocol: which tokens go where, and how many.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import urllib.error
 import urllib.request
@@ -414,3 +415,110 @@ def test_a_list_of_named_templates_gives_the_default(tmp_path: Path) -> None:
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": named}))
     settings = generation_settings(Source(tmp_path, {}, []))
     assert settings["chat_template"] == "{{ messages }}" and settings["reasoning"] is None
+
+
+@pytest.fixture(scope="module")
+def harmony_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """SmolLM2's byte-level BPE with gpt-oss's tags as special tokens (its own tokenizer is not on this box)."""
+    from tokenizers import AddedToken, Tokenizer
+    from transformers import AutoTokenizer
+
+    gguf, folder = smollm2_gguf(), tmp_path_factory.mktemp("harmony-tokenizer")
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tags = (*HARMONY_TAGS, "<|call|>", "<|constrain|>")
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in tags])
+    return tok
+
+
+def _reply(tok: Any, prompt: str, said: str, max_tokens: int = 64) -> tuple[str, str, str | None, list[str]]:
+    """``said`` (gpt-oss's reply after ``prompt``), sampled token by token through a sequence as the engine
+    samples it (greedy over logits that favour each token in turn), the model's ends being ``<|return|>``
+    and ``<|call|>`` as in gpt-oss's generation config: the answer's text, the thinking, the finish reason,
+    and the answer's text chunk by chunk."""
+    import numpy as np
+
+    from llmosd.runtime.reasoning import detect
+    from llmosd.runtime.sampling import SamplingParams
+    from llmosd.scheduler.generation import GenerationRequest, GenerationStream, sequence
+
+    def ids(text: str) -> list[int]:
+        return list(tok.encode(text, add_special_tokens=False).ids)
+
+    fmt = detect("<|channel|>", tok.token_to_id, frozenset(), ids)
+    assert isinstance(fmt, Harmony) and fmt.call_id == tok.token_to_id("<|call|>")
+    prompt_ids = ids(prompt)
+    request = GenerationRequest(tuple(prompt_ids), SamplingParams(temperature=0), max_tokens)
+    request = dataclasses.replace(request, thinking=fmt.plan(prompt_ids, None))
+    seq = sequence(request, GenerationStream(len(prompt_ids)), tok, tok.get_vocab_size(), len(prompt_ids) + max_tokens)
+    eos = frozenset({tok.token_to_id("<|return|>"), tok.token_to_id("<|call|>")})
+    text, thought, finish, chunks = "", "", None, []
+    for token in ids(said):
+        logits = np.zeros(tok.get_vocab_size(), dtype=np.float32)
+        logits[token] = 1.0
+        chunk = seq.advance(logits, eos)
+        if chunk is not None:
+            text, thought, finish = text + chunk.text, thought + chunk.reasoning, chunk.finish_reason
+            chunks.append(chunk.text)
+        if seq.done:
+            break
+    return text, thought, finish, chunks
+
+
+CALL = '{"city": "Paris", "unit": "celsius"}'
+
+
+@pytest.mark.parametrize(
+    "said",
+    [
+        # the recipient after the channel, as gpt-oss writes it most often; thinking first
+        "<|channel|>analysis<|message|>The user wants the weather.<|end|><|start|>assistant<|channel|>commentary"
+        f" to=functions.get_weather <|constrain|>json<|message|>{CALL}<|call|>",
+        # or before it
+        f" to=functions.get_weather<|channel|>commentary json<|message|>{CALL}<|call|>",
+    ],
+)
+def test_a_harmony_tool_call_is_read_back_into_tool_calls(harmony_tokenizer: Any, said: str) -> None:
+    """gpt-oss calls a tool in a message addressed to it (``to=functions.NAME`` in the header, the arguments
+    its body, ``<|call|>`` its end). Its tokens through a sequence reach the API's reader as any model's
+    calls do, and come back as ``tool_calls``: the name, the arguments, the thinking apart, no header shown,
+    whole and streamed."""
+    from llmosd.api.chat_answers import Deltas, message
+
+    text, thought, finish, chunks = _reply(
+        harmony_tokenizer, "<|start|>user<|message|>Paris?<|end|><|start|>assistant", said
+    )
+    assert (
+        finish == "stop"
+        and "to=" not in text
+        and "<|" not in text.replace("<tool_call>", "").replace("</tool_call>", "")
+    )
+    names = frozenset({"get_weather"})
+    said_msg, reason = message(text, finish, names, thought)
+    assert reason == "tool_calls" and said_msg["content"] is None, said_msg
+    (call,) = said_msg["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == json.loads(CALL)
+    assert said_msg["reasoning_content"] == ("The user wants the weather." if "analysis" in said else None)
+    deltas = Deltas(names)
+    streamed = [d for i, c in enumerate(chunks) for d in deltas(c, finish if i == len(chunks) - 1 else None, None)]
+    calls = [d[0]["tool_calls"][0] for d in streamed if "tool_calls" in d[0]]
+    assert [c["function"]["name"] for c in calls] == ["get_weather"] and streamed[-1][1] == "tool_calls"
+    assert all(not d[0].get("content") for d in streamed)
+
+
+def test_harmony_messages_that_call_nothing_stay_text(harmony_tokenizer: Any) -> None:
+    """A final message is the answer; a call to a function the request did not offer is text, as any
+    model's; a call cut short by max_tokens is its arguments as text, finish ``length``."""
+    from llmosd.api.chat_answers import message
+
+    prompt = "<|start|>user<|message|>Hi<|end|><|start|>assistant"
+    text, _, finish, _ = _reply(harmony_tokenizer, prompt, "<|channel|>final<|message|>Hello there.<|return|>")
+    assert (text, finish) == ("Hello there.", "stop")
+    text, _, finish, _ = _reply(
+        harmony_tokenizer, prompt, " to=functions.get_time<|channel|>commentary<|message|>{}<|call|>"
+    )
+    said, reason = message(text, finish, frozenset({"get_weather"}), None)
+    assert reason == "stop" and "get_time" in said["content"] and "tool_calls" not in said
+    cut = f" to=functions.get_weather<|channel|>commentary<|message|>{CALL}<|call|>"
+    text, _, finish, _ = _reply(harmony_tokenizer, prompt, cut, max_tokens=12)
+    assert finish == "length" and "<tool_call>" not in text and text and CALL.startswith(text), text

@@ -8,12 +8,15 @@ spells it, and nothing is held back waiting to see whether ``<`` starts one):
   ``<think>`` ... ``</think>``, then the answer. Some templates open the block themselves (the generation
   prompt ends ``<think>\\n``: R1 distills, Qwen3's *-Thinking-2507*); then the answer begins inside it.
 - **harmony** (gpt-oss): messages ``<|start|>assistant<|channel|>CHANNEL<|message|>...<|end|>``; the
-  ``analysis`` channel is the thinking, ``final`` the answer, ``commentary`` preambles and tool calls
-  (given as answer text here). The headers are never shown.
+  ``analysis`` channel is the thinking, ``final`` the answer, ``commentary`` preambles (answer text). A
+  message whose header names a recipient (``to=functions.NAME``) is a tool call: its body is the call's
+  arguments, ended by ``<|call|>``; the engine hands it on as a generic ``<tool_call>`` block, which the
+  API reads back into ``tool_calls`` as it reads every model's. The headers are never shown.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -23,7 +26,11 @@ THINK_START, THINK_END = "<think>", "</think>"
 # ``enable_thinking``; DeepSeek-V3.1 and Granite 3.x ``thinking``).
 TOGGLES = ("enable_thinking", "thinking")
 HARMONY_TAGS = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>")
+HARMONY_CALL = "<|call|>"  # ends a tool call's message
+RECIPIENT = re.compile(r"\bto=([A-Za-z0-9_.:-]+)")  # in a header: "to=functions.get_weather"
+NOT_TOOLS = ("assistant", "user", "system", "developer")
 TokenIds = Callable[[str], list[int]]  # a text's token ids (no special decoration)
+Decode = Callable[[Sequence[int]], str]  # token ids as text, special tokens written out
 
 
 class Tracker(Protocol):
@@ -46,7 +53,12 @@ class Tracker(Protocol):
         ...
 
     def take(self, token: int) -> str:
-        """Class a sampled token: ``think``, ``close`` (thinking ends), ``answer``, or ``tag`` (never shown)."""
+        """Class a sampled token: ``think``, ``close`` (thinking ends), ``answer``, ``tag`` (never shown),
+        ``call`` (a tool call's arguments) or ``called`` (the call's end)."""
+        ...
+
+    def recipient(self) -> str | None:
+        """The function the message being read (or the one just ended) calls; None: not a call."""
         ...
 
 
@@ -59,8 +71,9 @@ class ThinkingPlan:
     opened: bool
     budget: int | None = None
 
-    def tracker(self) -> Tracker:
-        return self.fmt.tracker(self)
+    def tracker(self, decode: Decode | None = None) -> Tracker:
+        """``decode`` reads a header's recipient (harmony's tool calls); without it no call is read."""
+        return self.fmt.tracker(self, decode)
 
 
 @dataclass(frozen=True)
@@ -103,7 +116,7 @@ class ReasoningFormat:
     def banned_when_off(self) -> tuple[int, ...]:
         return (self.start_id,)
 
-    def tracker(self, plan: ThinkingPlan) -> Tracker:
+    def tracker(self, plan: ThinkingPlan, decode: Decode | None = None) -> Tracker:
         return ThinkTags(plan, self)
 
 
@@ -118,6 +131,9 @@ class ThinkTags:
     @property
     def answering(self) -> bool:
         return not self.active
+
+    def recipient(self) -> str | None:
+        return None  # think-tag models write their calls in the answer's text
 
     def may_open(self) -> bool:
         return not self.entered and not self.answered
@@ -154,9 +170,11 @@ class Harmony:
     assistant: tuple[int, ...]  # "assistant"
     analysis: tuple[int, ...]  # "analysis"
     final: tuple[int, ...]  # "final"
+    call_id: int | None = None  # <|call|>
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "call_id": self.call_id,
             "format": "harmony",
             "start_id": self.start_id,
             "channel_id": self.channel_id,
@@ -211,13 +229,21 @@ class Harmony:
     def banned_when_off(self) -> tuple[int, ...]:
         return ()
 
-    def tracker(self, plan: ThinkingPlan) -> Tracker:
-        return HarmonyTracker(plan, self)
+    def tracker(self, plan: ThinkingPlan, decode: Decode | None = None) -> Tracker:
+        return HarmonyTracker(plan, self, decode)
+
+    def recipient_of(self, header: str) -> str | None:
+        """The function a header addresses (``functions.`` dropped), None where it addresses no tool."""
+        found = RECIPIENT.search(header)
+        if found is None or found.group(1) in NOT_TOOLS:
+            return None
+        return found.group(1).removeprefix("functions.")
 
 
 class HarmonyTracker:
-    def __init__(self, plan: ThinkingPlan, fmt: Harmony) -> None:
-        self.plan, self.fmt = plan, fmt
+    def __init__(self, plan: ThinkingPlan, fmt: Harmony, decode: Decode | None = None) -> None:
+        self.plan, self.fmt, self.decode = plan, fmt, decode
+        self.to: str | None = None  # the recipient of the message being read, or of the call just ended
         self.mode = "message" if plan.opened else "header"
         self.channel: str | None = "analysis" if plan.opened else None
         self.header: list[int] = []
@@ -239,22 +265,31 @@ class HarmonyTracker:
     def also_allowed(self) -> tuple[int, ...]:
         return ()
 
+    def recipient(self) -> str | None:
+        return self.to
+
     def take(self, token: int) -> str:
         fmt = self.fmt
         if self.mode == "header":
             if token == fmt.message_id:
                 self.mode, self.channel = "message", fmt.channel_of(self.header)
                 self.entered = self.entered or self.channel == "analysis"
+                self.to = fmt.recipient_of(self.decode(self.header)) if self.decode else None
             else:
+                if not self.header:  # a new message: the last one's recipient is spent
+                    self.to = None
                 self.header.append(token)
             return "tag"
-        if token == fmt.end_id:
-            thinking = self.channel == "analysis"
+        if token in (fmt.end_id, fmt.call_id):
+            thinking, calling = self.channel == "analysis", self.to is not None
             self.mode, self.channel, self.header = "header", None, []
-            return "close" if thinking else "tag"
+            return "called" if calling else "close" if thinking else "tag"
         if token == fmt.start_id:  # a new message without ending the last one
+            calling = self.to is not None
             self.mode, self.channel, self.header = "header", None, []
-            return "tag"
+            return "called" if calling else "tag"
+        if self.to is not None:
+            return "call"
         if self.channel == "analysis":
             self.tokens += 1
             return "think"
@@ -271,7 +306,8 @@ def from_dict(d: Mapping[str, Any]) -> ReasoningFormat | Harmony:
     if d.get("format") == "harmony":
         start, channel, message, end = (int(d[k]) for k in ("start_id", "channel_id", "message_id", "end_id"))
         assistant, analysis, final = (tuple(int(i) for i in d[k]) for k in ("assistant", "analysis", "final"))
-        return Harmony(start, channel, message, end, assistant, analysis, final)
+        call = d.get("call_id")
+        return Harmony(start, channel, message, end, assistant, analysis, final, None if call is None else int(call))
     raise ValueError(f"unknown reasoning format {d.get('format')!r}")
 
 
@@ -286,8 +322,8 @@ def detect(
     tags = [token_id(t) for t in HARMONY_TAGS]
     if "<|channel|>" in template and all(t is not None for t in tags):
         start, channel, message, end = (int(t) for t in tags if t is not None)
-        words = (tuple(ids(w)) for w in ("assistant", "analysis", "final"))
-        return Harmony(start, channel, message, end, *words)
+        assistant, analysis, final = (tuple(ids(w)) for w in ("assistant", "analysis", "final"))
+        return Harmony(start, channel, message, end, assistant, analysis, final, token_id(HARMONY_CALL))
     if not any(s in template for s in (THINK_START, THINK_END, "reasoning_content")):
         return None
     start_id, end_id = token_id(THINK_START), token_id(THINK_END)

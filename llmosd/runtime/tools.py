@@ -72,6 +72,17 @@ def written(calls: tuple[ToolCall, ...]) -> str:
     return f"{OPEN}{json.dumps(items, ensure_ascii=False)}{CLOSE}"
 
 
+def call_block(name: str, arguments: str) -> str:
+    """One call in the generic format: what a model that marks its calls otherwise (gpt-oss's harmony
+    recipients) is handed on as, so the API reads every model's calls one way. Arguments that are not JSON
+    stay the call's text (vLLM's harmony parser does the same)."""
+    try:
+        value: Any = json.loads(arguments)
+    except ValueError:
+        value = arguments
+    return f"{OPEN}{json.dumps({'name': name, 'arguments': value}, ensure_ascii=False)}{CLOSE}"
+
+
 def grammar(tools: list[Tool], parallel: bool) -> GrammarSpec:
     """Output that is only tool calls, each naming one of ``tools`` with arguments that match its
     parameters (``tool_choice`` ``required``, or a named function when ``tools`` is that one)."""

@@ -27,12 +27,15 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, TypeVar
 
+from tokenizers import Tokenizer
+
 from llmosd.runtime.generator import TextGenerator
 from llmosd.runtime.grammar import BoolArray, Constraint
 from llmosd.runtime.memory import IDLE_RELEASE_S, release_quietly
 from llmosd.runtime.reasoning import ThinkingPlan, Tracker
 from llmosd.runtime.sampling import FloatArray, NonFiniteLogits, Sampler, SamplingParams, TokenLogprob, token_logprob
 from llmosd.runtime.textstream import TextStream
+from llmosd.runtime.tools import call_block
 from llmosd.scheduler.errors import QueueFull
 from llmosd.scheduler.histogram import Histogram
 from llmosd.scheduler.planning import retry_after_s
@@ -172,6 +175,8 @@ class _Sequence:
     constraint: Constraint | None = None  # a grammar the tokens must follow (structured outputs, tools)
     thinking: Tracker | None = None  # where it is in a thinking model's output (the grammar waits for the answer)
     thought: TextStream | None = None  # the thinking's text (no stop strings: they apply to the answer)
+    call: TextStream | None = None  # a harmony tool call's arguments, as they come
+    arguments: str = ""  # what ``call`` released so far
     tokens: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, where asked
     prompt_logprobs: tuple[TokenLogprob | None, ...] = ()  # until the first chunk takes them
@@ -243,8 +248,8 @@ class _Sequence:
         n = len(self.tokens)
         # A grammar allows the end of sequence only once it is complete: then it ends, ignore_eos or not.
         if (token in eos and (not req.ignore_eos or self.constraint)) or token in req.stop_token_ids:
-            self.done = True
-            return Chunk(self.text.finish(), n, "stop", reasoning=self._thought_rest())
+            self.done = True  # gpt-oss's <|call|> is one of its ends: a call it closes is complete
+            return Chunk(self.text.finish() + self._called(), n, "stop", reasoning=self._thought_rest())
         self.sampler.observe(token)
         constrained = self.constraint is not None and (self.thinking is None or self.thinking.answering)
         kind = self.thinking.take(token) if self.thinking is not None else "answer"
@@ -253,6 +258,10 @@ class _Sequence:
             if constrained and self.constraint is not None:  # not harmony's commentary: the grammar is the final's
                 self.constraint.consume(token)
             text = self._answer(self.text.push(token))
+        elif kind == "call" and self.call is not None:
+            self.arguments += self.call.push(token)
+        elif kind == "called":
+            text = self._answer(self._called())
         elif kind == "think" and self.thought is not None:
             thought = self.thought.push(token)
         elif kind == "close" and self.thought is not None:
@@ -263,7 +272,7 @@ class _Sequence:
             return Chunk(text + self._answer(self.text.finish()), n, "stop", reasoning=thought)
         if n >= req.max_tokens or len(req.prompt_ids) + n >= self.reserve:
             self.done = True
-            rest = self._answer(self.text.finish())
+            rest = self._answer(self.text.finish() + self._called(complete=False))
             return Chunk(text + rest, n, "length", reasoning=thought + self._thought_rest())
         return Chunk(text, n, reasoning=thought)
 
@@ -274,9 +283,37 @@ class _Sequence:
             self.said = bool(text)
         return text
 
+    def _called(self, complete: bool = True) -> str:
+        """A harmony tool call read so far, as the generic ``<tool_call>`` block the API reads back (a call
+        cut short by max_tokens: its arguments as plain text); "" where no call was being read."""
+        name = self.thinking.recipient() if self.thinking is not None else None
+        if self.call is None or name is None:
+            return ""
+        arguments, self.arguments = self.arguments + self.call.finish(), ""
+        self.call.reset()
+        return call_block(name, arguments) if complete else arguments
+
     def _thought_rest(self) -> str:
         """What the thinking held back, where the sequence ends inside it."""
         return self.thought.finish() if self.thought is not None else ""
+
+
+def sequence(
+    request: GenerationRequest,
+    stream: GenerationStream,
+    tokenizer: Tokenizer,
+    vocab_size: int,
+    reserve: int,
+    constraint: Constraint | None = None,
+) -> _Sequence:
+    """One request's sequence, with what reads its output: the answer's text, and where the model thinks,
+    the tracker that splits thinking from answer (and reads harmony's tool calls), with their texts."""
+    sampler = Sampler(request.sampling, vocab_size, list(request.prompt_ids))
+    seq = _Sequence(request, stream, sampler, TextStream(tokenizer, request.stop), reserve, time.time(), constraint)
+    if request.thinking is not None:
+        seq.thinking = request.thinking.tracker(lambda ids: str(tokenizer.decode(list(ids), skip_special_tokens=False)))
+        seq.thought, seq.call = TextStream(tokenizer), TextStream(tokenizer)
+    return seq
 
 
 @dataclass
@@ -353,11 +390,7 @@ class GenerationEngine(Worker[_Sequence, GenerationStream]):
             self.stats.rejected += 1
             raise QueueFull(self.name, retry_after_s(self._waiting_count, self._sequences_per_s()))
         stream = GenerationStream(n)
-        sampler = Sampler(request.sampling, self.model.lm.vocab_size, list(request.prompt_ids))
-        text = TextStream(self.model.tokenizer, request.stop)
-        seq = _Sequence(request, stream, sampler, text, reserve, time.time(), constraint)
-        if request.thinking is not None:
-            seq.thinking, seq.thought = request.thinking.tracker(), TextStream(self.model.tokenizer)
+        seq = sequence(request, stream, self.model.tokenizer, self.model.lm.vocab_size, reserve, constraint)
         self._waiting_count += 1
         self.stats.requests += 1
         stream.on_done = self._open.discard
