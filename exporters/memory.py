@@ -66,6 +66,7 @@ def available() -> int:
 
 
 def needed(params: int, checkpoint_bytes: int, precision: str, streamed: bool) -> int:
+    # checkpoint_bytes: the weights as read back (MXFP4 experts unpacked to the checkpoint's dtype)
     """Bytes the largest step of an export of a ``params`` model at ``precision`` takes.
 
     - the builder: the graph it keeps (quantised layers as it goes when ``streamed``; else the fp32 model
@@ -92,7 +93,7 @@ def check(src: Path, precision: str, fused: bool) -> dict[str, int] | None:
     except (FileNotFoundError, ValueError):
         return None  # .bin weights or a GGUF's dequantised folder: nothing to estimate from
     streamed = fused and weights.streaming(src, None, checkpoint) is not None
-    need = needed(checkpoint.params, checkpoint.nbytes, precision, streamed)
+    need = needed(checkpoint.params, checkpoint.unpacked_nbytes, precision, streamed)
     room = available()
     if need > room:
         raise ValueError(

@@ -204,10 +204,14 @@ def patch(model_class: Any, int8_block: int | None, chunk: int = CHUNK) -> None:
         REPORT["quantised"] = f"the whole graph at the end ({len(left)} MatMuls were left for it)"
         return to_int4(self)
 
-    def experts_int8(self: Any, *args: Any, **kwargs: Any) -> None:
+    def adjusted(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        if self.quant_type == "mxfp4":
+            # gpt-oss as OpenAI ships it: the builder's QuantModel has no MXFP4 (it raises); the experts are
+            # read dequantised instead (exporters.weights, as transformers dequantises them on a CPU)
+            self.quant_type = None
         # At int8 the builder runs at fp32 and would write a mixture of experts' weights (most of the model)
         # as fp32 MoE; they become QMoE's symmetric 8-bit blocks instead, the builder's own quantiser.
-        init(self, *args, **kwargs)
         if int8_block is not None and self.moe_attrs["num_experts"]:
             self.moe_attrs.update(op_type="QMoE", expert_weight_bits=8, block_size=int8_block)
             self.qmoe_block_size = self.quant_attrs["int4"]["qmoe_block_size"] = int8_block
@@ -219,7 +223,7 @@ def patch(model_class: Any, int8_block: int | None, chunk: int = CHUNK) -> None:
             kwargs.setdefault("accuracy_level", ACCURACY_LEVEL)
         return make_node(self, op_type, *args, **kwargs)
 
-    model_class.__init__ = experts_int8
+    model_class.__init__ = adjusted
     model_class.make_node = with_accuracy
     model_class.load_weights = streamed_load
     model_class.to_int4 = nothing_left

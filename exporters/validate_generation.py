@@ -87,8 +87,8 @@ def reference_model(src: Path) -> tuple[Any, str]:
 
     Its weights stay in the checkpoint's dtype and each Linear's weight is made fp32 only while it runs:
     bf16 and fp16 widen to fp32 exactly, so this computes what the fp32 model computes, in the memory of
-    the checkpoint (an 8B: 16 GB, not 32). A model with matrices outside Linear and Embedding modules is
-    loaded whole in fp32 instead."""
+    the checkpoint (an 8B: 16 GB, not 32). A module that holds matrices of its own (gpt-oss's experts: the
+    bulk of its weights, in 3-d tensors) has them all widened while it runs."""
     import torch
 
     from exporters import weights
@@ -103,22 +103,33 @@ def reference_model(src: Path) -> tuple[Any, str]:
     model = weights.load(src, stored, checkpoint)
     if stored == torch.float32:
         return model, "fp32"
-    linear = (torch.nn.Linear, torch.nn.Embedding)
-    loose = [
-        f"{name}.{p}"
-        for name, module in model.named_modules()
-        if not isinstance(module, linear)
-        for p, value in module.named_parameters(recurse=False)
-        if value.ndim > 1
-    ]
-    if loose:
-        return model.float(), "fp32"
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             module.forward = _fp32_linear(module)  # type: ignore[method-assign]
         elif isinstance(module, torch.nn.Embedding):
             module.register_forward_hook(lambda _m, _i, out: out.float())
+        elif any(p.ndim > 1 for p in module.parameters(recurse=False)):
+            _widened_while_running(module)
     return model, f"fp32 (computed over its {weights.DTYPE_NAMES.get(checkpoint.dtype, checkpoint.dtype)} weights)"
+
+
+def _widened_while_running(module: Any) -> None:
+    import torch
+
+    kept: dict[str, Any] = {}
+
+    def widen(m: Any, _inputs: Any) -> None:
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.is_floating_point() and p.dtype != torch.float32:
+                kept[name] = p
+                m._parameters[name] = torch.nn.Parameter(p.float(), requires_grad=False)
+
+    def narrow(m: Any, _inputs: Any, _out: Any) -> None:
+        m._parameters.update(kept)
+        kept.clear()
+
+    module.register_forward_pre_hook(widen)
+    module.register_forward_hook(narrow)
 
 
 WIDEN = 32 << 20  # weights widened to fp32 at a time: an 8B's LM head (525M) would take 2.1 GB at once

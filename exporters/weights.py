@@ -68,17 +68,34 @@ class Checkpoint:
         self.tensors: dict[str, Stored] = {}
         for path in files:
             self.tensors |= _header(path)
+        # MXFP4 (gpt-oss as OpenAI ships it): a parameter stored as ``NAME_blocks`` (two 4-bit values a byte,
+        # 32 to a block) and ``NAME_scales`` (a power of two a block), read back dequantised
+        self.packed = {
+            name.removesuffix("_blocks")
+            for name, t in self.tensors.items()
+            if name.endswith("_blocks") and t.dtype == "U8" and name.removesuffix("_blocks") + "_scales" in self.tensors
+        }
 
     def __contains__(self, name: str) -> bool:
-        return name in self.tensors
+        return name in self.tensors or name in self.packed
 
     @property
     def params(self) -> int:
-        return sum(t.numel for t in self.tensors.values())
+        """Weights, a packed byte counting as the two it holds (an MXFP4 block's scale as none)."""
+        packed = {p + suffix for p in self.packed for suffix in ("_blocks", "_scales")}
+        plain = sum(t.numel for name, t in self.tensors.items() if name not in packed)
+        return plain + sum(2 * self.tensors[p + "_blocks"].numel for p in self.packed)
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def unpacked_nbytes(self) -> int:
+        """Bytes of the weights read back: an MXFP4 parameter in the checkpoint's floating dtype."""
+        itemsize = {"F64": 8, "F32": 4}.get(self.dtype, 2)
+        packed = sum(self.tensors[p + s].nbytes for p in self.packed for s in ("_blocks", "_scales"))
+        return self.nbytes - packed + sum(2 * self.tensors[p + "_blocks"].numel * itemsize for p in self.packed)
 
     @property
     def dtype(self) -> str:
@@ -90,9 +107,15 @@ class Checkpoint:
         return max(sizes, key=lambda k: sizes[k]) if sizes else "F32"
 
     def read(self, name: str) -> Any:
-        """One tensor as stored (a torch tensor of the checkpoint's dtype, owning its memory)."""
+        """One tensor as stored (a torch tensor of the checkpoint's dtype, owning its memory); an MXFP4
+        parameter dequantised to the checkpoint's floating dtype, as transformers does on a CPU."""
         import torch
 
+        if name not in self.tensors and name in self.packed:
+            from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+            blocks, scales = self.read(name + "_blocks"), self.read(name + "_scales")
+            return convert_moe_packed_tensors(blocks, scales, dtype=torch_dtype(self.dtype))
         t = self.tensors[name]
         out = torch.empty(t.shape, dtype=torch_dtype(t.dtype))
         with t.path.open("rb") as f:

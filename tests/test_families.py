@@ -300,3 +300,63 @@ def test_gpt_oss_keeps_its_experts_swiglu_limit(tmp_path: Path) -> None:
     limit_matters = np.abs(unclamped - clamped).max(axis=-1)
     assert float(np.median(ours_off)) < 1e-3, ours_off
     assert float(np.median(limit_matters)) > 0.02, limit_matters  # what a graph without the limit is off by
+
+
+def _as_openai_ships_it(dst: Path) -> None:
+    """A saved gpt-oss rewritten as OpenAI ships gpt-oss: its experts in MXFP4 (``*_blocks``: 4-bit FP4
+    values two a byte, 32 a block; ``*_scales``: a power of two a block; drawn at random here), the rest
+    in bf16, and the config's ``quantization_config`` saying so."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(dst / "model.safetensors")
+    packed = ("experts.gate_up_proj", "experts.down_proj")
+    out = {k: v.to(torch.bfloat16) for k, v in tensors.items() if not k.endswith(packed)}
+    draw = torch.Generator().manual_seed(1)
+    for name in [k for k in tensors if k.endswith(packed)]:
+        experts, rows, cols = tensors[name].shape  # transformers' layout: [experts, in, out]
+        out[name + "_blocks"] = torch.randint(
+            0, 256, (experts, cols, rows // 32, 16), dtype=torch.uint8, generator=draw
+        )
+        out[name + "_scales"] = torch.randint(120, 123, (experts, cols, rows // 32), dtype=torch.uint8, generator=draw)
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    (dst / "config.json").write_text(json.dumps(config))
+
+
+def test_gpt_oss_with_mxfp4_experts_is_read_a_layer_at_a_time(tmp_path: Path) -> None:
+    """gpt-oss as OpenAI ships it: the builder's own loader refuses MXFP4 (its QuantModel raises), so the
+    exporter reads the experts dequantised, a layer at a time, as transformers does on a CPU; the gate's
+    reference widens them to fp32 only while they run. The fp32 graph's logits are transformers' own (its
+    MXFP4 model, dequantised), the median position within 1e-3."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from exporters import weights
+    from exporters.validate_generation import OnnxCausalLM, teacher_forced
+
+    torch.manual_seed(0)
+    src = tmp_path / "src"
+    _gpt_oss().eval().save_pretrained(src)
+    copy_minilm_tokenizer(src)
+    _as_openai_ships_it(src)
+    reference = AutoModelForCausalLM.from_pretrained(src).eval().float()
+    checkpoint = weights.Checkpoint(src)
+    assert checkpoint.params == sum(p.numel() for p in reference.parameters()) and checkpoint.dtype == "BF16"
+    r = export(src, "text-generation", "fp32", "oss", tmp_path / "state", "--exporter", "fused")
+    assert r.returncode == 0, r.stderr[-3000:]
+    store = ModelStore(tmp_path / "state")
+    manifest = store.manifest("oss")
+    assert manifest.recipe["steps"]["builder_run"]["weights"] == "read a layer at a time from the safetensors shards"
+    assert manifest.validation["reference"] == "pytorch fp32 (computed over its bf16 weights)"
+    loaded = load(store, manifest, ProviderSelector("cpu", 2, False), discover().adapters())
+    assert isinstance(loaded.backend, TextGenerator) and isinstance(loaded.backend.lm, FusedLM)
+    ids = list(range(200, 248))
+    ours = teacher_forced(OnnxCausalLM(loaded.backend.lm.session), ids)
+    with torch.no_grad():
+        theirs = reference(torch.tensor([ids])).logits[0].numpy()
+    assert float(np.median(np.abs(ours - theirs).max(axis=-1))) < 1e-3
