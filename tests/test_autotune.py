@@ -98,15 +98,15 @@ def test_the_load_meter_sees_other_processes_and_not_its_own() -> None:
         assert meter.others_cores() >= 0.7  # one core spun by another process
     finally:
         spinner.wait(10)
-    meter = LoadMeter(nice=False)
-    time.sleep(0.5)
-    baseline = meter.others_cores()
     spinner = subprocess.Popen(["nice", "-n", "19", *spin])  # a low-priority one yields the core...
     try:
         meter, counted = LoadMeter(nice=False), LoadMeter()
         time.sleep(1.0)
-        assert meter.others_cores() < baseline + 0.3  # ...so a calibration leaves it out
-        assert counted.others_cores() >= 0.7  # the loop watch does not: the box was busy
+        seen, busy = meter.others_cores(), counted.others_cores()
+        assert busy >= 0.7  # the loop watch counts it: the box was busy
+        # ...and a calibration leaves its core out; compared over the same second, so that whatever else
+        # the box ran meanwhile (a CI run's lingering process, a VM neighbour's steal) counts on both sides
+        assert busy - seen >= 0.6, (seen, busy)
     finally:
         spinner.wait(10)
 

@@ -198,6 +198,9 @@ def test_the_console_from_the_lan_asks_a_token_charts_live_data_and_streams_a_ch
 ) -> None:
     browser = chromium()
     state = store_with(store_dir, tmp_path / "state", (DEFAULT, SMOLLM2))
+    # greedy: the console sends no seed, and SmolLM2's own sampling once answered in two words
+    r = llmosd("models", "set", SMOLLM2, "temperature=0", "--state-dir", str(state))
+    assert r.returncode == 0, r.stderr
     r = llmosd("tokens", "add", "phone", "--scope", "read,infer", "--state-dir", str(state))
     assert r.returncode == 0, r.stderr
     token = r.stdout.strip()
