@@ -98,17 +98,29 @@ def test_the_load_meter_sees_other_processes_and_not_its_own() -> None:
         assert meter.others_cores() >= 0.7  # one core spun by another process
     finally:
         spinner.wait(10)
-    spinner = subprocess.Popen(["nice", "-n", "19", *spin])  # a low-priority one yields the core...
-    try:
-        meter, counted = LoadMeter(nice=False), LoadMeter()
-        time.sleep(1.0)
-        seen, busy = meter.others_cores(), counted.others_cores()
-        assert busy >= 0.7  # the loop watch counts it: the box was busy
-        # ...and a calibration leaves its core out; compared over the same second, so that whatever else
-        # the box ran meanwhile (a CI run's lingering process, a VM neighbour's steal) counts on both sides
-        assert busy - seen >= 0.6, (seen, busy)
-    finally:
-        spinner.wait(10)
+    # A low-priority spinner yields its core: a calibration (nice=False) leaves its time out, the loop watch
+    # counts it. Checked against the spinner's own CPU time over the same second: whatever else runs on the
+    # box (in CI, the session daemon's own calibrations at full priority) counts on both sides, and may
+    # leave the spinner little (nice 19 gets ~1.5 % of a busy core); the try where it ran most is judged.
+    import psutil
+
+    samples = []
+    for _ in range(6):
+        spinner = subprocess.Popen(["nice", "-n", "19", *spin])
+        try:
+            proc = psutil.Process(spinner.pid)
+            time.sleep(0.1)
+            before = sum(proc.cpu_times()[:2])
+            meter, counted = LoadMeter(nice=False), LoadMeter()
+            time.sleep(1.0)
+            seen, busy = meter.others_cores(), counted.others_cores()
+            samples.append((sum(proc.cpu_times()[:2]) - before, seen, busy))
+        finally:
+            spinner.wait(10)
+        if samples[-1][0] >= 0.5:
+            break
+    spun, seen, busy = max(samples)
+    assert busy >= 0.8 * spun and busy - seen >= 0.8 * spun - 0.05, samples
 
 
 def test_a_tune_on_a_busy_box_is_not_trusted_nor_cached(store_dir: Path, tmp_path: Path) -> None:
