@@ -1,4 +1,4 @@
-"""Two families onnxruntime-genai's model builder (0.12.2) writes wrong, put right in the builder's process.
+"""What onnxruntime-genai's model builder (0.12.2) writes wrong for three families, put right in its process.
 
 Each was found by comparing the builder's fp32 graph with PyTorch's logits on a tiny random checkpoint
 (tests/test_families.py keeps the comparison):
@@ -13,12 +13,10 @@ Each was found by comparing the builder's fp32 graph with PyTorch's logits on a 
   separate RotaryEmbedding node that reads a ``position_ids`` input the graph does not declare (the graph
   does not load) and would rotate a layer that must not be. Fixed by passing a NoPE layer's queries and
   keys to GroupQueryAttention unrotated (do_rotary=0, no cos/sin caches).
-
 - **gpt-oss** clamps its experts' SwiGLU at 7 (``GptOssExperts.limit``, hard-coded in transformers 4.57, not a
   config field). The builder passes ``swiglu_limit`` to ORT's MoE/QMoE only when the config has one, so it
   wrote none, and ORT then clamps nothing: on a tiny checkpoint whose activations pass 7 the logits were
   0.57 off (top-1 0.53; 0.0025 and 1.0 with the limit). Fixed by giving the builder the limit transformers uses.
-
 - **8-bit experts** (QMoE with ``expert_weight_bits=8``, which this project writes at int8): the builder
   stores each weight's two's complement in a uint8, and ORT's CPU QMoE reads a uint8 as ``q - 128`` (its
   8-bit zero point): every negative weight came out 128 steps off, a tiny gpt-oss top-1 0.0. Fixed by
