@@ -67,20 +67,11 @@ def generic_prompt(tools: list[Tool]) -> str:
 
 
 def written(calls: tuple[ToolCall, ...]) -> str:
-    """Earlier calls, as the generic format writes them in an assistant turn."""
+    """Calls in the generic format: earlier ones in an assistant turn, and what a model that marks its calls
+    otherwise (gpt-oss's harmony recipients) is handed on as, so the API reads every model's calls one way.
+    Arguments that are not JSON stay the call's text (vLLM's harmony parser does the same)."""
     items = [{"name": c.name, "arguments": c.as_template()["function"]["arguments"]} for c in calls]
     return f"{OPEN}{json.dumps(items, ensure_ascii=False)}{CLOSE}"
-
-
-def call_block(name: str, arguments: str) -> str:
-    """One call in the generic format: what a model that marks its calls otherwise (gpt-oss's harmony
-    recipients) is handed on as, so the API reads every model's calls one way. Arguments that are not JSON
-    stay the call's text (vLLM's harmony parser does the same)."""
-    try:
-        value: Any = json.loads(arguments)
-    except ValueError:
-        value = arguments
-    return f"{OPEN}{json.dumps({'name': name, 'arguments': value}, ensure_ascii=False)}{CLOSE}"
 
 
 def grammar(tools: list[Tool], parallel: bool) -> GrammarSpec:

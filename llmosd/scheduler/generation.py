@@ -35,7 +35,7 @@ from llmosd.runtime.memory import IDLE_RELEASE_S, release_quietly
 from llmosd.runtime.reasoning import ThinkingPlan, Tracker
 from llmosd.runtime.sampling import FloatArray, NonFiniteLogits, Sampler, SamplingParams, TokenLogprob, token_logprob
 from llmosd.runtime.textstream import TextStream
-from llmosd.runtime.tools import call_block
+from llmosd.runtime.tools import ToolCall, written
 from llmosd.scheduler.errors import QueueFull
 from llmosd.scheduler.histogram import Histogram
 from llmosd.scheduler.planning import retry_after_s
@@ -291,7 +291,7 @@ class _Sequence:
             return ""
         arguments, self.arguments = self.arguments + self.call.finish(), ""
         self.call.reset()
-        return call_block(name, arguments) if complete else arguments
+        return written((ToolCall("", name, arguments),)) if complete else arguments
 
     def _thought_rest(self) -> str:
         """What the thinking held back, where the sequence ends inside it."""
